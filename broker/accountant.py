@@ -1,0 +1,213 @@
+"""The accountant: consumes usage and job events and records them in Postgres in batches.
+
+A batch is written in one transaction and acked after the commit. Writes are idempotent: a usage
+row is identified by ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is
+replaced only by an event at least as recent as the one it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.amqp import Publisher, connect, declare_topology
+from broker.codec import decode_accounting_event
+from broker.config import Config
+from broker.db import jobs, make_engine, usage
+from broker.errors import ConfigError, JobRejected
+from broker.names import Names
+from broker.pricing import cost_usd
+from broker.runtime import ConsumerSet, Service
+from schemas import JobEvent, UsageEvent
+
+__all__ = ["Accountant"]
+
+log = logging.getLogger(__name__)
+
+
+class Accountant(Service):
+    name = "accountant"
+
+    def __init__(
+        self,
+        amqp_url: str,
+        database_url: str,
+        config: Config,
+        names: Names,
+        *,
+        batch_size: int = 500,
+        max_delay_s: float = 0.05,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.config = config
+        self.names = names
+        self.batch_size = batch_size
+        self.max_delay_s = max_delay_s
+        self.consumers = ConsumerSet()
+        self._pending: list[tuple[AbstractIncomingMessage, UsageEvent | JobEvent]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._engine: AsyncEngine | None = None
+
+    async def start(self) -> None:
+        self._engine = make_engine(self.database_url)
+        self._connection = await connect(self.amqp_url, name="switchyard-accountant")
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.batch_size * 2)
+        queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
+        self.publisher = Publisher(channel)
+        self._flusher = asyncio.create_task(self._flush_loop())
+        await self.consumers.consume(queues[self.names.usage], self.handle)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.consumers.stop(grace_s)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self._pending:
+            await self._flush()
+        if self._connection is not None:
+            await self._connection.close()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = decode_accounting_event(message.body)
+        except JobRejected as exc:
+            await self.publisher.dead_letter(
+                self.names,
+                message,
+                source_queue=self.names.usage,
+                code=exc.code.value,
+                reason=exc.message,
+            )
+            await message.ack()
+            return
+        self._pending.append((message, event))
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.max_delay_s)
+            self._wake.clear()
+            if not self._pending:
+                continue
+            try:
+                await self._flush()
+            except Exception:
+                # Postgres is down or refused the batch: keep the messages and try again.
+                log.exception("accounting batch of %d failed; retrying", len(self._pending))
+                await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        batch = self._pending[:]
+        try:
+            await self._write([event for _, event in batch])
+        except (DataError, IntegrityError):
+            # One bad event must not block the rest: write them one by one, park the refused.
+            for message, event in batch:
+                try:
+                    await self._write([event])
+                except (DataError, IntegrityError) as exc:
+                    await self.publisher.dead_letter(
+                        self.names,
+                        message,
+                        source_queue=self.names.usage,
+                        code="rejected_by_database",
+                        reason=f"Postgres refused the row: {type(exc.orig).__name__}",
+                    )
+        del self._pending[: len(batch)]
+        for message, _ in batch:
+            await message.ack()
+
+    async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
+        """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
+        usage_rows = [self._usage_row(e) for e in events if isinstance(e, UsageEvent)]
+        job_rows = _latest_per_job([e for e in events if isinstance(e, JobEvent)])
+        assert self._engine is not None
+        async with self._engine.begin() as conn:
+            if usage_rows:
+                await conn.execute(
+                    insert(usage)
+                    .values(usage_rows)
+                    .on_conflict_do_nothing(constraint="usage_job_attempt_key")
+                )
+            if job_rows:
+                stmt = insert(jobs).values(job_rows)
+                replace = {c: stmt.excluded[c] for c in job_rows[0] if c != "job_id"}
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[jobs.c.job_id],
+                        set_=replace,
+                        where=jobs.c.finished_at <= stmt.excluded.finished_at,
+                    )
+                )
+
+    def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
+        try:
+            price = self.config.price(event.provider, event.model)
+        except ConfigError:
+            log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
+            cost, version = None, None
+        else:
+            cost = cost_usd(price, event.prompt_tokens, event.completion_tokens)
+            version = self.config.version
+        return {
+            "job_id": event.job_id,
+            "attempt": event.attempt,
+            "provider": event.provider,
+            "model": event.model,
+            "public_model": event.public_model,
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens,
+            "cost_usd": cost,
+            "price_version": version,
+            "key_id": event.key_id,
+            "occurred_at": event.occurred_at,
+        }
+
+
+def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
+    """One row per job (Postgres refuses two conflicting rows in one upsert): the latest."""
+    latest: dict[str, JobEvent] = {}
+    for event in events:
+        held = latest.get(event.job_id)
+        if held is None or held.finished_at <= event.finished_at:
+            latest[event.job_id] = event
+    return [
+        {
+            "job_id": e.job_id,
+            "status": e.status.value,
+            "priority": e.priority,
+            "public_model": e.public_model,
+            "provider": e.provider,
+            "model": e.model,
+            "error_code": e.error_code.value if e.error_code else None,
+            "attempts": e.attempts,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "queued_ms": e.timings.queued_ms,
+            "scheduled_ms": e.timings.scheduled_ms,
+            "provider_ms": e.timings.provider_ms,
+            "total_ms": e.timings.total_ms,
+            "batch_id": e.batch_id,
+            "key_id": e.key_id,
+            "submitted_at": e.submitted_at,
+            "finished_at": e.finished_at,
+        }
+        for e in latest.values()
+    ]

@@ -1,0 +1,73 @@
+"""Postgres tables (SQLAlchemy Core) and the engine. Alembic owns the schema (``migrations/``);
+these definitions must match the latest revision."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Identity,
+    Integer,
+    MetaData,
+    Numeric,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+__all__ = ["jobs", "make_engine", "metadata", "usage"]
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
+    Column("public_model", String(200)),
+    Column("provider", String(100)),
+    Column("model", String(200)),
+    Column("error_code", String(64)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("queued_ms", Float),
+    Column("scheduled_ms", Float),
+    Column("provider_ms", Float),
+    Column("total_ms", Float),
+    Column("batch_id", String(128), index=True),
+    Column("key_id", String(128)),
+    Column("submitted_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("job_id", String(128), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("provider", String(100), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("public_model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("total_tokens", Integer, nullable=False),
+    Column("cost_usd", Numeric(18, 9), comment="NULL when no price was configured"),
+    Column("price_version", String(32)),
+    Column("key_id", String(128)),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("job_id", "attempt", name="usage_job_attempt_key"),
+)
+
+
+def make_engine(database_url: str) -> AsyncEngine:
+    return create_async_engine(database_url, pool_size=5, max_overflow=5, pool_pre_ping=True)

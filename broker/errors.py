@@ -1,0 +1,148 @@
+"""Switchyard's one error tree. Each leaf maps to one ``ErrorCode`` in a ``JobResult`` and one
+HTTP status::
+
+    SwitchyardError
+    ├── ConfigError                    (a config file or setting is invalid; never reaches a job)
+    ├── JobRejected                    status "rejected": the job itself is wrong
+    │   ├── InvalidMessage             invalid_message            400
+    │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
+    │   ├── ModelUnavailable           model_unavailable          404
+    │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
+    └── ProviderError                  status "failed": the provider call did not succeed
+        ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
+        ├── ProviderTimeout            timeout           504  (retryable)
+        ├── ProviderServerError        server_error      502  (retryable)
+        ├── ProviderInvalidRequest     invalid_request   400
+        ├── ProviderAuthentication     authentication    502  (our credentials, not the caller's)
+        ├── ContentFiltered            content_filter    422
+        └── ProviderProtocolError      provider_protocol_error 502 (not the documented shape)
+"""
+
+from __future__ import annotations
+
+from schemas import ErrorCode, JobError
+
+__all__ = [
+    "ConfigError",
+    "ContentFiltered",
+    "DeadlineExceeded",
+    "InvalidMessage",
+    "JobRejected",
+    "ModelUnavailable",
+    "ProviderAuthentication",
+    "ProviderError",
+    "ProviderInvalidRequest",
+    "ProviderProtocolError",
+    "ProviderServerError",
+    "ProviderTimeout",
+    "RateLimited",
+    "SwitchyardError",
+    "UnsupportedSchemaVersion",
+    "internal_error",
+]
+
+
+class SwitchyardError(Exception):
+    """Root of every error Switchyard raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+    family: str = "internal"
+    http_status: int = 500
+    retryable: bool = False
+
+    def __init__(self, message: str, *, provider: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+
+    def to_job_error(self) -> JobError:
+        return JobError(
+            type=self.family, code=self.code, message=self.message, provider=self.provider
+        )
+
+
+def internal_error(exc: BaseException) -> JobError:
+    """A typed error for a bug: names the exception class, never its (possibly secret) text."""
+    return JobError(
+        type="internal",
+        code=ErrorCode.INTERNAL_ERROR,
+        message=f"internal error ({type(exc).__name__})",
+    )
+
+
+class ConfigError(SwitchyardError):
+    """The config file or the environment is invalid; the message names the path and reason."""
+
+
+class JobRejected(SwitchyardError):
+    family = "invalid_request"
+    http_status = 400
+
+
+class InvalidMessage(JobRejected):
+    code = ErrorCode.INVALID_MESSAGE
+
+
+class UnsupportedSchemaVersion(JobRejected):
+    code = ErrorCode.UNSUPPORTED_SCHEMA_VERSION
+
+
+class ModelUnavailable(JobRejected):
+    code = ErrorCode.MODEL_UNAVAILABLE
+    http_status = 404
+
+
+class DeadlineExceeded(JobRejected):
+    code = ErrorCode.DEADLINE_EXCEEDED
+    http_status = 504
+
+
+class ProviderError(SwitchyardError):
+    family = "provider_error"
+    http_status = 502
+
+
+class RateLimited(ProviderError):
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+    retryable = True
+
+    def __init__(
+        self, message: str, *, provider: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, provider=provider)
+        self.retry_after = retry_after
+
+    def to_job_error(self) -> JobError:
+        error = super().to_job_error()
+        error.retry_after = self.retry_after
+        return error
+
+
+class ProviderTimeout(ProviderError):
+    code = ErrorCode.TIMEOUT
+    http_status = 504
+    retryable = True
+
+
+class ProviderServerError(ProviderError):
+    code = ErrorCode.SERVER_ERROR
+    retryable = True
+
+
+class ProviderInvalidRequest(ProviderError):
+    code = ErrorCode.INVALID_REQUEST
+    http_status = 400
+
+
+class ProviderAuthentication(ProviderError):
+    code = ErrorCode.AUTHENTICATION
+
+
+class ContentFiltered(ProviderError):
+    code = ErrorCode.CONTENT_FILTER
+    http_status = 422
+
+
+class ProviderProtocolError(ProviderError):
+    code = ErrorCode.PROVIDER_PROTOCOL_ERROR

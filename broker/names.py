@@ -1,0 +1,49 @@
+"""The one place that names queues, exchanges and Redis keys. Nobody else builds these strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Names"]
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+# Header names carried on AMQP messages.
+HEADER_KEY = "x-switchyard-key"
+HEADER_TRACEPARENT = "traceparent"
+HEADER_DEAD_REASON = "x-switchyard-dead-reason"
+HEADER_DEAD_CODE = "x-switchyard-dead-code"
+HEADER_DEAD_QUEUE = "x-switchyard-dead-queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Names for one namespace (``switchyard`` in production, a random one per test session)."""
+
+    namespace: str = "switchyard"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    def provider(self, provider_id: str) -> str:
+        return f"{self.namespace}.provider.{provider_id}"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.namespace}.usage"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def webhooks(self) -> str:
+        return f"{self.namespace}.webhooks"
+
+    def results(self, name: str) -> str:
+        """A durable results queue for batch producers."""
+        return f"{self.namespace}.results.{name}"
+
+    def redis_key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))

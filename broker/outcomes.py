@@ -1,0 +1,146 @@
+"""How a job's outcome leaves a process: the result on its reply queue, the job event for the
+accountant and, for a message we could not serve, its body in the dead-letter queue.
+
+The scheduler and the worker pools both end jobs here, so the rules live in one place: every
+publish is confirmed before the caller acks the incoming message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from broker.amqp import Publisher
+from broker.codec import encode, job_id_hint
+from broker.errors import SwitchyardError
+from broker.names import Names
+from schemas import CompletionJob, JobError, JobEvent, JobResult, JobStatus, Timings, UsageEvent
+
+__all__ = ["Outcomes", "elapsed_ms", "reply_target", "utcnow"]
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def elapsed_ms(start: datetime | None, end: datetime) -> float | None:
+    return None if start is None else round((end - start).total_seconds() * 1000, 3)
+
+
+def reply_target(message: AbstractIncomingMessage, job: CompletionJob | None) -> str | None:
+    """The AMQP ``reply_to`` property wins; ``job.reply.queue`` serves producers without it."""
+    if message.reply_to:
+        return message.reply_to
+    return job.reply.queue if job is not None else None
+
+
+class Outcomes:
+    def __init__(self, publisher: Publisher, names: Names) -> None:
+        self.publisher = publisher
+        self.names = names
+
+    async def finish(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        result: JobResult,
+        usage: list[UsageEvent],
+    ) -> None:
+        """Publish the result, the usage events and the job event, all confirmed."""
+        finished_at = utcnow()
+        event = JobEvent(
+            job_id=job.job_id,
+            status=result.status,
+            priority=job.priority,
+            public_model=job.route.public_model if job.route else job.model,
+            provider=result.provider,
+            model=job.route.model if job.route else None,
+            error_code=result.error.code if result.error else None,
+            attempts=len(result.attempts),
+            prompt_tokens=result.usage.prompt_tokens if result.usage else 0,
+            completion_tokens=result.usage.completion_tokens if result.usage else 0,
+            timings=result.timings,
+            batch_id=_batch_id(job),
+            submitted_at=job.submitted_at,
+            finished_at=finished_at,
+        )
+        publishes: list[Awaitable[object]] = [
+            self.publisher.publish(self.names.usage, encode(e)) for e in usage
+        ]
+        publishes.append(self.publisher.publish(self.names.usage, encode(event)))
+        target = reply_target(message, job)
+        if target:
+            publishes.append(
+                self.publisher.reply(
+                    target, encode(result), correlation_id=message.correlation_id or job.job_id
+                )
+            )
+        await asyncio.gather(*publishes)
+
+    async def reject(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        source_queue: str,
+        error: SwitchyardError | JobError,
+        job: CompletionJob | None = None,
+        status: JobStatus = JobStatus.REJECTED,
+    ) -> None:
+        """End a job we will not serve: typed result to its reply queue (if any), the message's
+        body to the dead-letter queue with the reason, and its final state to the accountant."""
+        job_error = error.to_job_error() if isinstance(error, SwitchyardError) else error
+        job_id = job.job_id if job else job_id_hint(message.body, message.message_id)
+        log.info(
+            "job %s %s: %s (%s)", job_id, status.value, job_error.code.value, job_error.message
+        )
+        publishes: list[Awaitable[object]] = [
+            self.publisher.dead_letter(
+                self.names,
+                message,
+                source_queue=source_queue,
+                code=job_error.code.value,
+                reason=job_error.message,
+            )
+        ]
+        now = utcnow()
+        submitted = job.submitted_at if job else None
+        timings = Timings(total_ms=elapsed_ms(submitted, now))
+        target = reply_target(message, job)
+        if job_id is not None and target:
+            result = JobResult(
+                job_id=job_id,
+                status=status,
+                error=job_error,
+                timings=timings,
+                metadata=job.metadata if job else {},
+            )
+            publishes.append(
+                self.publisher.reply(
+                    target, encode(result), correlation_id=message.correlation_id or job_id
+                )
+            )
+        if job_id is not None:
+            event = JobEvent(
+                job_id=job_id,
+                status=status,
+                priority=job.priority if job else 0,
+                public_model=job.model if job else None,
+                error_code=job_error.code,
+                timings=timings,
+                batch_id=_batch_id(job) if job else None,
+                submitted_at=submitted,
+                finished_at=now,
+            )
+            publishes.append(self.publisher.publish(self.names.usage, encode(event)))
+        await asyncio.gather(*publishes)
+
+
+def _batch_id(job: CompletionJob) -> str | None:
+    value = job.metadata.get("batch_id")
+    return str(value) if value is not None else None

@@ -1,0 +1,33 @@
+"""Process settings, read once from the environment (``SWITCHYARD_*``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Where the services are and which config file to serve.
+
+    ``namespace`` prefixes every queue, exchange and Redis key, so several deployments (or test
+    sessions) can share one RabbitMQ and one Redis.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    config: Path = Path("ops/config.example.yaml")
+    namespace: str = Field(default="switchyard", pattern=r"^[A-Za-z0-9_.-]+$")
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,51 @@
+"""Wire contracts shared by every Switchyard process: small pydantic models, no behaviour."""
+
+from schemas.chat import (
+    ChatCompletion,
+    ChatMessage,
+    Choice,
+    CompletionParams,
+    ToolCall,
+    ToolCallFunction,
+    Usage,
+)
+from schemas.jobs import (
+    SCHEMA_VERSION,
+    AccountingEvent,
+    Attempt,
+    CachePolicy,
+    CompletionJob,
+    ErrorCode,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobStatus,
+    ReplyTo,
+    Route,
+    Timings,
+    UsageEvent,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AccountingEvent",
+    "Attempt",
+    "CachePolicy",
+    "ChatCompletion",
+    "ChatMessage",
+    "Choice",
+    "CompletionJob",
+    "CompletionParams",
+    "ErrorCode",
+    "JobError",
+    "JobEvent",
+    "JobResult",
+    "JobStatus",
+    "ReplyTo",
+    "Route",
+    "Timings",
+    "ToolCall",
+    "ToolCallFunction",
+    "Usage",
+    "UsageEvent",
+]

@@ -1,0 +1,85 @@
+"""OpenAI chat-completions shapes: Switchyard's canonical request and response form.
+
+Follows https://platform.openai.com/docs/api-reference/chat (Create chat completion, The chat
+completion object). Unknown fields are kept (``extra="allow"``): newer provider fields pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChatCompletion",
+    "ChatMessage",
+    "Choice",
+    "CompletionParams",
+    "ToolCall",
+    "ToolCallFunction",
+    "Usage",
+]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ToolCallFunction(_Open):
+    name: str
+    arguments: str = Field(description="JSON-encoded arguments, as OpenAI sends them.")
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(_Open):
+    """One message; ``content`` is a string or a list of content parts (text, image_url, ...)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class CompletionParams(_Open):
+    """Sampling and output parameters; anything not named here is passed through unchanged."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class Usage(_Open):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class Choice(_Open):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None = None
+    logprobs: Any | None = None
+
+
+class ChatCompletion(_Open):
+    """The ``chat.completion`` object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

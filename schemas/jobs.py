@@ -1,0 +1,207 @@
+"""Messages that travel between Switchyard's processes (see ARCHITECTURE.md, "Message contracts").
+
+Every message is JSON with a ``schema_version``; a reader refuses a version it does not know.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+from schemas.chat import ChatCompletion, ChatMessage, CompletionParams, Usage
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AccountingEvent",
+    "Attempt",
+    "CachePolicy",
+    "CompletionJob",
+    "ErrorCode",
+    "JobError",
+    "JobEvent",
+    "JobResult",
+    "JobStatus",
+    "ReplyTo",
+    "Route",
+    "Timings",
+    "UsageEvent",
+]
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class JobStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class ErrorCode(StrEnum):
+    """Typed error codes; each maps to one exception class in ``broker.errors``."""
+
+    INVALID_MESSAGE = "invalid_message"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server_error"
+    INVALID_REQUEST = "invalid_request"
+    AUTHENTICATION = "authentication"
+    CONTENT_FILTER = "content_filter"
+    PROVIDER_PROTOCOL_ERROR = "provider_protocol_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ReplyTo(BaseModel):
+    """Where the result goes besides the AMQP ``reply_to`` property."""
+
+    model_config = ConfigDict(extra="forbid")
+    queue: str | None = None
+    webhook: HttpUrl | None = None
+
+
+class CachePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["default", "bypass", "refresh"] = "default"
+    ttl_s: int | None = Field(default=None, ge=0)
+
+
+class Attempt(BaseModel):
+    """One provider call made for a job."""
+
+    model_config = ConfigDict(extra="forbid")
+    number: int = Field(ge=1)
+    provider: str
+    model: str
+    status: Literal["succeeded", "failed"]
+    error_code: ErrorCode | None = None
+    duration_ms: float = Field(ge=0)
+
+
+class CompletionJob(_Message):
+    """A request for one chat completion, in OpenAI chat format."""
+
+    job_id: str = Field(min_length=1, max_length=128)
+    idempotency_key: str | None = Field(default=None, max_length=256)
+    model: str | None = None
+    task_type: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    params: CompletionParams = Field(default_factory=CompletionParams)
+    priority: int = Field(default=0, ge=0, le=9)
+    deadline: datetime | None = None
+    reply: ReplyTo = Field(default_factory=ReplyTo)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    cache: CachePolicy = Field(default_factory=CachePolicy)
+    attempts: list[Attempt] = Field(default_factory=list)
+    submitted_at: datetime | None = Field(
+        default=None, description="Set by the producer; the queued time is measured from it."
+    )
+    route: Route | None = Field(default=None, description="Set by the scheduler.")
+
+
+class Route(BaseModel):
+    """The scheduler's decision, carried on the job to the worker and into the result."""
+
+    model_config = ConfigDict(extra="forbid")
+    provider: str
+    model: str = Field(description="The provider's own model name.")
+    public_model: str = Field(description="The model name the producer asked for.")
+    reason: str
+    alternatives: list[str] = Field(default_factory=list)
+    scheduled_at: datetime
+
+
+class JobError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="Error family: invalid_request, provider_error, internal.")
+    code: ErrorCode
+    message: str
+    retry_after: float | None = Field(default=None, ge=0)
+    provider: str | None = None
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage; ``None`` where the job never reached it."""
+
+    model_config = ConfigDict(extra="forbid")
+    queued_ms: float | None = None
+    scheduled_ms: float | None = None
+    provider_ms: float | None = None
+    total_ms: float | None = None
+
+
+class JobResult(_Message):
+    job_id: str
+    status: JobStatus
+    response: ChatCompletion | None = None
+    error: JobError | None = None
+    provider: str | None = None
+    model: str | None = None
+    usage: Usage | None = None
+    cost_usd: Decimal | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    cached: bool = False
+    degraded: bool = False
+    timings: Timings = Field(default_factory=Timings)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _response_or_error(self) -> JobResult:
+        if self.status is JobStatus.SUCCEEDED and self.response is None:
+            raise ValueError("a succeeded result carries a response")
+        if self.status is not JobStatus.SUCCEEDED and self.error is None:
+            raise ValueError(f"a {self.status.value} result carries an error")
+        return self
+
+
+class UsageEvent(_Message):
+    """Tokens consumed by one provider attempt; ``(job_id, attempt)`` is its identity."""
+
+    kind: Literal["usage"] = "usage"
+    job_id: str
+    attempt: int = Field(ge=1)
+    provider: str
+    model: str
+    public_model: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    key_id: str | None = None
+    occurred_at: datetime
+
+
+class JobEvent(_Message):
+    """A job's final state, recorded in the ``jobs`` table (last writer wins per ``job_id``)."""
+
+    kind: Literal["job"] = "job"
+    job_id: str
+    status: JobStatus
+    priority: int = 0
+    public_model: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    error_code: ErrorCode | None = None
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings = Field(default_factory=Timings)
+    batch_id: str | None = None
+    key_id: str | None = None
+    submitted_at: datetime | None = None
+    finished_at: datetime
+
+
+AccountingEvent = Annotated[UsageEvent | JobEvent, Field(discriminator="kind")]
+
+CompletionJob.model_rebuild()

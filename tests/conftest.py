@@ -1,0 +1,294 @@
+"""Fixtures against the real RabbitMQ, Postgres and Redis of this machine.
+
+Isolation: each test session gets a namespace (queue prefix) and a fresh Postgres database; each
+test gets its own sub-namespace, whose queues are deleted when it ends. A service that does not
+answer skips the tests that need it locally and fails them in CI (``CI`` set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+import yaml
+from aio_pika.abc import AbstractRobustConnection
+
+from broker.config import Config, load_config
+from broker.names import Names
+from broker.runtime import Service
+from broker.settings import Settings
+
+AMQP_URL = os.environ.get("SWITCHYARD_AMQP_URL", Settings().amqp_url)
+ADMIN_DSN = os.environ.get("SWITCHYARD_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+SESSION_NS = f"sytest-{secrets.token_hex(3)}"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _need(service: str, host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        message = f"{service} is not reachable at {host}:{port}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+async def eventually(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Await an async predicate until it holds; every wait in the tests is bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Postgres: one fresh database per session, migrated with the project's own migrations.
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    _need("PostgreSQL", "127.0.0.1", 5432)
+    name = SESSION_NS.replace("-", "_")
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    url = f"{base}/{name}"
+    try:
+        from broker.migrate import upgrade
+
+        await asyncio.to_thread(upgrade, url)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# RabbitMQ: a connection, and a namespace per test whose queues are deleted afterwards.
+
+
+@pytest.fixture(scope="session")
+async def amqp() -> AsyncIterator[AbstractRobustConnection]:
+    _need("RabbitMQ", "127.0.0.1", 5672)
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+_test_counter = iter(range(1, 1_000_000))
+_provider_ids: set[str] = set()  # every provider id a test config named, for queue cleanup
+
+
+@pytest.fixture
+async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
+    ns = Names(f"{SESSION_NS}.t{next(_test_counter)}")
+    yield ns
+    channel = await amqp.channel()
+    for queue in [ns.jobs, ns.usage, ns.dead, *(ns.provider(p) for p in _provider_ids)]:
+        await channel.queue_delete(queue)
+    await channel.close()
+
+
+async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def consumer_count(amqp: AbstractRobustConnection, queue: str) -> int:
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.consumer_count or 0)
+    except Exception:
+        return 0
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The mock provider: one real server process per session, reset before each test.
+
+
+class MockProvider:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = httpx.Client(base_url=base_url, timeout=5)
+
+    def configure(self, **settings: Any) -> None:
+        response = self.http.put("/_mock/config", json=settings)
+        response.raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        response = self.http.get("/_mock/stats")
+        response.raise_for_status()
+        data: dict[str, Any] = response.json()
+        return data
+
+    def reset(self) -> None:
+        self.http.post("/_mock/reset").raise_for_status()
+        self.configure(
+            latency_ms=0, jitter_ms=0, error_rate=0, rate_limit_rate=0, retry_after_s=1
+        )
+
+
+@pytest.fixture(scope="session")
+def mock_server() -> Iterator[MockProvider]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "mock-provider", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    mock = MockProvider(f"http://127.0.0.1:{port}")
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"mock provider exited: {process.stderr.read()!r}")  # type: ignore[union-attr]
+        try:
+            return mock.http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(healthy, 20, "the mock provider to answer")
+        yield mock
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture
+def mock(mock_server: MockProvider) -> MockProvider:
+    mock_server.reset()
+    return mock_server
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and in-process pipelines.
+
+
+def write_config(path: Path, mock: MockProvider, providers: list[dict[str, Any]], **top: Any) -> Path:
+    """Write a providers file whose providers all point at the mock; returns its path."""
+    full = []
+    _provider_ids.update(p["id"] for p in providers)
+    for p in providers:
+        entry = {"type": "openai", "base_url": f"{mock.base_url}/v1", **p}
+        entry.setdefault("models", {"gpt-4o-mini": {"input": 0.15, "output": 0.60}})
+        full.append(entry)
+    path.write_text(yaml.safe_dump({"providers": full, **top}))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, mock: MockProvider) -> Path:
+    return write_config(tmp_path / "providers.yaml", mock, [{"id": "mock", "concurrency": 4}])
+
+
+@pytest.fixture
+def config(config_file: Path) -> Config:
+    return load_config(config_file)
+
+
+@pytest.fixture
+def pipeline(
+    names: Names, database_url: str
+) -> Any:
+    """``async with pipeline(config, scheduler=True, workers=[...], accountant=True)`` runs the
+    chosen services in this event loop and stops them on exit."""
+
+    @asynccontextmanager
+    async def run(
+        config: Config,
+        *,
+        scheduler: bool = True,
+        workers: list[str] | None = None,
+        accountant: bool = True,
+    ) -> AsyncIterator[list[Service]]:
+        from broker.accountant import Accountant
+        from broker.scheduler import Scheduler
+        from workers.pool import WorkerPool
+
+        services: list[Service] = []
+        if scheduler:
+            services.append(Scheduler(AMQP_URL, config, names))
+        if accountant:
+            services.append(Accountant(AMQP_URL, database_url, config, names))
+        for provider_id in workers if workers is not None else [p.id for p in config.providers]:
+            services.append(WorkerPool(AMQP_URL, config, names, provider_id))
+        started: list[Service] = []
+        try:
+            for service in services:
+                await service.start()
+                started.append(service)
+            yield services
+        finally:
+            for service in reversed(started):
+                await service.stop(grace_s=5)
+
+    def factory(config: Config, **kwargs: Any) -> AbstractAsyncContextManager[list[Service]]:
+        return run(config, **kwargs)
+
+    return factory
+
+
+def process_env(names: Names, database_url: str, config_path: Path) -> dict[str, str]:
+    """Environment for a ``switchyard`` subprocess serving this test's namespace."""
+    env = dict(os.environ)
+    env.update(
+        SWITCHYARD_AMQP_URL=AMQP_URL,
+        SWITCHYARD_DATABASE_URL=database_url,
+        SWITCHYARD_CONFIG=str(config_path),
+        SWITCHYARD_NAMESPACE=names.namespace,
+        SWITCHYARD_LOG_LEVEL="WARNING",
+    )
+    return env

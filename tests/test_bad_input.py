@@ -1,0 +1,159 @@
+"""Bad input: a typed ``rejected`` result on reply_to, the message in the dead-letter queue with
+its reason, and the consumer keeps serving."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from broker.config import load_config
+from broker.names import HEADER_DEAD_CODE, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_KEY, Names
+from tests.conftest import MockProvider, eventually
+
+GOOD_MESSAGES = [{"role": "user", "content": "still serving?"}]
+
+BAD_JOBS = [
+    pytest.param(b"this is not {json", "invalid_message", "not valid JSON", id="not-json"),
+    pytest.param(
+        b'{"schema_version": 1, "job_id": "JOB", "model": "gpt-4o-mini"}',
+        "invalid_message",
+        "messages: Field required",
+        id="missing-field",
+    ),
+    pytest.param(
+        b'{"schema_version": 99, "job_id": "JOB", "messages": [{"role": "user", "content": "x"}]}',
+        "unsupported_schema_version",
+        "reads version 1",
+        id="unknown-schema-version",
+    ),
+    pytest.param(
+        b'{"schema_version": 1, "job_id": "JOB", "model": "gpt-9-ultra",'
+        b' "messages": [{"role": "user", "content": "x"}]}',
+        "model_unavailable",
+        "unknown model 'gpt-9-ultra'; available: gpt-4o-mini",
+        id="unknown-model",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "code", "reason"), BAD_JOBS)
+async def test_a_bad_job_is_rejected_dead_lettered_and_the_scheduler_goes_on(
+    body: bytes,
+    code: str,
+    reason: str,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+) -> None:
+    job_id = f"bad-{uuid.uuid4()}"
+    body = body.replace(b"JOB", job_id.encode())
+    channel = await amqp.channel()
+    replies = await channel.declare_queue(f"{names.namespace}.replies", exclusive=True)
+    async with pipeline(load_config(config_file)):
+        for payload, message_id in ((body, job_id), (_good_job("good-after"), "good-after")):
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    payload,
+                    message_id=message_id,
+                    correlation_id=f"c-{message_id}",
+                    reply_to=replies.name,
+                    headers={HEADER_KEY: "sk-virtual-secret"},
+                ),
+                routing_key=names.jobs,
+            )
+        got: dict[str, dict[str, Any]] = {}
+        async with replies.iterator(timeout=20) as messages:
+            async for message in messages:
+                await message.ack()
+                got[message.correlation_id or ""] = json.loads(message.body)
+                if len(got) == 2:
+                    break
+
+    rejected = got[f"c-{job_id}"]
+    assert rejected["job_id"] == job_id
+    assert rejected["status"] == "rejected"
+    assert rejected["error"]["code"] == code
+    assert rejected["error"]["type"] == "invalid_request"
+    assert reason in rejected["error"]["message"]
+    assert "response" not in rejected
+    assert got["c-good-after"]["status"] == "succeeded"
+
+    dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
+    assert dead is not None
+    await dead.ack()
+    assert dead.body == body
+    assert dead.message_id == job_id
+    assert dead.headers[HEADER_DEAD_CODE] == code
+    assert reason in str(dead.headers[HEADER_DEAD_REASON])
+    assert dead.headers[HEADER_DEAD_QUEUE] == names.jobs
+    assert HEADER_KEY not in dead.headers  # the virtual key never rests in the dead letters
+    await channel.close()
+
+    async def recorded() -> bool:
+        return await pg.fetchval("SELECT status FROM jobs WHERE job_id = $1", job_id) is not None
+
+    await eventually(recorded, 10, "the rejected job's row")
+    row = await pg.fetchrow("SELECT status, error_code FROM jobs WHERE job_id = $1", job_id)
+    assert row is not None
+    assert (row["status"], row["error_code"]) == ("rejected", code)
+
+
+async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+) -> None:
+    job_id = f"acct-{uuid.uuid4()}"
+    good = {
+        "schema_version": 1,
+        "kind": "usage",
+        "job_id": job_id,
+        "attempt": 1,
+        "provider": "mock",
+        "model": "gpt-4o-mini",
+        "public_model": "gpt-4o-mini",
+        "prompt_tokens": 1000,
+        "completion_tokens": 2000,
+        "occurred_at": "2026-11-23T10:00:00Z",
+    }
+    channel = await amqp.channel()
+    async with pipeline(load_config(config_file), scheduler=False, workers=[]):
+        # The sentinel follows the duplicate on the same queue, so once it is recorded the
+        # duplicate has been through the accountant too.
+        sentinel = {**good, "job_id": f"{job_id}-sentinel"}
+        for event in (b"[1, 2", good, good, sentinel):
+            body = event if isinstance(event, bytes) else json.dumps(event).encode()
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.usage)
+
+        async def recorded() -> bool:
+            sql = "SELECT count(*) FROM usage WHERE job_id = $1"
+            return bool(await pg.fetchval(sql, sentinel["job_id"]))
+
+        await eventually(recorded, 10, "the sentinel's usage row")
+    rows = await pg.fetch("SELECT attempt, cost_usd FROM usage WHERE job_id = $1", job_id)
+    assert len(rows) == 1  # the redelivered duplicate inserted nothing
+    assert str(rows[0]["cost_usd"]) == "0.001350000"  # 1000 × 0.15/M + 2000 × 0.60/M
+    dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
+    assert dead is not None
+    assert dead.body == b"[1, 2"
+    assert dead.headers[HEADER_DEAD_QUEUE] == names.usage
+    await channel.close()
+
+
+def _good_job(job_id: str) -> bytes:
+    return json.dumps(
+        {"schema_version": 1, "job_id": job_id, "model": "gpt-4o-mini", "messages": GOOD_MESSAGES}
+    ).encode()

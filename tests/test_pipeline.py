@@ -1,0 +1,197 @@
+"""The spine, end to end: producer → RabbitMQ → scheduler → worker → mock provider → reply queue,
+with usage and cost landing in Postgres. Real RabbitMQ, Postgres and mock provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from broker.client import SwitchyardClient
+from broker.config import load_config
+from broker.names import DIRECT_REPLY_TO, Names
+from mock_provider import expected_completion, prompt_tokens
+from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
+
+
+def job_body(job_id: str, content: str, **fields: Any) -> bytes:
+    job = {
+        "schema_version": 1,
+        "job_id": job_id,
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": content}],
+        **fields,
+    }
+    return json.dumps(job).encode()
+
+
+async def usage_rows(pg: asyncpg.Connection, job_ids: list[str]) -> list[asyncpg.Record]:
+    return await pg.fetch(
+        "SELECT * FROM usage WHERE job_id = ANY($1::text[]) ORDER BY job_id", job_ids
+    )
+
+
+async def test_a_job_published_with_plain_aio_pika_gets_its_answer_and_its_usage_row(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+) -> None:
+    job_id = f"plain-{uuid.uuid4()}"
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three rivers in Europe."},
+    ]
+    body = json.dumps(
+        {"schema_version": 1, "job_id": job_id, "model": "gpt-4o-mini", "messages": messages}
+    ).encode()
+    async with pipeline(load_config(config_file)):
+        channel = await amqp.channel()
+        replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def on_reply(message: AbstractIncomingMessage) -> None:
+            replies.put_nowait(message)
+
+        reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await reply_queue.consume(on_reply, no_ack=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=DIRECT_REPLY_TO, correlation_id="corr-1", priority=5),
+            routing_key=names.jobs,
+        )
+        reply = await asyncio.wait_for(replies.get(), 20)
+        await channel.close()
+
+    assert reply.correlation_id == "corr-1"
+    result = json.loads(reply.body)
+    text, finish_reason = expected_completion(messages)
+    assert result["schema_version"] == 1
+    assert result["job_id"] == job_id
+    assert result["status"] == "succeeded"
+    assert result["provider"] == "mock"
+    assert result["response"]["object"] == "chat.completion"
+    assert result["response"]["choices"][0]["message"]["content"] == text
+    assert result["response"]["choices"][0]["finish_reason"] == finish_reason
+    prompt = prompt_tokens(messages)
+    completion = result["usage"]["completion_tokens"]
+    assert result["usage"]["prompt_tokens"] == prompt
+    assert result["usage"]["total_tokens"] == prompt + completion
+    expected_cost = (Decimal("0.15") * prompt + Decimal("0.60") * completion) / 1_000_000
+    assert Decimal(result["cost_usd"]) == expected_cost.quantize(Decimal("1e-9"))
+
+    async def recorded() -> bool:
+        return len(await usage_rows(pg, [job_id])) == 1
+
+    await eventually(recorded, 10, "the usage row")
+    [row] = await usage_rows(pg, [job_id])
+    assert (row["provider"], row["model"], row["attempt"]) == ("mock", "gpt-4o-mini", 1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert row["cost_usd"] == expected_cost.quantize(Decimal("1e-9"))
+    job_row = await pg.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
+    assert job_row is not None
+    assert (job_row["status"], job_row["provider"], job_row["attempts"]) == ("succeeded", "mock", 1)
+    assert mock.stats()["calls"] == 1
+
+
+async def test_high_priority_jobs_finish_before_low_ones(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+) -> None:
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, [{"id": "serial", "concurrency": 1}])
+    )
+    channel = await amqp.channel()
+    results = await channel.declare_queue(f"{names.namespace}.prio-results", exclusive=True)
+    # Queue every job while no worker runs: the scheduler moves them to the provider queue.
+    async with pipeline(config, workers=[], accountant=False):
+        for i in range(50):
+            for priority, label in ((1, "low"), (8, "high")):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        job_body(f"{label}-{i}", f"{label} job {i}", priority=priority),
+                        priority=priority,
+                        reply_to=results.name,
+                    ),
+                    routing_key=names.jobs,
+                )
+
+        async def all_parked() -> bool:
+            return await queue_depth(amqp, names.provider("serial")) == 100
+
+        await eventually(all_parked, 20, "100 jobs in the provider queue")
+
+    order: list[str] = []
+    async with pipeline(config, scheduler=False, accountant=False):
+        async with results.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                order.append(json.loads(message.body)["job_id"])
+                if len(order) == 100:
+                    break
+    await channel.close()
+    assert [job_id.split("-")[0] for job_id in order] == ["high"] * 50 + ["low"] * 50
+    assert mock.stats()["max_in_flight"] == 1
+
+
+async def test_the_pool_never_has_more_calls_in_flight_than_its_concurrency(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, [{"id": "capped", "concurrency": 3}])
+    )
+    mock.configure(latency_ms=150)
+    async with pipeline(config, accountant=False):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            results = await asyncio.gather(
+                *(
+                    client.complete(
+                        [{"role": "user", "content": f"question {i}"}],
+                        model="gpt-4o-mini",
+                        timeout_s=30,
+                    )
+                    for i in range(24)
+                )
+            )
+    assert [r.status.value for r in results] == ["succeeded"] * 24
+    stats = mock.stats()
+    assert stats["calls"] == 24
+    assert stats["max_in_flight"] == 3
+
+
+async def test_the_client_reads_a_batch_back_from_a_durable_results_queue(
+    names: Names, config_file: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    from broker.client import make_job
+
+    async with pipeline(load_config(config_file), accountant=False):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            queue = await client.open_results("batch-1")
+            jobs = [
+                make_job([{"role": "user", "content": f"item {i}"}], model="gpt-4o-mini")
+                for i in range(10)
+            ]
+            for job in jobs:
+                await client.submit(job, results_queue=queue)
+            received: dict[str, str] = {}
+            async for result in client.results(queue):
+                assert result.response is not None
+                received[result.job_id] = result.response.choices[0].message.content or ""
+                if len(received) == len(jobs):
+                    break
+            await client.delete_results(queue)
+    for job in jobs:
+        expected, _ = expected_completion([m.model_dump(exclude_none=True) for m in job.messages])
+        assert received[job.job_id] == expected

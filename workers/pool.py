@@ -1,0 +1,137 @@
+"""A worker pool: serves one provider's queue with at most ``concurrency`` calls in flight.
+
+For each job: call the adapter (through the retry layer), publish the result to the job's reply
+queue and the usage and job events to the accountant, and ack only after all are confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from broker.amqp import BROKER_FAILURES, Publisher, connect, declare_topology
+from broker.codec import decode_job
+from broker.config import Config, ProviderConfig
+from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage, JobRejected, internal_error
+from broker.names import Names
+from broker.outcomes import Outcomes, elapsed_ms, utcnow
+from broker.pricing import cost_usd
+from broker.runtime import ConsumerSet, Service
+from schemas import CompletionJob, JobResult, JobStatus, Timings
+from workers.adapters import adapter_for
+from workers.http import make_http_client
+from workers.retry import CallOutcome, call_with_retries
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool(Service):
+    def __init__(self, amqp_url: str, config: Config, names: Names, provider_id: str) -> None:
+        provider = config.provider(provider_id)
+        if provider is None:
+            known = ", ".join(p.id for p in config.providers)
+            raise ConfigError(f"no provider {provider_id!r} in the config; known: {known}")
+        self.name = f"worker[{provider_id}]"
+        self.amqp_url = amqp_url
+        self.config = config
+        self.names = names
+        self.provider: ProviderConfig = provider
+        self.queue_name = names.provider(provider_id)
+        self.consumers = ConsumerSet()
+        # Prefetch bounds deliveries; the semaphore also bounds calls if a reconnect
+        # redelivers while old handlers still run.
+        self._slots = asyncio.Semaphore(provider.concurrency)
+        self._http = make_http_client(provider)
+        self._adapter = adapter_for(provider, self._http)
+        self._connection: AbstractRobustConnection | None = None
+
+    async def start(self) -> None:
+        self._connection = await connect(self.amqp_url, name=f"switchyard-{self.name}")
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.provider.concurrency)
+        queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
+        self.outcomes = Outcomes(Publisher(channel), self.names)
+        await self.consumers.consume(queues[self.queue_name], self.handle)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.consumers.stop(grace_s)
+        if self._connection is not None:
+            await self._connection.close()
+        await self._http.aclose()
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        async with self._slots:
+            await self._serve(message)
+
+    async def _serve(self, message: AbstractIncomingMessage) -> None:
+        started = utcnow()
+        job: CompletionJob | None = None
+        try:
+            job = decode_job(message.body)
+            if job.route is None or job.route.provider != self.provider.id:
+                raise InvalidMessage(
+                    f"job reached {self.queue_name} without a route to {self.provider.id!r}"
+                )
+            if job.deadline is not None and job.deadline <= started:
+                raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
+            outcome = await call_with_retries(
+                self._adapter, job, max_attempts=self.provider.max_attempts
+            )
+            result = self._result(job, outcome, started)
+            await self.outcomes.finish(message, job, result, outcome.usage)
+        except JobRejected as exc:
+            status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
+            await self.outcomes.reject(
+                message, source_queue=self.queue_name, error=exc, job=job, status=status
+            )
+        except BROKER_FAILURES:
+            raise
+        except Exception as exc:
+            log.exception("worker failed on a job")
+            await self.outcomes.reject(
+                message,
+                source_queue=self.queue_name,
+                error=internal_error(exc),
+                job=job,
+                status=JobStatus.FAILED,
+            )
+        await message.ack()
+
+    def _result(self, job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
+        assert job.route is not None
+        route = job.route
+        now = utcnow()
+        timings = Timings(
+            queued_ms=elapsed_ms(job.submitted_at, route.scheduled_at),
+            scheduled_ms=elapsed_ms(route.scheduled_at, started),
+            provider_ms=outcome.provider_ms,
+            total_ms=elapsed_ms(job.submitted_at or route.scheduled_at, now),
+        )
+        common = {
+            "job_id": job.job_id,
+            "provider": route.provider,
+            "model": route.model,
+            "attempts": outcome.attempts,
+            "timings": timings,
+            "metadata": job.metadata,
+        }
+        if outcome.completion is None:
+            assert outcome.error is not None
+            return JobResult(status=JobStatus.FAILED, error=outcome.error.to_job_error(), **common)
+        usage = outcome.completion.usage
+        cost = None
+        if usage is not None:
+            price = self.config.price(route.provider, route.model)
+            cost = cost_usd(price, usage.prompt_tokens, usage.completion_tokens)
+        return JobResult(
+            status=JobStatus.SUCCEEDED,
+            response=outcome.completion,
+            usage=usage,
+            cost_usd=cost,
+            **common,
+        )
