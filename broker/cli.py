@@ -22,6 +22,7 @@ from broker.settings import Settings, get_settings
 
 app = typer.Typer(help="Switchyard: a queue-based broker for LLM calls.", no_args_is_help=True)
 console = Console(stderr=True)
+output = Console(width=None if Console().is_terminal else 120)  # tables: no wrap in logs
 log = logging.getLogger("switchyard")
 
 
@@ -193,7 +194,7 @@ async def _submit(
         f"{summary.prompt_tokens} + {summary.completion_tokens}",
         f"{summary.cost_usd:.6f}",
     )
-    Console().print(table)
+    output.print(table)
     console.print(f"results written to {out}")
     if report:
         await _print_report(settings, batch_id, summary.received)
@@ -224,7 +225,7 @@ async def _print_report(settings: Settings, batch_id: str | None, expected: int)
             str(r.completion_tokens),
             f"{r.cost_usd:.6f}",
         )
-    Console().print(table)
+    output.print(table)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
@@ -158,10 +159,28 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(text: str, source: str) -> str:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` with the environment's values, so one file
+    serves several hosts (the compose network, this machine). Keys still go by ``api_key_env``."""
+
+    def value(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
+        return default
+
+    return _ENV_REFERENCE.sub(value, text)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse YAML or JSON text (JSON is YAML) into a validated ``Config``."""
+    """Parse YAML or JSON text (JSON is YAML), after ``${ENV}`` expansion, into a ``Config``."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(_expand_env(text, source))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML or JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -1,9 +1,9 @@
 """OpenAI Chat Completions and Models routes, shaped as documented at
 https://platform.openai.com/docs/api-reference/chat (and /docs/api-reference/models).
 
-The order of checks on a chat call: latency sleep, targeted fault (``fail_next``), API key, body,
-model, random fault, answer. Random faults only replace answers a valid request would have got,
-so a client bug (a 400) never hides behind an injected 429.
+A chat call takes its targeted fault (``fail_next``) on arrival, sleeps the latency, then checks
+in order: that fault, API key, body, model, random fault, and answers. Random faults only replace
+answers a valid request would have got, so a client bug (a 400) never hides behind a 429.
 """
 
 from __future__ import annotations
@@ -268,9 +268,10 @@ class ChatCompletions:
         model = model if isinstance(model, str) else None
         if model is not None:
             state.note_model(model)
+        # Taken on arrival: "the next N calls" means the next N to arrive, whatever their latency.
+        fault = state.take_fail_next()
         await asyncio.sleep(state.delay_s())
         settings = state.settings  # read after the sleep: a PUT may have changed it meanwhile
-        fault = state.take_fail_next()
         if fault == "timeout":
             if await _client_left_within(receive, TIMEOUT_S):
                 return None

@@ -32,7 +32,9 @@ from broker.runtime import Service
 from broker.settings import Settings
 
 AMQP_URL = os.environ.get("SWITCHYARD_AMQP_URL", Settings().amqp_url)
-ADMIN_DSN = os.environ.get("SWITCHYARD_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = os.environ.get(
+    "SWITCHYARD_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 SESSION_NS = f"sytest-{secrets.token_hex(3)}"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,9 +173,7 @@ class MockProvider:
 
     def reset(self) -> None:
         self.http.post("/_mock/reset").raise_for_status()
-        self.configure(
-            latency_ms=0, jitter_ms=0, error_rate=0, rate_limit_rate=0, retry_after_s=1
-        )
+        self.configure(latency_ms=0, jitter_ms=0, error_rate=0, rate_limit_rate=0, retry_after_s=1)
 
 
 @pytest.fixture(scope="session")
@@ -217,7 +217,9 @@ def mock(mock_server: MockProvider) -> MockProvider:
 # Config files and in-process pipelines.
 
 
-def write_config(path: Path, mock: MockProvider, providers: list[dict[str, Any]], **top: Any) -> Path:
+def write_config(
+    path: Path, mock: MockProvider, providers: list[dict[str, Any]], **top: Any
+) -> Path:
     """Write a providers file whose providers all point at the mock; returns its path."""
     full = []
     _provider_ids.update(p["id"] for p in providers)
@@ -240,9 +242,7 @@ def config(config_file: Path) -> Config:
 
 
 @pytest.fixture
-def pipeline(
-    names: Names, database_url: str
-) -> Any:
+def pipeline(names: Names, database_url: str) -> Any:
     """``async with pipeline(config, scheduler=True, workers=[...], accountant=True)`` runs the
     chosen services in this event loop and stops them on exit."""
 

@@ -145,7 +145,7 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
         await eventually(recorded, 10, "the sentinel's usage row")
     rows = await pg.fetch("SELECT attempt, cost_usd FROM usage WHERE job_id = $1", job_id)
     assert len(rows) == 1  # the redelivered duplicate inserted nothing
-    assert str(rows[0]["cost_usd"]) == "0.001350000"  # 1000 × 0.15/M + 2000 × 0.60/M
+    assert str(rows[0]["cost_usd"]) == "0.001350000"  # 1000 * 0.15/M + 2000 * 0.60/M
     dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
     assert dead is not None
     assert dead.body == b"[1, 2"

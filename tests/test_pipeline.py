@@ -132,13 +132,15 @@ async def test_high_priority_jobs_finish_before_low_ones(
         await eventually(all_parked, 20, "100 jobs in the provider queue")
 
     order: list[str] = []
-    async with pipeline(config, scheduler=False, accountant=False):
-        async with results.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                order.append(json.loads(message.body)["job_id"])
-                if len(order) == 100:
-                    break
+    async with (
+        pipeline(config, scheduler=False, accountant=False),
+        results.iterator(timeout=30) as messages,
+    ):
+        async for message in messages:
+            await message.ack()
+            order.append(json.loads(message.body)["job_id"])
+            if len(order) == 100:
+                break
     await channel.close()
     assert [job_id.split("-")[0] for job_id in order] == ["high"] * 50 + ["low"] * 50
     assert mock.stats()["max_in_flight"] == 1
