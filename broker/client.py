@@ -45,15 +45,23 @@ def make_job(
     metadata: Mapping[str, Any] | None = None,
     job_id: str | None = None,
 ) -> CompletionJob:
-    return CompletionJob(
-        job_id=job_id or str(uuid.uuid4()),
-        model=model,
-        task_type=task_type,
-        messages=[ChatMessage.model_validate(m) for m in messages],
-        params=CompletionParams.model_validate(params or {}),
-        priority=priority,
-        metadata=dict(metadata or {}),
-        submitted_at=utcnow(),
+    # One validation of the whole job, so an error names its full path (messages.0.role).
+    return CompletionJob.model_validate(
+        {
+            "job_id": job_id or str(uuid.uuid4()),
+            "model": model,
+            "task_type": task_type,
+            "messages": [
+                m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else m
+                for m in messages
+            ],
+            "params": params.model_dump(exclude_none=True)
+            if isinstance(params, CompletionParams)
+            else (params or {}),
+            "priority": priority,
+            "metadata": dict(metadata or {}),
+            "submitted_at": utcnow(),
+        }
     )
 
 

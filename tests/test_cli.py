@@ -1,0 +1,106 @@
+"""``switchyard submit``: a batch file in, results JSONL and a Postgres-backed report out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from broker.config import load_config
+from broker.names import Names
+from tests.conftest import REPO, MockProvider, process_env
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker.cli",
+        *args,
+        cwd=REPO,
+        env={**env, "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_submit_writes_every_result_and_reports_usage_from_postgres(
+    names: Names,
+    config_file: Path,
+    database_url: str,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+    tmp_path: Path,
+) -> None:
+    batch = tmp_path / "batch.jsonl"
+    lines = [
+        {
+            "job_id": f"{names.namespace}-cli-{i}",
+            "model": "gpt-4o-mini",
+            "priority": i % 10,
+            "messages": [{"role": "user", "content": f"cli question {i}"}],
+        }
+        for i in range(12)
+    ]
+    batch.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    async with pipeline(load_config(config_file)):
+        code, output = await run_cli(
+            process_env(names, database_url, config_file),
+            "submit",
+            str(batch),
+            "--out",
+            str(out),
+            "--report",
+        )
+    assert code == 0, output
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["job_id"] for r in results) == sorted(line["job_id"] for line in lines)
+    assert {r["status"] for r in results} == {"succeeded"}
+    assert "12 of 12 jobs recorded in Postgres" in output
+    totals = await pg.fetchrow(
+        "SELECT sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS usd"
+        " FROM usage WHERE job_id = ANY($1::text[])",
+        [line["job_id"] for line in lines],
+    )
+    assert totals is not None
+    assert totals["p"] == sum(r["usage"]["prompt_tokens"] for r in results)
+    report_row = next(line for line in output.splitlines() if "│ mock" in line)
+    cells = [cell.strip() for cell in report_row.split("│") if cell.strip()]
+    assert cells == [
+        "mock",
+        "gpt-4o-mini",
+        "12",
+        str(totals["p"]),
+        str(totals["c"]),
+        f"{totals['usd']:.6f}",
+    ]
+
+
+async def test_submit_refuses_a_bad_line_before_sending_anything(
+    names: Names, config_file: Path, database_url: str, tmp_path: Path, mock: MockProvider
+) -> None:
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(
+        '{"messages": [{"role": "user", "content": "fine"}]}\n'
+        '{"messages": [{"role": "robot", "content": "bad role"}]}\n'
+    )
+    code, output = await run_cli(
+        process_env(names, database_url, config_file), "submit", str(batch)
+    )
+    assert code == 2
+    assert f"{batch}:2: invalid fields: messages.0.role" in output.replace("\n", "")
+    assert mock.stats()["calls"] == 0
