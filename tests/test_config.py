@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,26 +41,30 @@ def test_a_target_must_be_served_by_its_provider() -> None:
     assert "models.public-m1: provider 'a' has no model 'public-m1'" in caught.value.message
 
 
+def _one_provider(**changes: object) -> str:
+    provider = {"id": "a", "type": "openai", "base_url": "http://x/v1", "models": {"m": PRICE}}
+    return json.dumps({"providers": [{**provider, **changes}]})
+
+
+PRICE = {"input": 1, "output": 1}
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("providers: []", "providers: List should have at least 1 item"),
+        (_one_provider(base_url="nope"), "providers.0.base_url: Input should be a valid URL"),
         (
-            "providers: [{id: a, type: openai, base_url: nope, models: {m: {input: 1, output: 1}}}]",
-            "providers.0.base_url: Input should be a valid URL",
+            _one_provider(type="claude"),
+            "providers.0.type: Input should be 'openai', 'anthropic', 'gemini', "
+            "'openai_compatible' or 'mock'",
         ),
         (
-            "providers: [{id: a, type: claude, base_url: 'http://x/v1', models: {m: {input: 1, output: 1}}}]",
-            "providers.0.type: Input should be 'openai', 'anthropic', 'gemini', 'openai_compatible' or 'mock'",
-        ),
-        (
-            "providers: [{id: a, type: openai, base_url: 'http://x/v1', models: {m: {input: -1, output: 1}}}]",
+            _one_provider(models={"m": {"input": -1, "output": 1}}),
             "providers.0.models.m.input: Input should be greater than or equal to 0",
         ),
-        (
-            "providers: [{id: a, type: openai, base_url: 'http://x/v1', models: {m: {input: 1, output: 1}}, colour: red}]",
-            "providers.0.colour: Extra inputs are not permitted",
-        ),
+        (_one_provider(colour="red"), "providers.0.colour: Extra inputs are not permitted"),
+        (_one_provider(concurrency=0), "providers.0.concurrency: Input should be greater than"),
         ("- just a list", "the top level must be a mapping"),
         ("providers: [unclosed", "not valid YAML or JSON"),
     ],
