@@ -147,8 +147,11 @@ class Publisher:
     async def reply(self, reply_to: str, body: bytes, *, correlation_id: str | None) -> bool:
         """Send a result to a producer's reply queue. A vanished reply queue drops the result
         (logged): the producer is gone, and the job's outcome is still recorded in Postgres."""
+        # RabbitMQ 3.10 returns a mandatory publish to a direct reply-to name as unroutable even
+        # when it delivered it (measured here), so those go without the flag: at-most-once anyway.
+        mandatory = not reply_to.startswith(n.DIRECT_REPLY_TO)
         try:
-            await self.publish(reply_to, body, correlation_id=correlation_id)
+            await self.publish(reply_to, body, correlation_id=correlation_id, mandatory=mandatory)
         except Unroutable:
             log.warning("reply queue %s is gone; result dropped", reply_to)
             return False

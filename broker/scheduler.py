@@ -79,7 +79,11 @@ class Scheduler(Service):
             now = utcnow()
             if job.deadline is not None and job.deadline <= now:
                 raise DeadlineExceeded("the job's deadline passed before it was scheduled")
-            job = job.model_copy(update={"route": route_job(job, self.config, now)})
+            update: dict[str, object] = {"route": route_job(job, self.config, now)}
+            if "priority" not in job.model_fields_set and message.priority:
+                # An AMQP-native producer may set only the property; the body then carries it on.
+                update["priority"] = min(message.priority, 9)
+            job = job.model_copy(update=update)
             await self._forward(message, job, now)
         except JobRejected as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import aio_pika
 import asyncpg
+import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.client import SwitchyardClient
@@ -45,6 +47,7 @@ async def test_a_job_published_with_plain_aio_pika_gets_its_answer_and_its_usage
     pipeline: Any,
     pg: asyncpg.Connection,
     mock: MockProvider,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     job_id = f"plain-{uuid.uuid4()}"
     messages = [
@@ -71,6 +74,7 @@ async def test_a_job_published_with_plain_aio_pika_gets_its_answer_and_its_usage
         await channel.close()
 
     assert reply.correlation_id == "corr-1"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     result = json.loads(reply.body)
     text, finish_reason = expected_completion(messages)
     assert result["schema_version"] == 1
@@ -116,15 +120,15 @@ async def test_high_priority_jobs_finish_before_low_ones(
     # Queue every job while no worker runs: the scheduler moves them to the provider queue.
     async with pipeline(config, workers=[], accountant=False):
         for i in range(50):
-            for priority, label in ((1, "low"), (8, "high")):
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        job_body(f"{label}-{i}", f"{label} job {i}", priority=priority),
-                        priority=priority,
-                        reply_to=results.name,
-                    ),
-                    routing_key=names.jobs,
-                )
+            # A low job says its priority in the body only, a high one in the AMQP property only.
+            low = aio_pika.Message(
+                job_body(f"low-{i}", f"low job {i}", priority=1), reply_to=results.name
+            )
+            high = aio_pika.Message(
+                job_body(f"high-{i}", f"high job {i}"), priority=8, reply_to=results.name
+            )
+            for message in (low, high):
+                await channel.default_exchange.publish(message, routing_key=names.jobs)
 
         async def all_parked() -> bool:
             return await queue_depth(amqp, names.provider("serial")) == 100
