@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.amqp import Publisher
-from broker.codec import encode, job_id_hint
-from broker.errors import SwitchyardError
+from broker.amqp import BROKER_FAILURES, Publisher
+from broker.codec import decode_job, encode, job_id_hint
+from broker.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
 from broker.names import Names
 from schemas import CompletionJob, JobError, JobEvent, JobResult, JobStatus, Timings, UsageEvent
 
@@ -82,6 +82,35 @@ class Outcomes:
                 )
             )
         await asyncio.gather(*publishes)
+
+    async def settle(
+        self,
+        message: AbstractIncomingMessage,
+        source_queue: str,
+        serve: Callable[[CompletionJob], Awaitable[None]],
+    ) -> None:
+        """Decode the job, let ``serve`` do its work, and ack. A job that is wrong is rejected; a
+        bug ends the job as failed (never kills the consumer, never loops the message); a broker
+        failure propagates and leaves the message unacked for redelivery."""
+        job: CompletionJob | None = None
+        try:
+            job = decode_job(message.body)
+            await serve(job)
+        except JobRejected as exc:
+            status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
+            await self.reject(message, source_queue=source_queue, error=exc, job=job, status=status)
+        except BROKER_FAILURES:
+            raise
+        except Exception as exc:
+            log.exception("failed on a job from %s", source_queue)
+            await self.reject(
+                message,
+                source_queue=source_queue,
+                error=internal_error(exc),
+                job=job,
+                status=JobStatus.FAILED,
+            )
+        await message.ack()
 
     async def reject(
         self,

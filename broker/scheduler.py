@@ -8,14 +8,14 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import BROKER_FAILURES, Publisher, connect, declare_topology, passthrough_headers
-from broker.codec import decode_job, encode
+from broker.amqp import Publisher, connect, declare_topology, passthrough_headers
+from broker.codec import encode
 from broker.config import Config
-from broker.errors import DeadlineExceeded, JobRejected, ModelUnavailable, internal_error
+from broker.errors import DeadlineExceeded, ModelUnavailable
 from broker.names import Names
 from broker.outcomes import Outcomes, utcnow
 from broker.runtime import ConsumerSet, Service
-from schemas import CompletionJob, JobStatus, Route
+from schemas import CompletionJob, Route
 
 __all__ = ["Scheduler", "route_job"]
 
@@ -73,9 +73,7 @@ class Scheduler(Service):
             await self._connection.close()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        job: CompletionJob | None = None
-        try:
-            job = decode_job(message.body)
+        async def schedule(job: CompletionJob) -> None:
             now = utcnow()
             if job.deadline is not None and job.deadline <= now:
                 raise DeadlineExceeded("the job's deadline passed before it was scheduled")
@@ -83,26 +81,9 @@ class Scheduler(Service):
             if "priority" not in job.model_fields_set and message.priority:
                 # An AMQP-native producer may set only the property; the body then carries it on.
                 update["priority"] = min(message.priority, 9)
-            job = job.model_copy(update=update)
-            await self._forward(message, job, now)
-        except JobRejected as exc:
-            status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
-            await self.outcomes.reject(
-                message, source_queue=self.names.jobs, error=exc, job=job, status=status
-            )
-        except BROKER_FAILURES:
-            raise
-        except Exception as exc:
-            # A bug must not kill the consumer or loop the message: it goes to dead letters.
-            log.exception("scheduler failed on a job")
-            await self.outcomes.reject(
-                message,
-                source_queue=self.names.jobs,
-                error=internal_error(exc),
-                job=job,
-                status=JobStatus.FAILED,
-            )
-        await message.ack()
+            await self._forward(message, job.model_copy(update=update), now)
+
+        await self.outcomes.settle(message, self.names.jobs, schedule)
 
     async def _forward(
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime

@@ -12,10 +12,9 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import BROKER_FAILURES, Publisher, connect, declare_topology
-from broker.codec import decode_job
+from broker.amqp import Publisher, connect, declare_topology
 from broker.config import Config, ProviderConfig
-from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage, JobRejected, internal_error
+from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage
 from broker.names import Names
 from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.pricing import cost_usd
@@ -69,10 +68,8 @@ class WorkerPool(Service):
             await self._serve(message)
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:
-        started = utcnow()
-        job: CompletionJob | None = None
-        try:
-            job = decode_job(message.body)
+        async def call(job: CompletionJob) -> None:
+            started = utcnow()
             if job.route is None or job.route.provider != self.provider.id:
                 raise InvalidMessage(
                     f"job reached {self.queue_name} without a route to {self.provider.id!r}"
@@ -84,23 +81,8 @@ class WorkerPool(Service):
             )
             result = self._result(job, outcome, started)
             await self.outcomes.finish(message, job, result, outcome.usage)
-        except JobRejected as exc:
-            status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
-            await self.outcomes.reject(
-                message, source_queue=self.queue_name, error=exc, job=job, status=status
-            )
-        except BROKER_FAILURES:
-            raise
-        except Exception as exc:
-            log.exception("worker failed on a job")
-            await self.outcomes.reject(
-                message,
-                source_queue=self.queue_name,
-                error=internal_error(exc),
-                job=job,
-                status=JobStatus.FAILED,
-            )
-        await message.ack()
+
+        await self.outcomes.settle(message, self.queue_name, call)
 
     def _result(self, job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
         assert job.route is not None
