@@ -174,6 +174,7 @@ class Accountant(Service):
             "prompt_tokens": event.prompt_tokens,
             "completion_tokens": event.completion_tokens,
             "total_tokens": event.prompt_tokens + event.completion_tokens,
+            "estimated": event.estimated,
             "cost_usd": cost,
             "price_version": version,
             "key_id": event.key_id,

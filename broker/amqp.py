@@ -125,12 +125,17 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         expiration: timedelta | None = None,
         mandatory: bool = True,
+        message_type: str | None = None,
+        persistent: bool = True,
     ) -> None:
         """Publish and wait for the confirm; raise ``Unroutable`` if no queue took it."""
         message = aio_pika.Message(
             body,
             content_type=JSON,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            type=message_type,
             message_id=message_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
@@ -144,14 +149,29 @@ class Publisher:
         if confirm is not None and not isinstance(confirm, aiormq.spec.Basic.Ack):
             raise Unroutable(f"broker refused the message for {queue!r}: {confirm!r}")
 
-    async def reply(self, reply_to: str, body: bytes, *, correlation_id: str | None) -> bool:
+    async def reply(
+        self,
+        reply_to: str,
+        body: bytes,
+        *,
+        correlation_id: str | None,
+        message_type: str = n.TYPE_RESULT,
+        persistent: bool = True,
+    ) -> bool:
         """Send a result to a producer's reply queue. A vanished reply queue drops the result
         (logged): the producer is gone, and the job's outcome is still recorded in Postgres."""
         # RabbitMQ 3.10 returns a mandatory publish to a direct reply-to name as unroutable even
         # when it delivered it (measured here), so those go without the flag: at-most-once anyway.
         mandatory = not reply_to.startswith(n.DIRECT_REPLY_TO)
         try:
-            await self.publish(reply_to, body, correlation_id=correlation_id, mandatory=mandatory)
+            await self.publish(
+                reply_to,
+                body,
+                correlation_id=correlation_id,
+                mandatory=mandatory,
+                message_type=message_type,
+                persistent=persistent,
+            )
         except Unroutable:
             log.warning("reply queue %s is gone; result dropped", reply_to)
             return False

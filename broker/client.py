@@ -26,9 +26,9 @@ from aio_pika.abc import (
 
 from broker.amqp import Publisher, connect, declare_results_queue, declare_topology
 from broker.codec import encode
-from broker.names import DIRECT_REPLY_TO, HEADER_KEY, Names
+from broker.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, Names
 from broker.outcomes import utcnow
-from schemas import ChatMessage, CompletionJob, CompletionParams, JobResult
+from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobResult
 
 __all__ = ["SwitchyardClient", "make_job"]
 
@@ -84,7 +84,7 @@ class SwitchyardClient:
     def __init__(self, connection: AbstractRobustConnection, names: Names) -> None:
         self._connection = connection
         self.names = names
-        self._pending: dict[str, asyncio.Future[JobResult]] = {}
+        self._pending: dict[str, asyncio.Queue[JobChunk | JobResult | Exception]] = {}
         self._seen = _Seen()
         self._rpc_channel: AbstractChannel | None = None
         self._rpc_publisher: Publisher | None = None
@@ -97,8 +97,8 @@ class SwitchyardClient:
         return cls(connection, Names(namespace))
 
     async def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
+        for replies in self._pending.values():
+            replies.put_nowait(ConnectionError("the client was closed"))
         await self._connection.close()
 
     async def __aenter__(self) -> SwitchyardClient:
@@ -129,13 +129,68 @@ class SwitchyardClient:
             return self._publisher
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.get(message.correlation_id or "")
-        if future is None or future.done():
+        replies = self._pending.get(message.correlation_id or "")
+        if replies is None:
             return  # a late or duplicate reply for a call already answered
         try:
-            future.set_result(JobResult.model_validate_json(message.body))
-        except Exception as exc:
-            future.set_exception(exc)
+            reply: JobChunk | JobResult = (
+                JobChunk.model_validate_json(message.body)
+                if message.type == TYPE_CHUNK
+                else JobResult.model_validate_json(message.body)
+            )
+        except ValueError as exc:
+            replies.put_nowait(exc)
+            return
+        replies.put_nowait(reply)
+
+    async def _call(
+        self, job: CompletionJob, api_key: str | None
+    ) -> tuple[str, asyncio.Queue[JobChunk | JobResult | Exception]]:
+        publisher = await self._rpc()
+        replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
+        self._pending[job.job_id] = replies
+        try:
+            await publisher.publish(
+                self.names.jobs,
+                encode(job),
+                message_id=job.job_id,
+                correlation_id=job.job_id,
+                reply_to=DIRECT_REPLY_TO,
+                priority=job.priority,
+                headers={HEADER_KEY: api_key} if api_key else None,
+            )
+        except BaseException:
+            self._pending.pop(job.job_id, None)
+            raise
+        return job.job_id, replies
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]] | None = None,
+        *,
+        job: CompletionJob | None = None,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[JobChunk | JobResult]:
+        """Publish one streaming job; yield its ``JobChunk``s as they come, then its
+        ``JobResult``. A chunk with a higher ``attempt`` than the last means the provider call was
+        retried: drop what the earlier attempt produced. Raises ``TimeoutError``."""
+        job = self._job(messages, job, fields)
+        job = job.model_copy(update={"params": job.params.model_copy(update={"stream": True})})
+        correlation_id, replies = await self._call(job, api_key)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                reply = await asyncio.wait_for(replies.get(), max(remaining, 0))
+                if isinstance(reply, Exception):
+                    raise reply
+                yield reply
+                if isinstance(reply, JobResult):
+                    return
+        finally:
+            self._pending.pop(correlation_id, None)
 
     async def complete(
         self,
@@ -148,27 +203,30 @@ class SwitchyardClient:
     ) -> JobResult:
         """Publish one job and wait for its result. Pass ``messages`` and ``make_job`` fields
         (model, params, priority, ...), or a ready ``job``. Raises ``TimeoutError``."""
-        if job is None:
-            if messages is None:
-                raise TypeError("complete() needs messages or a job")
-            job = make_job(messages, **fields)
-        publisher = await self._rpc()
-        correlation_id = job.job_id
-        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        job = self._job(messages, job, fields)
+        correlation_id, replies = await self._call(job, api_key)
         try:
-            await publisher.publish(
-                self.names.jobs,
-                encode(job),
-                message_id=job.job_id,
-                correlation_id=correlation_id,
-                reply_to=DIRECT_REPLY_TO,
-                priority=job.priority,
-                headers={HEADER_KEY: api_key} if api_key else None,
-            )
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    reply = await replies.get()
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if isinstance(reply, JobResult):
+                        return reply
         finally:
             self._pending.pop(correlation_id, None)
+
+    @staticmethod
+    def _job(
+        messages: Sequence[ChatMessage | Mapping[str, Any]] | None,
+        job: CompletionJob | None,
+        fields: dict[str, Any],
+    ) -> CompletionJob:
+        if job is not None:
+            return job
+        if messages is None:
+            raise TypeError("pass messages or a job")
+        return make_job(messages, **fields)
 
     async def submit(
         self, job: CompletionJob, *, results_queue: str, api_key: str | None = None

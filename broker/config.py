@@ -21,7 +21,7 @@ from broker.errors import ConfigError, ModelUnavailable
 
 __all__ = [
     "Config",
-    "ModelPrice",
+    "ModelSpec",
     "ModelTarget",
     "ProviderConfig",
     "ProviderType",
@@ -42,11 +42,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelPrice(_Strict):
-    """USD per million tokens."""
+class ModelSpec(_Strict):
+    """One model of a provider: prices in USD per million tokens, and its defaults."""
 
-    input: Decimal = Field(ge=0)
-    output: Decimal = Field(ge=0)
+    input: Decimal = Field(ge=0, description="USD per million prompt tokens.")
+    output: Decimal = Field(ge=0, description="USD per million completion tokens.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Output cap sent when a job sets none (Anthropic requires one).",
+    )
 
 
 class ProviderConfig(_Strict):
@@ -57,7 +62,7 @@ class ProviderConfig(_Strict):
         default=None, description="Name of the environment variable holding the provider key."
     )
     headers: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelPrice] = Field(min_length=1)
+    models: dict[str, ModelSpec] = Field(min_length=1)
     concurrency: int = Field(default=8, ge=1, le=10_000)
     timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=10)
@@ -138,7 +143,7 @@ class Config(_Strict):
             )
         return pairs
 
-    def price(self, provider_id: str, model: str) -> ModelPrice:
+    def price(self, provider_id: str, model: str) -> ModelSpec:
         provider = self.provider(provider_id)
         if provider is None or model not in provider.models:
             raise ConfigError(f"no price for provider {provider_id!r} model {model!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -60,6 +62,13 @@ usage = Table(
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("total_tokens", Integer, nullable=False),
+    Column(
+        "estimated",
+        Boolean,
+        nullable=False,
+        server_default=false(),
+        comment="The provider reported no usage; Switchyard counted the tokens.",
+    ),
     Column("cost_usd", Numeric(18, 9), comment="NULL when no price was configured"),
     Column("price_version", String(32)),
     Column("key_id", String(128)),

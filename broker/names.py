@@ -8,6 +8,10 @@ __all__ = ["Names"]
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
+# AMQP `type` of what arrives on a reply queue.
+TYPE_RESULT = "switchyard.result"
+TYPE_CHUNK = "switchyard.chunk"
+
 # Header names carried on AMQP messages.
 HEADER_KEY = "x-switchyard-key"
 HEADER_TRACEPARENT = "traceparent"

@@ -17,8 +17,18 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.amqp import BROKER_FAILURES, Publisher
 from broker.codec import decode_job, encode, job_id_hint
 from broker.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
-from broker.names import Names
-from schemas import CompletionJob, JobError, JobEvent, JobResult, JobStatus, Timings, UsageEvent
+from broker.names import TYPE_CHUNK, Names
+from schemas import (
+    ChatCompletionChunk,
+    CompletionJob,
+    JobChunk,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobStatus,
+    Timings,
+    UsageEvent,
+)
 
 __all__ = ["Outcomes", "elapsed_ms", "reply_target", "utcnow"]
 
@@ -82,6 +92,28 @@ class Outcomes:
                 )
             )
         await asyncio.gather(*publishes)
+
+    async def chunk(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        attempt: int,
+        sequence: int,
+        chunk: ChatCompletionChunk,
+    ) -> None:
+        """Send one streamed chunk to the job's reply queue, ahead of its result (same channel,
+        so in order). Chunks are transient: the final result is the durable answer."""
+        target = reply_target(message, job)
+        if target is None:
+            return
+        body = encode(JobChunk(job_id=job.job_id, attempt=attempt, sequence=sequence, chunk=chunk))
+        await self.publisher.reply(
+            target,
+            body,
+            correlation_id=message.correlation_id or job.job_id,
+            message_type=TYPE_CHUNK,
+            persistent=False,
+        )
 
     async def settle(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from broker.config import ModelPrice
+from broker.config import ModelSpec
 
 __all__ = ["cost_usd"]
 
@@ -12,6 +12,6 @@ _PER_MILLION = Decimal(1_000_000)
 _QUANTUM = Decimal("0.000000001")  # numeric(18, 9) in Postgres
 
 
-def cost_usd(price: ModelPrice, prompt_tokens: int, completion_tokens: int) -> Decimal:
+def cost_usd(price: ModelSpec, prompt_tokens: int, completion_tokens: int) -> Decimal:
     raw = (price.input * prompt_tokens + price.output * completion_tokens) / _PER_MILLION
     return raw.quantize(_QUANTUM)

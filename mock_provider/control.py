@@ -22,12 +22,17 @@ from mock_provider.settings import MockSettings
 
 __all__ = ["FAULT_KINDS", "FailNext", "FaultKind", "MockState", "control_routes"]
 
-FaultKind = Literal["rate_limit", "server_error", "malformed", "timeout", "auth"]
+# rate_limit: a 429; server_error: the API's overload/internal error (OpenAI 500, Anthropic 529,
+# Gemini 500); malformed: a 200 whose body is cut short; timeout: no answer until the client
+# hangs up; auth: the API's bad-key error; stream_error: a stream breaks part way (Anthropic sends
+# an "error" event; OpenAI and Gemini streams just stop), a non-streamed call gets Anthropic's 529
+# or, on the other APIs, a malformed body.
+FaultKind = Literal["rate_limit", "server_error", "malformed", "timeout", "auth", "stream_error"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
 class FailNext(BaseModel):
-    """Make the next ``count`` chat calls fail as ``kind`` (``count`` 0 cancels)."""
+    """Make the next ``count`` chat calls, of any API, fail as ``kind`` (``count`` 0 cancels)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,48 +1,36 @@
 """OpenAI Chat Completions and Models routes, shaped as documented at
 https://platform.openai.com/docs/api-reference/chat (and /docs/api-reference/models).
 
-A chat call takes its targeted fault (``fail_next``) on arrival, sleeps the latency, then checks
-in order: that fault, API key, body, model, random fault, and answers. Random faults only replace
-answers a valid request would have got, so a client bug (a 400) never hides behind a 429.
+The call lifecycle (faults, latency, auth, validation order) is ``mock_provider.endpoint``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from mock_provider.answers import (
-    count_tokens,
-    expected_completion,
-    expected_tool_call,
-    prompt_tokens,
-)
+from mock_provider.answers import Reply, openai_finish, openai_reply
 from mock_provider.control import FaultKind, MockState
-from mock_provider.openai_request import ChatRequest, InvalidRequest, parse_chat_request
+from mock_provider.endpoint import TIMEOUT_S, ProviderEndpoint, retry_after
+from mock_provider.openai_request import ChatRequest, parse_chat_request
 from mock_provider.settings import MockSettings
+from mock_provider.streaming import arg_pieces, sse, stream_error_cut, text_pieces
+from mock_provider.validation import InvalidRequest
 
-__all__ = ["MALFORMED_BODY", "TIMEOUT_S", "openai_error", "openai_routes"]
+__all__ = ["MALFORMED_BODY", "TIMEOUT_S", "ChatCompletions", "openai_error", "openai_routes"]
 
-TIMEOUT_S = 3600.0  # "timeout" fault: far beyond any client timeout
 MALFORMED_BODY = b'{"id": "chatcmpl-'  # "malformed" fault: a 200 whose body is cut short
 _RPM_LIMIT = 60
 _MODEL_CREATED = 1_700_000_000  # fixed so /v1/models is deterministic
 _OWNER = "switchyard-mock"
-_WORDS_PER_CHUNK = 3
-_ARG_CHARS_PER_CHUNK = 16
 
 
 def openai_error(
@@ -89,8 +77,7 @@ def _duration(seconds: float) -> str:
 def _rate_limited(settings: MockSettings, model: str | None) -> JSONResponse:
     wait = settings.retry_after_s
     headers = {
-        # retry-after is whole seconds and at least 1, so clients that only read it never spin.
-        "retry-after": str(max(1, math.ceil(wait))),
+        "retry-after": retry_after(wait),
         "retry-after-ms": str(round(wait * 1000)),
         "x-ratelimit-limit-requests": str(_RPM_LIMIT),
         "x-ratelimit-remaining-requests": "0",
@@ -120,7 +107,7 @@ def _fault(kind: FaultKind, settings: MockSettings, model: str | None) -> Respon
         return _server_error()
     if kind == "auth":
         return _auth_error()
-    return Response(MALFORMED_BODY, 200, media_type="application/json")
+    return Response(MALFORMED_BODY, 200, media_type="application/json")  # malformed
 
 
 def _authorized(request: Request, api_key: str | None) -> bool:
@@ -130,50 +117,33 @@ def _authorized(request: Request, api_key: str | None) -> bool:
     return secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
 
-async def _client_left_within(receive: Receive, seconds: float) -> bool:
-    """Wait up to ``seconds``; True as soon as the client disconnects (so nothing hangs on)."""
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({watcher}, timeout=seconds)
-        return watcher in done
-    finally:
-        watcher.cancel()
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    content: str | None
-    tool_call: dict[str, Any] | None
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-    def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        }
-
-
-def _answer(req: ChatRequest) -> _Answer:
-    prompt = prompt_tokens(req.messages)
-    call = expected_tool_call(req.messages, req.tools, req.tool_choice)
-    if call is not None:
-        fn = call["function"]
-        used = count_tokens(f"{fn['name']} {fn['arguments']}")
-        return _Answer(None, call, "tool_calls", prompt, used)
-    content, finish = expected_completion(
-        req.messages, req.max_tokens, req.stop, response_format=req.response_format
+def _answer(req: ChatRequest) -> Reply:
+    return openai_reply(
+        req.messages,
+        max_tokens=req.max_tokens,
+        stop=req.stop,
+        response_format=req.response_format,
+        tools=req.tools,
+        tool_choice=req.tool_choice,
     )
-    return _Answer(content, None, finish, prompt, count_tokens(content))
+
+
+def _usage(ans: Reply) -> dict[str, Any]:
+    return {
+        "prompt_tokens": ans.prompt_tokens,
+        "completion_tokens": ans.completion_tokens,
+        "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _tool_call(ans: Reply) -> dict[str, Any] | None:
+    call = ans.tool_call
+    if call is None:
+        return None
+    function = {"name": call.name, "arguments": call.arguments_json}
+    return {"id": f"call_{call.key}", "type": "function", "function": function}
 
 
 def _envelope(req: ChatRequest, seq: int, obj: str) -> dict[str, Any]:
@@ -189,116 +159,89 @@ def _envelope(req: ChatRequest, seq: int, obj: str) -> dict[str, Any]:
     }
 
 
-def _completion(req: ChatRequest, seq: int, ans: _Answer) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": ans.content, "refusal": None}
-    if ans.tool_call is not None:
-        message["tool_calls"] = [ans.tool_call]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": ans.finish_reason}
-    return {**_envelope(req, seq, "chat.completion"), "choices": [choice], "usage": ans.usage()}
+def _completion(req: ChatRequest, seq: int, ans: Reply) -> dict[str, Any]:
+    # A tool call or a content filter stop has null content, as documented.
+    content = ans.text if ans.finish not in ("tool_call", "refusal") else None
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    call = _tool_call(ans)
+    if call is not None:
+        message["tool_calls"] = [call]
+    finish = openai_finish(ans.finish)
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    return {**_envelope(req, seq, "chat.completion"), "choices": [choice], "usage": _usage(ans)}
 
 
-def _pieces(text: str, words: int = _WORDS_PER_CHUNK) -> list[str]:
-    """Split into runs of a few words; joining them gives back ``text`` exactly."""
-    tokens = re.findall(r"\S+\s*|\s+", text)
-    return ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
-
-
-def _deltas(ans: _Answer) -> list[dict[str, Any]]:
-    if ans.tool_call is None:
-        text = ans.content or ""
-        return [{"role": "assistant", "content": ""}] + [{"content": p} for p in _pieces(text)]
-    fn = ans.tool_call["function"]
-    head = {**ans.tool_call, "index": 0, "function": {"name": fn["name"], "arguments": ""}}
-    args = fn["arguments"]
-    step = _ARG_CHARS_PER_CHUNK
+def _deltas(ans: Reply) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first delta, and the content deltas after it."""
+    call = _tool_call(ans)
+    if call is None:
+        head: dict[str, Any] = {"role": "assistant", "content": ""}
+        return head, [{"content": p} for p in text_pieces(ans.text)]
+    first = {**call, "index": 0, "function": {"name": call["function"]["name"], "arguments": ""}}
     tail = [
-        {"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + step]}}]}
-        for i in range(0, len(args), step)
+        {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+        for piece in arg_pieces(call["function"]["arguments"])
     ]
-    return [{"role": "assistant", "content": None, "tool_calls": [head]}, *tail]
+    return {"role": "assistant", "content": None, "tool_calls": [first]}, tail
 
 
-async def _sse(req: ChatRequest, seq: int, ans: _Answer) -> AsyncIterator[bytes]:
+async def _sse(req: ChatRequest, seq: int, ans: Reply, stream_error: bool) -> AsyncIterator[bytes]:
     base = _envelope(req, seq, "chat.completion.chunk")
     if req.include_usage:
         base["usage"] = None  # documented: every chunk but the last carries "usage": null
 
-    def event(data: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-    finals: list[tuple[dict[str, Any], str | None]] = [(d, None) for d in _deltas(ans)]
-    finals.append(({}, ans.finish_reason))
-    for delta, finish in finals:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        yield event({**base, "choices": [choice]})
+        return sse({**base, "choices": [choice]})
+
+    head, tail = _deltas(ans)
+    yield chunk(head)
+    if stream_error:
+        # The connection breaks: no finish_reason, no usage, no [DONE].
+        for delta in tail[: stream_error_cut(len(tail))]:
+            yield chunk(delta)
+        return
+    for delta in tail:
+        yield chunk(delta)
+    yield chunk({}, openai_finish(ans.finish))
     if req.include_usage:
-        yield event({**base, "choices": [], "usage": ans.usage()})
+        yield sse({**base, "choices": [], "usage": _usage(ans)})
     yield b"data: [DONE]\n\n"
 
 
-class ChatCompletions:
-    """``POST /v1/chat/completions`` as a raw ASGI app, so one ``try`` spans the whole call.
+class ChatCompletions(ProviderEndpoint[ChatRequest]):
+    """``POST /v1/chat/completions``."""
 
-    A call counts as in flight from arrival until its last byte is sent: the latency sleep, and
-    for a stream, until the stream ends.
-    """
+    def fault(self, kind: FaultKind, settings: MockSettings, model: str | None) -> Response:
+        return _fault(kind, settings, model)
 
-    def __init__(self, state: MockState) -> None:
-        self.state = state
+    def denied(self, request: Request, settings: MockSettings) -> Response | None:
+        return None if _authorized(request, settings.api_key) else _auth_error()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state.call_started()
-        status: int | None = None
-        try:
-            response = await self._respond(Request(scope, receive), receive)
-            if response is not None:
-                status = response.status_code
-                await response(scope, receive, send)
-        finally:
-            self.state.call_finished(status)
+    def unparsable(self) -> Response:
+        return openai_error(
+            400,
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON "
+            "payload, but what was sent was not valid JSON.",
+            "invalid_request_error",
+        )
 
-    async def _respond(self, request: Request, receive: Receive) -> Response | None:
-        state = self.state
-        raw = await request.body()
-        try:
-            body: object = json.loads(raw)
-        except ValueError:
-            body = None
-        model = body.get("model") if isinstance(body, dict) else None
-        model = model if isinstance(model, str) else None
-        if model is not None:
-            state.note_model(model)
-        # Taken on arrival: "the next N calls" means the next N to arrive, whatever their latency.
-        fault = state.take_fail_next()
-        await asyncio.sleep(state.delay_s())
-        settings = state.settings  # read after the sleep: a PUT may have changed it meanwhile
-        if fault == "timeout":
-            if await _client_left_within(receive, TIMEOUT_S):
-                return None
-        elif fault is not None:
-            return _fault(fault, settings, model)
-        if not _authorized(request, settings.api_key):
-            return _auth_error()
-        if body is None:
-            return openai_error(
-                400,
-                "We could not parse the JSON body of your request. The OpenAI API expects a JSON "
-                "payload, but what was sent was not valid JSON.",
-                "invalid_request_error",
-            )
-        try:
-            req = parse_chat_request(body)
-        except InvalidRequest as exc:
-            return openai_error(400, exc.message, "invalid_request_error", exc.param)
-        if settings.models and req.model not in settings.models:
-            return _model_not_found(req.model)
-        drawn = state.draw_fault()
-        if drawn is not None:
-            return _fault(drawn, settings, req.model)
-        seq = state.next_sequence()
+    def parse(self, request: Request, body: object) -> ChatRequest:
+        return parse_chat_request(body)
+
+    def invalid(self, exc: InvalidRequest) -> Response:
+        return openai_error(400, exc.message, "invalid_request_error", exc.param)
+
+    def model_not_found(self, model: str) -> Response:
+        return _model_not_found(model)
+
+    def answer(self, req: ChatRequest, seq: int, *, stream_error: bool) -> Response:
         ans = _answer(req)
         if req.stream:
-            return StreamingResponse(_sse(req, seq, ans), media_type="text/event-stream")
+            stream = _sse(req, seq, ans, stream_error)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        if stream_error:
+            return Response(MALFORMED_BODY, 200, media_type="application/json")
         return JSONResponse(_completion(req, seq, ans))
 
 

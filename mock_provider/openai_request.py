@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mock_provider.validation import InvalidRequest, is_int, json_kind
+
 __all__ = ["ChatRequest", "InvalidRequest", "parse_chat_request"]
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -16,15 +18,6 @@ _CONTENT_REQUIRED = ("system", "developer", "user", "tool")
 _FORMATS = ("text", "json_object", "json_schema")
 _TOOL_CHOICES = ("none", "auto", "required")
 _MAX_STOPS = 4
-
-
-class InvalidRequest(Exception):
-    """A 400: ``message`` as OpenAI words it, ``param`` the offending field path."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +35,10 @@ class ChatRequest:
     tool_choice: str | dict[str, Any] | None = None
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    names: list[tuple[type, str]] = [
-        (bool, "a boolean"),  # before int: bool is an int subclass
-        (int, "an integer"),
-        (float, "a decimal"),
-        (str, "a string"),
-        (list, "an array"),
-    ]
-    return next((name for t, name in names if isinstance(value, t)), "an object")
-
-
 def _wrong_type(param: str, expected: str, value: object) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.", param
+        f"Invalid type for '{param}': expected {expected}, but got {json_kind(value)} instead.",
+        param,
     )
 
 
@@ -70,10 +51,6 @@ def _invalid_value(param: str, value: object, allowed: tuple[str, ...]) -> Inval
     return InvalidRequest(
         f"Invalid value for '{param}': '{value}'. Supported values are: {listed}.", param
     )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _optional(body: dict[str, Any], key: str, ok: Callable[[object], bool], expected: str) -> Any:
@@ -151,7 +128,7 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
     chosen: int | None = None
     for key in ("max_tokens", "max_completion_tokens"):
-        value = _optional(body, key, _is_int, "an integer")
+        value = _optional(body, key, is_int, "an integer")
         if value is not None and value < 1:
             raise InvalidRequest(
                 f"Invalid '{key}': integer below minimum value. Expected a value >= 1, but got "
@@ -198,7 +175,7 @@ def parse_chat_request(body: object) -> ChatRequest:
             "messages",
         )
     checked = [_check_message(i, m) for i, m in enumerate(messages)]
-    n = _optional(body, "n", _is_int, "an integer")
+    n = _optional(body, "n", is_int, "an integer")
     if n not in (None, 1):
         raise InvalidRequest("The mock provider supports only n=1.", "n")
     stream = bool(_optional(body, "stream", lambda v: isinstance(v, bool), "a boolean"))

@@ -12,11 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ChatCompletion",
+    "ChatCompletionChunk",
     "ChatMessage",
     "Choice",
+    "ChunkChoice",
+    "ChunkDelta",
     "CompletionParams",
     "ToolCall",
+    "ToolCallDelta",
     "ToolCallFunction",
+    "ToolCallFunctionDelta",
     "Usage",
 ]
 
@@ -81,5 +86,46 @@ class ChatCompletion(_Open):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ToolCallFunctionDelta(_Open):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Open):
+    """A piece of a tool call; pieces with the same ``index`` concatenate."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta | None = None
+
+
+class ChunkDelta(_Open):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    refusal: str | None = None
+
+
+class ChunkChoice(_Open):
+    index: int
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: Any | None = None
+
+
+class ChatCompletionChunk(_Open):
+    """The ``chat.completion.chunk`` object: Switchyard's one streaming chunk type, whatever
+    the provider. The last chunk of a stream may have no choices and carry ``usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice] = Field(default_factory=list)
     usage: Usage | None = None
     system_fingerprint: str | None = None

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from schemas.chat import ChatCompletion, ChatMessage, CompletionParams, Usage
+from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams, Usage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -21,6 +21,7 @@ __all__ = [
     "CachePolicy",
     "CompletionJob",
     "ErrorCode",
+    "JobChunk",
     "JobError",
     "JobEvent",
     "JobResult",
@@ -150,6 +151,9 @@ class JobResult(_Message):
     provider: str | None = None
     model: str | None = None
     usage: Usage | None = None
+    usage_estimated: bool = Field(
+        default=False, description="The provider reported no usage; Switchyard counted it."
+    )
     cost_usd: Decimal | None = None
     attempts: list[Attempt] = Field(default_factory=list)
     cached: bool = False
@@ -166,6 +170,21 @@ class JobResult(_Message):
         return self
 
 
+class JobChunk(_Message):
+    """One piece of a streamed answer, sent to ``reply_to`` before the final ``JobResult``.
+
+    AMQP ``type`` is ``switchyard.chunk`` (results are ``switchyard.result``). ``sequence`` counts
+    from 0 within an attempt; if a stream fails and is retried, the next attempt starts again at 0
+    with a higher ``attempt``, and a reader drops what it held of the earlier attempt. The final
+    ``JobResult`` is the authoritative answer.
+    """
+
+    job_id: str
+    attempt: int = Field(ge=1)
+    sequence: int = Field(ge=0)
+    chunk: ChatCompletionChunk
+
+
 class UsageEvent(_Message):
     """Tokens consumed by one provider attempt; ``(job_id, attempt)`` is its identity."""
 
@@ -177,6 +196,7 @@ class UsageEvent(_Message):
     public_model: str
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    estimated: bool = False
     key_id: str | None = None
     occurred_at: datetime
 

@@ -173,7 +173,14 @@ class MockProvider:
 
     def reset(self) -> None:
         self.http.post("/_mock/reset").raise_for_status()
-        self.configure(latency_ms=0, jitter_ms=0, error_rate=0, rate_limit_rate=0, retry_after_s=1)
+        self.configure(
+            latency_ms=0,
+            jitter_ms=0,
+            error_rate=0,
+            rate_limit_rate=0,
+            retry_after_s=1,
+            fail_next=None,
+        )
 
 
 @pytest.fixture(scope="session")

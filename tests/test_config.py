@@ -30,7 +30,12 @@ default_model: public-m1
 
 def test_the_example_config_loads() -> None:
     config = load_config(Path(__file__).parent.parent / "ops" / "config.example.yaml")
-    assert {p.id for p in config.providers} == {"openai", "local-vllm"}
+    assert {p.type.value for p in config.providers} == {
+        "openai",
+        "anthropic",
+        "gemini",
+        "openai_compatible",
+    }
     assert config.default_model == "gpt-4o-mini"
 
 

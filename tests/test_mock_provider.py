@@ -155,8 +155,9 @@ async def test_usage_follows_openai_chat_accounting() -> None:
     ]
     async with mock() as client:
         usage = (await chat(client, messages=messages)).json()["usage"]
-    # Per message 3 + content tokens (+1 for a name); 3 more prime the reply.
-    expected_prompt = (3 + 4) + (3 + 4 + 1) + (3 + 2) + (3 + 3) + 3
+    # Per message 3 + content tokens; 3 more prime the reply. Names do not count: the other APIs
+    # have none, and the count must be the same on all of them.
+    expected_prompt = (3 + 4) + (3 + 4) + (3 + 2) + (3 + 3) + 3
     assert usage["prompt_tokens"] == expected_prompt
     assert usage["completion_tokens"] == count_tokens(answer_text(messages))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,12 +24,14 @@ from broker.errors import (
     ProviderTimeout,
     RateLimited,
 )
-from schemas import ChatCompletion, ChatMessage, CompletionParams
+from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
 from workers.adapters.base import ProviderRequest
 from workers.adapters.openai import OpenAIAdapter, parse_retry_after
 from workers.http import make_http_client
+from workers.streaming import ChunkAccumulator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openai"
+SSE = {"content-type": "text/event-stream; charset=utf-8"}
 KEY_ENV = "SWITCHYARD_TEST_OPENAI_KEY"
 KEY = "sk-test-abc123supersecret"
 PROMPT_MARKER = "PROMPT-TEXT-MARKER"
@@ -88,7 +91,7 @@ class Provider:
         *,
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
-        raises: Exception | None = None,
+        raises: BaseException | None = None,
     ) -> None:
         self.status = status
         self.content = content if content is not None else orjson.dumps(body)
@@ -120,6 +123,41 @@ async def call_error(
     assert KEY not in error.message
     assert PROMPT_MARKER not in error.message
     return error
+
+
+async def collect(
+    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
+) -> list[ChatCompletionChunk]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        adapter = OpenAIAdapter(provider, http)
+        return [chunk async for chunk in adapter.stream(request or simple_request())]
+
+
+async def collect_error(
+    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
+) -> tuple[ProviderError, list[ChatCompletionChunk]]:
+    """The error a stream ends with, and the chunks it yielded before it."""
+    chunks: list[ChatCompletionChunk] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        with pytest.raises(ProviderError) as caught:
+            async for chunk in OpenAIAdapter(provider, http).stream(request or simple_request()):
+                chunks.append(chunk)
+    error = caught.value
+    assert error.provider == provider.id
+    assert KEY not in error.message
+    assert PROMPT_MARKER not in error.message
+    return error, chunks
+
+
+def folded(provider: ProviderConfig, chunks: list[ChatCompletionChunk]) -> ChatCompletion:
+    accumulator = ChunkAccumulator(provider.id)
+    for chunk in chunks:
+        accumulator.add(chunk)
+    return accumulator.result()
+
+
+def sse(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
 
 
 def assert_no_none(value: Any, path: str = "body") -> None:
@@ -221,14 +259,14 @@ async def test_no_authorization_header_without_a_key(monkeypatch: pytest.MonkeyP
     assert all("authorization" not in sent.headers for sent in stub.requests)
 
 
-async def test_streaming_is_refused_before_any_call(provider: ProviderConfig) -> None:
+async def test_complete_never_sends_stream(provider: ProviderConfig) -> None:
     stub = Provider(body=fixture("chat_completion.json"))
 
-    error = await call_error(provider, stub, simple_request(stream=True))
+    await call(provider, stub, simple_request(stream=True, stream_options={"include_usage": True}))
 
-    assert isinstance(error, ProviderInvalidRequest)
-    assert "streaming is not supported yet" in error.message
-    assert stub.requests == []
+    body = orjson.loads(stub.requests[0].content)
+    assert "stream" not in body
+    assert "stream_options" not in body
 
 
 # --- the response --------------------------------------------------------------------------
@@ -555,3 +593,262 @@ async def test_make_http_client() -> None:
 
     async with make_http_client(make_provider(timeout_s=120.0)) as http:
         assert http.timeout == httpx.Timeout(120.0, connect=10.0)
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+async def test_stream_sends_stream_and_include_usage(provider: ProviderConfig) -> None:
+    stub = Provider(content=sse("stream_chunks.txt"), headers=SSE)
+    request = simple_request(max_tokens=20, stream_options={"include_obfuscation": False})
+
+    await collect(provider, stub, request)
+
+    [sent] = stub.requests
+    assert str(sent.url) == URL
+    assert sent.headers["authorization"] == f"Bearer {KEY}"
+    body = orjson.loads(sent.content)
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert body["max_tokens"] == 20
+
+
+async def test_stream_yields_the_documented_chunks(provider: ProviderConfig) -> None:
+    chunks = await collect(provider, Provider(content=sse("stream_chunks.txt"), headers=SSE))
+
+    assert len(chunks) == 5
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].delta.content for c in chunks[1:3]] == [
+        "Hello",
+        "! How can I assist you today?",
+    ]
+    assert chunks[3].choices[0].finish_reason == "stop"
+    assert chunks[4].choices == []
+    assert chunks[4].usage is not None
+    assert chunks[4].usage.total_tokens == 29
+    result = folded(provider, chunks)
+    assert result.id == "chatcmpl-123"
+    assert result.choices[0].message.content == "Hello! How can I assist you today?"
+    assert result.choices[0].finish_reason == "stop"
+
+
+async def test_streamed_tool_call_folds_into_the_non_streamed_result(
+    provider: ProviderConfig,
+) -> None:
+    chunks = await collect(provider, Provider(content=sse("stream_tool_calls.txt"), headers=SSE))
+    completion = await call(provider, Provider(body=fixture("chat_completion_tool_calls.json")))
+
+    result = folded(provider, chunks)
+
+    assert result.choices[0].message.content is None
+    assert result.choices[0].message.tool_calls == completion.choices[0].message.tool_calls
+    assert result.choices[0].finish_reason == completion.choices[0].finish_reason == "tool_calls"
+    assert result.usage is not None and completion.usage is not None
+    assert result.usage.total_tokens == completion.usage.total_tokens == 99
+
+
+async def test_stream_that_ends_early(provider: ProviderConfig) -> None:
+    cut = b"\n\n".join(sse("stream_chunks.txt").split(b"\n\n")[:2]) + b"\n\n"
+
+    error, chunks = await collect_error(provider, Provider(content=cut, headers=SSE))
+
+    assert isinstance(error, ProviderServerError)
+    assert error.message == "provider 'openai-test': stream ended early"
+    assert [c.choices[0].delta.content for c in chunks] == ["", "Hello"]
+
+
+async def test_stream_without_done_but_finished_is_complete(provider: ProviderConfig) -> None:
+    body = sse("stream_chunks.txt").replace(b"data: [DONE]\n\n", b"")
+
+    chunks = await collect(provider, Provider(content=body, headers=SSE))
+
+    assert folded(provider, chunks).choices[0].finish_reason == "stop"
+
+
+async def test_events_after_done_are_not_read(provider: ProviderConfig) -> None:
+    body = sse("stream_chunks.txt") + b"data: not json\n\n"
+
+    chunks = await collect(provider, Provider(content=body, headers=SSE))
+
+    assert len(chunks) == 5
+
+
+def without_usage_chunk(name: str) -> bytes:
+    events = sse(name).split(b"\n\n")
+    return b"\n\n".join(e for e in events if b'"choices":[]' not in e)
+
+
+async def test_stream_without_usage_from_openai(provider: ProviderConfig) -> None:
+    stub = Provider(content=without_usage_chunk("stream_chunks.txt"), headers=SSE)
+
+    error, chunks = await collect_error(provider, stub)
+
+    assert isinstance(error, ProviderProtocolError)
+    assert error.message == "provider 'openai-test': stream has no usage"
+    assert len(chunks) == 4
+
+
+async def test_stream_without_usage_from_an_openai_compatible_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    provider = make_provider(id="vllm", type="openai_compatible")
+    stub = Provider(content=without_usage_chunk("stream_chunks.txt"), headers=SSE)
+
+    chunks = await collect(provider, stub)
+
+    result = folded(provider, chunks)
+    assert result.usage is None
+    assert result.choices[0].message.content == "Hello! How can I assist you today?"
+
+
+async def test_missing_usage_tolerated_from_an_openai_compatible_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    body = fixture("chat_completion.json")
+    del body["usage"]
+
+    completion = await call(make_provider(type="openai_compatible"), Provider(body=body))
+
+    assert completion.usage is None
+    assert completion.choices[0].message.content == "Hello! How can I assist you today?"
+
+
+async def test_missing_usage_from_the_mock_provider_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = fixture("chat_completion.json")
+    del body["usage"]
+    provider = make_provider(id="mock", type="mock", api_key_env=None, headers={})
+
+    error = await call_error(provider, Provider(body=body))
+
+    assert isinstance(error, ProviderProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "expected"),
+    [
+        (429, fixture("error_429_rate_limit.json"), {"retry-after": "20"}, RateLimited),
+        (401, fixture("error_401_invalid_api_key.json"), {}, ProviderAuthentication),
+        (400, fixture("error_400_context_length.json"), {}, ProviderInvalidRequest),
+        (500, fixture("error_500_server.json"), {}, ProviderServerError),
+    ],
+)
+async def test_stream_error_status_maps_like_complete(
+    provider: ProviderConfig,
+    status: int,
+    body: Any,
+    headers: dict[str, str],
+    expected: type[ProviderError],
+) -> None:
+    stub = Provider(status, body, headers=headers)
+
+    error, chunks = await collect_error(provider, stub)
+    same = await call_error(provider, stub)
+
+    assert chunks == []
+    assert type(error) is type(same) is expected
+    assert error.message == same.message
+    if isinstance(error, RateLimited):
+        assert error.retry_after == 20.0
+
+
+async def test_stream_chunk_of_the_wrong_shape_names_the_field(provider: ProviderConfig) -> None:
+    bad = b'data: {"object":"chat.completion.chunk","created":1,"model":"m","choices":[]}\n\n'
+
+    error, _ = await collect_error(provider, Provider(content=bad, headers=SSE))
+
+    assert isinstance(error, ProviderProtocolError)
+    assert error.message == "provider 'openai-test': stream chunk field id: Field required"
+
+
+async def test_stream_data_not_json(provider: ProviderConfig) -> None:
+    error, _ = await collect_error(provider, Provider(content=b"data: {oops\n\n", headers=SSE))
+
+    assert isinstance(error, ProviderProtocolError)
+    assert "stream event data is not JSON" in error.message
+
+
+async def test_stream_error_event(provider: ProviderConfig) -> None:
+    event = b'data: {"error": {"message": "The server had an error", "type": "server_error"}}'
+    body = b"\n\n".join([*sse("stream_chunks.txt").split(b"\n\n")[:2], event]) + b"\n\n"
+
+    error, chunks = await collect_error(provider, Provider(content=body, headers=SSE))
+
+    assert isinstance(error, ProviderServerError)
+    assert "mid-stream" in error.message
+    assert "The server had an error" in error.message
+    assert len(chunks) == 2
+
+
+async def test_stream_content_filtered_without_content(provider: ProviderConfig) -> None:
+    body = sse("stream_chunks.txt")
+    body = body.replace(b'"Hello"', b'""').replace(b'"! How can I assist you today?"', b'""')
+    body = body.replace(b'"finish_reason":"stop"', b'"finish_reason":"content_filter"')
+
+    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
+
+    assert isinstance(error, ContentFiltered)
+
+
+async def test_stream_answered_with_a_json_body(provider: ProviderConfig) -> None:
+    json_headers = {"content-type": "application/json"}
+    stub = Provider(body=fixture("chat_completion.json"), headers=json_headers)
+
+    error, _ = await collect_error(provider, stub)
+
+    assert isinstance(error, ProviderProtocolError)
+    assert "not an event stream" in error.message
+
+
+async def test_stream_cut_by_the_connection(provider: ProviderConfig) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield sse("stream_chunks.txt").split(b"\n\n")[0] + b"\n\n"
+        raise httpx.RemoteProtocolError("peer closed connection")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body(), headers=SSE)
+
+    error, chunks = await collect_error(provider, handler)
+
+    assert isinstance(error, ProviderServerError)
+    assert error.message == "provider 'openai-test': connection failed: RemoteProtocolError"
+    assert len(chunks) == 1
+
+
+async def test_stream_read_timeout(provider: ProviderConfig) -> None:
+    error, _ = await collect_error(provider, Provider(raises=httpx.ReadTimeout("slow")))
+
+    assert isinstance(error, ProviderTimeout)
+
+
+async def test_cancellation_propagates(provider: ProviderConfig) -> None:
+    stub = Provider(raises=asyncio.CancelledError())
+
+    with pytest.raises(asyncio.CancelledError):
+        await call(provider, stub)
+    with pytest.raises(asyncio.CancelledError):
+        await collect(provider, stub)
+
+
+async def test_closing_a_stream_early_closes_the_response(provider: ProviderConfig) -> None:
+    closed: list[bool] = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for event in sse("stream_chunks.txt").split(b"\n\n"):
+                yield event + b"\n\n"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Body(), headers=SSE)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        stream = OpenAIAdapter(provider, http).stream(simple_request())
+        first = await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    assert first.choices[0].delta.role == "assistant"
+    assert closed == [True]

@@ -201,3 +201,61 @@ async def test_the_client_reads_a_batch_back_from_a_durable_results_queue(
     for job in jobs:
         expected, _ = expected_completion([m.model_dump(exclude_none=True) for m in job.messages])
         assert received[job.job_id] == expected
+
+
+async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_usage(
+    names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
+) -> None:
+    prices = {"input": 1, "output": 2, "max_tokens": 256}
+    providers = [
+        {"id": "p-openai", "type": "openai", "models": {"m-openai": prices}},
+        {"id": "p-anthropic", "type": "anthropic", "models": {"m-anthropic": prices}},
+        {
+            "id": "p-gemini",
+            "type": "gemini",
+            "base_url": f"{mock.base_url}/v1beta",
+            "models": {"m-gemini": prices},
+        },
+        {"id": "p-compat", "type": "openai_compatible", "models": {"m-compat": prices}},
+    ]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers))
+    messages = [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Which planet has the most moons?"},
+    ]
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            results = await asyncio.gather(
+                *(
+                    client.complete(messages, model=f"m-{kind}", timeout_s=30)
+                    for kind in ("openai", "anthropic", "gemini", "compat")
+                )
+            )
+    text, _ = expected_completion(messages)
+    assert [r.provider for r in results] == ["p-openai", "p-anthropic", "p-gemini", "p-compat"]
+    for result in results:
+        assert result.status.value == "succeeded", result.error
+        assert result.response is not None
+        assert result.response.choices[0].message.content == text
+        assert result.usage is not None
+        assert result.usage.prompt_tokens == prompt_tokens(messages)
+
+    job_ids = [r.job_id for r in results]
+
+    async def recorded() -> bool:
+        return len(await usage_rows(pg, job_ids)) == 4
+
+    await eventually(recorded, 10, "four usage rows")
+    rows = {r["provider"]: r for r in await usage_rows(pg, job_ids)}
+    for result in results:
+        assert result.usage is not None and result.provider is not None
+        row = rows[result.provider]
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+        )
+        assert (
+            row["cost_usd"]
+            == Decimal(result.usage.prompt_tokens + 2 * result.usage.completion_tokens) / 1_000_000
+        )

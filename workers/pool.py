@@ -19,7 +19,7 @@ from broker.names import Names
 from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.pricing import cost_usd
 from broker.runtime import ConsumerSet, Service
-from schemas import CompletionJob, JobResult, JobStatus, Timings
+from schemas import ChatCompletionChunk, CompletionJob, JobResult, JobStatus, Timings
 from workers.adapters import adapter_for
 from workers.http import make_http_client
 from workers.retry import CallOutcome, call_with_retries
@@ -76,8 +76,14 @@ class WorkerPool(Service):
                 )
             if job.deadline is not None and job.deadline <= started:
                 raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
+            on_chunk = None
+            if job.params.stream:
+
+                async def on_chunk(attempt: int, sequence: int, chunk: ChatCompletionChunk) -> None:
+                    await self.outcomes.chunk(message, job, attempt, sequence, chunk)
+
             outcome = await call_with_retries(
-                self._adapter, job, max_attempts=self.provider.max_attempts
+                self._adapter, job, max_attempts=self.provider.max_attempts, on_chunk=on_chunk
             )
             result = self._result(job, outcome, started)
             await self.outcomes.finish(message, job, result, outcome.usage)
@@ -114,6 +120,7 @@ class WorkerPool(Service):
             status=JobStatus.SUCCEEDED,
             response=outcome.completion,
             usage=usage,
+            usage_estimated=outcome.usage_estimated,
             cost_usd=cost,
             **common,
         )

@@ -1,7 +1,9 @@
-"""The retry layer around one adapter: attempts, backoff and the record of each attempt.
+"""The call layer around one adapter: attempts with backoff, streaming, usage, and the record of
+each attempt.
 
 Retries wait in-process and hold their concurrency slot; the scheduler issue moves long waits
-(quota, long retry-after) to TTL parking queues.
+(quota, long retry-after) to TTL parking queues. A stream that fails part-way is retried like a
+call: the next attempt streams again from sequence 0 under its own attempt number.
 """
 
 from __future__ import annotations
@@ -9,25 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.errors import ProviderError
 from broker.outcomes import utcnow
-from schemas import Attempt, ChatCompletion, CompletionJob, UsageEvent
+from broker.tokens import estimate_prompt_tokens, estimate_text_tokens
+from schemas import Attempt, ChatCompletion, ChatCompletionChunk, CompletionJob, Usage, UsageEvent
 from workers.adapters import ProviderAdapter, ProviderRequest
+from workers.streaming import ChunkAccumulator
 
-__all__ = ["CallOutcome", "backoff_s", "call_with_retries"]
+__all__ = ["CallOutcome", "OnChunk", "backoff_s", "call_with_retries"]
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
+
+OnChunk = Callable[[int, int, ChatCompletionChunk], Awaitable[None]]
+"""Called with (attempt number, sequence, chunk) for each chunk of a streamed attempt, in order."""
 
 
 @dataclass
 class CallOutcome:
     completion: ChatCompletion | None = None
     error: ProviderError | None = None
+    usage_estimated: bool = False
     attempts: list[Attempt] = field(default_factory=list)
     usage: list[UsageEvent] = field(default_factory=list)
 
@@ -43,10 +52,45 @@ def backoff_s(error: ProviderError, retry: int) -> float:
     return float(min(wait, MAX_BACKOFF_S))
 
 
+async def _attempt_once(
+    adapter: ProviderAdapter, request: ProviderRequest, number: int, on_chunk: OnChunk | None
+) -> ChatCompletion:
+    if on_chunk is None:
+        return await adapter.complete(request)
+    accumulator = ChunkAccumulator(adapter.provider.id)
+    sequence = 0
+    async for chunk in adapter.stream(request):
+        accumulator.add(chunk)
+        await on_chunk(number, sequence, chunk)
+        sequence += 1
+    return accumulator.result()
+
+
+def _estimated_usage(adapter: ProviderAdapter, job: CompletionJob, done: ChatCompletion) -> Usage:
+    """Count what a provider that reports no usage (some OpenAI-compatible servers) consumed."""
+    family = adapter.provider.type
+    prompt = estimate_prompt_tokens(job.messages, family, job.params.tools)
+    completion = 0
+    for choice in done.choices:
+        content = choice.message.content
+        if isinstance(content, str):
+            completion += estimate_text_tokens(content, family)
+        for call in choice.message.tool_calls or []:
+            completion += estimate_text_tokens(call.function.name + call.function.arguments, family)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
 async def call_with_retries(
-    adapter: ProviderAdapter, job: CompletionJob, *, max_attempts: int
+    adapter: ProviderAdapter,
+    job: CompletionJob,
+    *,
+    max_attempts: int,
+    on_chunk: OnChunk | None = None,
 ) -> CallOutcome:
-    """Call the job's routed provider until it succeeds, fails for good, or the deadline nears."""
+    """Call the job's routed provider until it succeeds, fails for good, or the deadline nears.
+    With ``on_chunk`` the call streams and each chunk is handed over as it arrives."""
     assert job.route is not None
     route = job.route
     request = ProviderRequest(model=route.model, messages=job.messages, params=job.params)
@@ -55,7 +99,7 @@ async def call_with_retries(
     for number in range(first, first + max_attempts):
         started = time.perf_counter()
         try:
-            completion = await adapter.complete(request)
+            completion = await _attempt_once(adapter, request, number, on_chunk)
         except ProviderError as exc:
             outcome.attempts.append(_attempt(number, route.provider, route.model, started, exc))
             outcome.error = exc
@@ -68,20 +112,26 @@ async def call_with_retries(
             await asyncio.sleep(wait)
             continue
         outcome.attempts.append(_attempt(number, route.provider, route.model, started, None))
-        outcome.completion, outcome.error = completion, None
-        if completion.usage is not None:
-            outcome.usage.append(
-                UsageEvent(
-                    job_id=job.job_id,
-                    attempt=number,
-                    provider=route.provider,
-                    model=route.model,
-                    public_model=route.public_model,
-                    prompt_tokens=completion.usage.prompt_tokens,
-                    completion_tokens=completion.usage.completion_tokens,
-                    occurred_at=utcnow(),
-                )
+        if completion.usage is None:
+            completion = completion.model_copy(
+                update={"usage": _estimated_usage(adapter, job, completion)}
             )
+            outcome.usage_estimated = True
+        assert completion.usage is not None
+        outcome.completion, outcome.error = completion, None
+        outcome.usage.append(
+            UsageEvent(
+                job_id=job.job_id,
+                attempt=number,
+                provider=route.provider,
+                model=route.model,
+                public_model=route.public_model,
+                prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens,
+                estimated=outcome.usage_estimated,
+                occurred_at=utcnow(),
+            )
+        )
         return outcome
     return outcome
 

@@ -2,21 +2,26 @@
 
 An adapter turns Switchyard's canonical request (OpenAI chat format) into its provider's wire
 format, makes one HTTP call through the ``httpx.AsyncClient`` it is given, and returns an OpenAI
-``chat.completion`` with usage filled in. Every failure leaves as a ``broker.errors.ProviderError``
-subclass; nothing else escapes (``ProviderProtocolError`` covers responses of the wrong shape).
-Retries, timeouts budgets, circuit breaking and accounting are layers around ``complete``, not
-part of it.
+``chat.completion`` (``complete``) or a stream of ``chat.completion.chunk`` objects (``stream``)
+with usage filled in. Every failure leaves as a ``broker.errors.ProviderError`` subclass; nothing
+else escapes (``ProviderProtocolError`` covers responses of the wrong shape). Retries, deadlines,
+circuit breaking and accounting are layers around these calls, not part of them.
+
+Adding a provider: one module here with a ``ProviderAdapter`` subclass, one line in the registry
+(``workers/adapters/__init__.py``), its fixtures under ``tests/fixtures/<name>/`` and its entry in
+the conformance suite (``tests/test_conformance.py``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 
-from broker.config import ProviderConfig
-from schemas import ChatCompletion, ChatMessage, CompletionParams
+from broker.config import ModelSpec, ProviderConfig
+from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
 
 __all__ = ["ProviderAdapter", "ProviderRequest"]
 
@@ -37,6 +42,14 @@ class ProviderAdapter(ABC):
         self.provider = provider
         self.http = http
 
+    def model_spec(self, model: str) -> ModelSpec | None:
+        return self.provider.models.get(model)
+
     @abstractmethod
     async def complete(self, request: ProviderRequest) -> ChatCompletion:
         """Make the call; return a ``chat.completion`` whose ``usage`` is set."""
+
+    @abstractmethod
+    def stream(self, request: ProviderRequest) -> AsyncIterator[ChatCompletionChunk]:
+        """Make a streaming call; yield canonical chunks in order. The last chunk carries
+        ``usage``. An error before or during the stream raises a ``ProviderError``."""

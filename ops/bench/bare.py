@@ -1,0 +1,106 @@
+"""The baseline: the bare stack with no Switchyard in it. One process consumes a queue with
+aio-pika, posts each body to the mock provider with the same HTTP client the workers use, and
+publishes the provider's answer to ``reply_to``; its producer is a direct reply-to RPC client.
+
+Run as a process: ``python ops/bench/bare.py AMQP_URL QUEUE MOCK_BASE_URL CONCURRENCY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from broker.config import ProviderConfig
+from workers.http import make_http_client
+
+QUEUE_ARGUMENTS = {"x-max-priority": 10}
+
+
+async def serve(amqp_url: str, queue_name: str, base_url: str, concurrency: int) -> None:
+    provider = ProviderConfig.model_validate(
+        {
+            "id": "bare",
+            "type": "openai",
+            "base_url": base_url,
+            "concurrency": concurrency,
+            "models": {"gpt-4o-mini": {"input": 0, "output": 0}},
+        }
+    )
+    http = make_http_client(provider)
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    connection = await aio_pika.connect_robust(amqp_url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=concurrency)
+    queue = await channel.declare_queue(queue_name, durable=True, arguments=QUEUE_ARGUMENTS)
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        response = await http.post(
+            url, content=message.body, headers={"content-type": "application/json"}
+        )
+        if message.reply_to:
+            await channel.default_exchange.publish(
+                aio_pika.Message(response.content, correlation_id=message.correlation_id),
+                routing_key=message.reply_to,
+                mandatory=False,
+            )
+        await message.ack()
+
+    await queue.consume(handle)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await connection.close()
+    await http.aclose()
+
+
+class BareClient:
+    """Direct reply-to RPC against the bare queue, many calls in flight."""
+
+    def __init__(self, amqp_url: str, queue_name: str) -> None:
+        self.amqp_url = amqp_url
+        self.queue_name = queue_name
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+
+    async def __aenter__(self) -> BareClient:
+        self.connection = await aio_pika.connect_robust(self.amqp_url)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        await self.channel.declare_queue(self.queue_name, durable=True, arguments=QUEUE_ARGUMENTS)
+        replies = await self.channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await replies.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.pop(message.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def call(self, body: bytes, priority: int) -> bytes:
+        correlation_id = str(uuid.uuid4())
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                correlation_id=correlation_id,
+                reply_to="amq.rabbitmq.reply-to",
+                priority=priority,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.queue_name,
+        )
+        return await future
+
+
+if __name__ == "__main__":
+    amqp, queue, base, concurrency = sys.argv[1:5]
+    asyncio.run(serve(amqp, queue, base, int(concurrency)))

@@ -1,0 +1,394 @@
+"""Switchyard's benchmark: the pipeline against the bare stack, measured in the same run.
+
+    python ops/bench/run.py [--smoke] [--out DIR]
+
+Every figure is reported with the same-run baseline beside it, since absolute times on a shared
+2-core machine drift. Each scenario is bounded in count and time. Writes ``bench.json``,
+``bench.md`` and ``bench.png`` to ``--out`` (default ``ops/bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bare import BareClient
+from load import Run, drive
+from procs import REPO, Proc, Procs, cli, free_port, wait_http
+from report import write_reports
+
+from broker.client import SwitchyardClient
+from broker.config import ProviderConfig
+from broker.migrate import upgrade
+from broker.names import Names
+from broker.settings import Settings
+from workers.http import make_http_client
+
+
+@dataclass(frozen=True)
+class Sizes:
+    throughput_jobs: int = 20_000
+    throughput_in_flight: int = 200
+    latency_jobs: int = 300
+    many_jobs: int = 10_000
+    many_cap: int = 500
+    many_latency_ms: int = 1000
+    scale_jobs: int = 5_000
+    max_seconds: float = 150.0
+
+
+SMOKE = Sizes(
+    throughput_jobs=300,
+    throughput_in_flight=50,
+    latency_jobs=20,
+    many_jobs=400,
+    many_cap=100,
+    many_latency_ms=200,
+    scale_jobs=100,
+    max_seconds=30.0,
+)
+
+
+class Bench:
+    def __init__(self, sizes: Sizes, out: Path) -> None:
+        settings = Settings()
+        self.sizes = sizes
+        self.out = out
+        self.amqp_url = settings.amqp_url
+        self.token = secrets.token_hex(3)
+        self.names = Names(f"bench-{self.token}")
+        self.db_name = f"switchyard_bench_{self.token}"
+        admin = settings.database_url.replace("+asyncpg", "")
+        self.admin_dsn = admin
+        self.database_url = settings.database_url.rsplit("/", 1)[0] + f"/{self.db_name}"
+        self.mock_port = free_port()
+        self.mock_url = f"http://127.0.0.1:{self.mock_port}"
+        self.config_path = out / "bench-config.yaml"
+        env = dict(os.environ)
+        env.update(
+            SWITCHYARD_AMQP_URL=self.amqp_url,
+            SWITCHYARD_DATABASE_URL=self.database_url,
+            SWITCHYARD_CONFIG=str(self.config_path),
+            SWITCHYARD_NAMESPACE=self.names.namespace,
+            SWITCHYARD_LOG_LEVEL="WARNING",
+        )
+        self.procs = Procs(env, out / "logs")
+        self.bare_queue = f"{self.names.namespace}.bare"
+
+    # -- setup and teardown -------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        await admin.execute(f'CREATE DATABASE "{self.db_name}"')
+        await admin.close()
+        await asyncio.to_thread(upgrade, self.database_url)
+        self.procs.start("mock-provider", *cli("mock-provider", "--port", str(self.mock_port)))
+        await asyncio.to_thread(wait_http, f"{self.mock_url}/healthz")
+
+    async def teardown(self) -> None:
+        self.procs.stop_all()
+        connection = await aio_pika.connect_robust(self.amqp_url)
+        channel = await connection.channel()
+        for queue in (
+            self.names.jobs,
+            self.names.usage,
+            self.names.dead,
+            self.names.provider("mock"),
+            self.bare_queue,
+        ):
+            await channel.queue_delete(queue)
+        await connection.close()
+        admin = await asyncpg.connect(self.admin_dsn)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        await admin.close()
+
+    def mock(self, **settings: Any) -> None:
+        httpx.put(f"{self.mock_url}/_mock/config", json=settings).raise_for_status()
+        httpx.post(f"{self.mock_url}/_mock/reset").raise_for_status()
+
+    def mock_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = httpx.get(f"{self.mock_url}/_mock/stats").json()
+        return stats
+
+    def provider(self, concurrency: int) -> dict[str, Any]:
+        return {
+            "id": "mock",
+            "type": "openai",
+            "base_url": f"{self.mock_url}/v1",
+            "concurrency": concurrency,
+            "timeout_s": 60,
+            "models": {"gpt-4o-mini": {"input": 0.15, "output": 0.60}},
+        }
+
+    async def consumers(self, queue: str) -> int:
+        connection = await aio_pika.connect_robust(self.amqp_url)
+        try:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.consumer_count or 0)
+        except Exception:
+            return 0
+        finally:
+            await connection.close()
+
+    async def depth(self, queue: str) -> int:
+        connection = await aio_pika.connect_robust(self.amqp_url)
+        try:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        finally:
+            await connection.close()
+
+    async def pipeline(
+        self, *, concurrency: int, workers: int = 1, schedulers: int = 1
+    ) -> list[Proc]:
+        self.config_path.write_text(yaml.safe_dump({"providers": [self.provider(concurrency)]}))
+        started = [self.procs.start(f"scheduler-{i}", *cli("scheduler")) for i in range(schedulers)]
+        started += [
+            self.procs.start(f"worker-{i}", *cli("worker", "--provider", "mock"))
+            for i in range(workers)
+        ]
+        started.append(self.procs.start("accountant", *cli("accountant")))
+        deadline = time.monotonic() + 30
+        want = {
+            self.names.jobs: schedulers,
+            self.names.provider("mock"): workers,
+            self.names.usage: 1,
+        }
+        while any([await self.consumers(q) < n for q, n in want.items()]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the pipeline did not start consuming within 30 s")
+            await asyncio.sleep(0.2)
+        for proc in started:
+            proc.mark()
+        return started
+
+    def stop(self, procs: list[Proc]) -> None:
+        for proc in procs:
+            self.procs.stop(proc)
+
+    async def bare(self, concurrency: int) -> Proc:
+        proc = self.procs.start(
+            "bare",
+            str(REPO / "ops" / "bench" / "bare.py"),
+            self.amqp_url,
+            self.bare_queue,
+            f"{self.mock_url}/v1",
+            str(concurrency),
+        )
+        deadline = time.monotonic() + 30
+        while await self.consumers(self.bare_queue) < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the bare worker did not start consuming")
+            await asyncio.sleep(0.2)
+        proc.mark()
+        return proc
+
+    # -- load ---------------------------------------------------------------------------------
+
+    async def switchyard_load(self, name: str, total: int, in_flight: int) -> Run:
+        client = await SwitchyardClient.connect(self.amqp_url, namespace=self.names.namespace)
+        async with client:
+
+            async def call(i: int) -> bool:
+                result = await client.complete(
+                    [{"role": "user", "content": f"bench question {i}"}],
+                    model="gpt-4o-mini",
+                    priority=i % 10,
+                    timeout_s=120,
+                )
+                return result.status.value == "succeeded"
+
+            return await drive(
+                name, call, total=total, in_flight=in_flight, max_seconds=self.sizes.max_seconds
+            )
+
+    async def bare_load(self, name: str, total: int, in_flight: int) -> Run:
+        async with BareClient(self.amqp_url, self.bare_queue) as client:
+
+            async def call(i: int) -> bool:
+                body = json.dumps(
+                    {
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": f"bench question {i}"}],
+                    }
+                ).encode()
+                reply = json.loads(await client.call(body, priority=i % 10))
+                return "choices" in reply
+
+            return await drive(
+                name, call, total=total, in_flight=in_flight, max_seconds=self.sizes.max_seconds
+            )
+
+    async def direct_load(self, name: str, total: int) -> Run:
+        provider = ProviderConfig.model_validate(self.provider(1))
+        async with make_http_client(provider) as http:
+
+            async def call(i: int) -> bool:
+                response = await http.post(
+                    f"{self.mock_url}/v1/chat/completions",
+                    json={
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": f"bench question {i}"}],
+                    },
+                )
+                return response.status_code == 200
+
+            return await drive(
+                name, call, total=total, in_flight=1, max_seconds=self.sizes.max_seconds
+            )
+
+    async def drained(self, started: float) -> float:
+        """Seconds from ``started`` until the accountant has emptied the usage queue."""
+        deadline = time.monotonic() + 60
+        # Polling the broker is the only way to see another process's queue drain.
+        while await self.depth(self.names.usage) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        return round(time.perf_counter() - started, 2)
+
+    # -- scenarios ----------------------------------------------------------------------------
+
+    async def throughput(self) -> list[Run]:
+        s = self.sizes
+        self.mock(latency_ms=0)
+        bare = await self.bare(s.throughput_in_flight)
+        baseline = await self.bare_load(
+            "throughput: baseline", s.throughput_jobs, s.throughput_in_flight
+        )
+        baseline.extra["cpu_s_per_job_ms"] = round(
+            bare.cpu_since_mark() / max(baseline.jobs, 1) * 1000, 3
+        )
+        self.stop([bare])
+        procs = await self.pipeline(concurrency=s.throughput_in_flight)
+        run = await self.switchyard_load(
+            "throughput: switchyard", s.throughput_jobs, s.throughput_in_flight
+        )
+        run.extra["accountant_drained_s_after_last_reply"] = await self.drained(time.perf_counter())
+        cpu = {p.name: round(p.cpu_since_mark(), 2) for p in procs}
+        run.extra["cpu_s"] = cpu
+        run.extra["cpu_s_per_job_ms"] = round(sum(cpu.values()) / max(run.jobs, 1) * 1000, 3)
+        run.extra["vs_baseline_throughput"] = round(
+            run.per_second / max(baseline.per_second, 1e-9), 3
+        )
+        run.extra["vs_baseline_p50"] = round(run.percentile(50) / baseline.percentile(50), 3)
+        self.stop(procs)
+        return [baseline, run]
+
+    async def added_latency(self) -> list[Run]:
+        s = self.sizes
+        self.mock(latency_ms=0)
+        direct = await self.direct_load("one in flight: direct HTTP", s.latency_jobs)
+        bare = await self.bare(8)
+        baseline = await self.bare_load("one in flight: baseline", s.latency_jobs, 1)
+        self.stop([bare])
+        procs = await self.pipeline(concurrency=8)
+        run = await self.switchyard_load("one in flight: switchyard", s.latency_jobs, 1)
+        self.stop(procs)
+        for r in (baseline, run):
+            r.extra["added_p50_ms"] = round(r.percentile(50) - direct.percentile(50), 2)
+            r.extra["added_p99_ms"] = round(r.percentile(99) - direct.percentile(99), 2)
+        run.extra["p50_minus_baseline_ms"] = round(run.percentile(50) - baseline.percentile(50), 2)
+        return [direct, baseline, run]
+
+    async def many_in_flight(self) -> list[Run]:
+        s = self.sizes
+        self.mock(latency_ms=s.many_latency_ms)
+        procs = await self.pipeline(concurrency=s.many_cap)
+        sampler = asyncio.create_task(self._sample(procs))
+        run = await self.switchyard_load("many in flight", s.many_jobs, s.many_cap * 2)
+        sampler.cancel()
+        ideal = s.many_cap / (s.many_latency_ms / 1000)
+        run.extra["ideal_per_second"] = ideal
+        run.extra["vs_ideal"] = round(run.per_second / ideal, 3)
+        run.extra["mock_max_in_flight"] = self.mock_stats()["max_in_flight"]
+        run.extra["rss_mib"] = {
+            p.name: {
+                "first": round(p.rss_samples[0] / 1024, 1) if p.rss_samples else None,
+                "last": round(p.rss_samples[-1] / 1024, 1) if p.rss_samples else None,
+                "peak": round(max(p.rss_samples, default=0) / 1024, 1),
+            }
+            for p in procs
+        }
+        self.stop(procs)
+        return [run]
+
+    async def _sample(self, procs: list[Proc]) -> None:
+        while True:
+            for proc in procs:
+                proc.sample()
+            await asyncio.sleep(1.0)
+
+    async def scale_out(self) -> list[Run]:
+        s = self.sizes
+        self.mock(latency_ms=0)
+        runs = []
+        for workers, schedulers in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            procs = await self.pipeline(
+                concurrency=s.throughput_in_flight, workers=workers, schedulers=schedulers
+            )
+            run = await self.switchyard_load(
+                f"scale-out: {workers} worker(s), {schedulers} scheduler(s)",
+                s.scale_jobs,
+                s.throughput_in_flight,
+            )
+            self.stop(procs)
+            runs.append(run)
+        return runs
+
+
+async def main(sizes: Sizes, out: Path, scenarios: list[str]) -> dict[str, Any]:
+    bench = Bench(sizes, out)
+    await bench.setup()
+    runs: list[Run] = []
+    started = time.perf_counter()
+    try:
+        for scenario in scenarios:
+            print(f"== {scenario}", flush=True)
+            for run in await getattr(bench, scenario)():
+                print(
+                    f"   {run.name}: {run.per_second:.1f}/s p50 {run.percentile(50):.2f} ms",
+                    flush=True,
+                )
+                runs.append(run)
+    finally:
+        await bench.teardown()
+    return {
+        "sizes": sizes.__dict__,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": {"cpus": os.cpu_count()},
+        "runs": [r.summary() for r in runs],
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few hundred jobs: does it work")
+    parser.add_argument("--out", type=Path, default=REPO / "ops" / "bench" / "results")
+    parser.add_argument(
+        "--scenarios",
+        default="throughput,added_latency,many_in_flight,scale_out",
+        help="comma-separated subset",
+    )
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(
+        main(SMOKE if args.smoke else Sizes(), args.out, args.scenarios.split(","))
+    )
+    write_reports(results, args.out)
+    print((args.out / "bench.md").read_text())

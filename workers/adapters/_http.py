@@ -1,0 +1,88 @@
+"""The call every adapter makes: one JSON ``POST``, answered by one JSON body or by an event stream.
+
+``HTTPAdapter`` owns that plumbing once (the guard that types every failure, reading an error
+body before mapping its status, closing a stream however it ends) so that a provider module
+holds only its translation: URL, headers, request body, response parsing, event parsing and its
+status table.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from broker.errors import ProviderError, ProviderProtocolError
+from schemas import ChatCompletion, ChatCompletionChunk
+from workers.adapters._errors import Guard
+from workers.adapters._wire import json_object
+from workers.adapters.base import ProviderAdapter, ProviderRequest
+
+__all__ = ["HTTPAdapter"]
+
+
+class HTTPAdapter(ProviderAdapter):
+    """A ``ProviderAdapter`` over one JSON ``POST`` per call."""
+
+    @abstractmethod
+    def _url(self, request: ProviderRequest, *, stream: bool) -> str: ...
+
+    @abstractmethod
+    def _headers(self) -> httpx.Headers: ...
+
+    @abstractmethod
+    def _body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
+        """The provider's request body; a job it cannot express raises ProviderInvalidRequest."""
+
+    @abstractmethod
+    def _completion(self, data: dict[str, Any], request: ProviderRequest) -> ChatCompletion:
+        """The ``chat.completion`` for a 2xx JSON body."""
+
+    @abstractmethod
+    def _chunks(
+        self, response: httpx.Response, request: ProviderRequest
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """Canonical chunks read from a 2xx event stream."""
+
+    @abstractmethod
+    def _status_error(self, response: httpx.Response) -> ProviderError:
+        """The error for a non-2xx response whose body has been read."""
+
+    async def complete(self, request: ProviderRequest) -> ChatCompletion:
+        pid = self.provider.id
+        with Guard(pid):
+            content = orjson.dumps(self._body(request, stream=False))
+            response = await self.http.post(
+                self._url(request, stream=False), content=content, headers=self._headers()
+            )
+            if not 200 <= response.status_code < 300:
+                raise self._status_error(response)
+            what = f"response body (HTTP {response.status_code})"
+            return self._completion(json_object(response.content, pid, what), request)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[ChatCompletionChunk]:
+        pid = self.provider.id
+        with Guard(pid):
+            content = orjson.dumps(self._body(request, stream=True))
+            call = self.http.build_request(
+                "POST", self._url(request, stream=True), content=content, headers=self._headers()
+            )
+            response = await self.http.send(call, stream=True)
+            try:
+                if not 200 <= response.status_code < 300:
+                    await response.aread()
+                    raise self._status_error(response)
+                content_type = response.headers.get("content-type", "")
+                if "json" in content_type and "event-stream" not in content_type:
+                    raise ProviderProtocolError(
+                        f"provider {pid!r} answered a streaming call with {content_type}, "
+                        "not an event stream",
+                        provider=pid,
+                    )
+                async for chunk in self._chunks(response, request):
+                    yield chunk
+            finally:
+                await response.aclose()

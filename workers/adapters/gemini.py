@@ -1,0 +1,392 @@
+"""The adapter for Google's Gemini API ``generateContent`` (provider type ``gemini``).
+
+Follows:
+
+- https://ai.google.dev/api/generate-content (``generateContent``, ``streamGenerateContent``,
+  ``GenerationConfig``, ``GenerateContentResponse``, ``FinishReason``, ``UsageMetadata``)
+- https://ai.google.dev/api/caching#Content (``Content`` / ``Part``: ``text``, ``inlineData``,
+  ``fileData``, ``functionCall``, ``functionResponse``)
+- https://ai.google.dev/gemini-api/docs/function-calling (``tools.functionDeclarations``,
+  ``toolConfig.functionCallingConfig`` modes AUTO / ANY / NONE, ``allowedFunctionNames``)
+- https://ai.google.dev/gemini-api/docs/structured-output (``responseMimeType``,
+  ``responseJsonSchema``)
+- https://ai.google.dev/gemini-api/docs/text-generation#streaming (``?alt=sse``: each ``data:``
+  is a whole ``GenerateContentResponse``)
+- https://ai.google.dev/gemini-api/docs/troubleshooting (status codes) and
+  https://cloud.google.com/apis/design/errors (``{"error": {"code", "message", "status",
+  "details"}}``, ``google.rpc.RetryInfo``, ``google.rpc.ErrorInfo``)
+- googleapis/python-genai ``google/genai/types.py`` (``GenerateContentConfig``,
+  ``FunctionDeclaration``, ``FinishReason``)
+
+Request: see ``workers/adapters/_gemini_request.py``.
+
+Response::
+
+    candidates[0] text parts       message.content, joined (thought summaries left out)
+    functionCall parts             tool_calls: id = the part's id, else call_<ordinal>;
+                                   arguments = JSON text of args
+    finishReason                   STOP → stop (tool_calls when it called functions);
+                                   MAX_TOKENS → length; SAFETY, RECITATION, BLOCKLIST,
+                                   PROHIBITED_CONTENT, SPII, IMAGE_SAFETY, IMAGE_PROHIBITED_CONTENT,
+                                   IMAGE_RECITATION → ContentFiltered when nothing was produced,
+                                   else content_filter; any other → its lower-case name
+    no candidates + blockReason    ContentFiltered
+    usageMetadata                  prompt = promptTokenCount + toolUsePromptTokenCount;
+                                   completion = candidatesTokenCount + thoughtsTokenCount (thoughts
+                                   are billed as output); total = totalTokenCount
+    id / model                     responseId (else generated) / modelVersion (else the request's)
+
+Status → error::
+
+    429 RESOURCE_EXHAUSTED         RateLimited (retry_after from RetryInfo.retryDelay, else the
+                                   retry-after header)
+    401, 403, 400 with an ErrorInfo reason API_KEY_*
+                                   ProviderAuthentication (never repeats the provider's text)
+    400, 404, 409, 413, 422        ProviderInvalidRequest (INVALID_ARGUMENT, FAILED_PRECONDITION,
+                                   NOT_FOUND)
+    408, 504 DEADLINE_EXCEEDED     ProviderTimeout
+    500 INTERNAL, 503 UNAVAILABLE  ProviderServerError (and any other 5xx or unknown status)
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.config import ProviderConfig
+from broker.errors import (
+    ContentFiltered,
+    ProviderAuthentication,
+    ProviderError,
+    ProviderInvalidRequest,
+    ProviderProtocolError,
+    ProviderServerError,
+    ProviderTimeout,
+    RateLimited,
+)
+from schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    Choice,
+    ToolCall,
+    ToolCallFunction,
+    Usage,
+)
+from workers.adapters._errors import clean, parse_retry_after, safe_code
+from workers.adapters._gemini_request import generate_content_body
+from workers.adapters._http import HTTPAdapter
+from workers.adapters._wire import Chunks, dumps, json_object, now, validated
+from workers.adapters.base import ProviderRequest
+from workers.streaming import sse_events
+
+__all__ = ["GeminiAdapter"]
+
+_FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+    }
+)
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
+_AUTH_STATUSES = frozenset({401, 403})
+_INVALID_REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
+_TIMEOUT_STATUSES = frozenset({408, 504})
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _FunctionCall(_Open):
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    id: str | None = None
+
+
+class _Part(_Open):
+    text: str | None = None
+    thought: bool | None = None
+    functionCall: _FunctionCall | None = None
+
+
+class _Content(_Open):
+    parts: list[_Part] = Field(default_factory=list)
+    role: str | None = None
+
+
+class _Candidate(_Open):
+    content: _Content | None = None
+    finishReason: str | None = None
+
+
+class _PromptFeedback(_Open):
+    blockReason: str | None = None
+
+
+class _UsageMetadata(_Open):
+    promptTokenCount: int = Field(default=0, ge=0)
+    candidatesTokenCount: int = Field(default=0, ge=0)
+    thoughtsTokenCount: int = Field(default=0, ge=0)
+    toolUsePromptTokenCount: int = Field(default=0, ge=0)
+    cachedContentTokenCount: int | None = Field(default=None, ge=0)
+    totalTokenCount: int | None = Field(default=None, ge=0)
+
+
+class _Response(_Open):
+    candidates: list[_Candidate] = Field(default_factory=list)
+    promptFeedback: _PromptFeedback | None = None
+    usageMetadata: _UsageMetadata | None = None
+    modelVersion: str | None = None
+    responseId: str | None = None
+
+
+class GeminiAdapter(HTTPAdapter):
+    """``POST {base_url}/models/{model}:generateContent`` (``:streamGenerateContent?alt=sse``);
+    ``base_url`` includes the version (``https://generativelanguage.googleapis.com/v1beta``)."""
+
+    def __init__(self, provider: ProviderConfig, http: httpx.AsyncClient) -> None:
+        super().__init__(provider, http)
+        self.base = str(provider.base_url).rstrip("/")
+
+    def _url(self, request: ProviderRequest, *, stream: bool) -> str:
+        model = quote(request.model.removeprefix("models/"), safe="")
+        if stream:
+            return f"{self.base}/models/{model}:streamGenerateContent?alt=sse"
+        return f"{self.base}/models/{model}:generateContent"
+
+    def _headers(self) -> httpx.Headers:
+        headers = httpx.Headers(self.provider.headers)
+        headers["Content-Type"] = "application/json"
+        key = self.provider.api_key()
+        if key:
+            headers["x-goog-api-key"] = key
+        return headers
+
+    def _body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
+        spec = self.model_spec(request.model)
+        return generate_content_body(request, spec, self.provider.id)
+
+    # --- the response --------------------------------------------------------------------
+
+    def _completion(self, data: dict[str, Any], request: ProviderRequest) -> ChatCompletion:
+        pid = self.provider.id
+        response = validated(_Response, data, pid, "response")
+        if not response.candidates:
+            raise self._no_candidates(response)
+        candidate = response.candidates[0]
+        texts, calls = _read_parts(candidate)
+        text = "".join(texts)
+        finish = self._finish(candidate.finishReason, bool(text or calls), bool(calls))
+        if response.usageMetadata is None:
+            raise _protocol(pid, "response has no usageMetadata")
+        # As a stream folds: content is None only when there are function calls and no text.
+        reply = ChatMessage(
+            role="assistant", content=text if text or not calls else None, tool_calls=calls or None
+        )
+        return ChatCompletion(
+            id=response.responseId or _new_id(),
+            created=now(),
+            model=response.modelVersion or request.model,
+            choices=[Choice(index=0, message=reply, finish_reason=finish)],
+            usage=_usage(response.usageMetadata),
+        )
+
+    def _no_candidates(self, response: _Response) -> ProviderError:
+        pid = self.provider.id
+        feedback = response.promptFeedback
+        if feedback is not None and feedback.blockReason:
+            reason = safe_code(feedback.blockReason, None) or "unknown"
+            return ContentFiltered(
+                f"provider {pid!r} blocked the prompt (blockReason {reason})", provider=pid
+            )
+        return _protocol(pid, "response has no candidates")
+
+    def _finish(self, reason: str | None, produced: bool, called: bool) -> str | None:
+        if reason in _FILTERED:
+            if not produced:
+                pid = self.provider.id
+                raise ContentFiltered(
+                    f"provider {pid!r} withheld the completion (finishReason {reason})",
+                    provider=pid,
+                )
+            return "content_filter"
+        if reason is None:
+            return None
+        if reason == "STOP" and called:
+            return "tool_calls"
+        return _FINISH.get(reason, reason.lower())
+
+    async def _chunks(
+        self, response: httpx.Response, request: ProviderRequest
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        pid = self.provider.id
+        out: Chunks | None = None
+        usage: _UsageMetadata | None = None
+        calls = 0
+        produced = finished = False
+        async for event in sse_events(response):
+            data = json_object(event.data, pid, "stream event data")
+            if "error" in data and "candidates" not in data:
+                raise self._error(None, data["error"], None)
+            piece = validated(_Response, data, pid, "stream chunk")
+            if out is None:
+                out = Chunks(
+                    piece.responseId or _new_id(), piece.modelVersion or request.model, now()
+                )
+                yield out.role()
+            usage = piece.usageMetadata or usage
+            if not piece.candidates:
+                if piece.promptFeedback is not None and piece.promptFeedback.blockReason:
+                    raise self._no_candidates(piece)
+                continue
+            candidate = piece.candidates[0]
+            for part in candidate.content.parts if candidate.content is not None else []:
+                if part.functionCall is not None:
+                    call = part.functionCall
+                    produced = True
+                    yield out.tool_call(
+                        calls,
+                        id=call.id or f"call_{calls}",
+                        name=call.name,
+                        arguments=dumps(call.args),
+                    )
+                    calls += 1
+                elif part.text and not part.thought:
+                    produced = True
+                    yield out.text(part.text)
+            if candidate.finishReason is not None:
+                finished = True
+                yield out.finish(self._finish(candidate.finishReason, produced, calls > 0))
+        if out is None or not finished:
+            raise ProviderServerError(f"provider {pid!r}: stream ended early", provider=pid)
+        if usage is None:
+            raise _protocol(pid, "stream has no usageMetadata")
+        yield out.usage(_usage(usage))
+
+    # --- errors --------------------------------------------------------------------------
+
+    def _status_error(self, response: httpx.Response) -> ProviderError:
+        try:
+            data: object = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, list) and data:  # streamGenerateContent without alt=sse wraps it
+            data = data[0]
+        error = data.get("error") if isinstance(data, dict) else None
+        return self._error(response.status_code, error, response.headers)
+
+    def _error(
+        self, status: int | None, error: object, headers: httpx.Headers | None
+    ) -> ProviderError:
+        """The error for an HTTP status, or (``status`` None) for an error sent mid-stream."""
+        pid = self.provider.id
+        key = self.provider.api_key()
+        body = error if isinstance(error, dict) else {}
+        details = [d for d in body.get("details") or [] if isinstance(d, dict)]
+        name = safe_code(body.get("status"), key)
+        message = clean(body.get("message"), key)
+        code = body.get("code")
+        effective = status if status is not None else code if isinstance(code, int) else 500
+        where = f"HTTP {status}" if status is not None else "error event"
+        label = f"{where}, {name}" if name else where
+        detail = f": {message}" if message else ""
+        if effective == 429:
+            retry_after = _retry_delay(details)
+            if retry_after is None and headers is not None:
+                retry_after = parse_retry_after(headers)
+            return RateLimited(
+                f"provider {pid!r} rate limited the call ({label}){detail}",
+                provider=pid,
+                retry_after=retry_after,
+            )
+        if effective in _AUTH_STATUSES or (effective == 400 and _key_rejected(details)):
+            return ProviderAuthentication(
+                f"provider {pid!r} refused our credentials ({label})", provider=pid
+            )
+        if effective in _INVALID_REQUEST_STATUSES:
+            return ProviderInvalidRequest(
+                f"provider {pid!r} rejected the request ({label}){detail}", provider=pid
+            )
+        if effective in _TIMEOUT_STATUSES:
+            return ProviderTimeout(f"provider {pid!r} timed out ({label}){detail}", provider=pid)
+        if effective >= 500:
+            return ProviderServerError(f"provider {pid!r} failed ({label}){detail}", provider=pid)
+        return ProviderServerError(
+            f"provider {pid!r} answered with unexpected status ({label}){detail}", provider=pid
+        )
+
+
+# --- response translation ----------------------------------------------------------------
+
+
+def _read_parts(candidate: _Candidate) -> tuple[list[str], list[ToolCall]]:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for part in candidate.content.parts if candidate.content is not None else []:
+        if part.functionCall is not None:
+            call = part.functionCall
+            function = ToolCallFunction(name=call.name, arguments=dumps(call.args))
+            calls.append(ToolCall(id=call.id or f"call_{len(calls)}", function=function))
+        elif part.text is not None and not part.thought:
+            texts.append(part.text)
+    return texts, calls
+
+
+def _usage(meta: _UsageMetadata) -> Usage:
+    prompt = meta.promptTokenCount + meta.toolUsePromptTokenCount
+    completion = meta.candidatesTokenCount + meta.thoughtsTokenCount
+    fields: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": meta.totalTokenCount
+        if meta.totalTokenCount is not None
+        else prompt + completion,
+    }
+    if meta.cachedContentTokenCount is not None:
+        fields["prompt_tokens_details"] = {"cached_tokens": meta.cachedContentTokenCount}
+    if meta.thoughtsTokenCount:
+        fields["completion_tokens_details"] = {"reasoning_tokens": meta.thoughtsTokenCount}
+    return Usage.model_validate(fields)
+
+
+def _retry_delay(details: list[dict[str, Any]]) -> float | None:
+    """Seconds from a ``google.rpc.RetryInfo`` detail's ``retryDelay`` ("30s", "1.5s")."""
+    for item in details:
+        if item.get("@type") == _RETRY_INFO and isinstance(item.get("retryDelay"), str):
+            match = _DURATION.match(item["retryDelay"])
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def _key_rejected(details: list[dict[str, Any]]) -> bool:
+    """Gemini answers a bad key with 400 and an ``ErrorInfo`` reason like API_KEY_INVALID."""
+    return any(
+        item.get("@type") == _ERROR_INFO and str(item.get("reason", "")).startswith("API_KEY_")
+        for item in details
+    )
+
+
+def _new_id() -> str:
+    return f"gemini-{uuid.uuid4().hex}"
+
+
+def _protocol(pid: str, problem: str) -> ProviderProtocolError:
+    return ProviderProtocolError(f"provider {pid!r}: {problem}", provider=pid)
