@@ -135,26 +135,20 @@ class Accountant(Service):
 
     async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
-        usage_rows = [self._usage_row(e) for e in events if isinstance(e, UsageEvent)]
+        usage_rows = [
+            self._usage_row(u)
+            for e in events
+            for u in (e.usage if isinstance(e, JobEvent) else [e])
+        ]
         job_rows = _latest_per_job([e for e in events if isinstance(e, JobEvent)])
         assert self._engine is not None
         async with self._engine.begin() as conn:
+            # Rows go as parameters of one cached statement (executemany), not as a VALUES
+            # list: compiling a new multi-row statement per batch cost more than the insert.
             if usage_rows:
-                await conn.execute(
-                    insert(usage)
-                    .values(usage_rows)
-                    .on_conflict_do_nothing(constraint="usage_job_attempt_key")
-                )
+                await conn.execute(_INSERT_USAGE, usage_rows)
             if job_rows:
-                stmt = insert(jobs).values(job_rows)
-                replace = {c: stmt.excluded[c] for c in job_rows[0] if c != "job_id"}
-                await conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[jobs.c.job_id],
-                        set_=replace,
-                        where=jobs.c.finished_at <= stmt.excluded.finished_at,
-                    )
-                )
+                await conn.execute(_UPSERT_JOB, job_rows)
 
     def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
         try:
@@ -180,6 +174,19 @@ class Accountant(Service):
             "key_id": event.key_id,
             "occurred_at": event.occurred_at,
         }
+
+
+_INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")
+_job_insert = insert(jobs)
+_UPSERT_JOB = _job_insert.on_conflict_do_update(
+    index_elements=[jobs.c.job_id],
+    set_={
+        c.name: _job_insert.excluded[c.name]
+        for c in jobs.c
+        if c.name not in ("job_id", "recorded_at")
+    },
+    where=jobs.c.finished_at <= _job_insert.excluded.finished_at,
+)
 
 
 def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from rich.table import Table
 from broker.config import Config, load_config
 from broker.errors import SwitchyardError
 from broker.names import Names
-from broker.runtime import Service, configure_logging, run_services
+from broker.runtime import Service, configure_logging, run_loop, run_services
 from broker.settings import Settings, get_settings
 
 app = typer.Typer(help="Switchyard: a queue-based broker for LLM calls.", no_args_is_help=True)
@@ -38,7 +38,7 @@ def _load() -> tuple[Settings, Config]:
 
 def _serve(services: list[Service]) -> None:
     try:
-        asyncio.run(run_services(services))
+        run_loop(run_services(services), get_settings().event_loop)
     except SwitchyardError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(2) from None

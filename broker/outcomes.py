@@ -62,7 +62,7 @@ class Outcomes:
         result: JobResult,
         usage: list[UsageEvent],
     ) -> None:
-        """Publish the result, the usage events and the job event, all confirmed."""
+        """Publish the result and the job event (carrying the usage), both confirmed."""
         finished_at = utcnow()
         event = JobEvent(
             job_id=job.job_id,
@@ -79,11 +79,11 @@ class Outcomes:
             batch_id=_batch_id(job),
             submitted_at=job.submitted_at,
             finished_at=finished_at,
+            usage=usage,
         )
         publishes: list[Awaitable[object]] = [
-            self.publisher.publish(self.names.usage, encode(e)) for e in usage
+            self.publisher.publish(self.names.usage, encode(event))
         ]
-        publishes.append(self.publisher.publish(self.names.usage, encode(event)))
         target = reply_target(message, job)
         if target:
             publishes.append(

@@ -12,16 +12,27 @@ import contextlib
 import logging
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-__all__ = ["ConsumerSet", "Service", "configure_logging", "run_services"]
+__all__ = ["ConsumerSet", "Service", "configure_logging", "run_loop", "run_services"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def run_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
+    """``asyncio.run`` on the configured event loop (``uvloop`` or the standard one)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
 
 def configure_logging(level: str) -> None:

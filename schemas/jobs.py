@@ -202,7 +202,11 @@ class UsageEvent(_Message):
 
 
 class JobEvent(_Message):
-    """A job's final state, recorded in the ``jobs`` table (last writer wins per ``job_id``)."""
+    """A job's final state, recorded in the ``jobs`` table (last writer wins per ``job_id``).
+
+    It carries the usage of the attempts its last worker made, so finishing a job costs one
+    accounting message; a ``UsageEvent`` travels alone only for attempts that did not finish it.
+    """
 
     kind: Literal["job"] = "job"
     job_id: str
@@ -220,6 +224,7 @@ class JobEvent(_Message):
     key_id: str | None = None
     submitted_at: datetime | None = None
     finished_at: datetime
+    usage: list[UsageEvent] = Field(default_factory=list)
 
 
 AccountingEvent = Annotated[UsageEvent | JobEvent, Field(discriminator="kind")]

@@ -30,6 +30,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (all cores, from /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields) - idle) / CLOCK_TICKS
+
+
+def pids_named(name: str) -> list[int]:
+    """PIDs whose command name is ``name`` (e.g. beam.smp for RabbitMQ, postgres)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def memory_kib(pid: int) -> tuple[int, int]:
     """(current RSS, peak RSS) in KiB."""
     values: dict[str, int] = {}

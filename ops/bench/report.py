@@ -34,7 +34,9 @@ def _notes(extra: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        f"Bench run: {results['seconds']} s on {results['machine']['cpus']} CPUs.",
+        f"Bench run: {results['seconds']} s on {results['machine']['cpus']} CPUs; "
+        + ", ".join(f"{k}={v}" for k, v in results.get("settings", {}).items())
+        + ".",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",

@@ -16,7 +16,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bare import BareClient
 from load import Run, drive
-from procs import REPO, Proc, Procs, cli, free_port, wait_http
+from procs import (
+    REPO,
+    Proc,
+    Procs,
+    cli,
+    cpu_seconds,
+    free_port,
+    machine_busy_s,
+    pids_named,
+    wait_http,
+)
 from report import write_reports
 
 from broker.client import SwitchyardClient
@@ -268,14 +278,22 @@ class Bench:
         s = self.sizes
         self.mock(latency_ms=0)
         bare = await self.bare(s.throughput_in_flight)
+        others = _others_cpu()
+        busy = machine_busy_s()
         baseline = await self.bare_load(
             "throughput: baseline", s.throughput_jobs, s.throughput_in_flight
+        )
+        baseline.extra["others_cpu_s"] = _others_cpu(since=others)
+        baseline.extra["machine_busy_cores"] = round(
+            (machine_busy_s() - busy) / baseline.seconds, 2
         )
         baseline.extra["cpu_s_per_job_ms"] = round(
             bare.cpu_since_mark() / max(baseline.jobs, 1) * 1000, 3
         )
         self.stop([bare])
         procs = await self.pipeline(concurrency=s.throughput_in_flight)
+        others = _others_cpu()
+        busy = machine_busy_s()
         run = await self.switchyard_load(
             "throughput: switchyard", s.throughput_jobs, s.throughput_in_flight
         )
@@ -283,6 +301,8 @@ class Bench:
         cpu = {p.name: round(p.cpu_since_mark(), 2) for p in procs}
         run.extra["cpu_s"] = cpu
         run.extra["cpu_s_per_job_ms"] = round(sum(cpu.values()) / max(run.jobs, 1) * 1000, 3)
+        run.extra["others_cpu_s"] = _others_cpu(since=others)
+        run.extra["machine_busy_cores"] = round((machine_busy_s() - busy) / run.seconds, 2)
         run.extra["vs_baseline_throughput"] = round(
             run.per_second / max(baseline.per_second, 1e-9), 3
         )
@@ -352,6 +372,18 @@ class Bench:
         return runs
 
 
+def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
+    """CPU seconds of what else the pipeline drives: RabbitMQ, Postgres, and this producer."""
+    now = {
+        "rabbitmq": sum(cpu_seconds(p) for p in pids_named("beam.smp")),
+        "postgres": sum(cpu_seconds(p) for p in pids_named("postgres")),
+        "producer": cpu_seconds(os.getpid()),
+    }
+    if since is None:
+        return now
+    return {k: round(v - since.get(k, 0.0), 2) for k, v in now.items()}
+
+
 async def main(sizes: Sizes, out: Path, scenarios: list[str]) -> dict[str, Any]:
     bench = Bench(sizes, out)
     await bench.setup()
@@ -372,6 +404,10 @@ async def main(sizes: Sizes, out: Path, scenarios: list[str]) -> dict[str, Any]:
         "sizes": sizes.__dict__,
         "seconds": round(time.perf_counter() - started, 1),
         "machine": {"cpus": os.cpu_count()},
+        "settings": {
+            "http_transport": Settings().http_transport,
+            "event_loop": Settings().event_loop,
+        },
         "runs": [r.summary() for r in runs],
     }
 
@@ -379,6 +415,9 @@ async def main(sizes: Sizes, out: Path, scenarios: list[str]) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few hundred jobs: does it work")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every job count (quick comparisons)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "ops" / "bench" / "results")
     parser.add_argument(
         "--scenarios",
@@ -387,8 +426,15 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(
-        main(SMOKE if args.smoke else Sizes(), args.out, args.scenarios.split(","))
-    )
+    sizes = SMOKE if args.smoke else Sizes()
+    if args.scale != 1.0:
+        sizes = replace(
+            sizes,
+            **{
+                f: max(1, int(getattr(sizes, f) * args.scale))
+                for f in ("throughput_jobs", "latency_jobs", "many_jobs", "scale_jobs")
+            },
+        )
+    results = asyncio.run(main(sizes, args.out, args.scenarios.split(",")))
     write_reports(results, args.out)
     print((args.out / "bench.md").read_text())
