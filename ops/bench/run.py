@@ -438,3 +438,6 @@ if __name__ == "__main__":
     results = asyncio.run(main(sizes, args.out, args.scenarios.split(",")))
     write_reports(results, args.out)
     print((args.out / "bench.md").read_text())
+    broken = [r["name"] for r in results["runs"] if r["errors"] or not r["jobs"]]
+    if args.smoke and broken:
+        sys.exit(f"bench smoke: jobs failed or none finished in: {', '.join(broken)}")
