@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -37,6 +39,12 @@ def test_the_example_config_loads() -> None:
         "openai_compatible",
     }
     assert config.default_model == "gpt-4o-mini"
+    assert set(config.routes) == {"chat", "coding", "writing"}
+    assert len(config.compiled_rules) == 2
+    gemini = config.provider("gemini")
+    assert gemini is not None and gemini.free_tier is not None
+    llama = config.price("local-vllm", "meta-llama/Llama-3.1-8B-Instruct")
+    assert llama.discounts[0].timezone == "Europe/Paris"
 
 
 def test_a_target_must_be_served_by_its_provider() -> None:
@@ -129,3 +137,228 @@ def test_cost_is_exact_to_the_nano_dollar() -> None:
     price = config.price("a", "m1")
     assert cost_usd(price, 1234, 567) == Decimal("0.002368000")  # 1234 * 1/M + 567 * 2/M
     assert cost_usd(config.price("b", "upstream-m1"), 1, 0) == Decimal("0.000000100")
+
+
+# --- time zones, discounts, free tiers, routes, keys, rules --------------------------------
+
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+
+
+def _full(**top: object) -> str:
+    """Two providers; public models `m` (both) and `n` (b only); `top` overrides the rest."""
+    providers = [
+        {"id": "a", "type": "openai", "base_url": "http://x/v1", "models": {"m": PRICE}},
+        {"id": "b", "type": "mock", "base_url": "http://x/v1", "models": {"m": PRICE, "n": PRICE}},
+    ]
+    return json.dumps({"providers": providers, **top}, default=str)
+
+
+def _discount(**changes: object) -> str:
+    window = {"start": "22:00", "end": "06:00", "multiplier": "0.5", **changes}
+    return _one_provider(models={"m": {**PRICE, "discounts": [window]}})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_full(timezone="Mars/Olympus"), "timezone: Value error, unknown time zone 'Mars/Olympus'"),
+        (_discount(timezone="CET+1"), "providers.0.models.m.discounts.0.timezone: Value error"),
+        (
+            _one_provider(free_tier={"requests_per_day": 5, "reset": {"timezone": "Nowhere"}}),
+            "providers.0.free_tier.reset.timezone: Value error, unknown time zone 'Nowhere'",
+        ),
+        (
+            _one_provider(free_tier={"requests_per_day": 5, "reset": {"hour": 24}}),
+            "providers.0.free_tier.reset.hour: Input should be less than or equal to 23",
+        ),
+        (_one_provider(free_tier={}), "providers.0.free_tier: Value error, a free tier needs"),
+        (_discount(multiplier="0"), "discounts.0.multiplier: Input should be greater than 0"),
+        (_discount(multiplier="1.5"), "discounts.0.multiplier: Input should be less than or equal"),
+        (_discount(start="24:00"), "discounts.0.start: Value error, '24:00' is not a time of day"),
+        (_discount(end="6:00"), "discounts.0.end: Value error, '6:00' is not a time of day"),
+        (_discount(start="12:60"), "discounts.0.start: Value error, '12:60' is not a time of day"),
+        (
+            _discount(weekdays=[7]),
+            "discounts.0.weekdays.0: Input should be less than or equal to 6",
+        ),
+        (_one_provider(weight=0), "providers.0.weight: Input should be greater than 0"),
+        (_full(default_policy="random"), "default_policy: Input should be 'free_first', "),
+        (
+            _full(routes={"coding": {"models": ["m", "gpt-9"]}}),
+            "routes.coding.models: unknown model 'gpt-9'; available: m, n",
+        ),
+        (_full(routes={"coding": {"models": []}}), "routes.coding.models: List should have at"),
+        (
+            _full(keys=[{"id": "k", "key_sha256": HASH_A}, {"id": "k", "key_sha256": HASH_B}]),
+            "keys.1 (k): duplicate id (see keys.0)",
+        ),
+        (
+            _full(keys=[{"id": "k1", "key_sha256": HASH_A}, {"id": "k2", "key_sha256": HASH_A}]),
+            "keys.1 (k2): same key_sha256 as keys.0",
+        ),
+        (
+            _full(keys=[{"id": "k", "key_sha256": "sk-live-plain-key"}]),
+            "keys.0.key_sha256: Value error, must be the SHA-256 of the key as 64 hex characters",
+        ),
+        (_full(keys=[{"id": "k", "key_sha256": "a" * 63}]), "keys.0.key_sha256: Value error"),
+        (
+            _full(
+                consumers={"search": {}},
+                keys=[{"id": "k", "key_sha256": HASH_A, "consumer": "ads"}],
+            ),
+            "keys.0 (k).consumer: unknown consumer 'ads'; known: search",
+        ),
+        (
+            _full(keys=[{"id": "k", "key_sha256": HASH_A, "scopes": ["m", "gpt-4"]}]),
+            "keys.0 (k).scopes: not a known model: 'gpt-4'",
+        ),
+        (
+            _full(consumers={"c": {"budgets": {"usd_per_day": "-1"}}}),
+            "consumers.c.budgets.usd_per_day: Input should be greater than or equal to 0",
+        ),
+        (
+            _full(rules=[{"name": "r", "when": "true", "action": "deny", "providers": ["z"]}]),
+            "rules.0 (r).providers: unknown provider 'z'",
+        ),
+        (_full(alerts={"thresholds": [0.8, 1.2]}), "alerts.thresholds.1: Input should be less"),
+    ],
+)
+def test_new_sections_are_refused_with_the_path_and_reason(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "bad.yaml")
+    assert caught.value.message.startswith("bad.yaml: invalid config")
+    assert expected in caught.value.message
+
+
+def test_a_broken_rule_refuses_the_file_with_its_position() -> None:
+    rules = [
+        {"name": "fine", "when": "provider.free", "action": "prefer"},
+        {"name": "typo", "when": "provider.day_token_used > 5", "action": "deny"},
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_full(rules=rules), "bad.yaml")
+    message = caught.value.message
+    assert message.startswith("bad.yaml: invalid config")
+    assert "rules.1 (typo): invalid `when` expression 'provider.day_token_used > 5'" in message
+    assert "1:9: " in message and "    | provider.day_token_used > 5" in message
+
+
+def test_the_full_schema_loads_from_yaml() -> None:
+    text = """
+timezone: Europe/Paris
+default_policy: cheapest
+providers:
+  - id: a
+    type: gemini
+    base_url: http://x/v1beta
+    rpm: 60
+    tpm: 100000
+    weight: 2.5
+    priority: 1
+    tags: [free-tier, eu]
+    task_types: [chat]
+    free_tier:
+      requests_per_day: 250
+      tokens_per_minute: 250000
+      reset: {timezone: America/Los_Angeles}
+    models:
+      m:
+        input: 1
+        output: 2
+        rpm: 10
+        discounts:
+          - {start: "22:00", end: "06:00", weekdays: [4, 5], multiplier: 0.5}
+          - {start: "00:00", end: "00:00", timezone: Asia/Tokyo, weekdays: [6], multiplier: 0.25}
+routes:
+  chat: [m]
+  coding: {models: [m], policy: fastest}
+consumers:
+  search: {budgets: {usd_per_month: 200, tokens_per_day: 5000000}}
+keys:
+  - id: batch
+    key_sha256: 9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08
+    consumer: search
+    tags: [batch]
+    scopes: ["m*"]
+    rpm: 600
+    budgets: {usd_per_day: 5.5}
+rules:
+  - {name: spare-free, when: provider.day_tokens_used > 1000000, action: avoid, priority: 2}
+alerts: {thresholds: [0.5, 0.9]}
+"""
+    config = parse_config(text, "full.yaml")
+    provider = config.providers[0]
+    assert provider.free_tier is not None and provider.free_tier.reset.hour == 0
+    assert config.routes["chat"].models == ["m"] and config.routes["chat"].policy is None
+    key = config.keys[0]
+    assert key.key_sha256 == "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert config.key_for_secret("test") is key and config.key_for_secret("nope") is None
+    assert config.key("batch") is key and key.allows("m") and not key.allows("x")
+    assert key.budgets is not None and key.budgets.usd_per_day == Decimal("5.5")
+    assert [r.name for r in config.compiled_rules.rules] == ["spare-free"]
+    # The digest is of the data only, and the same for the same file.
+    assert "compiled_rules" not in config.model_dump()
+    assert config.version == parse_config(text).version
+
+
+def test_effective_price_applies_the_lowest_window_in_force() -> None:
+    windows = [
+        {"start": "22:00", "end": "06:00", "weekdays": [4], "multiplier": "0.5"},  # Fri night
+        {"start": "00:00", "end": "00:00", "weekdays": [5], "multiplier": "0.8"},  # all Saturday
+        {"start": "09:00", "end": "10:00", "timezone": "Asia/Tokyo", "multiplier": "0.9"},
+    ]
+    config = parse_config(
+        _one_provider(models={"m": {**PRICE, "discounts": windows}})[:-1] + ', "timezone":'
+        ' "America/New_York"}'
+    )
+
+    def multiplier(at: datetime) -> Decimal:
+        price, factor = config.effective_price("a", "m", at)
+        assert price == config.price("a", "m")
+        return factor
+
+    ny = ZoneInfo("America/New_York")
+    assert multiplier(datetime(2026, 1, 16, 23, 0, tzinfo=ny)) == Decimal("0.5")  # Fri 23:00
+    assert multiplier(datetime(2026, 1, 17, 2, 0, tzinfo=ny)) == Decimal("0.5")  # Sat 02:00
+    assert multiplier(datetime(2026, 1, 17, 7, 0, tzinfo=ny)) == Decimal("0.8")  # Sat 07:00
+    assert multiplier(datetime(2026, 1, 16, 2, 0, tzinfo=ny)) == 1  # Fri 02:00: Thursday's
+    assert multiplier(datetime(2026, 1, 17, 23, 59, tzinfo=ny)) == Decimal("0.8")  # Sat 23:59
+    assert multiplier(datetime(2026, 1, 18, 0, 0, tzinfo=ny)) == 1  # Sunday: the day is over
+    assert multiplier(datetime(2026, 1, 20, 0, 30, tzinfo=UTC)) == Decimal("0.9")  # 09:30 Tokyo
+    discount = config.discount_at("a", "m", datetime(2026, 1, 17, 2, 0, tzinfo=ny))
+    assert discount is not None and discount.describe(config.timezone) == (
+        "0.5 until 06:00 America/New_York"
+    )
+
+
+def test_candidates_for_a_model_a_task_type_or_the_default() -> None:
+    config = parse_config(
+        _full(
+            models={"both": [{"provider": "a", "model": "m"}, {"provider": "b", "model": "n"}]},
+            routes={"chat": {"models": ["both", "m"], "policy": "fastest"}, "coding": ["n"]},
+            default_model="n",
+            default_policy="cheapest",
+        )
+    )
+
+    def ids(model: str | None = None, task_type: str | None = None) -> tuple[list[str], str]:
+        found, policy = config.candidates_for(model=model, task_type=task_type)
+        return [f"{s.provider.id}/{s.model}:{s.public_model}" for s in found], policy
+
+    assert ids("m") == (["a/m:m", "b/m:m"], "cheapest")
+    assert ids("m", task_type="chat") == (["a/m:m", "b/m:m"], "cheapest")  # the model wins
+    assert ids(task_type="chat") == (["a/m:both", "b/n:both", "b/m:m"], "fastest")
+    assert ids(task_type="coding") == (["b/n:n"], "cheapest")  # the route inherits the default
+    assert ids() == (["b/n:n"], "cheapest")
+    with pytest.raises(
+        ModelUnavailable, match="no route for task_type 'poetry'; known task types: chat, coding"
+    ):
+        config.candidates_for(task_type="poetry")
+    with pytest.raises(ModelUnavailable, match="no default_model is set"):
+        parse_config(_full()).candidates_for()
+
+
+def test_a_key_consumer_is_free_text_when_no_consumers_are_configured() -> None:
+    config = parse_config(_full(keys=[{"id": "k", "key_sha256": HASH_A, "consumer": "ads"}]))
+    assert config.keys[0].consumer == "ads" and config.keys[0].scopes == ["*"]
