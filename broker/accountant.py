@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from decimal import Decimal
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from redis.asyncio import Redis
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.admission import quota_needed
 from broker.amqp import Publisher, connect, declare_topology
 from broker.codec import decode_accounting_event
 from broker.config import Config
@@ -24,6 +27,7 @@ from broker.db import jobs, make_engine, usage
 from broker.errors import ConfigError, JobRejected
 from broker.names import Names
 from broker.pricing import cost_usd
+from broker.quota import QuotaStore, usd_to_micros
 from broker.runtime import ConsumerSet, Service
 from schemas import JobEvent, UsageEvent
 
@@ -42,6 +46,7 @@ class Accountant(Service):
         config: Config,
         names: Names,
         *,
+        redis_url: str | None = None,
         batch_size: int = 500,
         max_delay_s: float = 0.05,
     ) -> None:
@@ -57,6 +62,13 @@ class Accountant(Service):
         self._flusher: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._engine: AsyncEngine | None = None
+        self._redis: Redis | None = None
+        self._quota: QuotaStore | None = None
+        if quota_needed(config):
+            if redis_url is None:
+                raise ValueError("this config sets limits or budgets: the accountant needs Redis")
+            self._redis = Redis.from_url(redis_url)
+            self._quota = QuotaStore(self._redis, names)
 
     async def start(self) -> None:
         self._engine = make_engine(self.database_url)
@@ -80,6 +92,8 @@ class Accountant(Service):
             await self._connection.close()
         if self._engine is not None:
             await self._engine.dispose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -129,9 +143,24 @@ class Accountant(Service):
                         code="rejected_by_database",
                         reason=f"Postgres refused the row: {type(exc.orig).__name__}",
                     )
+        await self._reconcile([event for _, event in batch])
         del self._pending[: len(batch)]
         for message, _ in batch:
             await message.ack()
+
+    async def _reconcile(self, events: list[UsageEvent | JobEvent]) -> None:
+        """Settle each finished job's quota reservation to what it used (after the commit, so a
+        crash between the two repeats both, and both are idempotent)."""
+        if self._quota is None:
+            return
+        for event in events:
+            if not isinstance(event, JobEvent) or event.reservation_id is None:
+                continue
+            tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
+            micros = sum(usd_to_micros(self._cost(u)[0] or Decimal(0)) for u in event.usage)
+            await self._quota.reconcile(
+                event.reservation_id, {"tokens": tokens, "usd_micros": micros}
+            )
 
     async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
@@ -150,15 +179,19 @@ class Accountant(Service):
             if job_rows:
                 await conn.execute(_UPSERT_JOB, job_rows)
 
-    def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
+    def _cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
+        """The call's cost at the configured price (nothing on a free tier), and the version."""
+        if event.free:
+            return Decimal(0), self.config.version
         try:
             price = self.config.price(event.provider, event.model)
         except ConfigError:
             log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
-            cost, version = None, None
-        else:
-            cost = cost_usd(price, event.prompt_tokens, event.completion_tokens)
-            version = self.config.version
+            return None, None
+        return cost_usd(price, event.prompt_tokens, event.completion_tokens), self.config.version
+
+    def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
+        cost, version = self._cost(event)
         return {
             "job_id": event.job_id,
             "attempt": event.attempt,

@@ -29,6 +29,7 @@ from broker.names import Names
 
 __all__ = [
     "BROKER_FAILURES",
+    "PARK_DELAYS_S",
     "Publisher",
     "Unroutable",
     "connect",
@@ -40,6 +41,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_PRIORITY = 10
+PARK_DELAYS_S = (1, 5, 30)
+"""Parking queues: one per delay, so a queue-wide TTL expires its head first (a per-message
+expiration would wait behind longer ones at the head)."""
 JSON = "application/json"
 
 
@@ -81,7 +85,19 @@ async def declare_topology(
     queues[names.dead] = await channel.declare_queue(
         names.dead, durable=True, arguments={"x-max-priority": MAX_PRIORITY}
     )
-    work = [names.jobs, names.usage, *(names.provider(p) for p in provider_ids)]
+    for delay_s in PARK_DELAYS_S:
+        queues[names.park(delay_s)] = await channel.declare_queue(
+            names.park(delay_s),
+            durable=True,
+            arguments={
+                # No x-max-priority: TTL expiry works from a queue's head; the job's priority
+                # property survives dead-lettering and counts again in the jobs queue.
+                "x-message-ttl": delay_s * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": names.jobs,
+            },
+        )
+    work = [names.jobs, names.usage, names.alerts, *(names.provider(p) for p in provider_ids)]
     for queue_name in work:
         queues[queue_name] = await channel.declare_queue(
             queue_name, durable=True, arguments=_work_queue_arguments(names)

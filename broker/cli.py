@@ -47,13 +47,21 @@ def _serve(services: list[Service]) -> None:
 def _scheduler(settings: Settings, config: Config) -> Service:
     from broker.scheduler import Scheduler
 
-    return Scheduler(settings.amqp_url, config, Names(settings.namespace))
+    return Scheduler(
+        settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+    )
 
 
 def _accountant(settings: Settings, config: Config) -> Service:
     from broker.accountant import Accountant
 
-    return Accountant(settings.amqp_url, settings.database_url, config, Names(settings.namespace))
+    return Accountant(
+        settings.amqp_url,
+        settings.database_url,
+        config,
+        Names(settings.namespace),
+        redis_url=settings.redis_url,
+    )
 
 
 def _worker(settings: Settings, config: Config, provider_id: str) -> Service:

@@ -6,6 +6,8 @@ HTTP status::
     ├── JobRejected                    status "rejected": the job itself is wrong
     │   ├── InvalidMessage             invalid_message            400
     │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
+    │   ├── Unauthorized               unauthorized               401
+    │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
     │   ├── ModelUnavailable           model_unavailable          404
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
     └── ProviderError                  status "failed": the provider call did not succeed
@@ -35,8 +37,10 @@ __all__ = [
     "ProviderProtocolError",
     "ProviderServerError",
     "ProviderTimeout",
+    "QuotaExceeded",
     "RateLimited",
     "SwitchyardError",
+    "Unauthorized",
     "UnsupportedSchemaVersion",
     "internal_error",
 ]
@@ -85,6 +89,27 @@ class InvalidMessage(JobRejected):
 
 class UnsupportedSchemaVersion(JobRejected):
     code = ErrorCode.UNSUPPORTED_SCHEMA_VERSION
+
+
+class Unauthorized(JobRejected):
+    code = ErrorCode.UNAUTHORIZED
+    http_status = 401
+
+
+class QuotaExceeded(JobRejected):
+    """No candidate's limits or budgets can take the job now."""
+
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_job_error(self) -> JobError:
+        error = super().to_job_error()
+        error.retry_after = self.retry_after
+        return error
 
 
 class ModelUnavailable(JobRejected):

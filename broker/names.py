@@ -42,6 +42,15 @@ class Names:
         return f"{self.namespace}.dead"
 
     @property
+    def alerts(self) -> str:
+        """Budget and limit threshold alerts (80 %, 95 %), one message each per window."""
+        return f"{self.namespace}.alerts"
+
+    def park(self, delay_s: int) -> str:
+        """A TTL queue that holds a job ``delay_s`` seconds, then dead-letters it back to jobs."""
+        return f"{self.namespace}.park.{delay_s}s"
+
+    @property
     def webhooks(self) -> str:
         return f"{self.namespace}.webhooks"
 

@@ -79,6 +79,8 @@ class Outcomes:
             batch_id=_batch_id(job),
             submitted_at=job.submitted_at,
             finished_at=finished_at,
+            reservation_id=job.route.reservation_id if job.route else None,
+            key_id=job.route.key_id if job.route else None,
             usage=usage,
         )
         publishes: list[Awaitable[object]] = [
@@ -197,6 +199,8 @@ class Outcomes:
                 batch_id=_batch_id(job) if job else None,
                 submitted_at=submitted,
                 finished_at=now,
+                reservation_id=job.route.reservation_id if job and job.route else None,
+                key_id=job.route.key_id if job and job.route else None,
             )
             publishes.append(self.publisher.publish(self.names.usage, encode(event)))
         await asyncio.gather(*publishes)

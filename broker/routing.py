@@ -133,15 +133,29 @@ class RouteDecision:
     dropped: list[Dropped] = field(default_factory=list)
     rule_errors: list[str] = field(default_factory=list)
 
-    def to_route(self, scheduled_at: datetime) -> Route:
-        """The ``Route`` carried on the job (alternatives as provider ids)."""
+    def to_route(
+        self,
+        scheduled_at: datetime,
+        *,
+        admitted: tuple[Candidate, list[Candidate]] | None = None,
+        reservation_id: str | None = None,
+        key_id: str | None = None,
+    ) -> Route:
+        """The ``Route`` carried on the job (alternatives as provider ids). ``admitted``: the
+        candidate quota admitted and what is left after it, when it was not the first choice."""
+        chosen, alternatives = admitted or (self.chosen, self.alternatives)
+        reason = self.reason if chosen is self.chosen else f"quota: {chosen.label}; {self.reason}"
         return Route(
-            provider=self.chosen.provider.id,
-            model=self.chosen.model,
-            public_model=self.chosen.public_model,
-            reason=self.reason,
-            alternatives=[c.provider.id for c in self.alternatives],
+            provider=chosen.provider.id,
+            model=chosen.model,
+            public_model=chosen.public_model,
+            reason=reason,
+            alternatives=[c.provider.id for c in alternatives],
             scheduled_at=scheduled_at,
+            policy=self.policy,
+            free=chosen.free,
+            reservation_id=reservation_id,
+            key_id=key_id,
         )
 
 

@@ -1,63 +1,86 @@
-"""The scheduler: takes jobs off ``<ns>.jobs``, validates and routes them, and hands each to its
-provider's queue. It acks a job only after the provider queue has confirmed the hand-off."""
+"""The scheduler: takes jobs off ``<ns>.jobs``, authenticates, routes and reserves quota for
+each, and hands it to its provider's queue. It acks a job only after the provider queue (or a
+parking queue) has confirmed the hand-off.
+
+Order per job (ARCHITECTURE.md "Routing, in order"): the key and its scopes, the router (explicit
+model or task route, health, CEL rules, policy), then quota: the candidates are tried in the
+router's order and the first whose every bucket can be reserved wins; the rest ride along as the
+job's failover list. When none can, the job's ``on_quota`` says: ``reject`` (a ``rate_limited``
+result with ``retry_after``) or ``wait`` (parked in a TTL queue that returns it to the jobs queue,
+keeping its priority, until its deadline).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from redis.asyncio import BlockingConnectionPool, Redis
 
-from broker.amqp import Publisher, connect, declare_topology, passthrough_headers
+from broker.admission import Admission, quota_needed
+from broker.amqp import PARK_DELAYS_S, Publisher, connect, declare_topology, passthrough_headers
 from broker.codec import encode
 from broker.config import Config
-from broker.errors import DeadlineExceeded, ModelUnavailable
-from broker.names import Names
+from broker.config_limits import KeyConfig
+from broker.errors import DeadlineExceeded, QuotaExceeded, Unauthorized
+from broker.names import HEADER_KEY, Names
 from broker.outcomes import Outcomes, utcnow
+from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
+from broker.routing import Candidate, ProviderState, RouteDecision, Router
 from broker.runtime import ConsumerSet, Service
-from schemas import CompletionJob, Route
+from broker.tokens import estimate_prompt_tokens
+from schemas import CompletionJob
 
-__all__ = ["Scheduler", "route_job"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
 
+MAX_WAIT_S = 600.0
+"""How long an ``on_quota: wait`` job without a deadline may wait for quota."""
+SWEEP_EVERY_S = 1.0
 
-def route_job(job: CompletionJob, config: Config, now: datetime) -> Route:
-    """Pick the provider for a job: for now the first configured candidate of its model.
 
-    Full routing (task types, policies, rules, health, quotas) replaces this in the scheduler
-    issue; the ``Route`` it returns keeps the same shape.
-    """
-    public_model = job.model or config.default_model
-    if public_model is None:
-        reason = "the job names no model" + (
-            f" (task_type {job.task_type!r} routing is not configured)" if job.task_type else ""
-        )
-        raise ModelUnavailable(
-            f"{reason} and no default_model is set; available: {', '.join(config.public_models())}"
-        )
-    candidates = config.candidates(public_model)
-    provider, upstream = candidates[0]
-    return Route(
-        provider=provider.id,
-        model=upstream,
-        public_model=public_model,
-        reason="first configured provider for the model",
-        alternatives=[p.id for p, _ in candidates[1:]],
-        scheduled_at=now,
-    )
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    chosen: Candidate
+    alternatives: list[Candidate]
+    reservation_id: str | None
 
 
 class Scheduler(Service):
     name = "scheduler"
 
-    def __init__(self, amqp_url: str, config: Config, names: Names, *, prefetch: int = 256) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        config: Config,
+        names: Names,
+        *,
+        redis_url: str | None = None,
+        prefetch: int = 256,
+    ) -> None:
         self.amqp_url = amqp_url
         self.config = config
         self.names = names
         self.prefetch = prefetch
+        self.router = Router(config)
         self.consumers = ConsumerSet()
+        self.admission: Admission | None = None
+        self._redis: Redis | None = None
+        if quota_needed(config):
+            if redis_url is None:
+                raise ValueError("this config sets limits or budgets: the scheduler needs Redis")
+            self._redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url))
+            self.admission = Admission(config, QuotaStore(self._redis, names), names)
+        self._round_robin = itertools.count()
         self._connection: AbstractRobustConnection | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._connection = await connect(self.amqp_url, name="switchyard-scheduler")
@@ -65,25 +88,154 @@ class Scheduler(Service):
         await channel.set_qos(prefetch_count=self.prefetch)
         queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
         self.outcomes = Outcomes(Publisher(channel), self.names)
+        if self.admission is not None:
+            self._sweeper = asyncio.create_task(self._sweep())
         await self.consumers.consume(queues[self.names.jobs], self.handle)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._connection is not None:
             await self._connection.close()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         async def schedule(job: CompletionJob) -> None:
-            now = utcnow()
-            if job.deadline is not None and job.deadline <= now:
-                raise DeadlineExceeded("the job's deadline passed before it was scheduled")
-            update: dict[str, object] = {"route": route_job(job, self.config, now)}
-            if "priority" not in job.model_fields_set and message.priority:
-                # An AMQP-native producer may set only the property; the body then carries it on.
-                update["priority"] = min(message.priority, 9)
-            await self._forward(message, job.model_copy(update=update), now)
+            await self._schedule(message, job)
 
         await self.outcomes.settle(message, self.names.jobs, schedule)
+
+    async def _schedule(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
+        now = utcnow()
+        if job.deadline is not None and job.deadline <= now:
+            raise DeadlineExceeded("the job's deadline passed before it was scheduled")
+        key = self._authenticate(message)
+        decision = self.router.route(
+            job,
+            key=key,
+            states=await self._states(job),
+            now=now,
+            rr_counter=next(self._round_robin),
+        )
+        admitted = await self._admit(job, key, decision, now)
+        if admitted is None:
+            await self._park(message, job, now)
+            return
+        route = decision.to_route(
+            now,
+            admitted=(admitted.chosen, admitted.alternatives),
+            reservation_id=admitted.reservation_id,
+            key_id=key.id if key else None,
+        )
+        log.debug("job %s routed: %s", job.job_id, route.model_dump_json())
+        update: dict[str, object] = {"route": route}
+        if decision.priority is not None:
+            update["priority"] = decision.priority
+        elif "priority" not in job.model_fields_set and message.priority:
+            # An AMQP-native producer may set only the property; the body then carries it on.
+            update["priority"] = min(message.priority, 9)
+        await self._forward(message, job.model_copy(update=update), now)
+
+    def _authenticate(self, message: AbstractIncomingMessage) -> KeyConfig | None:
+        """With keys configured, every job must carry a known one; without, jobs are anonymous."""
+        if not self.config.keys:
+            return None
+        secret = (message.headers or {}).get(HEADER_KEY)
+        if isinstance(secret, bytes):
+            secret = secret.decode(errors="replace")
+        key = self.config.key_for_secret(secret) if isinstance(secret, str) else None
+        if key is None:
+            raise Unauthorized(
+                f"a known virtual key is required in the {HEADER_KEY} header"
+                + ("" if secret else " (none was given)")
+            )
+        return key
+
+    async def _states(self, job: CompletionJob) -> dict[str, ProviderState]:
+        if self.admission is None:
+            return {}
+        tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
+        now = utcnow()
+        return {p.id: await self.admission.state(p, tokens, now) for p in self.config.providers}
+
+    async def _admit(
+        self, job: CompletionJob, key: KeyConfig | None, decision: RouteDecision, now: datetime
+    ) -> _Admitted | None:
+        """Reserve quota on the first candidate that fits. ``None``: park the job."""
+        if self.admission is None:
+            return _Admitted(decision.chosen, decision.alternatives, None)
+        ordered = [decision.chosen, *decision.alternatives]
+        # A provider's free tier running out leaves its paid tier: try that after the rest.
+        ordered += [replace(c, free=False) for c in ordered if c.free]
+        reservation_id = f"{job.job_id}:{len(job.attempts)}"
+        shorts: list[Short] = []
+        for index, candidate in enumerate(ordered):
+            provider = candidate.provider
+            hold_s = provider.timeout_s * provider.max_attempts + 60
+            outcome = await self.admission.reserve(reservation_id, key, candidate, now, hold_s)
+            if isinstance(outcome, Reserved):
+                await self._alert(outcome.crossed)
+                return _Admitted(candidate, ordered[index + 1 :], reservation_id)
+            shorts.append(outcome)
+        short = min(shorts, key=lambda s: s.retry_after_s)
+        waited_from = job.submitted_at or now
+        give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
+        if job.on_quota == "wait" and not short.never_fits and give_up > now:
+            return None
+        raise QuotaExceeded(
+            f"quota short for every candidate: {short.bucket_label} has {short.current} of "
+            f"{short.limit} used",
+            retry_after=round(short.retry_after_s, 3),
+        )
+
+    async def _park(
+        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime
+    ) -> None:
+        """Hold the job in the shortest parking queue, then it comes back to the jobs queue."""
+        delay = PARK_DELAYS_S[0]
+        log.info("job %s waits for quota (%d s)", job.job_id, delay)
+        await self.outcomes.publisher.publish(
+            self.names.park(delay),
+            message.body,
+            message_id=job.job_id,
+            correlation_id=message.correlation_id or job.job_id,
+            reply_to=message.reply_to,
+            priority=job.priority,
+            headers=passthrough_headers(message),
+        )
+
+    async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
+        for alert in crossed:
+            log.warning(
+                "%s reached %d%% (%d of %d)", alert.label, alert.threshold, alert.used, alert.limit
+            )
+            body = orjson.dumps(
+                {
+                    "label": alert.label,
+                    "threshold_percent": alert.threshold,
+                    "used": alert.used,
+                    "limit": alert.limit,
+                    "at": utcnow().isoformat(),
+                }
+            )
+            await self.outcomes.publisher.publish(self.names.alerts, body)
+
+    async def _sweep(self) -> None:
+        """Return reservations whose holder died (the job never reached the accountant)."""
+        assert self.admission is not None
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            try:
+                returned = await self.admission.store.expire_holds()
+            except Exception:
+                log.warning("quota sweep failed", exc_info=True)
+                continue
+            if returned:
+                log.info("returned %d expired quota reservations", returned)
 
     async def _forward(
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime

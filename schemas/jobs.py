@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
     MODEL_UNAVAILABLE = "model_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     TIMEOUT = "timeout"
     SERVER_ERROR = "server_error"
@@ -106,6 +107,11 @@ class CompletionJob(_Message):
     metadata: dict[str, Any] = Field(default_factory=dict)
     cache: CachePolicy = Field(default_factory=CachePolicy)
     attempts: list[Attempt] = Field(default_factory=list)
+    on_quota: Literal["wait", "reject"] = Field(
+        default="reject",
+        description="When no candidate has quota: park the job and retry until its deadline, "
+        "or answer rate_limited with retry_after at once.",
+    )
     submitted_at: datetime | None = Field(
         default=None, description="Set by the producer; the queued time is measured from it."
     )
@@ -122,6 +128,12 @@ class Route(BaseModel):
     reason: str
     alternatives: list[str] = Field(default_factory=list)
     scheduled_at: datetime
+    policy: str | None = None
+    free: bool = Field(default=False, description="Served from the provider's free tier.")
+    reservation_id: str | None = Field(
+        default=None, description="The quota reservation the accountant reconciles."
+    )
+    key_id: str | None = None
 
 
 class JobError(BaseModel):
@@ -197,6 +209,7 @@ class UsageEvent(_Message):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     estimated: bool = False
+    free: bool = Field(default=False, description="Free-tier call: costs nothing.")
     key_id: str | None = None
     occurred_at: datetime
 
@@ -224,6 +237,7 @@ class JobEvent(_Message):
     key_id: str | None = None
     submitted_at: datetime | None = None
     finished_at: datetime
+    reservation_id: str | None = None
     usage: list[UsageEvent] = Field(default_factory=list)
 
 

@@ -26,12 +26,14 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.amqp import PARK_DELAYS_S
 from broker.config import Config, load_config
 from broker.names import Names
 from broker.runtime import Service
 from broker.settings import Settings
 
 AMQP_URL = os.environ.get("SWITCHYARD_AMQP_URL", Settings().amqp_url)
+REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
 ADMIN_DSN = os.environ.get(
     "SWITCHYARD_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -126,7 +128,8 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
     ns = Names(f"{SESSION_NS}.t{next(_test_counter)}")
     yield ns
     channel = await amqp.channel()
-    for queue in [ns.jobs, ns.usage, ns.dead, *(ns.provider(p) for p in _provider_ids)]:
+    queues = [ns.jobs, ns.usage, ns.dead, ns.alerts, *(ns.park(d) for d in PARK_DELAYS_S)]
+    for queue in [*queues, *(ns.provider(p) for p in _provider_ids)]:
         await channel.queue_delete(queue)
     await channel.close()
 
@@ -267,9 +270,9 @@ def pipeline(names: Names, database_url: str) -> Any:
 
         services: list[Service] = []
         if scheduler:
-            services.append(Scheduler(AMQP_URL, config, names))
+            services.append(Scheduler(AMQP_URL, config, names, redis_url=REDIS_URL))
         if accountant:
-            services.append(Accountant(AMQP_URL, database_url, config, names))
+            services.append(Accountant(AMQP_URL, database_url, config, names, redis_url=REDIS_URL))
         for provider_id in workers if workers is not None else [p.id for p in config.providers]:
             services.append(WorkerPool(AMQP_URL, config, names, provider_id))
         started: list[Service] = []

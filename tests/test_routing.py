@@ -467,6 +467,10 @@ def test_the_decision_becomes_the_jobs_route() -> None:
         "reason": "cheapest of 3",
         "alternatives": ["mid", "dear"],
         "scheduled_at": NOON,
+        "policy": "cheapest",
+        "free": False,
+        "reservation_id": None,
+        "key_id": None,
     }
 
 

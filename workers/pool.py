@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
+from decimal import Decimal
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
@@ -115,7 +116,11 @@ class WorkerPool(Service):
         cost = None
         if usage is not None:
             price = self.config.price(route.provider, route.model)
-            cost = cost_usd(price, usage.prompt_tokens, usage.completion_tokens)
+            cost = (
+                Decimal(0)
+                if route.free
+                else cost_usd(price, usage.prompt_tokens, usage.completion_tokens)
+            )
         return JobResult(
             status=JobStatus.SUCCEEDED,
             response=outcome.completion,

@@ -129,6 +129,8 @@ async def call_with_retries(
                 prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens,
                 estimated=outcome.usage_estimated,
+                free=route.free,
+                key_id=route.key_id,
                 occurred_at=utcnow(),
             )
         )

@@ -42,6 +42,7 @@ from procs import (
 )
 from report import write_reports
 
+from broker.amqp import PARK_DELAYS_S
 from broker.client import SwitchyardClient
 from broker.config import ProviderConfig
 from broker.migrate import upgrade
@@ -118,6 +119,8 @@ class Bench:
             self.names.jobs,
             self.names.usage,
             self.names.dead,
+            self.names.alerts,
+            *(self.names.park(d) for d in PARK_DELAYS_S),
             self.names.provider("mock"),
             self.bare_queue,
         ):
