@@ -15,6 +15,7 @@ import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import (
@@ -44,6 +45,8 @@ def make_job(
     priority: int = 0,
     metadata: Mapping[str, Any] | None = None,
     job_id: str | None = None,
+    on_quota: str = "reject",
+    deadline: datetime | None = None,
 ) -> CompletionJob:
     # One validation of the whole job, so an error names its full path (messages.0.role).
     return CompletionJob.model_validate(
@@ -60,6 +63,8 @@ def make_job(
             else (params or {}),
             "priority": priority,
             "metadata": dict(metadata or {}),
+            "on_quota": on_quota,
+            "deadline": deadline,
             "submitted_at": utcnow(),
         }
     )

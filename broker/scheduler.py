@@ -64,11 +64,15 @@ class Scheduler(Service):
         *,
         redis_url: str | None = None,
         prefetch: int = 256,
+        hold_margin_s: float = 60.0,
     ) -> None:
         self.amqp_url = amqp_url
         self.config = config
         self.names = names
         self.prefetch = prefetch
+        # A reservation is held for the provider's worst case (every attempt timing out) plus
+        # this margin for queueing; a holder that died returns it when the hold passes.
+        self.hold_margin_s = hold_margin_s
         self.router = Router(config)
         self.consumers = ConsumerSet()
         self.admission: Admission | None = None
@@ -175,7 +179,7 @@ class Scheduler(Service):
         shorts: list[Short] = []
         for index, candidate in enumerate(ordered):
             provider = candidate.provider
-            hold_s = provider.timeout_s * provider.max_attempts + 60
+            hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s
             outcome = await self.admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Reserved):
                 await self._alert(outcome.crossed)

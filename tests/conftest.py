@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
 
 from broker.amqp import PARK_DELAYS_S
 from broker.config import Config, load_config
@@ -132,6 +133,12 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
     for queue in [*queues, *(ns.provider(p) for p in _provider_ids)]:
         await channel.queue_delete(queue)
     await channel.close()
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        async for key in redis.scan_iter(match=f"{ns.namespace}:*", count=500):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
 
 
 async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
@@ -263,6 +270,7 @@ def pipeline(names: Names, database_url: str) -> Any:
         scheduler: bool = True,
         workers: list[str] | None = None,
         accountant: bool = True,
+        hold_margin_s: float = 60.0,
     ) -> AsyncIterator[list[Service]]:
         from broker.accountant import Accountant
         from broker.scheduler import Scheduler
@@ -270,7 +278,9 @@ def pipeline(names: Names, database_url: str) -> Any:
 
         services: list[Service] = []
         if scheduler:
-            services.append(Scheduler(AMQP_URL, config, names, redis_url=REDIS_URL))
+            services.append(
+                Scheduler(AMQP_URL, config, names, redis_url=REDIS_URL, hold_margin_s=hold_margin_s)
+            )
         if accountant:
             services.append(Accountant(AMQP_URL, database_url, config, names, redis_url=REDIS_URL))
         for provider_id in workers if workers is not None else [p.id for p in config.providers]:

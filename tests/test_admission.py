@@ -1,0 +1,260 @@
+"""Quota before any provider call, through the real pipeline: keys, limits that never overshoot,
+budgets reconciled exactly, free tier then paid, parked jobs, returned reservations."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
+
+from broker.client import SwitchyardClient, make_job
+from broker.config import load_config
+from broker.names import Names
+from broker.quota import bucket_key
+from broker.windows import Period, window
+from schemas import JobResult
+from tests.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    MockProvider,
+    consumer_count,
+    eventually,
+    process_env,
+    write_config,
+)
+from tests.test_processes import Processes
+
+SECRET = "sk-switchyard-test-key"
+SECRET_SHA = hashlib.sha256(SECRET.encode()).hexdigest()
+PRICE = {"input": 1000, "output": 1000}  # USD per million tokens: a job costs cents
+
+
+def key_entry(**limits: Any) -> dict[str, Any]:
+    return {"id": "team-a", "key_sha256": SECRET_SHA, **limits}
+
+
+@pytest.fixture
+async def redis() -> Any:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+async def run_jobs(
+    names: Names,
+    count: int,
+    *,
+    api_key: str | None = SECRET,
+    concurrent: bool = True,
+    **fields: Any,
+) -> list[JobResult]:
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+
+        async def one(i: int) -> JobResult:
+            job = make_job(
+                [{"role": "user", "content": f"budget question {i}"}], model="m", **fields
+            )
+            return await client.complete(job=job, api_key=api_key, timeout_s=60)
+
+        if concurrent:
+            return list(await asyncio.gather(*(one(i) for i in range(count))))
+        return [await one(i) for i in range(count)]
+
+
+async def test_a_job_without_a_known_key_is_unauthorized(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry()]))
+    async with pipeline(config, accountant=False):
+        [missing] = await run_jobs(names, 1, api_key=None)
+        [wrong] = await run_jobs(names, 1, api_key="sk-not-ours")
+        [good] = await run_jobs(names, 1)
+    for result in (missing, wrong):
+        assert result.status.value == "rejected"
+        assert result.error is not None and result.error.code.value == "unauthorized"
+        assert SECRET not in result.error.message
+    assert good.status.value == "succeeded"
+    assert mock.stats()["calls"] == 1
+
+
+async def test_two_scheduler_processes_admit_exactly_the_keys_requests_per_minute(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    database_url: str,
+    tmp_path: Path,
+    mock: MockProvider,
+) -> None:
+    providers = [{"id": "p", "concurrency": 50, "models": {"m": PRICE}}]
+    path = write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(rpm=100)])
+    procs = Processes(process_env(names, database_url, path), tmp_path)
+    try:
+        procs.start("scheduler")
+        procs.start("scheduler")
+        procs.start("worker", "--provider", "p")
+
+        async def up() -> bool:
+            return (
+                await consumer_count(amqp, names.jobs) == 2
+                and await consumer_count(amqp, names.provider("p")) == 1
+            )
+
+        await eventually(up, 30, "two schedulers and a worker")
+        # All 500 must land in one minute window: start early in a minute.
+        seconds_left = 60 - time.time() % 60
+        if seconds_left < 30:
+            await asyncio.sleep(seconds_left + 0.1)
+        results = await run_jobs(names, 500)
+    finally:
+        procs.stop_all()
+    outcomes = Counter((r.status.value, r.error.code.value if r.error else None) for r in results)
+    assert outcomes == {("succeeded", None): 100, ("rejected", "rate_limited"): 400}
+    rejected = [r for r in results if r.error is not None]
+    assert all(r.error and r.error.retry_after and 0 < r.error.retry_after <= 60 for r in rejected)
+    assert mock.stats()["calls"] == 100
+
+
+async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles_exactly(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+    redis: Redis,
+    mock: MockProvider,
+) -> None:
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    budget = Decimal("0.25")  # each job reserves ~0.07 USD (prompt + 50 output tokens)
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            providers,
+            keys=[key_entry(budgets={"usd_per_day": str(budget)})],
+        )
+    )
+    async with pipeline(config):
+        results = await run_jobs(names, 12, concurrent=False, params={"max_tokens": 50})
+        statuses = [r.status.value for r in results]
+        assert "rejected" in statuses
+        first_rejected = statuses.index("rejected")
+        assert statuses[:first_rejected] == ["succeeded"] * first_rejected
+        rejected = results[first_rejected]
+        assert rejected.error is not None
+        assert rejected.error.code.value == "rate_limited"
+        assert "key team-a USD per day" in rejected.error.message
+        succeeded = [r for r in results if r.status.value == "succeeded"]
+        spent = sum((r.cost_usd or Decimal(0) for r in succeeded), Decimal(0))
+        assert spent <= budget
+        assert mock.stats()["calls"] == len(succeeded)
+
+        day = window(Period.DAY, datetime.now(UTC), ZoneInfo("UTC")).id
+        usd_key = bucket_key(names, "key", "team-a", "usd_day", day)
+        ids = [r.job_id for r in succeeded]
+
+        async def reconciled() -> bool:
+            rows = await pg.fetch(
+                "SELECT cost_usd, total_tokens FROM usage WHERE job_id = ANY($1::text[])", ids
+            )
+            micros = sum(
+                int((r["cost_usd"] * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+                for r in rows
+            )
+            counter = int(await redis.get(usd_key) or 0)
+            return len(rows) == len(ids) and counter == micros
+
+        await eventually(reconciled, 15, "the Redis budget counter to equal Postgres")
+
+
+async def test_the_free_tier_serves_until_it_is_gone_then_the_cheapest_paid_provider(
+    names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
+) -> None:
+    providers = [
+        {
+            "id": "gratis",
+            "models": {"m": {"input": 5, "output": 5}},
+            "free_tier": {"requests_per_day": 3},
+        },
+        {"id": "budget", "models": {"m": {"input": 1, "output": 1}}},
+    ]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers))
+    async with pipeline(config):
+        results = await run_jobs(names, 5, api_key=None, concurrent=False)
+    assert [r.provider for r in results] == ["gratis"] * 3 + ["budget"] * 2
+    assert [r.cost_usd == 0 for r in results] == [True, True, True, False, False]
+
+    async def recorded() -> bool:
+        ids = [r.job_id for r in results]
+        return bool(
+            await pg.fetchval("SELECT count(*) FROM usage WHERE job_id = ANY($1::text[])", ids) == 5
+        )
+
+    await eventually(recorded, 10, "five usage rows")
+    costs = await pg.fetch(
+        "SELECT provider, cost_usd FROM usage WHERE job_id = ANY($1::text[]) ORDER BY provider",
+        [r.job_id for r in results],
+    )
+    assert [(r["provider"], r["cost_usd"] == 0) for r in costs] == [
+        ("budget", False),
+        ("budget", False),
+        ("gratis", True),
+        ("gratis", True),
+        ("gratis", True),
+    ]
+
+
+async def test_a_job_that_waits_for_quota_is_parked_and_served_later(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    # Room for one reservation (prompt + 100 output tokens) at a time: the others park until
+    # the first is reconciled down to what it used.
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(tpm=200)])
+    )
+    async with pipeline(config):
+        results = await run_jobs(names, 3, on_quota="wait", params={"max_tokens": 100})
+    assert [r.status.value for r in results] == ["succeeded"] * 3
+    waited = [r for r in results if (r.timings.queued_ms or 0) >= 900]
+    assert waited  # at least one went through a parking queue (1 s)
+
+
+async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
+    names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
+) -> None:
+    providers = [{"id": "p", "timeout_s": 0.5, "max_attempts": 1, "models": {"m": PRICE}}]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(rpm=50)])
+    )
+    if datetime.now(UTC).second >= 45:  # keep the whole test inside one minute window
+        await asyncio.sleep(61 - datetime.now(UTC).second)
+    minute = window(Period.MINUTE, datetime.now(UTC), ZoneInfo("UTC")).id
+    rpm_key = bucket_key(names, "key", "team-a", "rpm", minute)
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    # No worker runs: the jobs sit in the provider queue while their reservations are held.
+    async with pipeline(config, workers=[], accountant=False, hold_margin_s=0.5), client:
+        queue = await client.open_results("held")
+        for i in range(3):
+            job = make_job([{"role": "user", "content": f"held {i}"}], model="m")
+            await client.submit(job, results_queue=queue, api_key=SECRET)
+
+        async def held() -> bool:
+            return int(await redis.get(rpm_key) or 0) == 3
+
+        async def returned() -> bool:
+            return int(await redis.get(rpm_key) or 0) == 0
+
+        await eventually(held, 10, "three requests held")
+        await eventually(returned, 10, "the holds to expire and be returned")
+        await client.delete_results(queue)
