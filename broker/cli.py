@@ -68,7 +68,13 @@ def _worker(settings: Settings, config: Config, provider_id: str) -> Service:
     from workers.pool import WorkerPool
 
     try:
-        return WorkerPool(settings.amqp_url, config, Names(settings.namespace), provider_id)
+        return WorkerPool(
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            provider_id,
+            redis_url=settings.redis_url,
+        )
     except SwitchyardError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(2) from None

@@ -106,6 +106,12 @@ class ProviderConfig(_Strict):
     concurrency: int = Field(default=8, ge=1, le=10_000)
     timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=10)
+    global_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls in flight across all worker processes (Redis leases); "
+        "`concurrency` is each process's own cap.",
+    )
     rpm: int | None = Field(default=None, ge=1, description="Requests per minute, all models.")
     tpm: int | None = Field(default=None, ge=1, description="Tokens per minute, all models.")
     weight: float = Field(default=1.0, gt=0, description="Share of jobs under `weighted`.")

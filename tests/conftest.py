@@ -284,7 +284,7 @@ def pipeline(names: Names, database_url: str) -> Any:
         if accountant:
             services.append(Accountant(AMQP_URL, database_url, config, names, redis_url=REDIS_URL))
         for provider_id in workers if workers is not None else [p.id for p in config.providers]:
-            services.append(WorkerPool(AMQP_URL, config, names, provider_id))
+            services.append(WorkerPool(AMQP_URL, config, names, provider_id, redis_url=REDIS_URL))
         started: list[Service] = []
         try:
             for service in services:

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,87 @@ async def test_a_worker_killed_mid_call_loses_no_job_and_records_each_call_once(
         row = by_job[result.job_id]
         assert row["prompt_tokens"] == result.usage.prompt_tokens
         assert row["completion_tokens"] == result.usage.completion_tokens
+
+
+async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_leases_expire(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    database_url: str,
+    tmp_path: Path,
+    mock: MockProvider,
+) -> None:
+    from redis.asyncio import Redis
+
+    from broker.leases import lease_key
+    from tests.conftest import REDIS_URL
+
+    providers = [
+        {
+            "id": "capped",
+            "concurrency": 4,
+            "global_concurrency": 3,
+            "timeout_s": 2,
+            "max_attempts": 1,
+        },
+    ]
+    config = write_config(tmp_path / "g.yaml", mock, providers)
+    procs = Processes(process_env(names, database_url, config), tmp_path)
+    redis = Redis.from_url(REDIS_URL)
+    leases = lease_key(names, "capped")
+    try:
+        procs.start("scheduler")
+        first = procs.start("worker", "--provider", "capped")
+        procs.start("worker", "--provider", "capped")
+
+        async def up() -> bool:
+            return await consumer_count(amqp, names.provider("capped")) == 2
+
+        await eventually(up, 30, "two workers")
+        mock.configure(latency_ms=300)
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            results = await asyncio.gather(
+                *(
+                    client.complete(
+                        [{"role": "user", "content": f"capped {i}"}],
+                        model="gpt-4o-mini",
+                        timeout_s=60,
+                    )
+                    for i in range(20)
+                )
+            )
+            assert [r.status.value for r in results] == ["succeeded"] * 20
+            assert mock.stats()["max_in_flight"] == 3  # 8 slots in two processes, 3 leases
+
+            # Kill one worker in the middle of calls: its leases stay until they expire.
+            mock.configure(latency_ms=1500)
+            calls = [
+                asyncio.create_task(
+                    client.complete(
+                        [{"role": "user", "content": f"doomed {i}"}],
+                        model="gpt-4o-mini",
+                        timeout_s=60,
+                    )
+                )
+                for i in range(6)
+            ]
+
+            async def three_held() -> bool:
+                return bool(await redis.zcard(leases) == 3 and mock.stats()["in_flight"] == 3)
+
+            await eventually(three_held, 10, "three leases held")
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+            done = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        assert all(r.status.value in ("succeeded", "failed") for r in done)
+
+        async def none_held() -> bool:
+            # Leases still valid: expiry (ms, Redis clock on this same machine) after now.
+            now_ms = int(time.time() * 1000)
+            return bool(await redis.zcount(leases, f"({now_ms}", "+inf") == 0)
+
+        # The dead worker's leases last 2 s (timeout) + 2 s (margin) from their grant.
+        await eventually(none_held, 15, "every lease to be released or expired")
+    finally:
+        procs.stop_all()
+        await redis.aclose()

@@ -7,15 +7,20 @@ queue and the usage and job events to the accountant, and ack only after all are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
+from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from redis.asyncio import Redis
 
 from broker.amqp import Publisher, connect, declare_topology
 from broker.config import Config, ProviderConfig
 from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage
+from broker.leases import LeaseSemaphore, lease_key
 from broker.names import Names
 from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.pricing import cost_usd
@@ -23,7 +28,7 @@ from broker.runtime import ConsumerSet, Service
 from schemas import ChatCompletionChunk, CompletionJob, JobResult, JobStatus, Timings
 from workers.adapters import adapter_for
 from workers.http import make_http_client
-from workers.retry import CallOutcome, call_with_retries
+from workers.retry import MAX_BACKOFF_S, CallOutcome, call_with_retries
 
 __all__ = ["WorkerPool"]
 
@@ -31,7 +36,15 @@ log = logging.getLogger(__name__)
 
 
 class WorkerPool(Service):
-    def __init__(self, amqp_url: str, config: Config, names: Names, provider_id: str) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        config: Config,
+        names: Names,
+        provider_id: str,
+        *,
+        redis_url: str | None = None,
+    ) -> None:
         provider = config.provider(provider_id)
         if provider is None:
             known = ", ".join(p.id for p in config.providers)
@@ -49,6 +62,26 @@ class WorkerPool(Service):
         self._http = make_http_client(provider)
         self._adapter = adapter_for(provider, self._http)
         self._connection: AbstractRobustConnection | None = None
+        self._redis: Redis | None = None
+        self._leases: LeaseSemaphore | None = None
+        self._holder = f"{provider_id}-{secrets.token_hex(4)}"
+        if provider.global_concurrency is not None:
+            if redis_url is None:
+                raise ConfigError(f"provider {provider_id!r} sets global_concurrency: needs Redis")
+            self._redis = Redis.from_url(redis_url)
+            # A lease outlives the worst case of one job (every attempt timing out, backoffs
+            # between), so it is never taken from a live call; a dead worker's expires.
+            lease_s = (
+                provider.timeout_s * provider.max_attempts
+                + MAX_BACKOFF_S * (provider.max_attempts - 1)
+                + 2
+            )
+            self._leases = LeaseSemaphore(
+                self._redis,
+                lease_key(names, provider_id),
+                provider.global_concurrency,
+                lease_s,
+            )
 
     async def start(self) -> None:
         self._connection = await connect(self.amqp_url, name=f"switchyard-{self.name}")
@@ -63,6 +96,8 @@ class WorkerPool(Service):
         if self._connection is not None:
             await self._connection.close()
         await self._http.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         async with self._slots:
@@ -83,13 +118,28 @@ class WorkerPool(Service):
                 async def on_chunk(attempt: int, sequence: int, chunk: ChatCompletionChunk) -> None:
                     await self.outcomes.chunk(message, job, attempt, sequence, chunk)
 
-            outcome = await call_with_retries(
-                self._adapter, job, max_attempts=self.provider.max_attempts, on_chunk=on_chunk
-            )
+            async with self._global_slot():
+                outcome = await call_with_retries(
+                    self._adapter, job, max_attempts=self.provider.max_attempts, on_chunk=on_chunk
+                )
             result = self._result(job, outcome, started)
             await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
+
+    @contextlib.asynccontextmanager
+    async def _global_slot(self) -> AsyncIterator[None]:
+        """Hold one of the provider's global leases for the call (when a global cap is set)."""
+        if self._leases is None:
+            yield
+            return
+        lease = None
+        while lease is None:
+            lease = await self._leases.acquire_wait(self._holder, timeout_s=30)
+        try:
+            yield
+        finally:
+            await self._leases.release(lease)
 
     def _result(self, job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
         assert job.route is not None
