@@ -149,6 +149,13 @@ class Config(_Strict):
     models: dict[str, list[ModelTarget]] = Field(default_factory=dict)
     default_model: str | None = None
     default_policy: Policy = "free_first"
+    fair_lanes: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Queues per provider that share its workers fairly between consumers "
+        "(broker/fairness.py); 1 turns fairness off.",
+    )
     routes: dict[str, TaskRoute] = Field(
         default_factory=dict, description="Task type (coding, chat, ...) -> models and policy."
     )
