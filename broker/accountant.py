@@ -3,6 +3,11 @@
 A batch is written in one transaction and acked after the commit. Writes are idempotent: a usage
 row is identified by ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is
 replaced only by an event at least as recent as the one it holds.
+
+A call is priced by the config version this accountant had in force when the call happened
+(``occurred_at``), whose digest is the row's ``price_version``; a new version (``apply``) prices
+the calls after it. A provider that a new version dropped keeps its last prices while its queue
+drains.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +32,7 @@ from broker.config import Config
 from broker.db import jobs, make_engine, usage
 from broker.errors import ConfigError, JobRejected
 from broker.names import Names
+from broker.outcomes import utcnow
 from broker.pricing import cost_usd
 from broker.quota import QuotaStore, usd_to_micros
 from broker.runtime import ConsumerSet, Service
@@ -54,6 +61,7 @@ class Accountant(Service):
         self.database_url = database_url
         self.config = config
         self.names = names
+        self.redis_url = redis_url
         self.batch_size = batch_size
         self.max_delay_s = max_delay_s
         self.consumers = ConsumerSet()
@@ -64,11 +72,22 @@ class Accountant(Service):
         self._engine: AsyncEngine | None = None
         self._redis: Redis | None = None
         self._quota: QuotaStore | None = None
-        if quota_needed(config):
-            if redis_url is None:
-                raise ValueError("this config sets limits or budgets: the accountant needs Redis")
-            self._redis = Redis.from_url(redis_url)
-            self._quota = QuotaStore(self._redis, names)
+        self._prices = _PriceBook(config)
+        self._reconcile_with(config)
+
+    def _reconcile_with(self, config: Config) -> None:
+        """Open Redis when ``config`` sets limits or budgets (their reservations reconcile here)."""
+        if self._quota is None and quota_needed(config):
+            if self.redis_url is None:
+                raise ConfigError("this config sets limits or budgets: the accountant needs Redis")
+            self._redis = Redis.from_url(self.redis_url)
+            self._quota = QuotaStore(self._redis, self.names)
+
+    async def apply(self, config: Config) -> None:
+        """Price the calls made from now on by ``config``."""
+        self._reconcile_with(config)
+        self._prices.add(config, utcnow())
+        self.config = config
 
     async def start(self) -> None:
         self._engine = make_engine(self.database_url)
@@ -157,7 +176,7 @@ class Accountant(Service):
             if not isinstance(event, JobEvent) or event.reservation_id is None:
                 continue
             tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
-            micros = sum(usd_to_micros(self._cost(u)[0] or Decimal(0)) for u in event.usage)
+            micros = sum(usd_to_micros(self._prices.cost(u)[0] or Decimal(0)) for u in event.usage)
             await self._quota.reconcile(
                 event.reservation_id, {"tokens": tokens, "usd_micros": micros}
             )
@@ -179,19 +198,8 @@ class Accountant(Service):
             if job_rows:
                 await conn.execute(_UPSERT_JOB, job_rows)
 
-    def _cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
-        """The call's cost at the configured price (nothing on a free tier), and the version."""
-        if event.free:
-            return Decimal(0), self.config.version
-        try:
-            price = self.config.price(event.provider, event.model)
-        except ConfigError:
-            log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
-            return None, None
-        return cost_usd(price, event.prompt_tokens, event.completion_tokens), self.config.version
-
     def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
-        cost, version = self._cost(event)
+        cost, version = self._prices.cost(event)
         return {
             "job_id": event.job_id,
             "attempt": event.attempt,
@@ -207,6 +215,38 @@ class Accountant(Service):
             "key_id": event.key_id,
             "occurred_at": event.occurred_at,
         }
+
+
+MAX_PRICE_VERSIONS = 16
+
+
+class _PriceBook:
+    """The last config versions applied here, each with when it was applied and its digest
+    (computed once: it hashes the whole config)."""
+
+    def __init__(self, config: Config) -> None:
+        self._versions = [(datetime.min.replace(tzinfo=UTC), config, config.version)]
+
+    def add(self, config: Config, at: datetime) -> None:
+        self._versions.append((at, config, config.version))
+        del self._versions[:-MAX_PRICE_VERSIONS]
+
+    def cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
+        """The call's cost (nothing on a free tier) and the version priced by: the one in force
+        at ``occurred_at``, else the latest one that prices this provider's model."""
+        in_force = next(
+            (v for v in reversed(self._versions) if v[0] <= event.occurred_at), self._versions[0]
+        )
+        for _, config, digest in [in_force, *reversed(self._versions)]:
+            if event.free:
+                return Decimal(0), digest
+            try:
+                price = config.price(event.provider, event.model)
+            except ConfigError:
+                continue
+            return cost_usd(price, event.prompt_tokens, event.completion_tokens), digest
+        log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
+        return None, None
 
 
 _INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")

@@ -33,6 +33,7 @@ __all__ = [
     "Publisher",
     "Unroutable",
     "connect",
+    "declare_config_exchange",
     "declare_results_queue",
     "declare_topology",
     "passthrough_headers",
@@ -77,10 +78,12 @@ def _work_queue_arguments(names: Names) -> dict[str, Any]:
 async def declare_topology(
     channel: AbstractChannel, names: Names, provider_ids: Iterable[str]
 ) -> dict[str, AbstractQueue]:
-    """Declare every queue idempotently (same arguments everywhere, so redeclaring never fails).
+    """Declare every queue and the config exchange idempotently (same arguments everywhere, so
+    redeclaring never fails).
 
     Work queues dead-letter into ``<ns>.dead``; the dead queue itself has no dead-letter target.
     """
+    await declare_config_exchange(channel, names)
     queues: dict[str, AbstractQueue] = {}
     queues[names.dead] = await channel.declare_queue(
         names.dead, durable=True, arguments={"x-max-priority": MAX_PRIORITY}
@@ -105,6 +108,11 @@ async def declare_topology(
     return queues
 
 
+async def declare_config_exchange(channel: AbstractChannel, names: Names) -> AbstractExchange:
+    """The durable fanout exchange that carries each new config version to every process."""
+    return await channel.declare_exchange(names.config, aio_pika.ExchangeType.FANOUT, durable=True)
+
+
 async def declare_results_queue(channel: AbstractChannel, names: Names, name: str) -> AbstractQueue:
     """A durable results queue for a batch producer; it survives the producer's restarts."""
     return await channel.declare_queue(
@@ -119,10 +127,11 @@ def passthrough_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
 
 
 class Publisher:
-    """Confirmed, persistent publishing to the default exchange (routing key = queue name)."""
+    """Confirmed, persistent publishing to the default exchange (routing key = queue name), or
+    to ``exchange`` when one is given (a fanout ignores the routing key)."""
 
-    def __init__(self, channel: AbstractChannel) -> None:
-        self._exchange: AbstractExchange = channel.default_exchange
+    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange | None = None) -> None:
+        self._exchange: AbstractExchange = exchange or channel.default_exchange
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection) -> Publisher:

@@ -1,26 +1,39 @@
-"""The ``switchyard`` command: every process, the migrations and batch submission."""
+"""The ``switchyard`` command: every process, the migrations, batch submission and config
+versions (history, rollback, check)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from broker.config import Config, load_config
-from broker.errors import SwitchyardError
+from broker.config import Config, load_config, parse_config
+from broker.errors import ConfigError, SwitchyardError
 from broker.names import Names
 from broker.runtime import Service, configure_logging, run_loop, run_services
 from broker.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from broker.config_store import ConfigVersion
+    from broker.reload import Reloadable
+
 app = typer.Typer(help="Switchyard: a queue-based broker for LLM calls.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Config versions: history, rollback, check (every process reloads on its own).",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 output = Console(width=None if Console().is_terminal else 120)  # tables: no wrap in logs
 log = logging.getLogger("switchyard")
@@ -36,78 +49,115 @@ def _load() -> tuple[Settings, Config]:
         raise typer.Exit(2) from None
 
 
-def _serve(services: list[Service]) -> None:
+S = TypeVar("S")
+
+
+def _build(make: Callable[[], S]) -> S:
+    """Construct a service; a config it cannot serve is a clear error, not a traceback."""
     try:
-        run_loop(run_services(services), get_settings().event_loop)
+        return make()
     except SwitchyardError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(2) from None
 
 
-def _scheduler(settings: Settings, config: Config) -> Service:
+def _serve(
+    settings: Settings, config: Config, services: list[Reloadable], *, records: bool = False
+) -> None:
+    """Run the services with a config reloader (started last, stopped first) that applies each
+    new version of the file, or from ``<ns>.config``, to them. Processes that use Postgres
+    (``records``) also record each version in ``config_versions``; the scheduler and workers
+    stay off Postgres, as before, and the accountant records the versions they publish."""
+    from broker.reload import ConfigReloader
+
+    reloader = ConfigReloader(
+        settings.config,
+        settings.amqp_url,
+        Names(settings.namespace),
+        config,
+        database_url=settings.database_url if records else None,
+    )
+    running: list[Service] = []
+    for service in services:
+        assert isinstance(service, Service)
+        reloader.subscribe(service.apply)
+        running.append(service)
+    try:
+        run_loop(run_services([*running, reloader]), settings.event_loop)
+    except SwitchyardError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _scheduler(settings: Settings, config: Config) -> Reloadable:
     from broker.scheduler import Scheduler
 
-    return Scheduler(
-        settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+    return _build(
+        lambda: Scheduler(
+            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+        )
     )
 
 
-def _accountant(settings: Settings, config: Config) -> Service:
+def _accountant(settings: Settings, config: Config) -> Reloadable:
     from broker.accountant import Accountant
 
-    return Accountant(
-        settings.amqp_url,
-        settings.database_url,
-        config,
-        Names(settings.namespace),
-        redis_url=settings.redis_url,
-    )
-
-
-def _worker(settings: Settings, config: Config, provider_id: str) -> Service:
-    from workers.pool import WorkerPool
-
-    try:
-        return WorkerPool(
+    return _build(
+        lambda: Accountant(
             settings.amqp_url,
+            settings.database_url,
             config,
             Names(settings.namespace),
-            provider_id,
             redis_url=settings.redis_url,
         )
-    except SwitchyardError as exc:
-        console.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(2) from None
+    )
 
 
 @app.command()
 def up() -> None:
     """Run the scheduler, one worker pool per provider and the accountant in one process."""
+    from workers.pool import WorkerPools
+
     settings, config = _load()
-    services = [_scheduler(settings, config), _accountant(settings, config)]
-    services += [_worker(settings, config, p.id) for p in config.providers]
-    _serve(services)
+    pools = _build(
+        lambda: WorkerPools(
+            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+        )
+    )
+    services = [_scheduler(settings, config), _accountant(settings, config), pools]
+    _serve(settings, config, services, records=True)
 
 
 @app.command()
 def scheduler() -> None:
     """Consume jobs, route them, hand them to provider queues."""
     settings, config = _load()
-    _serve([_scheduler(settings, config)])
+    _serve(settings, config, [_scheduler(settings, config)])
 
 
 @app.command()
 def worker(provider: Annotated[str, typer.Option(help="Provider id from the config.")]) -> None:
     """Serve one provider's queue."""
+    from workers.pool import WorkerPool
+
     settings, config = _load()
-    _serve([_worker(settings, config, provider)])
+    pool = _build(
+        lambda: WorkerPool(
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            provider,
+            redis_url=settings.redis_url,
+        )
+    )
+    _serve(settings, config, [pool])
 
 
 @app.command()
 def accountant() -> None:
     """Record usage and job outcomes in Postgres."""
     settings, config = _load()
-    _serve([_accountant(settings, config)])
+    _serve(settings, config, [_accountant(settings, config)], records=True)
 
 
 @app.command("mock-provider")
@@ -247,6 +297,132 @@ def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")]
     """Print usage and cost per provider and model, read from Postgres."""
     settings = get_settings()
     asyncio.run(_print_report(settings, batch, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# switchyard config ...
+
+
+def _config_error(exc: SwitchyardError) -> typer.Exit:
+    console.print(f"[red]{exc.message}[/red]")
+    return typer.Exit(2)
+
+
+def _unreachable(exc: Exception) -> typer.Exit:
+    """Postgres or RabbitMQ failed under a config command: say which and why, briefly."""
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    console.print(
+        f"[red]{type(cause).__name__}: {cause}[/red]\n(SWITCHYARD_DATABASE_URL migrated with"
+        " `switchyard migrate`? SWITCHYARD_AMQP_URL reachable?)"
+    )
+    return typer.Exit(1)
+
+
+@config_app.command("history")
+def config_history(
+    limit: Annotated[int, typer.Option(min=1, help="Show this many versions.")] = 20,
+) -> None:
+    """The config versions applied, the most recent first (from Postgres)."""
+    from broker.config_store import history
+    from broker.db import make_engine
+
+    settings = get_settings()
+
+    async def read() -> list[ConfigVersion]:
+        engine = make_engine(settings.database_url)
+        try:
+            return await history(engine, limit)
+        finally:
+            await engine.dispose()
+
+    try:
+        versions = asyncio.run(read())
+    except Exception as exc:
+        raise _unreachable(exc) from None
+    table = Table(title="config versions (most recently applied first)")
+    for column in ("id", "digest", "source", "first applied", "last applied"):
+        table.add_column(column, justify="right" if column == "id" else "left")
+    for v in versions:
+        table.add_row(
+            str(v.id),
+            v.digest,
+            v.source,
+            f"{v.first_applied_at:%Y-%m-%d %H:%M:%S %Z}",
+            f"{v.last_applied_at:%Y-%m-%d %H:%M:%S %Z}",
+        )
+    output.print(table)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` next to ``path`` and rename it over: a reader sees the old or the new
+    file, never half of one. Keeps the file's permission bits, and a symlink (its target is
+    replaced)."""
+    path = path.resolve()
+    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+@config_app.command("rollback")
+def config_rollback(
+    version: Annotated[str, typer.Argument(help="A version id, or a digest prefix.")],
+) -> None:
+    """Make an earlier version current: write it to the config file, record it, publish it."""
+    from broker.config_store import get, record
+    from broker.db import make_engine
+    from broker.reload import VersionMessage, announce
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+
+    async def rollback() -> tuple[int, str]:
+        engine = make_engine(settings.database_url)
+        try:
+            row = await get(engine, int(version) if version.isdigit() else version)
+            config = parse_config(row.content, f"config version {row.id} ({row.digest})")
+            # The file first: it is what every process reads, and what a restarted one loads.
+            try:
+                _write_atomically(settings.config, row.content)
+            except OSError as exc:
+                raise ConfigError(f"{settings.config}: cannot write: {exc.strerror}") from None
+            await record(engine, row.content, config, "rollback")
+        finally:
+            await engine.dispose()
+        names = Names(settings.namespace)
+        await announce(
+            settings.amqp_url, names, VersionMessage(config.version, row.content, "rollback")
+        )
+        return row.id, config.version
+
+    try:
+        row_id, digest = asyncio.run(rollback())
+    except SwitchyardError as exc:
+        raise _config_error(exc) from None
+    except Exception as exc:
+        raise _unreachable(exc) from None
+    output.print(f"rolled back to config version {row_id} (digest {digest}); {settings.config}")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(dir_okay=False, help="A config file to validate.")],
+) -> None:
+    """Validate a config file without applying it."""
+    try:
+        config = load_config(file)
+    except SwitchyardError as exc:
+        raise _config_error(exc) from None
+    output.print(f"valid, digest {config.version}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     Float,
@@ -16,13 +17,14 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     UniqueConstraint,
     false,
     func,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["jobs", "make_engine", "metadata", "usage"]
+__all__ = ["config_versions", "jobs", "make_engine", "metadata", "usage"]
 
 metadata = MetaData()
 
@@ -75,6 +77,19 @@ usage = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("job_id", "attempt", name="usage_job_attempt_key"),
+)
+
+config_versions = Table(
+    "config_versions",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("digest", String(64), nullable=False, comment="Config.version of the content."),
+    Column("content", Text, nullable=False, comment="The file text as applied, byte for byte."),
+    Column("source", String(16), nullable=False),
+    Column("first_applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("digest", name="config_versions_digest_key"),
+    CheckConstraint("source IN ('file', 'bus', 'rollback')", name="config_versions_source_check"),
 )
 
 

@@ -51,6 +51,16 @@ class Names:
         return f"{self.namespace}.park.{delay_s}s"
 
     @property
+    def config(self) -> str:
+        """A fanout exchange: each new config version, to every process (which binds its own
+        exclusive queue)."""
+        return f"{self.namespace}.config"
+
+    def config_listener(self, process_tag: str) -> str:
+        """One process's exclusive, auto-deleted queue bound to the config exchange."""
+        return f"{self.namespace}.config.{process_tag}"
+
+    @property
     def webhooks(self) -> str:
         return f"{self.namespace}.webhooks"
 

@@ -8,6 +8,9 @@ router's order and the first whose every bucket can be reserved wins; the rest r
 job's failover list. When none can, the job's ``on_quota`` says: ``reject`` (a ``rate_limited``
 result with ``retry_after``) or ``wait`` (parked in a TTL queue that returns it to the jobs queue,
 keeping its priority, until its deadline).
+
+A new config version (``apply``, from ``broker.reload``) swaps the config, the router and the
+admission at once; each job is scheduled start to end on the version it began with.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker.admission import Admission, quota_needed
@@ -28,7 +31,7 @@ from broker.amqp import PARK_DELAYS_S, Publisher, connect, declare_topology, pas
 from broker.codec import encode
 from broker.config import Config
 from broker.config_limits import KeyConfig
-from broker.errors import DeadlineExceeded, QuotaExceeded, Unauthorized
+from broker.errors import ConfigError, DeadlineExceeded, QuotaExceeded, Unauthorized
 from broker.names import HEADER_KEY, Names
 from broker.outcomes import Outcomes, utcnow
 from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
@@ -44,6 +47,15 @@ log = logging.getLogger(__name__)
 MAX_WAIT_S = 600.0
 """How long an ``on_quota: wait`` job without a deadline may wait for quota."""
 SWEEP_EVERY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """What one config version schedules with."""
+
+    config: Config
+    router: Router
+    admission: Admission | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,24 +79,58 @@ class Scheduler(Service):
         hold_margin_s: float = 60.0,
     ) -> None:
         self.amqp_url = amqp_url
-        self.config = config
         self.names = names
+        self.redis_url = redis_url
         self.prefetch = prefetch
         # A reservation is held for the provider's worst case (every attempt timing out) plus
         # this margin for queueing; a holder that died returns it when the hold passes.
         self.hold_margin_s = hold_margin_s
-        self.router = Router(config)
         self.consumers = ConsumerSet()
-        self.admission: Admission | None = None
         self._redis: Redis | None = None
-        if quota_needed(config):
-            if redis_url is None:
-                raise ValueError("this config sets limits or budgets: the scheduler needs Redis")
-            self._redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url))
-            self.admission = Admission(config, QuotaStore(self._redis, names), names)
+        self._store: QuotaStore | None = None
+        self._version = self._build(config)
         self._round_robin = itertools.count()
         self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._version.config
+
+    @property
+    def router(self) -> Router:
+        return self._version.router
+
+    @property
+    def admission(self) -> Admission | None:
+        return self._version.admission
+
+    def _build(self, config: Config) -> _Version:
+        admission = None
+        if quota_needed(config):
+            if self._store is None:
+                if self.redis_url is None:
+                    raise ConfigError(
+                        "this config sets limits or budgets: the scheduler needs Redis"
+                    )
+                self._redis = Redis(connection_pool=BlockingConnectionPool.from_url(self.redis_url))
+                self._store = QuotaStore(self._redis, self.names)
+            admission = Admission(config, self._store, self.names)
+        return _Version(config, Router(config), admission)
+
+    async def apply(self, config: Config) -> None:
+        """Schedule the next jobs by ``config`` (queues for new providers declared first); the
+        jobs being scheduled finish on the version they began with."""
+        version = self._build(config)
+        if self._channel is not None:
+            known = {p.id for p in self.config.providers}
+            added = [p.id for p in config.providers if p.id not in known]
+            if added:
+                await declare_topology(self._channel, self.names, added)
+        self._version = version
+        if self._store is not None and self._sweeper is None and self._channel is not None:
+            self._sweeper = asyncio.create_task(self._sweep())
 
     async def start(self) -> None:
         self._connection = await connect(self.amqp_url, name="switchyard-scheduler")
@@ -92,7 +138,8 @@ class Scheduler(Service):
         await channel.set_qos(prefetch_count=self.prefetch)
         queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
         self.outcomes = Outcomes(Publisher(channel), self.names)
-        if self.admission is not None:
+        self._channel = channel
+        if self._store is not None:
             self._sweeper = asyncio.create_task(self._sweep())
         await self.consumers.consume(queues[self.names.jobs], self.handle)
 
@@ -115,17 +162,18 @@ class Scheduler(Service):
 
     async def _schedule(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
         now = utcnow()
+        version = self._version
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
-        key = self._authenticate(message)
-        decision = self.router.route(
+        key = self._authenticate(message, version.config)
+        decision = version.router.route(
             job,
             key=key,
-            states=await self._states(job),
+            states=await self._states(job, version),
             now=now,
             rr_counter=next(self._round_robin),
         )
-        admitted = await self._admit(job, key, decision, now)
+        admitted = await self._admit(job, key, decision, now, version.admission)
         if admitted is None:
             await self._park(message, job, now)
             return
@@ -144,14 +192,14 @@ class Scheduler(Service):
             update["priority"] = min(message.priority, 9)
         await self._forward(message, job.model_copy(update=update), now)
 
-    def _authenticate(self, message: AbstractIncomingMessage) -> KeyConfig | None:
+    def _authenticate(self, message: AbstractIncomingMessage, config: Config) -> KeyConfig | None:
         """With keys configured, every job must carry a known one; without, jobs are anonymous."""
-        if not self.config.keys:
+        if not config.keys:
             return None
         secret = (message.headers or {}).get(HEADER_KEY)
         if isinstance(secret, bytes):
             secret = secret.decode(errors="replace")
-        key = self.config.key_for_secret(secret) if isinstance(secret, str) else None
+        key = config.key_for_secret(secret) if isinstance(secret, str) else None
         if key is None:
             raise Unauthorized(
                 f"a known virtual key is required in the {HEADER_KEY} header"
@@ -159,18 +207,24 @@ class Scheduler(Service):
             )
         return key
 
-    async def _states(self, job: CompletionJob) -> dict[str, ProviderState]:
-        if self.admission is None:
+    async def _states(self, job: CompletionJob, version: _Version) -> dict[str, ProviderState]:
+        admission = version.admission
+        if admission is None:
             return {}
         tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
         now = utcnow()
-        return {p.id: await self.admission.state(p, tokens, now) for p in self.config.providers}
+        return {p.id: await admission.state(p, tokens, now) for p in version.config.providers}
 
     async def _admit(
-        self, job: CompletionJob, key: KeyConfig | None, decision: RouteDecision, now: datetime
+        self,
+        job: CompletionJob,
+        key: KeyConfig | None,
+        decision: RouteDecision,
+        now: datetime,
+        admission: Admission | None,
     ) -> _Admitted | None:
         """Reserve quota on the first candidate that fits. ``None``: park the job."""
-        if self.admission is None:
+        if admission is None:
             return _Admitted(decision.chosen, decision.alternatives, None)
         ordered = [decision.chosen, *decision.alternatives]
         # A provider's free tier running out leaves its paid tier: try that after the rest.
@@ -180,7 +234,7 @@ class Scheduler(Service):
         for index, candidate in enumerate(ordered):
             provider = candidate.provider
             hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s
-            outcome = await self.admission.reserve(reservation_id, key, candidate, now, hold_s)
+            outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Reserved):
                 await self._alert(outcome.crossed)
                 return _Admitted(candidate, ordered[index + 1 :], reservation_id)
@@ -230,11 +284,11 @@ class Scheduler(Service):
 
     async def _sweep(self) -> None:
         """Return reservations whose holder died (the job never reached the accountant)."""
-        assert self.admission is not None
+        assert self._store is not None
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
             try:
-                returned = await self.admission.store.expire_holds()
+                returned = await self._store.expire_holds()
             except Exception:
                 log.warning("quota sweep failed", exc_info=True)
                 continue

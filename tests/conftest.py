@@ -132,6 +132,7 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
     queues = [ns.jobs, ns.usage, ns.dead, ns.alerts, *(ns.park(d) for d in PARK_DELAYS_S)]
     for queue in [*queues, *(ns.provider(p) for p in _provider_ids)]:
         await channel.queue_delete(queue)
+    await channel.exchange_delete(ns.config)
     await channel.close()
     redis = Redis.from_url(REDIS_URL)
     try:

@@ -2,6 +2,11 @@
 
 For each job: call the adapter (through the retry layer), publish the result to the job's reply
 queue and the usage and job events to the accountant, and ack only after all are confirmed.
+
+A new config version (``apply``) takes effect between calls: a changed provider entry gets a new
+adapter and HTTP client for the next calls while the calls in flight finish on the old one (closed
+after the last); a new ``concurrency`` resizes the slots and the prefetch. A provider dropped from
+the config is served on its last entry until its queue is empty, so no routed job is stranded.
 """
 
 from __future__ import annotations
@@ -11,10 +16,17 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+import httpx
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from redis.asyncio import Redis
 
 from broker.amqp import Publisher, connect, declare_topology
@@ -26,13 +38,57 @@ from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.pricing import cost_usd
 from broker.runtime import ConsumerSet, Service
 from schemas import ChatCompletionChunk, CompletionJob, JobResult, JobStatus, Timings
-from workers.adapters import adapter_for
+from workers.adapters import ProviderAdapter, adapter_for
 from workers.http import make_http_client
 from workers.retry import MAX_BACKOFF_S, CallOutcome, call_with_retries
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "WorkerPools"]
 
 log = logging.getLogger(__name__)
+
+DRAIN_CHECK_S = 1.0
+"""How often a pool whose provider left the config looks whether its queue is empty."""
+_RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
+"""A replaced consumer's handlers finish on their own (each bounded by its provider timeouts)."""
+
+
+class _Slots:
+    """A semaphore whose size can change; lowering it lets the calls in flight finish."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._used = 0
+        self._changed = asyncio.Condition()
+
+    async def resize(self, size: int) -> None:
+        async with self._changed:
+            self.size = size
+            self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._used < self.size)
+            self._used += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._used -= 1
+                self._changed.notify()
+
+
+@dataclass(eq=False)
+class _Client:
+    """One version of the provider's entry: its adapter over its own HTTP client, and the global
+    leases. Calls hold it from start to end; once replaced it closes after its last call."""
+
+    provider: ProviderConfig
+    http: httpx.AsyncClient
+    adapter: ProviderAdapter
+    leases: LeaseSemaphore | None
+    calls: int = 0
+    retired: bool = False
 
 
 class WorkerPool(Service):
@@ -53,22 +109,37 @@ class WorkerPool(Service):
         self.amqp_url = amqp_url
         self.config = config
         self.names = names
-        self.provider: ProviderConfig = provider
+        self.provider_id = provider_id
+        self.redis_url = redis_url
         self.queue_name = names.provider(provider_id)
         self.consumers = ConsumerSet()
-        # Prefetch bounds deliveries; the semaphore also bounds calls if a reconnect
-        # redelivers while old handlers still run.
-        self._slots = asyncio.Semaphore(provider.concurrency)
-        self._http = make_http_client(provider)
-        self._adapter = adapter_for(provider, self._http)
-        self._connection: AbstractRobustConnection | None = None
+        # Prefetch bounds deliveries; the slots also bound calls if a reconnect redelivers while
+        # old handlers still run, or a replaced consumer's handlers still run.
+        self._slots = _Slots(provider.concurrency)
         self._redis: Redis | None = None
-        self._leases: LeaseSemaphore | None = None
         self._holder = f"{provider_id}-{secrets.token_hex(4)}"
+        self._client = self._build(provider)
+        self._open: set[_Client] = {self._client}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consuming = False
+        self._replaced: dict[ConsumerSet, asyncio.Task[None]] = {}
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def provider(self) -> ProviderConfig:
+        """The provider entry the next call uses."""
+        return self._client.provider
+
+    def _build(self, provider: ProviderConfig) -> _Client:
+        http = make_http_client(provider)
+        leases = None
         if provider.global_concurrency is not None:
-            if redis_url is None:
-                raise ConfigError(f"provider {provider_id!r} sets global_concurrency: needs Redis")
-            self._redis = Redis.from_url(redis_url)
+            if self.redis_url is None:
+                raise ConfigError(f"provider {provider.id!r} sets global_concurrency: needs Redis")
+            if self._redis is None:
+                self._redis = Redis.from_url(self.redis_url)
             # A lease outlives the worst case of one job (every attempt timing out, backoffs
             # between), so it is never taken from a live call; a dead worker's expires.
             lease_s = (
@@ -76,39 +147,138 @@ class WorkerPool(Service):
                 + MAX_BACKOFF_S * (provider.max_attempts - 1)
                 + 2
             )
-            self._leases = LeaseSemaphore(
+            leases = LeaseSemaphore(
                 self._redis,
-                lease_key(names, provider_id),
+                lease_key(self.names, provider.id),
                 provider.global_concurrency,
                 lease_s,
             )
+        return _Client(provider, http, adapter_for(provider, http), leases)
 
     async def start(self) -> None:
         self._connection = await connect(self.amqp_url, name=f"switchyard-{self.name}")
         channel = await self._connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=self.provider.concurrency)
         queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
         self.outcomes = Outcomes(Publisher(channel), self.names)
-        await self.consumers.consume(queues[self.queue_name], self.handle)
+        self._channel = channel
+        self._queue = queues[self.queue_name]
+        await self._consume()
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
         await self.consumers.stop(grace_s)
+        for consumers, waiting in list(self._replaced.items()):
+            waiting.cancel()
+            await consumers.stop(grace_s)  # already cancelled: waits for its handlers, bounded
         if self._connection is not None:
             await self._connection.close()
-        await self._http.aclose()
+        for client in list(self._open):
+            await self._close(client)
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def _consume(self) -> None:
+        """Start consuming with the current prefetch. RabbitMQ fixes a consumer's prefetch when
+        it starts (``basic.qos`` counts for consumers made after it), so a new concurrency needs a
+        new consumer; the one it replaces is cancelled and its handlers finish on their own."""
+        assert self._channel is not None and self._queue is not None
+        await self._channel.set_qos(prefetch_count=self.provider.concurrency)
+        previous = self.consumers
+        self.consumers = ConsumerSet()
+        await self.consumers.consume(self._queue, self.handle)
+        self._consuming = True
+        self._retire(previous)
+
+    def _retire(self, consumers: ConsumerSet) -> None:
+        """Cancel a consumer in the background; its handlers finish (``stop`` bounds them)."""
+        waiting = asyncio.create_task(consumers.stop(_RETIRED_CONSUMER_WAIT_S))
+        self._replaced[consumers] = waiting
+        waiting.add_done_callback(lambda _: self._replaced.pop(consumers, None))
+
+    async def apply(self, config: Config) -> None:
+        """Call with ``config``'s entry for this provider from the next job on."""
+        self.config = config
+        provider = config.provider(self.provider_id)
+        if provider is None:
+            if self._drainer is None and self._consuming:
+                log.warning(
+                    "provider %r is no longer in the config: %s serves %s until it is empty",
+                    self.provider_id,
+                    self.name,
+                    self.queue_name,
+                )
+                self._drainer = asyncio.create_task(self._drain())
+            return
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
+        current = self._client
+        if provider != current.provider:
+            self._client = self._build(provider)
+            self._open.add(self._client)
+            current.retired = True
+            if current.calls == 0:
+                await self._close(current)
+        if provider.concurrency != current.provider.concurrency:
+            await self._slots.resize(provider.concurrency)
+            if self._consuming:
+                await self._consume()
+        if not self._consuming and self._channel is not None:
+            log.info("provider %r is back in the config: %s consumes again", provider.id, self.name)
+            await self._consume()
+
+    async def _drain(self) -> None:
+        """Serve the queue of a provider the config dropped until it is empty, then stop."""
+        assert self._connection is not None
+        while True:
+            await asyncio.sleep(DRAIN_CHECK_S)
+            try:
+                channel = await self._connection.channel()
+                try:
+                    queue = await channel.declare_queue(self.queue_name, passive=True)
+                    waiting = queue.declaration_result.message_count or 0
+                finally:
+                    await channel.close()
+            except Exception:
+                log.warning("could not read the depth of %s", self.queue_name, exc_info=True)
+                continue
+            busy = self.consumers.in_flight + sum(c.in_flight for c in self._replaced)
+            if waiting == 0 and busy == 0:
+                # A delivery may still race the cancel: its handler finishes, it is not dropped.
+                self._retire(self.consumers)
+                self.consumers = ConsumerSet()
+                self._consuming = False
+                self._drainer = None
+                log.warning("%s is empty: %s stopped consuming it", self.queue_name, self.name)
+                return
+
+    async def _close(self, client: _Client) -> None:
+        self._open.discard(client)
+        await client.http.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _use(self) -> AsyncIterator[_Client]:
+        """The client for one job's calls; a replaced one closes after its last call."""
+        client = self._client
+        client.calls += 1
+        try:
+            yield client
+        finally:
+            client.calls -= 1
+            if client.retired and client.calls == 0 and client in self._open:
+                await self._close(client)
+
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        async with self._slots:
+        async with self._slots.hold():
             await self._serve(message)
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:
         async def call(job: CompletionJob) -> None:
             started = utcnow()
-            if job.route is None or job.route.provider != self.provider.id:
+            if job.route is None or job.route.provider != self.provider_id:
                 raise InvalidMessage(
-                    f"job reached {self.queue_name} without a route to {self.provider.id!r}"
+                    f"job reached {self.queue_name} without a route to {self.provider_id!r}"
                 )
             if job.deadline is not None and job.deadline <= started:
                 raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
@@ -118,30 +288,36 @@ class WorkerPool(Service):
                 async def on_chunk(attempt: int, sequence: int, chunk: ChatCompletionChunk) -> None:
                     await self.outcomes.chunk(message, job, attempt, sequence, chunk)
 
-            async with self._global_slot():
-                outcome = await call_with_retries(
-                    self._adapter, job, max_attempts=self.provider.max_attempts, on_chunk=on_chunk
-                )
-            result = self._result(job, outcome, started)
+            async with self._use() as client:
+                async with self._global_slot(client.leases):
+                    outcome = await call_with_retries(
+                        client.adapter,
+                        job,
+                        max_attempts=client.provider.max_attempts,
+                        on_chunk=on_chunk,
+                    )
+                result = self._result(job, outcome, started, client.provider)
             await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
 
     @contextlib.asynccontextmanager
-    async def _global_slot(self) -> AsyncIterator[None]:
+    async def _global_slot(self, leases: LeaseSemaphore | None) -> AsyncIterator[None]:
         """Hold one of the provider's global leases for the call (when a global cap is set)."""
-        if self._leases is None:
+        if leases is None:
             yield
             return
         lease = None
         while lease is None:
-            lease = await self._leases.acquire_wait(self._holder, timeout_s=30)
+            lease = await leases.acquire_wait(self._holder, timeout_s=30)
         try:
             yield
         finally:
-            await self._leases.release(lease)
+            await leases.release(lease)
 
-    def _result(self, job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
+    def _result(
+        self, job: CompletionJob, outcome: CallOutcome, started: datetime, provider: ProviderConfig
+    ) -> JobResult:
         assert job.route is not None
         route = job.route
         now = utcnow()
@@ -164,13 +340,13 @@ class WorkerPool(Service):
             return JobResult(status=JobStatus.FAILED, error=outcome.error.to_job_error(), **common)
         usage = outcome.completion.usage
         cost = None
-        if usage is not None:
-            price = self.config.price(route.provider, route.model)
-            cost = (
-                Decimal(0)
-                if route.free
-                else cost_usd(price, usage.prompt_tokens, usage.completion_tokens)
-            )
+        price = provider.models.get(route.model)
+        if usage is not None and route.free:
+            cost = Decimal(0)
+        elif usage is not None and price is not None:
+            cost = cost_usd(price, usage.prompt_tokens, usage.completion_tokens)
+        elif usage is not None:
+            log.warning("no price for %s/%s; cost left empty", route.provider, route.model)
         return JobResult(
             status=JobStatus.SUCCEEDED,
             response=outcome.completion,
@@ -179,3 +355,50 @@ class WorkerPool(Service):
             cost_usd=cost,
             **common,
         )
+
+
+class WorkerPools(Service):
+    """One worker pool per provider of the config (``switchyard up``). A provider a new config
+    version adds gets a pool; one it drops drains its queue (``WorkerPool.apply``)."""
+
+    name = "workers"
+
+    def __init__(
+        self, amqp_url: str, config: Config, names: Names, *, redis_url: str | None = None
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+        self.redis_url = redis_url
+        self.pools = {p.id: self._pool(config, p.id) for p in config.providers}
+        self._started = False
+
+    def _pool(self, config: Config, provider_id: str) -> WorkerPool:
+        return WorkerPool(self.amqp_url, config, self.names, provider_id, redis_url=self.redis_url)
+
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+            log.info("%s started", pool.name)
+        self._started = True
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        results = await asyncio.gather(
+            *(pool.stop(grace_s) for pool in self.pools.values()), return_exceptions=True
+        )
+        for pool, result in zip(self.pools.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("%s did not stop cleanly: %r", pool.name, result)
+
+    async def apply(self, config: Config) -> None:
+        for pool in list(self.pools.values()):
+            try:
+                await pool.apply(config)
+            except Exception:
+                log.exception("%s could not take config version %s", pool.name, config.version)
+        for provider in config.providers:
+            if provider.id not in self.pools:
+                pool = self._pool(config, provider.id)
+                self.pools[provider.id] = pool
+                if self._started:
+                    await pool.start()
+                    log.info("%s started (provider added to the config)", pool.name)
