@@ -94,7 +94,9 @@ class Accountant(Service):
         self._connection = await connect(self.amqp_url, name="switchyard-accountant")
         channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self.batch_size * 2)
-        queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
+        queues = await declare_topology(
+            channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes
+        )
         self.publisher = Publisher(channel)
         self._flusher = asyncio.create_task(self._flush_loop())
         await self.consumers.consume(queues[self.names.usage], self.handle)

@@ -76,7 +76,7 @@ def _work_queue_arguments(names: Names) -> dict[str, Any]:
 
 
 async def declare_topology(
-    channel: AbstractChannel, names: Names, provider_ids: Iterable[str]
+    channel: AbstractChannel, names: Names, provider_ids: Iterable[str], lanes: int = 1
 ) -> dict[str, AbstractQueue]:
     """Declare every queue and the config exchange idempotently (same arguments everywhere, so
     redeclaring never fails).
@@ -100,7 +100,8 @@ async def declare_topology(
                 "x-dead-letter-routing-key": names.jobs,
             },
         )
-    work = [names.jobs, names.usage, names.alerts, *(names.provider(p) for p in provider_ids)]
+    providers = [names.provider(p, lane) for p in provider_ids for lane in range(lanes)]
+    work = [names.jobs, names.usage, names.alerts, *providers]
     for queue_name in work:
         queues[queue_name] = await channel.declare_queue(
             queue_name, durable=True, arguments=_work_queue_arguments(names)

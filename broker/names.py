@@ -30,8 +30,10 @@ class Names:
     def jobs(self) -> str:
         return f"{self.namespace}.jobs"
 
-    def provider(self, provider_id: str) -> str:
-        return f"{self.namespace}.provider.{provider_id}"
+    def provider(self, provider_id: str, lane: int = 0) -> str:
+        """A provider's queue; lanes above 0 are its fairness lanes (``broker/fairness.py``)."""
+        base = f"{self.namespace}.provider.{provider_id}"
+        return base if lane == 0 else f"{base}.{lane}"
 
     @property
     def usage(self) -> str:

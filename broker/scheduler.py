@@ -32,6 +32,7 @@ from broker.codec import encode
 from broker.config import Config
 from broker.config_limits import KeyConfig
 from broker.errors import ConfigError, DeadlineExceeded, QuotaExceeded, Unauthorized
+from broker.fairness import lane_for
 from broker.names import HEADER_KEY, Names
 from broker.outcomes import Outcomes, utcnow
 from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
@@ -124,10 +125,9 @@ class Scheduler(Service):
         jobs being scheduled finish on the version they began with."""
         version = self._build(config)
         if self._channel is not None:
-            known = {p.id for p in self.config.providers}
-            added = [p.id for p in config.providers if p.id not in known]
-            if added:
-                await declare_topology(self._channel, self.names, added)
+            # Idempotent: declares the queues (and lanes) of providers that are new.
+            ids = [p.id for p in config.providers]
+            await declare_topology(self._channel, self.names, ids, config.fair_lanes)
         self._version = version
         if self._store is not None and self._sweeper is None and self._channel is not None:
             self._sweeper = asyncio.create_task(self._sweep())
@@ -136,7 +136,9 @@ class Scheduler(Service):
         self._connection = await connect(self.amqp_url, name="switchyard-scheduler")
         channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self.prefetch)
-        queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
+        queues = await declare_topology(
+            channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes
+        )
         self.outcomes = Outcomes(Publisher(channel), self.names)
         self._channel = channel
         if self._store is not None:
@@ -190,7 +192,8 @@ class Scheduler(Service):
         elif "priority" not in job.model_fields_set and message.priority:
             # An AMQP-native producer may set only the property; the body then carries it on.
             update["priority"] = min(message.priority, 9)
-        await self._forward(message, job.model_copy(update=update), now)
+        lane = lane_for(key, version.config.fair_lanes)
+        await self._forward(message, job.model_copy(update=update), now, lane)
 
     def _authenticate(self, message: AbstractIncomingMessage, config: Config) -> KeyConfig | None:
         """With keys configured, every job must carry a known one; without, jobs are anonymous."""
@@ -296,11 +299,11 @@ class Scheduler(Service):
                 log.info("returned %d expired quota reservations", returned)
 
     async def _forward(
-        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime
+        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, lane: int
     ) -> None:
         assert job.route is not None
         await self.outcomes.publisher.publish(
-            self.names.provider(job.route.provider),
+            self.names.provider(job.route.provider, lane),
             encode(job),
             message_id=job.job_id,
             correlation_id=message.correlation_id or job.job_id,

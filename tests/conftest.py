@@ -130,7 +130,8 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
     yield ns
     channel = await amqp.channel()
     queues = [ns.jobs, ns.usage, ns.dead, ns.alerts, *(ns.park(d) for d in PARK_DELAYS_S)]
-    for queue in [*queues, *(ns.provider(p) for p in _provider_ids)]:
+    lanes = [ns.provider(p, lane) for p in _provider_ids for lane in range(8)]  # default lanes
+    for queue in [*queues, *lanes]:
         await channel.queue_delete(queue)
     await channel.exchange_delete(ns.config)
     await channel.close()

@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from broker.amqp import Publisher, connect, declare_topology
 from broker.config import Config, ProviderConfig
 from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage
+from broker.fairness import PrioritySlots
 from broker.leases import LeaseSemaphore, lease_key
 from broker.names import Names
 from broker.outcomes import Outcomes, elapsed_ms, utcnow
@@ -50,32 +51,6 @@ DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
 """A replaced consumer's handlers finish on their own (each bounded by its provider timeouts)."""
-
-
-class _Slots:
-    """A semaphore whose size can change; lowering it lets the calls in flight finish."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._used = 0
-        self._changed = asyncio.Condition()
-
-    async def resize(self, size: int) -> None:
-        async with self._changed:
-            self.size = size
-            self._changed.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._used < self.size)
-            self._used += 1
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._used -= 1
-                self._changed.notify()
 
 
 @dataclass(eq=False)
@@ -115,14 +90,14 @@ class WorkerPool(Service):
         self.consumers = ConsumerSet()
         # Prefetch bounds deliveries; the slots also bound calls if a reconnect redelivers while
         # old handlers still run, or a replaced consumer's handlers still run.
-        self._slots = _Slots(provider.concurrency)
+        self._slots = PrioritySlots(provider.concurrency)
         self._redis: Redis | None = None
         self._holder = f"{provider_id}-{secrets.token_hex(4)}"
         self._client = self._build(provider)
         self._open: set[_Client] = {self._client}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._queues: list[AbstractQueue] = []
         self._consuming = False
         self._replaced: dict[ConsumerSet, asyncio.Task[None]] = {}
         self._drainer: asyncio.Task[None] | None = None
@@ -158,10 +133,15 @@ class WorkerPool(Service):
     async def start(self) -> None:
         self._connection = await connect(self.amqp_url, name=f"switchyard-{self.name}")
         channel = await self._connection.channel(publisher_confirms=True)
-        queues = await declare_topology(channel, self.names, [p.id for p in self.config.providers])
+        queues = await declare_topology(
+            channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes
+        )
         self.outcomes = Outcomes(Publisher(channel), self.names)
         self._channel = channel
-        self._queue = queues[self.queue_name]
+        self._queues = [
+            queues[self.names.provider(self.provider_id, lane)]
+            for lane in range(self.config.fair_lanes)
+        ]
         await self._consume()
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -182,11 +162,12 @@ class WorkerPool(Service):
         """Start consuming with the current prefetch. RabbitMQ fixes a consumer's prefetch when
         it starts (``basic.qos`` counts for consumers made after it), so a new concurrency needs a
         new consumer; the one it replaces is cancelled and its handlers finish on their own."""
-        assert self._channel is not None and self._queue is not None
+        assert self._channel is not None and self._queues
         await self._channel.set_qos(prefetch_count=self.provider.concurrency)
         previous = self.consumers
         self.consumers = ConsumerSet()
-        await self.consumers.consume(self._queue, self.handle)
+        for queue in self._queues:  # every fairness lane: each gets its own prefetch window
+            await self.consumers.consume(queue, self.handle)
         self._consuming = True
         self._retire(previous)
 
@@ -221,7 +202,7 @@ class WorkerPool(Service):
             if current.calls == 0:
                 await self._close(current)
         if provider.concurrency != current.provider.concurrency:
-            await self._slots.resize(provider.concurrency)
+            self._slots.resize(provider.concurrency)
             if self._consuming:
                 await self._consume()
         if not self._consuming and self._channel is not None:
@@ -236,8 +217,10 @@ class WorkerPool(Service):
             try:
                 channel = await self._connection.channel()
                 try:
-                    queue = await channel.declare_queue(self.queue_name, passive=True)
-                    waiting = queue.declaration_result.message_count or 0
+                    waiting = 0
+                    for lane in self._queues:
+                        queue = await channel.declare_queue(lane.name, passive=True)
+                        waiting += queue.declaration_result.message_count or 0
                 finally:
                     await channel.close()
             except Exception:
@@ -270,7 +253,8 @@ class WorkerPool(Service):
                 await self._close(client)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        async with self._slots.hold():
+        # Calls start by priority, then arrival, whichever lane the job came through.
+        async with self._slots.slot(message.priority or 0):
             await self._serve(message)
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:

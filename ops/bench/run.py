@@ -121,7 +121,7 @@ class Bench:
             self.names.dead,
             self.names.alerts,
             *(self.names.park(d) for d in PARK_DELAYS_S),
-            self.names.provider("mock"),
+            *(self.names.provider("mock", lane) for lane in range(8)),
             self.bare_queue,
         ):
             await channel.queue_delete(queue)

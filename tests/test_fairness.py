@@ -1,0 +1,98 @@
+"""Fairness through the real pipeline: a flood from one consumer does not make another wait."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+from broker.config import load_config
+from broker.fairness import lane_for
+from broker.names import HEADER_KEY, Names
+from tests.conftest import MockProvider, eventually, queue_depth, write_config
+
+FLOOD, TRICKLE = "sk-flood", "sk-trickle"
+CONCURRENCY = 4
+BOUND = 40
+"""After the trickle's jobs are queued, at most this many flood jobs finish before the last of
+them: one prefetch window per lane and the calls in flight (4 + 4 + 4), for each of the 10
+trickle jobs interleaved, is well under 40; without lanes it would be all 1,000 queued ahead."""
+
+
+def key(name: str, secret: str) -> dict[str, Any]:
+    return {"id": name, "consumer": name, "key_sha256": hashlib.sha256(secret.encode()).hexdigest()}
+
+
+async def test_a_consumer_sending_after_a_flood_of_another_waits_for_a_few_not_all(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+) -> None:
+    providers = [
+        {"id": "fair", "concurrency": CONCURRENCY, "models": {"m": {"input": 1, "output": 1}}}
+    ]
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            providers,
+            keys=[key("flood", FLOOD), key("trickle", TRICKLE)],
+            consumers={"flood": {}, "trickle": {}},
+        )
+    )
+    flood_key, trickle_key = config.keys
+    assert lane_for(flood_key, config.fair_lanes) != lane_for(trickle_key, config.fair_lanes)
+    mock.configure(latency_ms=20)
+    channel = await amqp.channel()
+    results = await channel.declare_queue(f"{names.namespace}.fair-results", exclusive=True)
+
+    async def send(prefix: str, secret: str, count: int) -> None:
+        for i in range(count):
+            body = {
+                "schema_version": 1,
+                "job_id": f"{prefix}-{i}",
+                "model": "m",
+                "priority": 3,
+                "messages": [{"role": "user", "content": f"{prefix} {i}"}],
+            }
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    reply_to=results.name,
+                    priority=3,
+                    headers={HEADER_KEY: secret},
+                ),
+                routing_key=names.jobs,
+            )
+
+    order: list[str] = []
+    async with pipeline(config, accountant=False):
+        await send("flood", FLOOD, 1000)
+        flood_lane = names.provider("fair", lane_for(flood_key, config.fair_lanes))
+
+        async def flooded() -> bool:
+            return await queue_depth(amqp, flood_lane) > 800
+
+        await eventually(flooded, 30, "the flood to wait in its lane")
+        done_before = await queue_depth(amqp, results.name)
+        await send("trickle", TRICKLE, 10)
+        async with results.iterator(timeout=60) as messages:
+            async for message in messages:
+                await message.ack()
+                order.append(json.loads(message.body)["job_id"])
+                if sum(j.startswith("trickle") for j in order) == 10:
+                    break
+    await channel.close()
+    last_trickle = max(i for i, j in enumerate(order) if j.startswith("trickle"))
+    first_trickle = min(i for i, j in enumerate(order) if j.startswith("trickle"))
+    flood_between = sum(j.startswith("flood") for j in order[first_trickle:last_trickle])
+    assert flood_between <= BOUND
+    assert first_trickle - done_before <= BOUND  # the first trickle job did not wait long either
+    # And the flood was still far from done: the trickle did not simply wait it out.
+    assert sum(j.startswith("flood") for j in order) < 500
