@@ -29,8 +29,9 @@ _UNCAPPED = 2**62
 
 
 def quota_needed(config: Config) -> bool:
-    """Whether the config sets any limit or budget (else the scheduler needs no Redis)."""
-    if config.keys or config.consumers:
+    """Whether the config sets any limit or budget, or has rules (they read the providers' day
+    counters); else the scheduler needs no Redis."""
+    if config.keys or config.consumers or config.rules:
         return True
     return any(
         p.rpm or p.tpm or p.free_tier or any(m.rpm or m.tpm for m in p.models.values())

@@ -33,6 +33,7 @@ from broker.config import Config
 from broker.config_limits import KeyConfig
 from broker.errors import ConfigError, DeadlineExceeded, QuotaExceeded, Unauthorized
 from broker.fairness import lane_for
+from broker.metrics import QUOTA_ALERTS
 from broker.names import HEADER_KEY, Names
 from broker.outcomes import Outcomes, utcnow
 from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
@@ -274,6 +275,7 @@ class Scheduler(Service):
             log.warning(
                 "%s reached %d%% (%d of %d)", alert.label, alert.threshold, alert.used, alert.limit
             )
+            QUOTA_ALERTS.labels(alert.label, str(alert.threshold)).inc()
             body = orjson.dumps(
                 {
                     "label": alert.label,

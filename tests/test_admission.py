@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -258,3 +259,58 @@ async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
         await eventually(held, 10, "three requests held")
         await eventually(returned, 10, "the holds to expire and be returned")
         await client.delete_results(queue)
+
+
+async def test_a_cel_rule_on_day_tokens_used_reroutes_once_the_threshold_is_crossed(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    providers = [
+        {"id": "first", "models": {"m": {"input": 1, "output": 1}}},
+        {"id": "second", "models": {"m": {"input": 2, "output": 2}}},
+    ]
+    rules = [
+        {
+            "name": "spare-first",
+            "when": 'provider.id == "first" && provider.day_tokens_used > 60',
+            "action": "deny",
+        }
+    ]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, rules=rules, default_policy="cheapest")
+    )
+    async with pipeline(config):
+        results = await run_jobs(
+            names, 5, api_key=None, concurrent=False, params={"max_tokens": 20}
+        )
+    providers_used = [r.provider for r in results]
+    # Each job reserves ~30 tokens on "first"; once its day counter passes 60, the rule denies it.
+    assert providers_used[0] == "first"
+    switch = providers_used.index("second")
+    assert providers_used[switch:] == ["second"] * (5 - switch)
+    assert all(r.status.value == "succeeded" for r in results)
+
+
+async def test_crossing_80_and_95_percent_of_a_budget_alerts_once_each(
+    amqp: AbstractRobustConnection, names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            providers,
+            keys=[key_entry(budgets={"tokens_per_day": 400})],
+        )
+    )
+    async with pipeline(config):  # the accountant reconciles, so usage creeps up past 95 %
+        results = await run_jobs(names, 30, concurrent=False, params={"max_tokens": 20})
+    assert results[-1].status.value == "rejected"  # the budget did run out
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(names.alerts, passive=True)
+    alerts = []
+    while (message := await queue.get(fail=False, timeout=5)) is not None:
+        await message.ack()
+        alerts.append(json.loads(message.body))
+    await channel.close()
+    key_alerts = [a for a in alerts if a["label"] == "key team-a tokens per day"]
+    assert sorted(a["threshold_percent"] for a in key_alerts) == [80, 95]
