@@ -162,6 +162,7 @@ async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles
 
         day = window(Period.DAY, datetime.now(UTC), ZoneInfo("UTC")).id
         usd_key = bucket_key(names, "key", "team-a", "usd_day", day)
+        tokens_key = bucket_key(names, "provider", "p", "tokens_day", day)
         ids = [r.job_id for r in succeeded]
 
         async def reconciled() -> bool:
@@ -173,7 +174,12 @@ async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles
                 for r in rows
             )
             counter = int(await redis.get(usd_key) or 0)
-            return len(rows) == len(ids) and counter == micros
+            tokens = int(await redis.get(tokens_key) or 0)
+            return (
+                len(rows) == len(ids)
+                and counter == micros
+                and tokens == sum(r["total_tokens"] for r in rows)
+            )
 
         await eventually(reconciled, 15, "the Redis budget counter to equal Postgres")
 
