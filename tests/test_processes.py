@@ -163,7 +163,7 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
     try:
         procs.start("scheduler")
         first = procs.start("worker", "--provider", "capped")
-        procs.start("worker", "--provider", "capped")
+        second = procs.start("worker", "--provider", "capped")
 
         async def up() -> bool:
             return await consumer_count(amqp, names.provider("capped")) == 2
@@ -185,7 +185,9 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
             assert [r.status.value for r in results] == ["succeeded"] * 20
             assert mock.stats()["max_in_flight"] == 3  # 8 slots in two processes, 3 leases
 
-            # Kill one worker in the middle of calls: its leases stay until they expire.
+            # Only the doomed worker serves now, so it holds every lease when it is killed.
+            second.send_signal(signal.SIGTERM)
+            second.wait(15)
             mock.configure(latency_ms=1500)
             calls = [
                 asyncio.create_task(
@@ -204,16 +206,22 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
             await eventually(three_held, 10, "three leases held")
             first.send_signal(signal.SIGKILL)
             first.wait(10)
-            done = await asyncio.wait_for(asyncio.gather(*calls), 60)
-        assert all(r.status.value in ("succeeded", "failed") for r in done)
 
-        async def none_held() -> bool:
-            # Leases still valid: expiry (ms, Redis clock on this same machine) after now.
-            now_ms = int(time.time() * 1000)
-            return bool(await redis.zcount(leases, f"({now_ms}", "+inf") == 0)
+            async def valid_leases() -> int:
+                # Leases still valid: expiry (ms, Redis clock on this same machine) after now.
+                return int(await redis.zcount(leases, f"({int(time.time() * 1000)}", "+inf"))
 
-        # The dead worker's leases last 2 s (timeout) + 2 s (margin) from their grant.
-        await eventually(none_held, 15, "every lease to be released or expired")
+            assert await valid_leases() == 3  # the dead worker's, not yet expired
+
+            async def none_held() -> bool:
+                return await valid_leases() == 0
+
+            # They last 2 s (timeout) + 2 s (margin) from their grant, then are free again.
+            await eventually(none_held, 15, "the dead worker's leases to expire")
+            # A new worker gets the slots back and finishes the redelivered jobs.
+            procs.start("worker", "--provider", "capped")
+            done = await asyncio.wait_for(asyncio.gather(*calls), 90)
+        assert [r.status.value for r in done] == ["succeeded"] * 6
     finally:
         procs.stop_all()
         await redis.aclose()
