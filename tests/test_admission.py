@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from broker.client import SwitchyardClient, make_job
 from broker.config import load_config
 from broker.names import Names
-from broker.quota import bucket_key
+from broker.quota import QuotaStore, ReservationState, bucket_key
 from broker.windows import Period, window
 from schemas import JobResult
 from tests.conftest import (
@@ -268,7 +268,7 @@ async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
 
 
 async def test_a_cel_rule_on_day_tokens_used_reroutes_once_the_threshold_is_crossed(
-    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+    names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
 ) -> None:
     providers = [
         {"id": "first", "models": {"m": {"input": 1, "output": 1}}},
@@ -284,12 +284,21 @@ async def test_a_cel_rule_on_day_tokens_used_reroutes_once_the_threshold_is_cros
     config = load_config(
         write_config(tmp_path / "p.yaml", mock, providers, rules=rules, default_policy="cheapest")
     )
+    store = QuotaStore(redis, names)
+    results = []
     async with pipeline(config):
-        results = await run_jobs(
-            names, 5, api_key=None, concurrent=False, params={"max_tokens": 20}
-        )
+        for _ in range(5):
+            [result] = await run_jobs(names, 1, api_key=None, params={"max_tokens": 20})
+            results.append(result)
+
+            # The counter the rule reads is reserved tokens until the accountant reconciles it to
+            # the tokens used; wait for that, so each job routes on settled usage.
+            async def settled(job_id: str = result.job_id) -> bool:
+                return await store.state(f"{job_id}:0") == ReservationState.RECONCILED
+
+            await eventually(settled, 10, "the reservation to be reconciled")
     providers_used = [r.provider for r in results]
-    # Each job reserves ~30 tokens on "first"; once its day counter passes 60, the rule denies it.
+    # Each job uses ~25 tokens on "first"; once its day counter passes 60, the rule denies it.
     assert providers_used[0] == "first"
     switch = providers_used.index("second")
     assert providers_used[switch:] == ["second"] * (5 - switch)

@@ -18,9 +18,8 @@ from tests.conftest import MockProvider, eventually, queue_depth, write_config
 FLOOD, TRICKLE = "sk-flood", "sk-trickle"
 CONCURRENCY = 4
 BOUND = 40
-"""After the trickle's jobs are queued, at most this many flood jobs finish before the last of
-them: one prefetch window per lane and the calls in flight (4 + 4 + 4), for each of the 10
-trickle jobs interleaved, is well under 40; without lanes it would be all 1,000 queued ahead."""
+"""At most this many of the 1,000 flood jobs queued ahead finish before the last of the trickle's
+10: the lanes interleave them (a prefetch window of 4 per lane); without lanes all 1,000 would."""
 
 
 def key(name: str, secret: str) -> dict[str, Any]:
@@ -72,27 +71,32 @@ async def test_a_consumer_sending_after_a_flood_of_another_waits_for_a_few_not_a
             )
 
     order: list[str] = []
-    async with pipeline(config, accountant=False):
+    flood_lane = names.provider("fair", lane_for(flood_key, config.fair_lanes))
+    trickle_lane = names.provider("fair", lane_for(trickle_key, config.fair_lanes))
+    # The flood is queued first and the trickle after it, while no worker runs, so where the
+    # trickle's jobs finish depends on fairness alone, not on how fast the machine is.
+    async with pipeline(config, workers=[], accountant=False):
         await send("flood", FLOOD, 1000)
-        flood_lane = names.provider("fair", lane_for(flood_key, config.fair_lanes))
 
         async def flooded() -> bool:
-            return await queue_depth(amqp, flood_lane) > 800
+            return await queue_depth(amqp, flood_lane) == 1000
 
-        await eventually(flooded, 30, "the flood to wait in its lane")
-        done_before = await queue_depth(amqp, results.name)
+        await eventually(flooded, 60, "the flood to wait in its lane")
         await send("trickle", TRICKLE, 10)
-        async with results.iterator(timeout=60) as messages:
-            async for message in messages:
-                await message.ack()
-                order.append(json.loads(message.body)["job_id"])
-                if sum(j.startswith("trickle") for j in order) == 10:
-                    break
+
+        async def trickled() -> bool:
+            return await queue_depth(amqp, trickle_lane) == 10
+
+        await eventually(trickled, 30, "the trickle to wait in its lane")
+    async with (
+        pipeline(config, scheduler=False, accountant=False),
+        results.iterator(timeout=60) as messages,
+    ):
+        async for message in messages:
+            await message.ack()
+            order.append(json.loads(message.body)["job_id"])
+            if sum(j.startswith("trickle") for j in order) == 10:
+                break
     await channel.close()
-    last_trickle = max(i for i, j in enumerate(order) if j.startswith("trickle"))
-    first_trickle = min(i for i, j in enumerate(order) if j.startswith("trickle"))
-    flood_between = sum(j.startswith("flood") for j in order[first_trickle:last_trickle])
-    assert flood_between <= BOUND
-    assert first_trickle - done_before <= BOUND  # the first trickle job did not wait long either
-    # And the flood was still far from done: the trickle did not simply wait it out.
-    assert sum(j.startswith("flood") for j in order) < 500
+    flood_before_last_trickle = sum(j.startswith("flood") for j in order)
+    assert flood_before_last_trickle <= BOUND
