@@ -20,11 +20,12 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
 from broker.client import SwitchyardClient, make_job
-from broker.config import load_config
+from broker.config import ProviderType, load_config
 from broker.names import Names
 from broker.quota import QuotaStore, ReservationState, bucket_key
+from broker.tokens import estimate_prompt_tokens
 from broker.windows import Period, window
-from schemas import JobResult
+from schemas import ChatMessage, JobResult
 from tests.conftest import (
     AMQP_URL,
     REDIS_URL,
@@ -308,17 +309,27 @@ async def test_a_cel_rule_on_day_tokens_used_reroutes_once_the_threshold_is_cros
 async def test_crossing_80_and_95_percent_of_a_budget_alerts_once_each(
     amqp: AbstractRobustConnection, names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
 ) -> None:
+    # Without the accountant nothing is reconciled, so each job holds exactly its reservation
+    # (estimated prompt + max_tokens, the same for every job here): 20 of them fill the budget,
+    # the 16th crosses 80 % and the 19th 95 %, and the 21st is refused.
+    per_job = (
+        estimate_prompt_tokens(
+            [ChatMessage(role="user", content="budget question 1")], ProviderType.OPENAI
+        )
+        + 20
+    )
     providers = [{"id": "p", "models": {"m": PRICE}}]
     config = load_config(
         write_config(
             tmp_path / "p.yaml",
             mock,
             providers,
-            keys=[key_entry(budgets={"tokens_per_day": 400})],
+            keys=[key_entry(budgets={"tokens_per_day": 20 * per_job})],
         )
     )
-    async with pipeline(config):  # the accountant reconciles, so usage creeps up past 95 %
-        results = await run_jobs(names, 30, concurrent=False, params={"max_tokens": 20})
+    async with pipeline(config, accountant=False):
+        results = await run_jobs(names, 21, concurrent=False, params={"max_tokens": 20})
+    assert [r.status.value for r in results] == ["succeeded"] * 20 + ["rejected"]
     assert results[-1].status.value == "rejected"  # the budget did run out
     channel = await amqp.channel()
     queue = await channel.declare_queue(names.alerts, passive=True)
