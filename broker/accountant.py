@@ -1,6 +1,8 @@
 """The accountant: consumes usage and job events and records them in Postgres in batches.
 
-A batch is written in one transaction and acked after the commit. Writes are idempotent: a usage
+A message carries one event or a ``JobEventBatch`` of them. A batch of messages (up to
+``batch_size`` events, or what ``max_delay_s`` gathered) is written in one transaction and its
+messages acked after the commit. Writes are idempotent: a usage
 row is identified by ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is
 replaced only by an event at least as recent as the one it holds.
 
@@ -19,10 +21,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.admission import quota_needed
@@ -36,7 +39,7 @@ from broker.outcomes import utcnow
 from broker.pricing import cost_usd
 from broker.quota import QuotaStore, usd_to_micros
 from broker.runtime import ConsumerSet, Service
-from schemas import JobEvent, UsageEvent
+from schemas import JobEvent, JobEventBatch, UsageEvent
 
 __all__ = ["Accountant"]
 
@@ -65,7 +68,8 @@ class Accountant(Service):
         self.batch_size = batch_size
         self.max_delay_s = max_delay_s
         self.consumers = ConsumerSet()
-        self._pending: list[tuple[AbstractIncomingMessage, UsageEvent | JobEvent]] = []
+        self._pending: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
+        self._pending_events = 0
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -129,8 +133,12 @@ class Accountant(Service):
             )
             await message.ack()
             return
-        self._pending.append((message, event))
-        if len(self._pending) >= self.batch_size:
+        events: list[UsageEvent | JobEvent] = (
+            list(event.events) if isinstance(event, JobEventBatch) else [event]
+        )
+        self._pending.append((message, events))
+        self._pending_events += len(events)
+        if self._pending_events >= self.batch_size:
             self._wake.set()
 
     async def _flush_loop(self) -> None:
@@ -149,23 +157,36 @@ class Accountant(Service):
 
     async def _flush(self) -> None:
         batch = self._pending[:]
+        events = [event for _, carried in batch for event in carried]
         try:
-            await self._write([event for _, event in batch])
-        except (DataError, IntegrityError):
-            # One bad event must not block the rest: write them one by one, park the refused.
-            for message, event in batch:
-                try:
-                    await self._write([event])
-                except (DataError, IntegrityError) as exc:
+            await self._write(events)
+        except DBAPIError as exc:
+            if _refusal(exc) is None:
+                raise
+            # One bad event must not block the rest: write them one by one; a message with a
+            # refused event is parked whole (replaying it is harmless: writes are idempotent).
+            for message, carried in batch:
+                refused: list[str] = []
+                for event in carried:
+                    try:
+                        await self._write([event])
+                    except DBAPIError as exc:
+                        refusal = _refusal(exc)
+                        if refusal is None:
+                            raise
+                        refused.append(refusal)
+                if refused:
                     await self.publisher.dead_letter(
                         self.names,
                         message,
                         source_queue=self.names.usage,
                         code="rejected_by_database",
-                        reason=f"Postgres refused the row: {type(exc.orig).__name__}",
+                        reason=f"Postgres refused {len(refused)} of {len(carried)} events: "
+                        + ", ".join(sorted(set(refused))),
                     )
-        await self._reconcile([event for _, event in batch])
+        await self._reconcile(events)
         del self._pending[: len(batch)]
+        self._pending_events -= len(events)
         for message, _ in batch:
             await message.ack()
 
@@ -217,6 +238,19 @@ class Accountant(Service):
             "key_id": event.key_id,
             "occurred_at": event.occurred_at,
         }
+
+
+def _refusal(exc: DBAPIError) -> str | None:
+    """The name of the error if Postgres or its driver refused the values themselves (retrying
+    cannot help: the message is parked); ``None`` for anything else (retried)."""
+    if isinstance(exc, DataError | IntegrityError):
+        return type(exc.orig).__name__
+    # asyncpg refuses a value its column type cannot hold (an integer out of range) before
+    # sending it; SQLAlchemy wraps that in a bare DBAPIError.
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    if isinstance(cause, asyncpg.exceptions.DataError):
+        return type(cause).__name__
+    return None
 
 
 MAX_PRICE_VERSIONS = 16

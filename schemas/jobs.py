@@ -24,6 +24,7 @@ __all__ = [
     "JobChunk",
     "JobError",
     "JobEvent",
+    "JobEventBatch",
     "JobResult",
     "JobStatus",
     "ReplyTo",
@@ -241,6 +242,14 @@ class JobEvent(_Message):
     usage: list[UsageEvent] = Field(default_factory=list)
 
 
-AccountingEvent = Annotated[UsageEvent | JobEvent, Field(discriminator="kind")]
+class JobEventBatch(_Message):
+    """Several jobs' final states in one accounting message: a process sends together the events
+    that finished while its previous accounting message awaited the broker's confirm."""
+
+    kind: Literal["batch"] = "batch"
+    events: list[JobEvent] = Field(min_length=1)
+
+
+AccountingEvent = Annotated[UsageEvent | JobEvent | JobEventBatch, Field(discriminator="kind")]
 
 CompletionJob.model_rebuild()

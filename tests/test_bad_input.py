@@ -153,6 +153,57 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
     await channel.close()
 
 
+async def test_an_event_postgres_refuses_parks_its_batch_and_the_others_are_recorded(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+) -> None:
+    job_id = f"batch-{uuid.uuid4()}"
+
+    def job_event(job: str, prompt_tokens: int) -> dict[str, Any]:
+        return {
+            "kind": "job",
+            "job_id": job,
+            "status": "succeeded",
+            "provider": "mock",
+            "model": "gpt-4o-mini",
+            "prompt_tokens": prompt_tokens,
+            "finished_at": "2026-11-23T10:00:00Z",
+        }
+
+    # pydantic takes 3e9 tokens; Postgres's integer column refuses them (a DataError).
+    batch = {
+        "schema_version": 1,
+        "kind": "batch",
+        "events": [job_event(job_id, 10), job_event(f"{job_id}-huge", 3_000_000_000)],
+    }
+    body = json.dumps(batch).encode()
+    channel = await amqp.channel()
+    async with pipeline(load_config(config_file), scheduler=False, workers=[]):
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.usage)
+        dead_queue = await channel.declare_queue(names.dead, passive=True)
+        parked: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def dead_lettered() -> bool:
+            message = await dead_queue.get(fail=False)
+            if message is not None:
+                parked.append(message)
+            return bool(parked)
+
+        await eventually(dead_lettered, 10, "the refused batch in the dead-letter queue")
+    dead = parked[0]
+    assert dead.body == body
+    assert dead.headers[HEADER_DEAD_CODE] == "rejected_by_database"
+    assert dead.headers[HEADER_DEAD_REASON] == "Postgres refused 1 of 2 events: DataError"
+    statuses = await pg.fetch(
+        "SELECT job_id, prompt_tokens FROM jobs WHERE job_id LIKE $1", f"{job_id}%"
+    )
+    assert [(r["job_id"], r["prompt_tokens"]) for r in statuses] == [(job_id, 10)]
+    await channel.close()
+
+
 def _good_job(job_id: str) -> bytes:
     return json.dumps(
         {"schema_version": 1, "job_id": job_id, "model": "gpt-4o-mini", "messages": GOOD_MESSAGES}
