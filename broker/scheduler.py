@@ -39,7 +39,7 @@ from broker.outcomes import Outcomes, utcnow
 from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
 from broker.routing import Candidate, ProviderState, RouteDecision, Router
 from broker.runtime import ConsumerSet, Service
-from broker.tokens import estimate_prompt_tokens
+from broker.tokens import estimate_prompt_tokens, load_encoding
 from schemas import CompletionJob
 
 __all__ = ["Scheduler"]
@@ -134,6 +134,7 @@ class Scheduler(Service):
             self._sweeper = asyncio.create_task(self._sweep())
 
     async def start(self) -> None:
+        await asyncio.to_thread(load_encoding)  # every job's routing estimates its tokens
         self._connection = await connect(self.amqp_url, name="switchyard-scheduler")
         channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self.prefetch)

@@ -32,6 +32,19 @@ class Run:
             return self.latencies_ms[0]
         return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[int(p) - 1]
 
+    @classmethod
+    def merged(cls, name: str, runs: list[Run]) -> Run:
+        """Rounds of one side as one run: their jobs over their summed time."""
+        merged = cls(name)
+        for run in runs:
+            merged.jobs += run.jobs
+            merged.errors += run.errors
+            merged.seconds += run.seconds
+            merged.latencies_ms += run.latencies_ms
+        merged.extra["rounds"] = len(runs)
+        merged.extra["capped"] = any(run.extra.get("capped") for run in runs)
+        return merged
+
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("latencies_ms")

@@ -55,11 +55,13 @@ from workers.http import make_http_client
 class Sizes:
     throughput_jobs: int = 20_000
     throughput_in_flight: int = 200
-    latency_jobs: int = 300
+    latency_jobs: int = 600
     many_jobs: int = 10_000
     many_cap: int = 500
     many_latency_ms: int = 1000
     scale_jobs: int = 5_000
+    rounds: int = 4
+    warmup_jobs: int = 300
     max_seconds: float = 150.0
 
 
@@ -71,6 +73,8 @@ SMOKE = Sizes(
     many_cap=100,
     many_latency_ms=200,
     scale_jobs=100,
+    rounds=2,
+    warmup_jobs=20,
     max_seconds=30.0,
 )
 
@@ -278,51 +282,74 @@ class Bench:
     # -- scenarios ----------------------------------------------------------------------------
 
     async def throughput(self) -> list[Run]:
+        """Rounds that alternate the bare loop and Switchyard (both kept running), so a drift
+        of the shared machine falls on both sides alike."""
         s = self.sizes
         self.mock(latency_ms=0)
         bare = await self.bare(s.throughput_in_flight)
-        others = _others_cpu()
-        busy = machine_busy_s()
-        baseline = await self.bare_load(
-            "throughput: baseline", s.throughput_jobs, s.throughput_in_flight
-        )
-        baseline.extra["others_cpu_s"] = _others_cpu(since=others)
-        baseline.extra["machine_busy_cores"] = round(
-            (machine_busy_s() - busy) / baseline.seconds, 2
-        )
-        baseline.extra["cpu_s_per_job_ms"] = round(
-            bare.cpu_since_mark() / max(baseline.jobs, 1) * 1000, 3
-        )
-        self.stop([bare])
         procs = await self.pipeline(concurrency=s.throughput_in_flight)
-        others = _others_cpu()
-        busy = machine_busy_s()
-        run = await self.switchyard_load(
-            "throughput: switchyard", s.throughput_jobs, s.throughput_in_flight
-        )
-        run.extra["accountant_drained_s_after_last_reply"] = await self.drained(time.perf_counter())
-        cpu = {p.name: round(p.cpu_since_mark(), 2) for p in procs}
-        run.extra["cpu_s"] = cpu
-        run.extra["cpu_s_per_job_ms"] = round(sum(cpu.values()) / max(run.jobs, 1) * 1000, 3)
-        run.extra["others_cpu_s"] = _others_cpu(since=others)
-        run.extra["machine_busy_cores"] = round((machine_busy_s() - busy) / run.seconds, 2)
+        await self.bare_load("warm-up", s.warmup_jobs, s.throughput_in_flight)
+        await self.switchyard_load("warm-up", s.warmup_jobs, s.throughput_in_flight)
+        per_round = max(1, s.throughput_jobs // s.rounds)
+        sides: dict[str, list[Run]] = {"baseline": [], "switchyard": []}
+        cpu: dict[str, dict[str, float]] = {"baseline": {}, "switchyard": {}}
+        others: dict[str, dict[str, float]] = {"baseline": {}, "switchyard": {}}
+        busy = {"baseline": 0.0, "switchyard": 0.0}
+        for _ in range(s.rounds):
+            for side, side_procs in (("baseline", [bare]), ("switchyard", procs)):
+                for proc in side_procs:
+                    proc.mark()
+                others_before, busy_before = _others_cpu(), machine_busy_s()
+                if side == "baseline":
+                    run = await self.bare_load(side, per_round, s.throughput_in_flight)
+                else:
+                    run = await self.switchyard_load(side, per_round, s.throughput_in_flight)
+                sides[side].append(run)
+                busy[side] += machine_busy_s() - busy_before
+                for name, used in _others_cpu(since=others_before).items():
+                    others[side][name] = others[side].get(name, 0.0) + used
+                for proc in side_procs:
+                    cpu[side][proc.name] = cpu[side].get(proc.name, 0.0) + proc.cpu_since_mark()
+        drained = await self.drained(time.perf_counter())
+        self.stop([bare, *procs])
+        baseline = Run.merged("throughput: baseline", sides["baseline"])
+        run = Run.merged("throughput: switchyard", sides["switchyard"])
+        for side, merged in (("baseline", baseline), ("switchyard", run)):
+            merged.extra["cpu_s"] = {k: round(v, 2) for k, v in cpu[side].items()}
+            merged.extra["cpu_s_per_job_ms"] = round(
+                sum(cpu[side].values()) / max(merged.jobs, 1) * 1000, 3
+            )
+            merged.extra["others_cpu_s"] = {k: round(v, 2) for k, v in others[side].items()}
+            merged.extra["machine_busy_cores"] = round(busy[side] / merged.seconds, 2)
+        run.extra["accountant_drained_s_after_last_reply"] = drained
         run.extra["vs_baseline_throughput"] = round(
             run.per_second / max(baseline.per_second, 1e-9), 3
         )
+        run.extra["round_ratios"] = [
+            round(sy.per_second / max(b.per_second, 1e-9), 3)
+            for b, sy in zip(sides["baseline"], sides["switchyard"], strict=True)
+        ]
         run.extra["vs_baseline_p50"] = round(run.percentile(50) / baseline.percentile(50), 3)
-        self.stop(procs)
         return [baseline, run]
 
     async def added_latency(self) -> list[Run]:
+        """One job in flight: rounds alternating a direct HTTP call, the bare loop and
+        Switchyard (all kept running)."""
         s = self.sizes
         self.mock(latency_ms=0)
-        direct = await self.direct_load("one in flight: direct HTTP", s.latency_jobs)
         bare = await self.bare(8)
-        baseline = await self.bare_load("one in flight: baseline", s.latency_jobs, 1)
-        self.stop([bare])
         procs = await self.pipeline(concurrency=8)
-        run = await self.switchyard_load("one in flight: switchyard", s.latency_jobs, 1)
-        self.stop(procs)
+        await self.switchyard_load("warm-up", s.warmup_jobs, 1)
+        per_round = max(1, s.latency_jobs // s.rounds)
+        sides: dict[str, list[Run]] = {"direct": [], "baseline": [], "switchyard": []}
+        for _ in range(s.rounds):
+            sides["direct"].append(await self.direct_load("direct", per_round))
+            sides["baseline"].append(await self.bare_load("baseline", per_round, 1))
+            sides["switchyard"].append(await self.switchyard_load("switchyard", per_round, 1))
+        self.stop([bare, *procs])
+        direct = Run.merged("one in flight: direct HTTP", sides["direct"])
+        baseline = Run.merged("one in flight: baseline", sides["baseline"])
+        run = Run.merged("one in flight: switchyard", sides["switchyard"])
         for r in (baseline, run):
             r.extra["added_p50_ms"] = round(r.percentile(50) - direct.percentile(50), 2)
             r.extra["added_p99_ms"] = round(r.percentile(99) - direct.percentile(99), 2)
