@@ -153,13 +153,12 @@ class Outcomes:
             key_id=job.route.key_id if job.route else None,
             usage=usage,
         )
-        recorded = self.events.send(event)
         target = reply_target(message, job)
         if target:
             await self.publisher.reply(
                 target, encode(result), correlation_id=message.correlation_id or job.job_id
             )
-        await recorded
+        await self.events.send(event)
 
     async def chunk(
         self,

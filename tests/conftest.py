@@ -192,6 +192,7 @@ class MockProvider:
             rate_limit_rate=0,
             retry_after_s=1,
             fail_next=None,
+            api_key=None,
         )
 
 

@@ -8,9 +8,10 @@ Adding a provider: one entry in ``ADAPTERS``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, cast
 
 import pytest
 
@@ -55,9 +56,15 @@ TOOLS = [
 ]
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request: pytest.FixtureRequest) -> Literal["aiohttp", "httpx"]:
+    """Every case runs on both HTTP transports (``workers/http.py``)."""
+    return cast(Literal["aiohttp", "httpx"], request.param)
+
+
 @pytest.fixture(params=list(ADAPTERS))
 async def adapter(
-    request: pytest.FixtureRequest, mock: MockProvider
+    request: pytest.FixtureRequest, mock: MockProvider, transport: Literal["aiohttp", "httpx"]
 ) -> AsyncIterator[ProviderAdapter]:
     provider = ProviderConfig.model_validate(
         {
@@ -68,7 +75,7 @@ async def adapter(
             "models": {MODEL: {"input": 1, "output": 2, "max_tokens": 512}},
         }
     )
-    http = make_http_client(provider)
+    http = make_http_client(provider, transport)
     try:
         yield adapter_for(provider, http)
     finally:
@@ -260,6 +267,68 @@ async def test_faults_map_to_typed_errors(
     with pytest.raises(error) as caught:
         await adapter.complete(call(PLAIN))
     assert getattr(caught.value, "provider", None) == adapter.provider.id
+
+
+@pytest.mark.parametrize("key", ["sk-conformance", "sk-wrong"])
+async def test_the_key_goes_in_the_providers_header(
+    mock: MockProvider,
+    transport: Literal["aiohttp", "httpx"],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    mock.configure(api_key="sk-conformance")
+    monkeypatch.setenv("CONFORMANCE_KEY", key)
+    for kind, path in ADAPTERS.items():
+        provider = ProviderConfig.model_validate(
+            {
+                "id": f"conf-{kind}",
+                "type": kind,
+                "base_url": mock.base_url + path,
+                "api_key_env": "CONFORMANCE_KEY",
+                "models": {MODEL: {"input": 1, "output": 2}},
+            }
+        )
+        async with make_http_client(provider, transport) as http:
+            adapter = adapter_for(provider, http)
+            if key == "sk-conformance":
+                answer = await adapter.complete(call(PLAIN))
+                assert text_of(answer) == expected_completion(PLAIN)[0]
+            else:
+                with pytest.raises(ProviderAuthentication):
+                    await adapter.complete(call(PLAIN))
+
+
+@pytest.mark.parametrize("server", ["refuses", "hangs_up"])
+async def test_a_connection_that_fails_is_a_server_error_on_either_transport(
+    transport: Literal["aiohttp", "httpx"], server: str
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the request has begun; answer nothing
+        writer.close()
+
+    listening = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    if server == "refuses":
+        listening.close()
+        await listening.wait_closed()
+    provider = ProviderConfig.model_validate(
+        {
+            "id": "conf-down",
+            "type": "openai",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+            "timeout_s": 2.0,
+            "models": {MODEL: {"input": 1, "output": 2}},
+        }
+    )
+    http = make_http_client(provider, transport)
+    try:
+        with pytest.raises(ProviderServerError) as caught:
+            await adapter_for(provider, http).complete(call(PLAIN))
+    finally:
+        await http.aclose()
+        listening.close()
+    assert caught.value.retryable
+    assert caught.value.message.startswith("provider 'conf-down': connection failed: ")
 
 
 async def test_a_stream_that_breaks_is_a_retryable_error(

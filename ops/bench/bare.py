@@ -1,6 +1,7 @@
 """The baseline: the bare stack with no Switchyard in it. One process consumes a queue with
-aio-pika, posts each body to the mock provider with the same HTTP client the workers use, and
-publishes the provider's answer to ``reply_to``; its producer is a direct reply-to RPC client.
+aio-pika, posts each body to the mock provider with the HTTP client and call the workers use
+(``workers.http.post``), and publishes the provider's answer to ``reply_to``; its producer is a
+direct reply-to RPC client.
 
 Run as a process: ``python ops/bench/bare.py AMQP_URL QUEUE MOCK_BASE_URL CONCURRENCY``.
 """
@@ -13,12 +14,14 @@ import sys
 import uuid
 
 import aio_pika
+import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker.config import ProviderConfig
-from workers.http import make_http_client
+from workers.http import make_http_client, post
 
 QUEUE_ARGUMENTS = {"x-max-priority": 10}
+JSON_HEADERS = httpx.Headers({"content-type": "application/json"})
 
 
 async def serve(amqp_url: str, queue_name: str, base_url: str, concurrency: int) -> None:
@@ -39,9 +42,7 @@ async def serve(amqp_url: str, queue_name: str, base_url: str, concurrency: int)
     queue = await channel.declare_queue(queue_name, durable=True, arguments=QUEUE_ARGUMENTS)
 
     async def handle(message: AbstractIncomingMessage) -> None:
-        response = await http.post(
-            url, content=message.body, headers={"content-type": "application/json"}
-        )
+        response = await post(http, url, message.body, JSON_HEADERS)
         if message.reply_to:
             await channel.default_exchange.publish(
                 aio_pika.Message(response.content, correlation_id=message.correlation_id),

@@ -23,11 +23,12 @@ from typing import Any
 import aio_pika
 import asyncpg
 import httpx
+import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bare import BareClient
+from bare import JSON_HEADERS, BareClient
 from load import Run, drive
 from procs import (
     REPO,
@@ -48,7 +49,7 @@ from broker.config import ProviderConfig
 from broker.migrate import upgrade
 from broker.names import Names
 from broker.settings import Settings
-from workers.http import make_http_client
+from workers.http import make_http_client, post
 
 
 @dataclass(frozen=True)
@@ -258,12 +259,12 @@ class Bench:
         async with make_http_client(provider) as http:
 
             async def call(i: int) -> bool:
-                response = await http.post(
-                    f"{self.mock_url}/v1/chat/completions",
-                    json={
-                        "model": "gpt-4o-mini",
-                        "messages": [{"role": "user", "content": f"bench question {i}"}],
-                    },
+                body = {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": f"bench question {i}"}],
+                }
+                response = await post(
+                    http, f"{self.mock_url}/v1/chat/completions", orjson.dumps(body), JSON_HEADERS
                 )
                 return response.status_code == 200
 

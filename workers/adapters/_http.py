@@ -8,6 +8,7 @@ status table.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,7 @@ from schemas import ChatCompletion, ChatCompletionChunk
 from workers.adapters._errors import Guard
 from workers.adapters._wire import json_object
 from workers.adapters.base import ProviderAdapter, ProviderRequest
+from workers.http import post
 
 __all__ = ["HTTPAdapter"]
 
@@ -51,12 +53,18 @@ class HTTPAdapter(ProviderAdapter):
     def _status_error(self, response: httpx.Response) -> ProviderError:
         """The error for a non-2xx response whose body has been read."""
 
+    @functools.cached_property
+    def _sent_headers(self) -> httpx.Headers:
+        """The calls' headers, built once: an adapter serves one provider entry (a new config
+        version gets a new adapter)."""
+        return self._headers()
+
     async def complete(self, request: ProviderRequest) -> ChatCompletion:
         pid = self.provider.id
         with Guard(pid):
             content = orjson.dumps(self._body(request, stream=False))
-            response = await self.http.post(
-                self._url(request, stream=False), content=content, headers=self._headers()
+            response = await post(
+                self.http, self._url(request, stream=False), content, self._sent_headers
             )
             if not 200 <= response.status_code < 300:
                 raise self._status_error(response)
@@ -68,7 +76,7 @@ class HTTPAdapter(ProviderAdapter):
         with Guard(pid):
             content = orjson.dumps(self._body(request, stream=True))
             call = self.http.build_request(
-                "POST", self._url(request, stream=True), content=content, headers=self._headers()
+                "POST", self._url(request, stream=True), content=content, headers=self._sent_headers
             )
             response = await self.http.send(call, stream=True)
             try:
