@@ -188,9 +188,10 @@ class Outcomes:
         source_queue: str,
         serve: Callable[[CompletionJob], Awaitable[None]],
     ) -> None:
-        """Decode the job, let ``serve`` do its work, and ack. A job that is wrong is rejected; a
-        bug ends the job as failed (never kills the consumer, never loops the message); a broker
-        failure propagates and leaves the message unacked for redelivery."""
+        """Decode the job and let ``serve`` do its work; returning means the consumer may ack
+        (``ConsumerSet(ack=True)``). A job that is wrong is rejected; a bug ends the job as
+        failed (never kills the consumer, never loops the message); a broker failure propagates
+        and the message goes back for redelivery."""
         job: CompletionJob | None = None
         try:
             job = decode_job(message.body)
@@ -209,7 +210,6 @@ class Outcomes:
                 job=job,
                 status=JobStatus.FAILED,
             )
-        await message.ack()
 
     async def reject(
         self,

@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from broker.amqp import BROKER_FAILURES
 
 __all__ = ["ConsumerSet", "Service", "configure_logging", "run_loop", "run_services"]
 
@@ -46,30 +50,104 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+class _ChannelAcks:
+    """The acks of one channel's deliveries, coalesced: once per loop turn, one
+    ``basic.ack(multiple)`` covers every settled tag below the oldest delivery still being
+    handled, and only those above it go one by one. RabbitMQ numbers a channel's deliveries in
+    order and a consumer starts their handlers in that order, so every tag not yet registered
+    is above every registered one and a multiple ack never covers a delivery in hand."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self.in_hand: set[int] = set()
+        self.settled: list[int] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def ack(self, tag: int) -> None:
+        self.in_hand.discard(tag)
+        self.settled.append(tag)
+        if self._flush is None:
+            self._flush = asyncio.create_task(self._send())
+
+    async def nack(self, tag: int) -> None:
+        """Return a delivery now (before any multiple ack that would otherwise cover it)."""
+        self.in_hand.discard(tag)
+        await self.channel.basic_nack(tag, requeue=True)
+
+    async def sent(self) -> None:
+        """Wait until the acks settled so far are written."""
+        while self._flush is not None:
+            await asyncio.shield(self._flush)
+
+    async def _send(self) -> None:
+        try:
+            settled = sorted(self.settled)
+            self.settled.clear()
+            oldest = min(self.in_hand, default=None)
+            covered = [tag for tag in settled if oldest is None or tag < oldest]
+            if covered:
+                await self.channel.basic_ack(covered[-1], multiple=True)
+            for tag in settled[len(covered) :]:
+                await self.channel.basic_ack(tag)
+        except BROKER_FAILURES:
+            # The channel closed: RabbitMQ redelivers what it had not seen acked.
+            log.warning("acks lost with their channel; those deliveries come again")
+        finally:
+            self._flush = None
+            if self.settled:
+                self._flush = asyncio.create_task(self._send())
+
+
 class ConsumerSet:
-    """The consumers of one service and the handlers they have in flight."""
+    """The consumers of one service and the handlers they have in flight.
+
+    With ``ack=True`` the set settles each delivery itself: acked (coalesced, ``_ChannelAcks``)
+    when the handler returns, returned to the queue when it raises. Every consumer on such a
+    channel must use it, or a multiple ack could cover another consumer's delivery."""
 
     def __init__(self) -> None:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._acks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    async def consume(self, queue: AbstractQueue, handler: Handler) -> None:
+    def _channel_acks(self, message: AbstractIncomingMessage) -> _ChannelAcks:
+        channel = message.channel  # aiormq's: a reconnect brings a new one, with new tags
+        acks = self._acks.get(channel)
+        if acks is None:
+            acks = self._acks[channel] = _ChannelAcks(channel)
+        return acks
+
+    async def consume(self, queue: AbstractQueue, handler: Handler, *, ack: bool = False) -> None:
         async def tracked(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
+            acks = self._channel_acks(message) if ack else None
+            tag = message.delivery_tag
+            if acks is not None and tag is not None:
+                acks.in_hand.add(tag)
             try:
                 await handler(message)
             except Exception:
                 # The broker connection failed under the handler: hand the message back.
                 log.warning("handler failed; message returned for redelivery", exc_info=True)
                 with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                    if acks is not None and tag is not None:
+                        await acks.nack(tag)
+                    else:
+                        await message.nack(requeue=True)
+            else:
+                if acks is not None and tag is not None:
+                    acks.ack(tag)
             finally:
+                # A cancelled handler's delivery stays in hand (never covered by an ack) until
+                # its channel closes and RabbitMQ redelivers it.
                 self._in_flight.discard(task)
 
-        tag = await queue.consume(tracked)
-        self._consumers.append((queue, tag))
+        consumer_tag = await queue.consume(tracked)
+        self._consumers.append((queue, consumer_tag))
 
     @property
     def in_flight(self) -> int:
@@ -84,6 +162,8 @@ class ConsumerSet:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
             for task in pending:
                 task.cancel()
+        for acks in list(self._acks.values()):  # the last acks go before the connection closes
+            await acks.sent()
 
 
 class Service(ABC):

@@ -145,7 +145,7 @@ class Scheduler(Service):
         self._channel = channel
         if self._store is not None:
             self._sweeper = asyncio.create_task(self._sweep())
-        await self.consumers.consume(queues[self.names.jobs], self.handle)
+        await self.consumers.consume(queues[self.names.jobs], self.handle, ack=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)

@@ -167,7 +167,7 @@ class WorkerPool(Service):
         previous = self.consumers
         self.consumers = ConsumerSet()
         for queue in self._queues:  # every fairness lane: each gets its own prefetch window
-            await self.consumers.consume(queue, self.handle)
+            await self.consumers.consume(queue, self.handle, ack=True)
         self._consuming = True
         self._retire(previous)
 
