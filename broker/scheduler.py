@@ -187,7 +187,8 @@ class Scheduler(Service):
             reservation_id=admitted.reservation_id,
             key_id=key.id if key else None,
         )
-        log.debug("job %s routed: %s", job.job_id, route.model_dump_json())
+        if log.isEnabledFor(logging.DEBUG):  # the dump costs as much as encoding the job
+            log.debug("job %s routed: %s", job.job_id, route.model_dump_json())
         update: dict[str, object] = {"route": route}
         if decision.priority is not None:
             update["priority"] = decision.priority
