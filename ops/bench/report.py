@@ -25,10 +25,10 @@ def _notes(extra: dict[str, Any]) -> str:
     notes = [f"{key}={extra[key]}" for key in NOTE_KEYS if key in extra and extra[key] is not False]
     if "rss_mib" in extra:
         rss = ", ".join(
-            f"{name} {v['first']}→{v['last']} (peak {v['peak']})"
+            f"{name} {v['first']}→{v.get('half')}→{v['last']} (peak {v['peak']})"
             for name, v in extra["rss_mib"].items()
         )
-        notes.append(f"RSS MiB: {rss}")
+        notes.append(f"RSS MiB first→halfway→last: {rss}")
     return "; ".join(notes)
 
 
@@ -64,7 +64,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     runs = results["runs"]
     names = [r["name"] for r in runs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.5 * len(runs) + 2.5))
+    # One y axis for both panels, so a scenario's dots sit beside its bar.
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.5 * len(runs) + 2.5), sharey=True)
     left.barh(names, [r["per_second"] for r in runs], color="#4c72b0")
     left.set_xlabel("jobs per second")
     left.invert_yaxis()
@@ -72,8 +73,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         right.scatter([r[key] for r in runs], names, label=key.removesuffix("_ms"), color=colour)
     right.set_xscale("log")
     right.set_xlabel("end-to-end latency, ms (log)")
-    right.invert_yaxis()
-    right.set_yticklabels([])
+    right.tick_params(labelleft=False)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

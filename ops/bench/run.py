@@ -371,6 +371,10 @@ class Bench:
         run.extra["rss_mib"] = {
             p.name: {
                 "first": round(p.rss_samples[0] / 1024, 1) if p.rss_samples else None,
+                # halfway against last tells growth that levels off from growth that goes on
+                "half": round(p.rss_samples[len(p.rss_samples) // 2] / 1024, 1)
+                if p.rss_samples
+                else None,
                 "last": round(p.rss_samples[-1] / 1024, 1) if p.rss_samples else None,
                 "peak": round(max(p.rss_samples, default=0) / 1024, 1),
             }
