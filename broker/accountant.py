@@ -111,7 +111,7 @@ class Accountant(Service):
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        if self._pending:
+        while self._pending:
             await self._flush()
         if self._connection is not None:
             await self._connection.close()
@@ -150,14 +150,22 @@ class Accountant(Service):
                 continue
             try:
                 await self._flush()
+                if self._pending_events >= self.batch_size:
+                    self._wake.set()  # a full batch is already waiting
             except Exception:
                 # Postgres is down or refused the batch: keep the messages and try again.
                 log.exception("accounting batch of %d failed; retrying", len(self._pending))
                 await asyncio.sleep(1.0)
 
     async def _flush(self) -> None:
-        batch = self._pending[:]
-        events = [event for _, carried in batch for event in carried]
+        # Messages in arrival order, up to ``batch_size`` events (at least one message).
+        batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
+        events: list[UsageEvent | JobEvent] = []
+        for message, carried in self._pending:
+            if batch and len(events) + len(carried) > self.batch_size:
+                break
+            batch.append((message, carried))
+            events += carried
         try:
             await self._write(events)
         except DBAPIError as exc:

@@ -96,8 +96,8 @@ class JobEvents:
                     _settle(batch, None)
                 batch = []
         except asyncio.CancelledError:
-            for _, future in [*batch, *self._waiting]:
-                future.cancel()
+            # Stopping: each waiting handler sees a broker failure and returns its message.
+            _settle([*batch, *self._waiting], ConnectionError("job events were not sent"))
             self._waiting.clear()
             raise
         finally:

@@ -54,14 +54,22 @@ class _ChannelAcks:
     """The acks of one channel's deliveries, coalesced: once per loop turn, one
     ``basic.ack(multiple)`` covers every settled tag below the oldest delivery still being
     handled, and only those above it go one by one. RabbitMQ numbers a channel's deliveries in
-    order and a consumer starts their handlers in that order, so every tag not yet registered
-    is above every registered one and a multiple ack never covers a delivery in hand."""
+    order and handlers start in that order, so every tag not yet registered is above every
+    registered one and a multiple ack never covers a delivery in hand. One per aiormq channel,
+    shared by every consumer set on it (a pool's replaced set still finishes its handlers)."""
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
-        self.channel = channel
+        self._channel = weakref.ref(channel)  # the registry's key: the entry goes with it
         self.in_hand: set[int] = set()
         self.settled: list[int] = []
         self._flush: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, channel: aiormq.abc.AbstractChannel) -> _ChannelAcks:
+        acks = _ACKS.get(channel)
+        if acks is None:
+            acks = _ACKS[channel] = cls(channel)
+        return acks
 
     def ack(self, tag: int) -> None:
         self.in_hand.discard(tag)
@@ -70,9 +78,14 @@ class _ChannelAcks:
             self._flush = asyncio.create_task(self._send())
 
     async def nack(self, tag: int) -> None:
-        """Return a delivery now (before any multiple ack that would otherwise cover it)."""
-        self.in_hand.discard(tag)
-        await self.channel.basic_nack(tag, requeue=True)
+        """Return a delivery. It stays in hand until its nack is queued on the channel, so no
+        multiple ack can be written before it and cover it."""
+        channel = self._channel()
+        try:
+            if channel is not None:
+                await channel.basic_nack(tag, requeue=True)
+        finally:
+            self.in_hand.discard(tag)
 
     async def sent(self) -> None:
         """Wait until the acks settled so far are written."""
@@ -83,12 +96,15 @@ class _ChannelAcks:
         try:
             settled = sorted(self.settled)
             self.settled.clear()
+            channel = self._channel()
+            if channel is None:
+                return
             oldest = min(self.in_hand, default=None)
             covered = [tag for tag in settled if oldest is None or tag < oldest]
             if covered:
-                await self.channel.basic_ack(covered[-1], multiple=True)
+                await channel.basic_ack(covered[-1], multiple=True)
             for tag in settled[len(covered) :]:
-                await self.channel.basic_ack(tag)
+                await channel.basic_ack(tag)
         except BROKER_FAILURES:
             # The channel closed: RabbitMQ redelivers what it had not seen acked.
             log.warning("acks lost with their channel; those deliveries come again")
@@ -96,6 +112,11 @@ class _ChannelAcks:
             self._flush = None
             if self.settled:
                 self._flush = asyncio.create_task(self._send())
+
+
+_ACKS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ConsumerSet:
@@ -108,27 +129,21 @@ class ConsumerSet:
     def __init__(self) -> None:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._acks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _channel_acks(self, message: AbstractIncomingMessage) -> _ChannelAcks:
-        channel = message.channel  # aiormq's: a reconnect brings a new one, with new tags
-        acks = self._acks.get(channel)
-        if acks is None:
-            acks = self._acks[channel] = _ChannelAcks(channel)
-        return acks
+        self._acks: set[_ChannelAcks] = set()
 
     async def consume(self, queue: AbstractQueue, handler: Handler, *, ack: bool = False) -> None:
         async def tracked(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
-            acks = self._channel_acks(message) if ack else None
+            acks: _ChannelAcks | None = None
             tag = message.delivery_tag
-            if acks is not None and tag is not None:
-                acks.in_hand.add(tag)
             try:
+                if ack and tag is not None:
+                    # aiormq's channel: a reconnect brings a new one, numbering from 1 again
+                    acks = _ChannelAcks.of(message.channel)
+                    self._acks.add(acks)
+                    acks.in_hand.add(tag)
                 await handler(message)
             except Exception:
                 # The broker connection failed under the handler: hand the message back.
@@ -162,7 +177,7 @@ class ConsumerSet:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
             for task in pending:
                 task.cancel()
-        for acks in list(self._acks.values()):  # the last acks go before the connection closes
+        for acks in list(self._acks):  # the last acks go before the connection closes
             await acks.sent()
 
 

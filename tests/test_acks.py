@@ -85,3 +85,50 @@ async def test_done_deliveries_are_acked_and_one_in_hand_is_redelivered(
     await channel.queue_delete(queue_name)
     await channel.close()
     release.set()
+
+
+async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
+    amqp: AbstractRobustConnection, names: Names
+) -> None:
+    """A pool that changes its concurrency starts a new consumer set on the same channel while
+    the old one still finishes its handlers (``WorkerPool._consume``)."""
+    old_queue, new_queue = names.results("acks-old"), names.results("acks-new")
+    await _publish(amqp, old_queue, ["held"])
+    connection = await aio_pika.connect_robust(amqp.url)
+    channel = await connection.channel()
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        if message.body == b"held":
+            await release.wait()
+        handled.append(message.body.decode())
+
+    old = ConsumerSet()
+    await old.consume(await channel.declare_queue(old_queue, durable=True), handler, ack=True)
+
+    async def holding() -> bool:
+        return old.in_flight == 1
+
+    await eventually(holding, 10, "the old set holding its delivery")
+    await _publish(amqp, new_queue, [f"n{i}" for i in range(10)])
+    new = ConsumerSet()
+    await new.consume(await channel.declare_queue(new_queue, durable=True), handler, ack=True)
+
+    async def new_done() -> bool:
+        return len(handled) == 10
+
+    await eventually(new_done, 10, "the new set's deliveries")
+    await asyncio.sleep(0.2)  # their acks are out
+    await connection.close()  # the held one was never acked: it comes back
+
+    async def back() -> bool:
+        return await queue_depth(amqp, old_queue) == 1
+
+    await eventually(back, 10, "the old set's held delivery back in its queue")
+    assert await queue_depth(amqp, new_queue) == 0
+    cleanup = await amqp.channel()
+    await cleanup.queue_delete(old_queue)
+    await cleanup.queue_delete(new_queue)
+    await cleanup.close()
+    release.set()
