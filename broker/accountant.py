@@ -2,9 +2,9 @@
 
 A message carries one event or a ``JobEventBatch`` of them. A batch of messages (up to
 ``batch_size`` events, or what ``max_delay_s`` gathered) is written in one transaction and its
-messages acked after the commit. Writes are idempotent: a usage
-row is identified by ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is
-replaced only by an event at least as recent as the one it holds.
+messages acked after the commit. Writes are idempotent: a usage row is identified by
+``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is replaced only by an
+event at least as recent as the one it holds.
 
 A call is priced by the config version this accountant had in force when the call happened
 (``occurred_at``), whose digest is the row's ``price_version``; a new version (``apply``) prices

@@ -176,9 +176,9 @@ class Publisher:
             if expiration is None
             else str(max(0, int(expiration.total_seconds() * 1000))),
         )
-        # The concrete channel: its ``basic_publish`` takes ``wait`` (the abstract one omits it).
         if self._channel.is_closed:  # fail fast, as aio-pika does (the robust one would wait)
             raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+        # The concrete channel: its ``basic_publish`` takes ``wait`` (the abstract one omits it).
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         confirm = await channel.basic_publish(
             body,
