@@ -24,6 +24,7 @@ from broker.errors import (
     RateLimited,
 )
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
+from tests.provider_stub import Handler, Provider
 from workers.adapters import adapter_for
 from workers.adapters.anthropic import AnthropicAdapter
 from workers.adapters.base import ProviderRequest
@@ -53,8 +54,6 @@ WEATHER_TOOL = {
         },
     },
 }
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def fixture(name: str) -> Any:
@@ -96,35 +95,6 @@ def request(*messages: dict[str, Any], model: str = MODEL, **params: Any) -> Pro
 
 def simple_request(**params: Any) -> ProviderRequest:
     return request({"role": "user", "content": f"Say hi. {PROMPT_MARKER}"}, **params)
-
-
-class Provider:
-    """A stand-in provider: answers every call with one response and records the requests."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: Any = None,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        raises: BaseException | None = None,
-    ) -> None:
-        self.status = status
-        self.content = content if content is not None else orjson.dumps(body)
-        self.headers = headers or {}
-        self.raises = raises
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.raises is not None:
-            raise self.raises
-        return httpx.Response(self.status, content=self.content, headers=self.headers)
-
-    def body(self) -> Any:
-        [sent] = self.requests
-        return orjson.loads(sent.content)
 
 
 async def call(

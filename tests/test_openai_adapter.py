@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from broker.errors import (
     RateLimited,
 )
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
+from tests.provider_stub import Handler, Provider
 from workers.adapters.base import ProviderRequest
 from workers.adapters.openai import OpenAIAdapter, parse_retry_after
 from workers.http import make_http_client
@@ -36,8 +37,6 @@ KEY_ENV = "SWITCHYARD_TEST_OPENAI_KEY"
 KEY = "sk-test-abc123supersecret"
 PROMPT_MARKER = "PROMPT-TEXT-MARKER"
 URL = "https://api.example.test/v1/chat/completions"
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def fixture(name: str) -> Any:
@@ -79,31 +78,6 @@ def simple_request(**params: Any) -> ProviderRequest:
         messages=[ChatMessage(role="user", content=f"Say hi. {PROMPT_MARKER}")],
         params=CompletionParams(**params),
     )
-
-
-class Provider:
-    """A stand-in provider: answers every call with one response and records the requests."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: Any = None,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        raises: BaseException | None = None,
-    ) -> None:
-        self.status = status
-        self.content = content if content is not None else orjson.dumps(body)
-        self.headers = headers or {}
-        self.raises = raises
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.raises is not None:
-            raise self.raises
-        return httpx.Response(self.status, content=self.content, headers=self.headers)
 
 
 async def call(

@@ -305,7 +305,7 @@ async def test_versions_are_recorded_once_listed_and_rolled_back_from_the_cli(
         async def applied() -> bool:
             return reloader.config.version == new.version
 
-        await eventually(applied, 1.0, "the new version to apply")
+        await eventually(applied, 10, "the new version to apply")
         # The same version written again, and one only touched, are not new versions.
         path.write_text(path.read_text())
         await asyncio.sleep(0.6)
@@ -396,7 +396,7 @@ async def test_a_version_published_by_another_process_is_applied_by_a_running_sc
         async def applied() -> bool:
             return reloader.config.version == elsewhere.version
 
-        await eventually(applied, 1.0, "the published version to apply")
+        await eventually(applied, 10, "the published version to apply")
         await asyncio.sleep(0.05)
         job_ids = await flow.send(10)
         await flow.all_answered(20, job_ids)
@@ -455,14 +455,14 @@ async def test_a_new_concurrency_changes_the_prefetch_and_the_slots(
         assert mock.stats()["max_in_flight"] == 2
         write(path, mock, names, "alpha", "alpha", concurrency=6)
 
-        await eventually(_concurrency(reloader, 6), 1.0, "concurrency 6 to apply")
+        await eventually(_concurrency(reloader, 6), 10, "concurrency 6 to apply")
         mock.reset()
         mock.configure(latency_ms=300)
         second = await flow.send(24)
         await flow.all_answered(30, second)
         assert mock.stats()["max_in_flight"] == 6
         write(path, mock, names, "alpha", "alpha", concurrency=1)
-        await eventually(_concurrency(reloader, 1), 1.0, "concurrency 1 to apply")
+        await eventually(_concurrency(reloader, 1), 10, "concurrency 1 to apply")
         mock.reset()
         mock.configure(latency_ms=100)
         third = await flow.send(6)
