@@ -14,6 +14,7 @@ NOTE_KEYS = (
     "added_p50_ms",
     "added_p99_ms",
     "vs_ideal",
+    "vs_baseline",
     "mock_max_in_flight",
     "cpu_s_per_job_ms",
     "accountant_drained_s_after_last_reply",
