@@ -62,9 +62,92 @@ class Unroutable(Exception):
     """The broker returned a mandatory message: no queue is bound under that name."""
 
 
+WRITE_QUEUE_FRAMES = 1024
+"""aiormq's bound on frames queued for its writer (10 by default). A handler whose publish finds
+the queue full waits there holding its channel's lock, so with 10 the publishes of a burst of
+deliveries go out one per event-loop turn and cannot share a send. What is queued stays bounded
+by the prefetch of each consumer and the confirms each publisher awaits."""
+
+
+class _CoalescingWriter:
+    """An ``asyncio.StreamWriter`` whose writes within one event-loop turn leave in one send.
+
+    aiormq writes each publish and each ack on its own; on loopback every send also runs
+    RabbitMQ's side of TCP and wakes it. Measured here (throughput, 10,000 jobs, two alternating
+    runs each): RabbitMQ 1.22-1.29 -> 1.09-1.10 ms of CPU per job, the scheduler, worker and
+    producer 0.03-0.05 ms less each, the pipeline 0.60-0.61 -> 0.65-0.67 of the bare loop.
+    A flush waits at most for the rest of the current loop turn; ``drain``, ``write_eof`` and
+    ``close`` flush first, so aiormq's handshake, RPCs and close keep their order."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        if not self._writer.is_closing():  # a lost connection: its frames go with it
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        self._flush()
+        await self._writer.drain()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+class _CoalescingTransport(aiormq.connection.TransportFactory):
+    """aiormq's own TCP or TLS transport, written through a ``_CoalescingWriter``."""
+
+    def __init__(self, inner: aiormq.connection.TransportFactory) -> None:
+        self._inner = inner
+
+    async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, Any]:
+        reader, writer = await self._inner.create(url, **kwargs)
+        return reader, _CoalescingWriter(writer)
+
+
+class _RobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection on the coalescing transport (each reconnect too: aio-pika
+    hands ``kwargs`` to every new aiormq connection)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = (
+            aiormq.connection.TLSTransportFactory()
+            if self.url.scheme == "amqps"
+            else aiormq.connection.TCPTransportFactory()
+        )
+        self.kwargs["transport_factory"] = _CoalescingTransport(inner)
+
+
 async def connect(amqp_url: str, *, name: str) -> AbstractRobustConnection:
     """A robust connection (reconnects and restores consumers); ``name`` shows in RabbitMQ."""
-    return await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": name})
+    # A class setting, so it holds for every aiormq connection of the process; it only raises a
+    # bound, which aio-pika's own publishers (each waiting for its frame's drain) never reach.
+    aiormq.Connection.FRAME_BUFFER_SIZE = max(
+        aiormq.Connection.FRAME_BUFFER_SIZE, WRITE_QUEUE_FRAMES
+    )
+    return await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": name}, connection_class=_RobustConnection
+    )
 
 
 def _work_queue_arguments(names: Names) -> dict[str, Any]:
