@@ -163,6 +163,9 @@ class SwitchyardClient:
                 reply_to=DIRECT_REPLY_TO,
                 priority=job.priority,
                 headers={HEADER_KEY: api_key} if api_key else None,
+                # Its answer can only reach this channel: a job kept across a broker restart
+                # would call the provider (and bill) for a caller that has already given up.
+                persistent=False,
             )
         except BaseException:
             self._pending.pop(job.job_id, None)

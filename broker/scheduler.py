@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import orjson
+from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -270,6 +271,7 @@ class Scheduler(Service):
             reply_to=message.reply_to,
             priority=job.priority,
             headers=passthrough_headers(message),
+            persistent=_persistent(message),
         )
 
     async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
@@ -315,4 +317,12 @@ class Scheduler(Service):
             priority=job.priority,
             headers=passthrough_headers(message),
             expiration=(job.deadline - now) if job.deadline is not None else None,
+            persistent=_persistent(message),
         )
+
+
+def _persistent(message: AbstractIncomingMessage) -> bool:
+    """A job keeps the delivery mode its producer chose, hop after hop: persistent for a batch
+    job with a durable results queue, transient for an RPC whose answer dies with its caller's
+    channel (our client's ``complete`` and ``stream``)."""
+    return message.delivery_mode == DeliveryMode.PERSISTENT

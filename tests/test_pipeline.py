@@ -259,3 +259,49 @@ async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_u
             row["cost_usd"]
             == Decimal(result.usage.prompt_tokens + 2 * result.usage.completion_tokens) / 1_000_000
         )
+
+
+async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_producer_chose(
+    amqp: AbstractRobustConnection, names: Names, config_file: Path, pipeline: Any
+) -> None:
+    """RPC jobs (``complete``) travel transient, since their answer dies with the caller's
+    channel; batch jobs (``submit``) and AMQP producers' persistent jobs stay persistent."""
+    from broker.client import make_job
+
+    provider_queue = names.provider("mock")
+    async with pipeline(load_config(config_file), workers=[], accountant=False):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            rpc_job = make_job([{"role": "user", "content": "rpc"}], model="gpt-4o-mini")
+            waiting = asyncio.create_task(client.complete(job=rpc_job, timeout_s=60))
+            results = await client.open_results("modes")
+            batch_job = make_job([{"role": "user", "content": "batch"}], model="gpt-4o-mini")
+            await client.submit(batch_job, results_queue=results)
+            channel = await amqp.channel(publisher_confirms=True)
+            for job_id, mode in (
+                ("native-persistent", aio_pika.DeliveryMode.PERSISTENT),
+                ("native-default", None),
+            ):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(job_body(job_id, "native"), delivery_mode=mode),
+                    routing_key=names.jobs,
+                )
+
+            async def all_forwarded() -> bool:
+                return await queue_depth(amqp, provider_queue) == 4
+
+            await eventually(all_forwarded, 10, "four jobs in the provider queue")
+            modes: dict[str, aio_pika.DeliveryMode] = {}
+            queue = await channel.get_queue(provider_queue)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                modes[json.loads(message.body)["job_id"]] = message.delivery_mode
+            waiting.cancel()
+            await client.delete_results(results)
+            await channel.close()
+
+    assert modes == {
+        rpc_job.job_id: aio_pika.DeliveryMode.NOT_PERSISTENT,
+        batch_job.job_id: aio_pika.DeliveryMode.PERSISTENT,
+        "native-persistent": aio_pika.DeliveryMode.PERSISTENT,
+        "native-default": aio_pika.DeliveryMode.NOT_PERSISTENT,
+    }

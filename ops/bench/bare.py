@@ -95,7 +95,9 @@ class BareClient:
                 correlation_id=correlation_id,
                 reply_to="amq.rabbitmq.reply-to",
                 priority=priority,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                # As Switchyard's client sends an RPC job: an answer that can only reach this
+                # channel does not outlive it, so neither does the job.
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             ),
             routing_key=self.queue_name,
         )
