@@ -47,6 +47,12 @@ __all__ = ["WorkerPool", "WorkerPools"]
 
 log = logging.getLogger(__name__)
 
+PREFETCH_PER_CALL = 2
+"""Deliveries in hand per call slot. A job whose call is done holds its delivery until its
+result and its accounting event are confirmed (RabbitMQ confirms a persistent message after its
+fsync: 40-130 ms at the median, 300 ms at p90, measured with 500 calls in flight). With the
+prefetch equal to the concurrency, those jobs kept the next calls from starting: 1 s calls at a
+cap of 500 ran about 360/s instead of 500/s."""
 DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
@@ -88,8 +94,8 @@ class WorkerPool(Service):
         self.redis_url = redis_url
         self.queue_name = names.provider(provider_id)
         self.consumers = ConsumerSet()
-        # Prefetch bounds deliveries; the slots also bound calls if a reconnect redelivers while
-        # old handlers still run, or a replaced consumer's handlers still run.
+        # The slots bound the provider calls (and order them); the prefetch, larger, bounds the
+        # deliveries in hand: calls, and jobs waiting for a slot or for their confirms.
         self._slots = PrioritySlots(provider.concurrency)
         self._redis: Redis | None = None
         self._holder = f"{provider_id}-{secrets.token_hex(4)}"
@@ -163,7 +169,7 @@ class WorkerPool(Service):
         it starts (``basic.qos`` counts for consumers made after it), so a new concurrency needs a
         new consumer; the one it replaces is cancelled and its handlers finish on their own."""
         assert self._channel is not None and self._queues
-        await self._channel.set_qos(prefetch_count=self.provider.concurrency)
+        await self._channel.set_qos(prefetch_count=PREFETCH_PER_CALL * self.provider.concurrency)
         previous = self.consumers
         self.consumers = ConsumerSet()
         for queue in self._queues:  # every fairness lane: each gets its own prefetch window
@@ -253,34 +259,33 @@ class WorkerPool(Service):
                 await self._close(client)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        # Calls start by priority, then arrival, whichever lane the job came through.
-        async with self._slots.slot(message.priority or 0):
-            await self._serve(message)
-
-    async def _serve(self, message: AbstractIncomingMessage) -> None:
         async def call(job: CompletionJob) -> None:
-            started = utcnow()
             if job.route is None or job.route.provider != self.provider_id:
                 raise InvalidMessage(
                     f"job reached {self.queue_name} without a route to {self.provider_id!r}"
                 )
-            if job.deadline is not None and job.deadline <= started:
-                raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
             on_chunk = None
             if job.params.stream:
 
                 async def on_chunk(attempt: int, sequence: int, chunk: ChatCompletionChunk) -> None:
                     await self.outcomes.chunk(message, job, attempt, sequence, chunk)
 
-            async with self._use() as client:
-                async with self._global_slot(client.leases):
-                    outcome = await call_with_retries(
-                        client.adapter,
-                        job,
-                        max_attempts=client.provider.max_attempts,
-                        on_chunk=on_chunk,
-                    )
-                result = self._result(job, outcome, started, client.provider)
+            # Only the provider call holds a slot: calls start by priority, then arrival,
+            # whichever lane the job came through, and the next one starts while this job's
+            # result and event wait for their confirms.
+            async with self._slots.slot(message.priority or 0):
+                started = utcnow()
+                if job.deadline is not None and job.deadline <= started:
+                    raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
+                async with self._use() as client:
+                    async with self._global_slot(client.leases):
+                        outcome = await call_with_retries(
+                            client.adapter,
+                            job,
+                            max_attempts=client.provider.max_attempts,
+                            on_chunk=on_chunk,
+                        )
+                    result = self._result(job, outcome, started, client.provider)
             await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
