@@ -176,6 +176,50 @@ async def test_the_pool_never_has_more_calls_in_flight_than_its_concurrency(
     assert stats["max_in_flight"] == 3
 
 
+async def test_the_next_call_starts_while_a_finished_job_waits_for_its_confirms(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """At concurrency 1, a job whose call is done but whose result and accounting event are not
+    yet confirmed no longer keeps the next job's call from starting."""
+    from workers.pool import WorkerPool
+
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [{"id": "one", "concurrency": 1}]))
+    async with pipeline(config, accountant=False) as services:
+        [pool] = [s for s in services if isinstance(s, WorkerPool)]
+        finish = pool.outcomes.finish
+        held: list[str] = []
+        release = asyncio.Event()
+
+        async def slow_finish(message: Any, job: Any, result: Any, usage: Any) -> None:
+            if not held:  # the first job to finish waits, as for a slow fsync
+                held.append(job.job_id)
+                await release.wait()
+            await finish(message, job, result, usage)
+
+        pool.outcomes.finish = slow_finish  # type: ignore[method-assign]
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            calls = [
+                asyncio.create_task(
+                    client.complete(
+                        [{"role": "user", "content": f"q {i}"}], model="gpt-4o-mini", timeout_s=30
+                    )
+                )
+                for i in range(2)
+            ]
+
+            async def both_called() -> bool:
+                return bool(mock.stats()["calls"] == 2)
+
+            await eventually(both_called, 10, "the second call while the first job finishes")
+            assert held and not release.is_set()
+            release.set()
+            results = await asyncio.gather(*calls)
+    assert [r.status.value for r in results] == ["succeeded"] * 2
+    assert held[0] in {r.job_id for r in results}
+    assert mock.stats()["max_in_flight"] == 1
+
+
 async def test_the_client_reads_a_batch_back_from_a_durable_results_queue(
     names: Names, config_file: Path, pipeline: Any, mock: MockProvider
 ) -> None:
