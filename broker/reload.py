@@ -196,9 +196,17 @@ class ConfigReloader(Service):
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._poller is not None:
+            # A version being applied is recorded (and published) before the watcher stops:
+            # cancelling mid-way left an applied version out of config_versions.
+            held = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lock.acquire(), grace_s)
+                held = True
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+            if held:
+                self._lock.release()
         await self.consumers.stop(grace_s)
         if self._connection is not None:
             await self._connection.close()

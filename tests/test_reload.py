@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.config import load_config
+from broker.config import Config, load_config
 from broker.names import Names
 from broker.reload import ConfigReloader, Reloadable
 from broker.runtime import Service
@@ -583,23 +583,57 @@ async def test_switchyard_up_reloads_and_starts_a_pool_for_an_added_provider(
             await flow.all_answered(20, first)
             write(path, mock, names, "gamma", "alpha", "gamma")
             after = load_config(path)
-            written_at = time.monotonic()
 
             async def on_gamma() -> bool:
                 [job_id] = await flow.send(1)
                 await flow.all_answered(5, [job_id])
                 return flow.provider(job_id) == "gamma"
 
-            await eventually(on_gamma, 5, "jobs to reach the added provider", interval_s=0)
-            switched_s = time.monotonic() - written_at
+            # How fast a version applies is the bench's business; here, that it does.
+            await eventually(on_gamma, 10, "jobs to reach the added provider", interval_s=0)
     finally:
+        # The version is recorded before `up` stops, however soon after applying it stops.
         processes.stop_all()
     assert {flow.provider(j) for j in first} == {"alpha"}
     assert {len(r) for r in flow.results.values()} == {1}
-    assert switched_s < 1.5, switched_s
     rows = await versions(pg, before.version, after.version)
     assert [(r["digest"], r["source"]) for r in rows] == [
         (before.version, "file"),
         (after.version, "file"),
     ]
     assert [p.returncode for p in processes.running] == [0]
+
+
+async def test_a_version_being_applied_is_recorded_even_if_the_process_stops_right_then(
+    names: Names,
+    tmp_path: Path,
+    database_url: str,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker import config_store
+
+    path = tmp_path / "providers.yaml"
+    write(path, mock, names, "alpha", "alpha")
+    applied = asyncio.Event()
+
+    class Subscriber:
+        async def apply(self, config: Config) -> None:
+            applied.set()
+
+    record = config_store.record
+
+    async def slow_record(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.5)  # Postgres slow to commit as the process is told to stop
+        await record(*args, **kwargs)
+
+    monkeypatch.setattr(config_store, "record", slow_record)
+    async with reloading(path, names, database_url, [Subscriber()]) as reloader:
+        before = reloader.config
+        write(path, mock, names, "beta", "alpha", "beta")
+        after = load_config(path)
+        await asyncio.wait_for(applied.wait(), 10)
+    # reloading() stopped the reloader at once after the version was applied
+    rows = await versions(pg, before.version, after.version)
+    assert [r["digest"] for r in rows] == [before.version, after.version]
