@@ -19,7 +19,8 @@ FLOOD, TRICKLE = "sk-flood", "sk-trickle"
 CONCURRENCY = 4
 BOUND = 40
 """At most this many of the 1,000 flood jobs queued ahead finish before the last of the trickle's
-10: the lanes interleave them (a prefetch window of 4 per lane); without lanes all 1,000 would."""
+10: the lanes interleave them (a prefetch window of 8 per lane, twice the concurrency); without
+lanes all 1,000 would."""
 
 
 def key(name: str, secret: str) -> dict[str, Any]:
