@@ -101,10 +101,15 @@ class _ChannelAcks:
                 return
             oldest = min(self.in_hand, default=None)
             covered = [tag for tag in settled if oldest is None or tag < oldest]
+            acks = [(tag, False) for tag in settled[len(covered) :]]
             if covered:
-                await channel.basic_ack(covered[-1], multiple=True)
-            for tag in settled[len(covered) :]:
-                await channel.basic_ack(tag)
+                acks.insert(0, (covered[-1], True))
+            # Queued together; only the last waits for its write. Each waiting for its own took
+            # one writer pass apiece: behind a delivery in hand (a job waiting for a call slot)
+            # 200 acks took 200 sends, and a busy worker's prefetch window filled with deliveries
+            # already done while its queue backed up and its call slots stood empty.
+            for i, (tag, multiple) in enumerate(acks, start=1):
+                await channel.basic_ack(tag, multiple=multiple, wait=i == len(acks))
         except BROKER_FAILURES:
             # The channel closed: RabbitMQ redelivers what it had not seen acked.
             log.warning("acks lost with their channel; those deliveries come again")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from broker.amqp import _CoalescingWriter, connect
 from broker.names import Names
 from broker.runtime import ConsumerSet
 from tests.conftest import eventually, queue_depth
@@ -130,5 +132,63 @@ async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
     cleanup = await amqp.channel()
     await cleanup.queue_delete(old_queue)
     await cleanup.queue_delete(new_queue)
+    await cleanup.close()
+    release.set()
+
+
+async def test_acks_behind_a_delivery_in_hand_are_written_together(
+    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an older delivery in hand (a job waiting for a call slot, a long call) no multiple
+    ack may cover it, so the later ones are acked tag by tag. They must still leave together:
+    written one after the other, each waiting for its own write, 200 acks took 200 sends, and at
+    500 jobs/s the prefetch window filled with deliveries already done."""
+    queue_name = names.results("acks-behind")
+    await _publish(amqp, queue_name, ["held", *(f"m{i}" for i in range(200))])
+    sends: list[int] = []
+    flush = _CoalescingWriter._flush
+
+    def counted(self: _CoalescingWriter) -> None:
+        if self._pending:
+            sends.append(len(self._pending))
+        flush(self)
+
+    monkeypatch.setattr(_CoalescingWriter, "_flush", counted)
+    connection = await connect(str(amqp.url), name="test-acks-behind")
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=300)
+    queue = await channel.declare_queue(queue_name, durable=True)
+    release, go = asyncio.Event(), asyncio.Event()
+    arrived: list[str] = []
+
+    async def handler(message: AbstractIncomingMessage) -> None:
+        arrived.append(message.body.decode())
+        await (release if message.body == b"held" else go).wait()
+
+    consumers = ConsumerSet()
+    await consumers.consume(queue, handler, ack=True)
+
+    async def all_in_hand() -> bool:
+        return len(arrived) == 201
+
+    await eventually(all_in_hand, 10, "every delivery in hand")
+    sends.clear()  # from here on, this connection writes the acks and the consumer's cancel
+    go.set()  # 200 handlers finish in one turn; the held one stays
+
+    async def only_the_held_one_in_hand() -> bool:
+        return consumers.in_flight == 1
+
+    await eventually(only_the_held_one_in_hand, 10, "the 200 handlers done")
+    await consumers.stop(grace_s=0)  # cancels the held one; returns once the acks are written
+    ack_sends = len(sends)
+    await connection.close()  # the held delivery was never acked: it comes back
+
+    async def only_the_held_one_back() -> bool:
+        return await queue_depth(amqp, queue_name) == 1
+
+    await eventually(only_the_held_one_back, 10, "the 200 acked and the held one back")
+    assert ack_sends <= 3, f"{ack_sends} sends for 200 acks"
+    cleanup = await amqp.channel()
+    await cleanup.queue_delete(queue_name)
     await cleanup.close()
     release.set()
