@@ -21,7 +21,7 @@ from rich.table import Table
 from broker.config import Config, load_config, parse_config
 from broker.errors import ConfigError, SwitchyardError
 from broker.names import Names
-from broker.runtime import Service, configure_logging, run_loop, run_services
+from broker.runtime import Service, configure_logging, run_loop, run_services, tune_gc
 from broker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def _serve(
         assert isinstance(service, Service)
         reloader.subscribe(service.apply)
         running.append(service)
+    tune_gc()
     try:
         run_loop(run_services([*running, reloader]), settings.event_loop)
     except SwitchyardError as exc:

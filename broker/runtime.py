@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import weakref
@@ -21,7 +22,14 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker.amqp import BROKER_FAILURES
 
-__all__ = ["ConsumerSet", "Service", "configure_logging", "run_loop", "run_services"]
+__all__ = [
+    "ConsumerSet",
+    "Service",
+    "configure_logging",
+    "run_loop",
+    "run_services",
+    "tune_gc",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,27 @@ def run_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main)
     return asyncio.run(main)
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The cycle collector's thresholds in Switchyard's processes (CPython's are 700, 10, 10).
+
+With 500 one-second calls in flight, a worker's objects live long enough to reach the oldest
+generation, so at the defaults it ran a full collection every second or two, each walking every
+live object for 100-130 ms (a stalled event loop, too). Measured here, 10,000 calls: 3.5 of the
+worker's 14.3 CPU seconds went to the collector (gen0 0.66, gen1 1.01, gen2 1.86) against 0.11 s
+at these thresholds; the scheduler's 0.36 s and the accountant's 0.19 s fell to 0.05 and 0.07.
+Peak RSS stayed at 103-112 MiB a process. Reference counting frees most garbage; the collector
+only finds cycles, now in larger and rarer passes."""
+
+
+def tune_gc() -> None:
+    """Freeze what startup made (modules, config, schemas: never garbage, so no collection
+    should walk it again) and collect cycles less often (``GC_THRESHOLDS``). For Switchyard's
+    own long-running processes; a program that embeds the client keeps its own settings."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def configure_logging(level: str) -> None:
