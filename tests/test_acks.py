@@ -155,40 +155,43 @@ async def test_acks_behind_a_delivery_in_hand_are_written_together(
 
     monkeypatch.setattr(_CoalescingWriter, "_flush", counted)
     connection = await connect(str(amqp.url), name="test-acks-behind")
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=300)
-    queue = await channel.declare_queue(queue_name, durable=True)
     release, go = asyncio.Event(), asyncio.Event()
-    arrived: list[str] = []
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=300)
+        queue = await channel.declare_queue(queue_name, durable=True)
+        arrived: list[str] = []
 
-    async def handler(message: AbstractIncomingMessage) -> None:
-        arrived.append(message.body.decode())
-        await (release if message.body == b"held" else go).wait()
+        async def handler(message: AbstractIncomingMessage) -> None:
+            arrived.append(message.body.decode())
+            await (release if message.body == b"held" else go).wait()
 
-    consumers = ConsumerSet()
-    await consumers.consume(queue, handler, ack=True)
+        consumers = ConsumerSet()
+        await consumers.consume(queue, handler, ack=True)
 
-    async def all_in_hand() -> bool:
-        return len(arrived) == 201
+        async def all_in_hand() -> bool:
+            return len(arrived) == 201
 
-    await eventually(all_in_hand, 10, "every delivery in hand")
-    sends.clear()  # from here on, this connection writes the acks and the consumer's cancel
-    go.set()  # 200 handlers finish in one turn; the held one stays
+        await eventually(all_in_hand, 10, "every delivery in hand")
+        sends.clear()  # from here on, this connection writes the acks and the consumer's cancel
+        go.set()  # 200 handlers finish in one turn; the held one stays
 
-    async def only_the_held_one_in_hand() -> bool:
-        return consumers.in_flight == 1
+        async def only_the_held_one_in_hand() -> bool:
+            return consumers.in_flight == 1
 
-    await eventually(only_the_held_one_in_hand, 10, "the 200 handlers done")
-    await consumers.stop(grace_s=0)  # cancels the held one; returns once the acks are written
-    ack_sends = len(sends)
-    await connection.close()  # the held delivery was never acked: it comes back
+        await eventually(only_the_held_one_in_hand, 10, "the 200 handlers done")
+        await consumers.stop(grace_s=0)  # cancels the held one; returns once the acks are written
+        ack_sends = len(sends)
+        await connection.close()  # the held delivery was never acked: it comes back
 
-    async def only_the_held_one_back() -> bool:
-        return await queue_depth(amqp, queue_name) == 1
+        async def only_the_held_one_back() -> bool:
+            return await queue_depth(amqp, queue_name) == 1
 
-    await eventually(only_the_held_one_back, 10, "the 200 acked and the held one back")
-    assert ack_sends <= 3, f"{ack_sends} sends for 200 acks"
-    cleanup = await amqp.channel()
-    await cleanup.queue_delete(queue_name)
-    await cleanup.close()
-    release.set()
+        await eventually(only_the_held_one_back, 10, "the 200 acked and the held one back")
+        assert ack_sends <= 3, f"{ack_sends} sends for 200 acks"
+    finally:
+        release.set()
+        await connection.close()
+        cleanup = await amqp.channel()
+        await cleanup.queue_delete(queue_name)
+        await cleanup.close()
