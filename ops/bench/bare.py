@@ -18,6 +18,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker.config import ProviderConfig
+from broker.runtime import tune_gc
 from workers.http import make_http_client, post
 
 QUEUE_ARGUMENTS = {"x-max-priority": 10}
@@ -106,4 +107,5 @@ class BareClient:
 
 if __name__ == "__main__":
     amqp, queue, base, concurrency = sys.argv[1:5]
+    tune_gc()  # as Switchyard's processes: the ratios measure the work, not the collector
     asyncio.run(serve(amqp, queue, base, int(concurrency)))

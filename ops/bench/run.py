@@ -48,7 +48,7 @@ from broker.client import SwitchyardClient
 from broker.config import ProviderConfig
 from broker.migrate import upgrade
 from broker.names import Names
-from broker.runtime import run_loop
+from broker.runtime import run_loop, tune_gc
 from broker.settings import Settings
 from workers.http import make_http_client, post
 
@@ -82,10 +82,13 @@ SMOKE = Sizes(
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, out: Path) -> None:
+    def __init__(self, sizes: Sizes, out: Path, profile: frozenset[str] = frozenset()) -> None:
         settings = Settings()
         self.sizes = sizes
         self.out = out
+        self.profile = profile  # kinds of process to run under ``cpuprofile.py``
+        self.scenario = ""
+        self._started = 0
         self.amqp_url = settings.amqp_url
         self.token = secrets.token_hex(3)
         self.names = Names(f"bench-{self.token}")
@@ -178,12 +181,12 @@ class Bench:
         self, *, concurrency: int, workers: int = 1, schedulers: int = 1
     ) -> list[Proc]:
         self.config_path.write_text(yaml.safe_dump({"providers": [self.provider(concurrency)]}))
-        started = [self.procs.start(f"scheduler-{i}", *cli("scheduler")) for i in range(schedulers)]
+        self._started += 1
+        started = [self._start(f"scheduler-{i}", "scheduler") for i in range(schedulers)]
         started += [
-            self.procs.start(f"worker-{i}", *cli("worker", "--provider", "mock"))
-            for i in range(workers)
+            self._start(f"worker-{i}", "worker", "--provider", "mock") for i in range(workers)
         ]
-        started.append(self.procs.start("accountant", *cli("accountant")))
+        started.append(self._start("accountant", "accountant"))
         deadline = time.monotonic() + 30
         want = {
             self.names.jobs: schedulers,
@@ -197,6 +200,15 @@ class Bench:
         for proc in started:
             proc.mark()
         return started
+
+    def _start(self, name: str, *command: str) -> Proc:
+        """``switchyard COMMAND``, under the CPU sampler when ``--profile`` names its kind."""
+        if command[0] not in self.profile:
+            return self.procs.start(name, *cli(*command))
+        out = self.out / f"profile-{self._started}-{self.scenario}-{name}.txt"
+        return self.procs.start(
+            name, str(REPO / "ops" / "bench" / "cpuprofile.py"), str(out), *command
+        )
 
     def stop(self, procs: list[Proc]) -> None:
         for proc in procs:
@@ -428,14 +440,17 @@ def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
     return {k: round(v - since.get(k, 0.0), 2) for k, v in now.items()}
 
 
-async def main(sizes: Sizes, out: Path, scenarios: list[str]) -> dict[str, Any]:
-    bench = Bench(sizes, out)
+async def main(
+    sizes: Sizes, out: Path, scenarios: list[str], profile: frozenset[str]
+) -> dict[str, Any]:
+    bench = Bench(sizes, out, profile)
     await bench.setup()
     runs: list[Run] = []
     started = time.perf_counter()
     try:
         for scenario in scenarios:
             print(f"== {scenario}", flush=True)
+            bench.scenario = scenario
             for run in await getattr(bench, scenario)():
                 print(
                     f"   {run.name}: {run.per_second:.1f}/s p50 {run.percentile(50):.2f} ms",
@@ -468,6 +483,12 @@ if __name__ == "__main__":
         default="throughput,added_latency,many_in_flight,scale_out",
         help="comma-separated subset",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated process kinds (scheduler, worker, accountant) to run under"
+        " cpuprofile.py; their samples go to --out as profile-*.txt",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = SMOKE if args.smoke else Sizes()
@@ -479,8 +500,13 @@ if __name__ == "__main__":
                 for f in ("throughput_jobs", "latency_jobs", "many_jobs", "scale_jobs")
             },
         )
-    # The producers (both sides') run on the event loop Switchyard's processes use.
-    results = run_loop(main(sizes, args.out, args.scenarios.split(",")), Settings().event_loop)
+    profile = frozenset(kind for kind in args.profile.split(",") if kind)
+    # The producers (both sides') run on the event loop and with the collector settings of
+    # Switchyard's processes.
+    tune_gc()
+    results = run_loop(
+        main(sizes, args.out, args.scenarios.split(","), profile), Settings().event_loop
+    )
     write_reports(results, args.out)
     print((args.out / "bench.md").read_text())
     broken = [r["name"] for r in results["runs"] if r["errors"] or not r["jobs"]]
