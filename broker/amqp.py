@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, cast
 
@@ -21,6 +21,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    ConsumerTag,
 )
 from aiormq.abc import DeliveredMessage
 
@@ -124,9 +125,65 @@ class _CoalescingTransport(aiormq.connection.TransportFactory):
         return reader, _CoalescingWriter(writer)
 
 
+class _Delivery(aio_pika.IncomingMessage):
+    """aio-pika's incoming message without the check, on each attribute it sets, that the
+    message is not locked: a guard for messages being built to publish, which a delivery is not.
+    The check's property calls were three quarters of building one: 21 -> 5.4 µs here."""
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__  # type: ignore[assignment]
+
+
+class _Queue(aio_pika.RobustQueue):
+    """aio-pika's robust queue (its consumers restored after a reconnect) that hands each
+    delivery to the callback as a ``_Delivery``, in the task aiormq starts for it; aio-pika
+    starts a second task per delivery, one more event-loop turn on every hop."""
+
+    async def consume(
+        self,
+        callback: Callable[[AbstractIncomingMessage], Awaitable[Any]],
+        no_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        consumer_tag: ConsumerTag | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (aio-pika's signature)
+        robust: bool = True,
+    ) -> ConsumerTag:
+        async def deliver(message: DeliveredMessage) -> None:
+            await callback(_Delivery(message, no_ack=no_ack))
+
+        channel = await self.channel.get_underlay_channel()
+        started = await channel.basic_consume(
+            queue=self.name,
+            consumer_callback=deliver,
+            exclusive=exclusive,
+            no_ack=no_ack,
+            arguments=arguments,
+            consumer_tag=consumer_tag,
+            timeout=timeout,
+        )
+        if started.consumer_tag is None:
+            raise RuntimeError("the broker gave the consumer no tag")
+        if robust:  # what ``RobustQueue.restore`` consumes again, as aio-pika's own does
+            self._consumers[started.consumer_tag] = {
+                "callback": callback,
+                "no_ack": no_ack,
+                "exclusive": exclusive,
+                "arguments": arguments,
+            }
+        return started.consumer_tag
+
+
+class _Channel(aio_pika.RobustChannel):
+    QUEUE_CLASS = _Queue
+
+
 class _RobustConnection(aio_pika.RobustConnection):
     """aio-pika's robust connection on the coalescing transport (each reconnect too: aio-pika
-    hands ``kwargs`` to every new aiormq connection)."""
+    hands ``kwargs`` to every new aiormq connection), with channels whose queues deliver
+    ``_Delivery`` messages."""
+
+    CHANNEL_CLASS = _Channel
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
