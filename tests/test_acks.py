@@ -32,61 +32,66 @@ async def test_done_deliveries_are_acked_and_one_in_hand_is_redelivered(
     await _publish(amqp, queue_name, bodies)
 
     connection = await aio_pika.connect_robust(amqp.url)
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=50)
-    queue = await channel.declare_queue(queue_name, durable=True)
     release = asyncio.Event()
-    handled: list[str] = []
-    acks: list[tuple[int, bool]] = []
-    underlay = await channel.get_underlay_channel()
-    real_ack = underlay.basic_ack
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=50)
+        queue = await channel.declare_queue(queue_name, durable=True)
+        handled: list[str] = []
+        acks: list[tuple[int, bool]] = []
+        underlay = await channel.get_underlay_channel()
+        real_ack = underlay.basic_ack
 
-    async def counted_ack(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
-        acks.append((delivery_tag, multiple))
-        await real_ack(delivery_tag, multiple=multiple, wait=wait)
+        async def counted_ack(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+            acks.append((delivery_tag, multiple))
+            await real_ack(delivery_tag, multiple=multiple, wait=wait)
 
-    underlay.basic_ack = counted_ack  # type: ignore[method-assign]
+        underlay.basic_ack = counted_ack  # type: ignore[method-assign]
 
-    async def handler(message: AbstractIncomingMessage) -> None:
-        body = message.body.decode()
-        if body == "m20":  # held: every later delivery finishes before it
-            await release.wait()
-        elif body == "m7" and not message.redelivered:
-            raise ConnectionError("the broker went away under this one")
-        handled.append(body)
+        async def handler(message: AbstractIncomingMessage) -> None:
+            body = message.body.decode()
+            if body == "m20":  # held: every later delivery finishes before it
+                await release.wait()
+            elif body == "m7" and not message.redelivered:
+                raise ConnectionError("the broker went away under this one")
+            handled.append(body)
 
-    consumers = ConsumerSet()
-    await consumers.consume(queue, handler, ack=True)
+        consumers = ConsumerSet()
+        await consumers.consume(queue, handler, ack=True)
 
-    async def all_but_the_held_one() -> bool:
-        return len(handled) == 29
+        async def all_but_the_held_one() -> bool:
+            return len(handled) == 29
 
-    await eventually(all_but_the_held_one, 10, "29 deliveries handled")
-    await asyncio.sleep(0.2)  # let the acks of the last turn go out
-    held, failed = 21, 8  # delivery tags of m20 and of m7's first delivery
-    covered: set[int] = set()
-    for tag, multiple in acks:
-        assert tag != held
-        if multiple:
-            assert tag < held
-            covered |= set(range(1, tag + 1))
-        else:
-            covered.add(tag)
-    assert covered - {failed} == set(range(1, 32)) - {held, failed}  # m7 came again as tag 31
-    assert len(acks) < 29  # the run below the held delivery took fewer acks than deliveries
+        await eventually(all_but_the_held_one, 10, "29 deliveries handled")
+        await asyncio.sleep(0.2)  # let the acks of the last turn go out
+        held, failed = 21, 8  # delivery tags of m20 and of m7's first delivery
+        covered: set[int] = set()
+        for tag, multiple in acks:
+            assert tag != held
+            if multiple:
+                assert tag < held
+                covered |= set(range(1, tag + 1))
+            else:
+                covered.add(tag)
+        assert covered - {failed} == set(range(1, 32)) - {held, failed}  # m7 came again as tag 31
+        assert len(acks) < 29  # the run below the held delivery took fewer acks than deliveries
 
-    await connection.close()  # m20 was never acked: RabbitMQ puts it back
+        await connection.close()  # m20 was never acked: RabbitMQ puts it back
 
-    async def back() -> bool:
-        return await queue_depth(amqp, queue_name) == 1
+        async def back() -> bool:
+            return await queue_depth(amqp, queue_name) == 1
 
-    await eventually(back, 10, "the held delivery back in the queue")
-    channel = await amqp.channel()
-    left = await channel.declare_queue(queue_name, passive=True)
-    assert (await left.get(no_ack=True)).body.decode() == "m20"
-    await channel.queue_delete(queue_name)
-    await channel.close()
-    release.set()
+        await eventually(back, 10, "the held delivery back in the queue")
+        channel = await amqp.channel()
+        left = await channel.declare_queue(queue_name, passive=True)
+        assert (await left.get(no_ack=True)).body.decode() == "m20"
+        await channel.close()
+    finally:
+        release.set()
+        await connection.close()
+        cleanup = await amqp.channel()
+        await cleanup.queue_delete(queue_name)
+        await cleanup.close()
 
 
 async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
@@ -97,43 +102,46 @@ async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
     old_queue, new_queue = names.results("acks-old"), names.results("acks-new")
     await _publish(amqp, old_queue, ["held"])
     connection = await aio_pika.connect_robust(amqp.url)
-    channel = await connection.channel()
     release = asyncio.Event()
-    handled: list[str] = []
+    try:
+        channel = await connection.channel()
+        handled: list[str] = []
 
-    async def handler(message: AbstractIncomingMessage) -> None:
-        if message.body == b"held":
-            await release.wait()
-        handled.append(message.body.decode())
+        async def handler(message: AbstractIncomingMessage) -> None:
+            if message.body == b"held":
+                await release.wait()
+            handled.append(message.body.decode())
 
-    old = ConsumerSet()
-    await old.consume(await channel.declare_queue(old_queue, durable=True), handler, ack=True)
+        old = ConsumerSet()
+        await old.consume(await channel.declare_queue(old_queue, durable=True), handler, ack=True)
 
-    async def holding() -> bool:
-        return old.in_flight == 1
+        async def holding() -> bool:
+            return old.in_flight == 1
 
-    await eventually(holding, 10, "the old set holding its delivery")
-    await _publish(amqp, new_queue, [f"n{i}" for i in range(10)])
-    new = ConsumerSet()
-    await new.consume(await channel.declare_queue(new_queue, durable=True), handler, ack=True)
+        await eventually(holding, 10, "the old set holding its delivery")
+        await _publish(amqp, new_queue, [f"n{i}" for i in range(10)])
+        new = ConsumerSet()
+        await new.consume(await channel.declare_queue(new_queue, durable=True), handler, ack=True)
 
-    async def new_done() -> bool:
-        return len(handled) == 10
+        async def new_done() -> bool:
+            return len(handled) == 10
 
-    await eventually(new_done, 10, "the new set's deliveries")
-    await asyncio.sleep(0.2)  # their acks are out
-    await connection.close()  # the held one was never acked: it comes back
+        await eventually(new_done, 10, "the new set's deliveries")
+        await asyncio.sleep(0.2)  # their acks are out
+        await connection.close()  # the held one was never acked: it comes back
 
-    async def back() -> bool:
-        return await queue_depth(amqp, old_queue) == 1
+        async def back() -> bool:
+            return await queue_depth(amqp, old_queue) == 1
 
-    await eventually(back, 10, "the old set's held delivery back in its queue")
-    assert await queue_depth(amqp, new_queue) == 0
-    cleanup = await amqp.channel()
-    await cleanup.queue_delete(old_queue)
-    await cleanup.queue_delete(new_queue)
-    await cleanup.close()
-    release.set()
+        await eventually(back, 10, "the old set's held delivery back in its queue")
+        assert await queue_depth(amqp, new_queue) == 0
+    finally:
+        release.set()
+        await connection.close()
+        cleanup = await amqp.channel()
+        await cleanup.queue_delete(old_queue)
+        await cleanup.queue_delete(new_queue)
+        await cleanup.close()
 
 
 async def test_acks_behind_a_delivery_in_hand_are_written_together(
