@@ -27,7 +27,7 @@ import yaml
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
-from broker.amqp import PARK_DELAYS_S
+from broker.amqp import PARK_DELAYS_S, _CoalescingWriter
 from broker.config import Config, load_config
 from broker.names import Names
 from broker.runtime import Service
@@ -150,6 +150,29 @@ async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
         return int(declared.declaration_result.message_count or 0)
     finally:
         await channel.close()
+
+
+async def delete_queues(amqp: AbstractRobustConnection, *queues: str) -> None:
+    """Delete queues a test made outside its namespace's fixed set (``names.results(...)``)."""
+    channel = await amqp.channel()
+    for queue in queues:
+        await channel.queue_delete(queue)
+    await channel.close()
+
+
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many frames each socket send of a ``broker.amqp.connect`` connection carried."""
+    counted: list[int] = []
+    flush = _CoalescingWriter._flush
+
+    def counting(self: _CoalescingWriter) -> None:
+        if self._pending:
+            counted.append(len(self._pending))
+        flush(self)
+
+    monkeypatch.setattr(_CoalescingWriter, "_flush", counting)
+    return counted
 
 
 async def consumer_count(amqp: AbstractRobustConnection, queue: str) -> int:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import _CoalescingWriter, connect
+from broker.amqp import connect
 from broker.names import Names
 from broker.runtime import ConsumerSet
-from tests.conftest import eventually, queue_depth
+from tests.conftest import delete_queues, eventually, queue_depth
 
 
 async def _publish(connection: AbstractRobustConnection, queue: str, bodies: list[str]) -> None:
@@ -89,9 +88,7 @@ async def test_done_deliveries_are_acked_and_one_in_hand_is_redelivered(
     finally:
         release.set()
         await connection.close()
-        cleanup = await amqp.channel()
-        await cleanup.queue_delete(queue_name)
-        await cleanup.close()
+        await delete_queues(amqp, queue_name)
 
 
 async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
@@ -138,14 +135,11 @@ async def test_a_replaced_consumer_sets_delivery_in_hand_is_never_covered(
     finally:
         release.set()
         await connection.close()
-        cleanup = await amqp.channel()
-        await cleanup.queue_delete(old_queue)
-        await cleanup.queue_delete(new_queue)
-        await cleanup.close()
+        await delete_queues(amqp, old_queue, new_queue)
 
 
 async def test_acks_behind_a_delivery_in_hand_are_written_together(
-    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch
+    amqp: AbstractRobustConnection, names: Names, sends: list[int]
 ) -> None:
     """With an older delivery in hand (a job waiting for a call slot, a long call) no multiple
     ack may cover it, so the later ones are acked tag by tag. They must still leave together:
@@ -153,15 +147,6 @@ async def test_acks_behind_a_delivery_in_hand_are_written_together(
     500 jobs/s the prefetch window filled with deliveries already done."""
     queue_name = names.results("acks-behind")
     await _publish(amqp, queue_name, ["held", *(f"m{i}" for i in range(200))])
-    sends: list[int] = []
-    flush = _CoalescingWriter._flush
-
-    def counted(self: _CoalescingWriter) -> None:
-        if self._pending:
-            sends.append(len(self._pending))
-        flush(self)
-
-    monkeypatch.setattr(_CoalescingWriter, "_flush", counted)
     connection = await connect(str(amqp.url), name="test-acks-behind")
     release, go = asyncio.Event(), asyncio.Event()
     try:
@@ -200,6 +185,4 @@ async def test_acks_behind_a_delivery_in_hand_are_written_together(
     finally:
         release.set()
         await connection.close()
-        cleanup = await amqp.channel()
-        await cleanup.queue_delete(queue_name)
-        await cleanup.close()
+        await delete_queues(amqp, queue_name)

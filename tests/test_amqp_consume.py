@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from broker.amqp import _CoalescingTransport, _CoalescingWriter, _Delivery, connect
 from broker.names import Names
 from broker.runtime import ConsumerSet
-from tests.conftest import eventually, queue_depth
+from tests.conftest import delete_queues, eventually, queue_depth
 
 
 async def _publish(amqp: AbstractRobustConnection, queue: str, body: bytes) -> None:
@@ -103,6 +103,4 @@ async def test_deliveries_are_lean_and_whole_and_the_consumer_survives_a_dropped
         await eventually(all_acked, 10, "both deliveries acked")
     finally:
         await connection.close()
-        cleanup = await amqp.channel()
-        await cleanup.queue_delete(queue_name)
-        await cleanup.close()
+        await delete_queues(amqp, queue_name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.amqp import Publisher, _CoalescingWriter, connect
 from broker.names import Names
+from tests.conftest import delete_queues
 
 
 class _Writer:
@@ -60,17 +60,8 @@ async def test_writes_of_one_turn_go_in_one_send_and_drain_and_close_flush_first
 
 
 async def test_a_burst_of_publishes_shares_sends_and_arrives_whole_and_in_order(
-    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch
+    amqp: AbstractRobustConnection, names: Names, sends: list[int]
 ) -> None:
-    sends: list[int] = []
-    flush = _CoalescingWriter._flush
-
-    def counted(self: _CoalescingWriter) -> None:
-        if self._pending:
-            sends.append(len(self._pending))
-        flush(self)
-
-    monkeypatch.setattr(_CoalescingWriter, "_flush", counted)
     connection = await connect(str(amqp.url), name="test-writes")
     queue_name = names.results("writes")
     try:
@@ -97,7 +88,5 @@ async def test_a_burst_of_publishes_shares_sends_and_arrives_whole_and_in_order(
         await asyncio.wait_for(done.wait(), 10)
         assert received == bodies  # one channel, one queue: RabbitMQ keeps the publish order
     finally:
-        cleanup = await amqp.channel()
-        await cleanup.queue_delete(queue_name)
-        await cleanup.close()
+        await delete_queues(amqp, queue_name)
         await connection.close()
