@@ -175,7 +175,7 @@ def mock_provider(
     """Serve the mock provider (OpenAI wire format); its knobs change at run time: /_mock/config."""
     from mock_provider import MockSettings, run
 
-    tune_gc()  # 500 calls held for a second each: the same full collections as a worker's
+    tune_gc()  # it holds hundreds of slow calls at once: the full collections a worker had
     run(
         host,
         port,

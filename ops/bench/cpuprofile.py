@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 INTERVAL_S = 0.001
 
@@ -68,10 +69,10 @@ def profile(out: Path, cli_args: list[str]) -> None:
     def write() -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
         out.write_text("".join(f"{stack} {count}\n" for stack, count in stacks.items()))
-        collector = {
+        collector: dict[str, Any] = {
             f"gen{g}": {"passes": int(n), "cpu_s": round(s, 3)} for g, (n, s) in passes.items()
         }
-        collector["process_cpu_s"] = round(time.process_time(), 3)  # type: ignore[assignment]
+        collector["process_cpu_s"] = round(time.process_time(), 3)
         Path(f"{out}.gc.json").write_text(json.dumps(collector, indent=1))
 
     atexit.register(write)
