@@ -9,6 +9,7 @@ Run as a process: ``python ops/bench/bare.py AMQP_URL QUEUE MOCK_BASE_URL CONCUR
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import uuid
@@ -23,6 +24,8 @@ from workers.http import make_http_client, post
 
 QUEUE_ARGUMENTS = {"x-max-priority": 10}
 JSON_HEADERS = httpx.Headers({"content-type": "application/json"})
+CALL_TIMEOUT_S = 120.0
+"""As long as a Switchyard call of the bench may take (``timeout_s``)."""
 
 
 async def serve(amqp_url: str, queue_name: str, base_url: str, concurrency: int) -> None:
@@ -42,11 +45,23 @@ async def serve(amqp_url: str, queue_name: str, base_url: str, concurrency: int)
     await channel.set_qos(prefetch_count=concurrency)
     queue = await channel.declare_queue(queue_name, durable=True, arguments=QUEUE_ARGUMENTS)
 
+    async def call(body: bytes) -> bytes:
+        # Two attempts, as Switchyard's worker retries: the mock closes a keep-alive connection
+        # idle for 5 s, and a call that picks it up as it closes fails ("server disconnected").
+        # A failure after that is answered as an error, so no caller waits on it.
+        error = ""
+        for _ in range(2):
+            try:
+                return (await post(http, url, body, JSON_HEADERS)).content
+            except httpx.TransportError as exc:
+                error = type(exc).__name__
+        return json.dumps({"error": error}).encode()
+
     async def handle(message: AbstractIncomingMessage) -> None:
-        response = await post(http, url, message.body, JSON_HEADERS)
+        content = await call(message.body)
         if message.reply_to:
             await channel.default_exchange.publish(
-                aio_pika.Message(response.content, correlation_id=message.correlation_id),
+                aio_pika.Message(content, correlation_id=message.correlation_id),
                 routing_key=message.reply_to,
                 mandatory=False,
             )
@@ -102,7 +117,10 @@ class BareClient:
             ),
             routing_key=self.queue_name,
         )
-        return await future
+        try:
+            return await asyncio.wait_for(future, CALL_TIMEOUT_S)
+        finally:
+            self._pending.pop(correlation_id, None)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ class Bench:
             self.bare_queue,
         ):
             await channel.queue_delete(queue)
+        await channel.exchange_delete(self.names.config)
         await connection.close()
         admin = await asyncpg.connect(self.admin_dsn)
         await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
