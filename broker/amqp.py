@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, cast
 
 import aio_pika
 import aiormq
+import pamqp.exceptions
+import pamqp.frame
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -47,6 +50,9 @@ PARK_DELAYS_S = (1, 5, 30)
 """Parking queues: one per delay, so a queue-wide TTL expires its head first (a per-message
 expiration would wait behind longer ones at the head)."""
 JSON = "application/json"
+_FRAME_HEADER_SIZE = 7
+_FRAME_SIZE = struct.Struct(">I")
+_READ_SIZE = 256 * 1024
 
 
 # Failures of the broker connection, not of the message: the handler leaves the message unacked
@@ -123,6 +129,55 @@ class _CoalescingTransport(aiormq.connection.TransportFactory):
     async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, Any]:
         reader, writer = await self._inner.create(url, **kwargs)
         return reader, _CoalescingWriter(writer)
+
+
+class _FrameReceiver(aiormq.connection.FrameReceiver):
+    """aiormq's frame receiver, reading whatever has arrived and cutting it into frames.
+
+    aiormq's own awaits three reads per frame (type and channel, size, payload) under a lock and
+    copies each through a ``BytesIO``. This one awaits a read only when no whole frame is
+    buffered; each frame is still decoded by pamqp, and a closed connection or a bad frame
+    raises aiormq's errors. Counted with callgrind (instructions, which the machine's speed does
+    not move): consuming and acking a message 437k -> 364k; per job, the scheduler 1,135k ->
+    1,051k and the worker 2,105k -> 2,004k."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._buffer = bytearray()
+
+    async def get_frame(self) -> aiormq.connection.ReceivedFrame:
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= _FRAME_HEADER_SIZE:
+                if not self.started:
+                    if buffer.startswith(b"AMQP"):
+                        raise aiormq.exceptions.ProtocolSyntaxError(
+                            "Unexpected AMQP protocol header"
+                        )
+                    self.started = True
+                size = _FRAME_SIZE.unpack_from(buffer, 3)[0]
+                end = _FRAME_HEADER_SIZE + size + 1
+                if len(buffer) >= end:
+                    data = bytes(buffer[:end])
+                    del buffer[:end]
+                    try:
+                        return pamqp.frame.unmarshal(data)
+                    except pamqp.exceptions.PAMQPException as e:
+                        raise aiormq.exceptions.InvalidFrameError(str(e)) from e
+            try:
+                chunk = await self.reader.read(_READ_SIZE)
+            except OSError as e:
+                raise aiormq.exceptions.AMQPConnectionError(
+                    f"Server communication error: {e!r}"
+                ) from e
+            if not chunk:
+                if buffer:
+                    raise aiormq.exceptions.AMQPConnectionError(
+                        f"Server connection unexpectedly closed with {len(buffer)} bytes of "
+                        "a frame read"
+                    )
+                raise StopAsyncIteration
+            buffer += chunk
 
 
 class _Delivery(aio_pika.IncomingMessage):
@@ -202,6 +257,9 @@ async def connect(amqp_url: str, *, name: str) -> AbstractRobustConnection:
     aiormq.Connection.FRAME_BUFFER_SIZE = max(
         aiormq.Connection.FRAME_BUFFER_SIZE, WRITE_QUEUE_FRAMES
     )
+    # aiormq's ``connect`` builds its receiver by this module name (no argument reaches it), so
+    # this too holds for every aiormq connection the process opens from here on.
+    aiormq.connection.FrameReceiver = _FrameReceiver  # type: ignore[misc]
     return await aio_pika.connect_robust(
         amqp_url, client_properties={"connection_name": name}, connection_class=_RobustConnection
     )
