@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 
+from broker import frames
 from broker import names as n
 from broker.names import Names
 
@@ -161,7 +162,7 @@ class _FrameReceiver(aiormq.connection.FrameReceiver):
                     data = bytes(buffer[:end])
                     del buffer[:end]
                     try:
-                        return pamqp.frame.unmarshal(data)
+                        return frames.unmarshal(data)
                     except pamqp.exceptions.PAMQPException as e:
                         raise aiormq.exceptions.InvalidFrameError(str(e)) from e
             try:
@@ -257,9 +258,11 @@ async def connect(amqp_url: str, *, name: str) -> AbstractRobustConnection:
     aiormq.Connection.FRAME_BUFFER_SIZE = max(
         aiormq.Connection.FRAME_BUFFER_SIZE, WRITE_QUEUE_FRAMES
     )
-    # aiormq's ``connect`` builds its receiver by this module name (no argument reaches it), so
-    # this too holds for every aiormq connection the process opens from here on.
+    # aiormq's ``connect`` builds its receiver by this module name (no argument reaches it), and
+    # aiormq encodes every frame it sends through pamqp's module function; so these too hold for
+    # every aiormq connection of the process. ``frames.marshal`` gives pamqp's bytes exactly.
     aiormq.connection.FrameReceiver = _FrameReceiver  # type: ignore[misc]
+    pamqp.frame.marshal = frames.marshal
     return await aio_pika.connect_robust(
         amqp_url, client_properties={"connection_name": name}, connection_class=_RobustConnection
     )

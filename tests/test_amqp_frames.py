@@ -1,10 +1,14 @@
-"""Frames read off the wire (``broker.amqp._FrameReceiver``): cut from whatever has arrived, and
-equal to what pamqp decodes from each frame's bytes however the stream is split."""
+"""Frames on the wire: cut from whatever has arrived (``broker.amqp._FrameReceiver``) however the
+stream is split, and encoded and decoded on the fast path (``broker.frames``) exactly as pamqp
+does."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import random
+import struct
+from collections.abc import Callable
 
 import aio_pika
 import aiormq
@@ -13,6 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp import commands, frame, header, heartbeat
 from pamqp.body import ContentBody
 
+from broker import frames
 from broker.amqp import Publisher, _FrameReceiver, connect
 from broker.names import Names
 from tests.conftest import delete_queues, eventually
@@ -147,3 +152,133 @@ async def test_a_message_larger_than_a_frame_arrives_whole_over_switchyards_conn
     finally:
         await connection.close()
         await delete_queues(amqp, queue_name)
+
+
+# --- broker.frames: pamqp's results, byte for byte and object for object -----------------------
+
+_ORIGINAL_MARSHAL = frames._PAMQP_MARSHAL
+
+
+def _random_properties(rng: random.Random) -> commands.Basic.Properties:
+    def text(limit: int = 40) -> str:
+        return "".join(rng.choices("abcdefghij.-_é✓0123456789", k=rng.randint(0, limit)))
+
+    values: dict[str, object] = {}
+    if rng.random() < 0.8:
+        values["content_type"] = rng.choice(["application/json", "text/plain", ""])
+    if rng.random() < 0.2:
+        values["content_encoding"] = text(10)
+    if rng.random() < 0.5:
+        values["headers"] = {
+            "x-switchyard-key": text(),
+            "traceparent": text(55),
+            "n": rng.randint(-1000, 1000),
+            "nested": {"a": [1, "b", True]},
+        }
+    if rng.random() < 0.7:
+        values["delivery_mode"] = rng.choice([1, 2, aio_pika.DeliveryMode.PERSISTENT])
+    if rng.random() < 0.7:
+        values["priority"] = rng.randint(0, 9)
+    for name in ("correlation_id", "reply_to", "expiration", "message_id", "message_type"):
+        if rng.random() < 0.6:
+            values[name] = text()
+    if rng.random() < 0.2:
+        values["timestamp"] = datetime.datetime(
+            2026, 11, rng.randint(1, 30), rng.randint(0, 23), tzinfo=datetime.UTC
+        )
+    if rng.random() < 0.1:
+        values["user_id"] = "guest"
+    if rng.random() < 0.1:
+        values["app_id"] = text(12)
+    return commands.Basic.Properties(**values)  # type: ignore[arg-type]
+
+
+def _random_frames(rng: random.Random) -> list[frame.FrameTypes]:
+    body = rng.randbytes(rng.randint(0, 300))
+    return [
+        commands.Basic.Publish(
+            exchange=rng.choice(["", "switchyard.config"]),
+            routing_key=rng.choice(["bench-a1.jobs", "amq.rabbitmq.reply-to.g1h2AA==", "é✓"]),
+            mandatory=rng.random() < 0.5,
+            immediate=rng.random() < 0.1,
+        ),
+        commands.Basic.Deliver(
+            f"ctag-{rng.randint(0, 99)}",
+            rng.randint(1, 2**63 - 1),
+            rng.random() < 0.3,
+            rng.choice(["", "switchyard.config"]),
+            rng.choice(["bench-a1.provider.mock", "é✓", ""]),
+        ),
+        header.ContentHeader(0, len(body), _random_properties(rng)),
+        ContentBody(body),
+        commands.Basic.Ack(rng.randint(0, 2**63 - 1), rng.random() < 0.5),
+    ]
+
+
+def test_frames_are_encoded_and_decoded_as_pamqp_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    left_to_pamqp: list[object] = []
+    unmarshal = frame.unmarshal
+
+    def counted_unmarshal(data: bytes) -> aiormq.connection.ReceivedFrame:
+        left_to_pamqp.append(data)
+        return unmarshal(data)
+
+    def counted_marshal(value: frame.FrameTypes, channel: int) -> bytes:
+        left_to_pamqp.append(value)
+        return _ORIGINAL_MARSHAL(value, channel)
+
+    monkeypatch.setattr(frame, "unmarshal", counted_unmarshal)
+    monkeypatch.setattr(frames, "_PAMQP_MARSHAL", counted_marshal)
+    rng = random.Random(20261123)
+    for _ in range(300):
+        for value in _random_frames(rng):
+            channel = rng.randint(1, 2047)
+            wire = _ORIGINAL_MARSHAL(value, channel)
+            left_to_pamqp.clear()
+            assert frames.marshal(value, channel) == wire, value
+            # A client never encodes a Basic.Deliver: that one is pamqp's.
+            assert not left_to_pamqp or isinstance(value, commands.Basic.Deliver)
+            left_to_pamqp.clear()
+            assert _outcome(frames.unmarshal, wire) == _outcome(unmarshal, wire), value
+            # Nor does it decode a Basic.Publish; and pamqp refuses an empty body frame (no
+            # frame at all on the wire), so that is left to it too.
+            empty_body = isinstance(value, ContentBody) and not value.value
+            assert not left_to_pamqp or isinstance(value, commands.Basic.Publish) or empty_body
+            if isinstance(value, header.ContentHeader):
+                assert frames.unmarshal(wire)[2].class_id == 60  # type: ignore[union-attr]
+
+
+def test_frames_off_the_fast_path_are_pamqps_and_so_are_its_errors() -> None:
+    tune = commands.Connection.Tune(channel_max=2047, frame_max=131072, heartbeat=60)
+    assert frames.marshal(tune, 0) == _ORIGINAL_MARSHAL(tune, 0)
+    assert _as_compared(frames.unmarshal(_ORIGINAL_MARSHAL(tune, 0)))[2] == (
+        commands.Connection.Tune,
+        dict(tune),
+    )
+    too_long = header.ContentHeader(0, 1, commands.Basic.Properties(message_id="x" * 256))
+    with pytest.raises(TypeError, match="maximum length"):
+        _ORIGINAL_MARSHAL(too_long, 1)
+    with pytest.raises(TypeError, match="maximum length"):
+        frames.marshal(too_long, 1)
+    bad_priority = header.ContentHeader(0, 1, commands.Basic.Properties(priority=300))
+    with pytest.raises(struct.error):
+        frames.marshal(bad_priority, 1)
+    # Frames cut short at every length: both decode the same, or both refuse with pamqp's error.
+    for value in (
+        header.ContentHeader(0, 5, PROPERTIES),
+        commands.Basic.Deliver("ctag", 7, True, "", "bench-a1.jobs"),
+        commands.Basic.Ack(7, True),
+    ):
+        wire = _ORIGINAL_MARSHAL(value, 1)
+        for size in range(1, len(wire) - 8):
+            cut = wire[:3] + struct.pack(">I", size) + wire[7 : 7 + size] + wire[-1:]
+            assert _outcome(frames.unmarshal, cut) == _outcome(frame.unmarshal, cut), (value, size)
+
+
+def _outcome(
+    unmarshal: Callable[[bytes], aiormq.connection.ReceivedFrame], data: bytes
+) -> tuple[int, int, object] | type[BaseException]:
+    try:
+        return _as_compared(unmarshal(data))
+    except Exception as e:
+        return type(e)
