@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from broker.config import ProviderConfig
 from broker.errors import (
@@ -28,7 +30,7 @@ from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, Completion
 from tests.provider_stub import Handler, Provider
 from workers.adapters.base import ProviderRequest
 from workers.adapters.openai import OpenAIAdapter, parse_retry_after
-from workers.http import make_http_client
+from workers.http import make_http_client, post
 from workers.streaming import ChunkAccumulator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openai"
@@ -567,6 +569,46 @@ async def test_make_http_client() -> None:
 
     async with make_http_client(make_provider(timeout_s=120.0)) as http:
         assert http.timeout == httpx.Timeout(120.0, connect=10.0)
+
+
+async def test_post_over_aiohttp_reads_plain_and_encoded_bodies_whole() -> None:
+    """``post`` on the aiohttp transport hands back an httpx response read whole: a plain body
+    as it came, a gzip one decoded by httpx (it asked for gzip), each with its status and
+    headers, over a real HTTP server on loopback."""
+    answer = orjson.dumps({"id": "chatcmpl-1", "text": "é" * 300})
+    seen: list[str] = []
+
+    async def plain(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("accept-encoding", ""))
+        return web.Response(body=answer, content_type="application/json", status=201)
+
+    async def encoded(request: web.Request) -> web.Response:
+        return web.Response(
+            body=gzip.compress(answer),
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/plain", plain)
+    app.router.add_post("/gzip", encoded)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with make_http_client(make_provider(), "aiohttp") as http:
+            headers = httpx.Headers({"content-type": "application/json"})
+            first = await post(http, f"http://127.0.0.1:{port}/plain", b"{}", headers)
+            second = await post(http, f"http://127.0.0.1:{port}/gzip", b"{}", headers)
+    finally:
+        await runner.cleanup()
+
+    assert (first.status_code, first.content, first.json()["text"]) == (201, answer, "é" * 300)
+    assert first.headers["content-type"] == "application/json" and first.is_closed
+    assert "gzip" in seen[0]
+    assert (second.status_code, second.content) == (200, answer)
+    assert second.headers["content-encoding"] == "gzip"
 
 
 # --- streaming -------------------------------------------------------------------------------
