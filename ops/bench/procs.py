@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,12 +92,13 @@ class Procs:
         self.logs = logs
         self.running: list[Proc] = []
 
-    def start(self, name: str, *args: str) -> Proc:
-        """Run ``python ARGS...``; ``cli(...)`` builds the args of a ``switchyard`` command."""
+    def start(self, name: str, *args: str, wrapper: Sequence[str] = ()) -> Proc:
+        """Run ``python ARGS...`` (under ``wrapper``, a command such as valgrind's, if given);
+        ``cli(...)`` builds the args of a ``switchyard`` command."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = (self.logs / f"{name}.log").open("ab")
         popen = subprocess.Popen(
-            [sys.executable, *args],
+            [*wrapper, sys.executable, *args],
             cwd=REPO,
             env=self.env,
             stdout=log,

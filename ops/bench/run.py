@@ -87,6 +87,7 @@ class Bench:
         self.sizes = sizes
         self.out = out
         self.profile = profile  # kinds of process to run under ``cpuprofile.py``
+        self.start_timeout_s = 30.0
         self.scenario = ""
         self._started = 0
         self.amqp_url = settings.amqp_url
@@ -188,7 +189,7 @@ class Bench:
             self._start(f"worker-{i}", "worker", "--provider", "mock") for i in range(workers)
         ]
         started.append(self._start("accountant", "accountant"))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout_s
         want = {
             self.names.jobs: schedulers,
             self.names.provider("mock"): workers,
@@ -196,7 +197,9 @@ class Bench:
         }
         while any([await self.consumers(q) < n for q, n in want.items()]):
             if time.monotonic() > deadline:
-                raise TimeoutError("the pipeline did not start consuming within 30 s")
+                raise TimeoutError(
+                    f"the pipeline did not start consuming within {self.start_timeout_s:g} s"
+                )
             await asyncio.sleep(0.2)
         for proc in started:
             proc.mark()
