@@ -3,11 +3,13 @@
 A publish is a Basic.Publish, a content header and a body; a delivery is a Basic.Deliver, a
 content header and a body; the broker confirms with Basic.Ack and consumers ack with it. pamqp
 encodes and decodes each frame field by field through a lookup of the field's type by name and a
-dispatch on that type: measured here, 47 µs to decode a delivery's three frames and 52 µs to
-build and encode a publish's, on every hop of every job. These functions do the same work in
+dispatch on that type, on every hop of every job. These functions do the same work in
 straight-line code, for those frames only, and produce and take pamqp's own objects, so aiormq
-sees no difference. The layout (field order, property flags and types) is read from pamqp's
-classes once; tables and timestamps still go through pamqp's codecs.
+sees no difference. Measured here in the same minute, pamqp against these: decoding a
+Basic.Deliver 12.4 -> 3.8 µs, a content header 16.9 -> 8.3, a Basic.Ack 5.2 -> 1.0; a publish
+built and encoded 34.5 -> 27.0 µs (aiormq's objects are most of what is left of it). The
+layout (field order, property flags and types) is read from pamqp's classes once; tables and
+timestamps still go through pamqp's codecs.
 
 Every other frame, and any of these that does not fit the fast path (an unexpected type, a
 continued flag word, a string too long), goes through pamqp, which then decodes it or raises its

@@ -44,7 +44,8 @@ FRAMES: list[tuple[int, frame.FrameTypes]] = [
     (0, heartbeat.Heartbeat()),
     (2, commands.Basic.Ack(delivery_tag=7, multiple=True)),
 ]
-WIRE = b"".join(frame.marshal(value, channel) for channel, value in FRAMES)
+_ORIGINAL_MARSHAL = frames._PAMQP_MARSHAL  # pamqp's own, whatever connect() installed since
+WIRE = b"".join(_ORIGINAL_MARSHAL(value, channel) for channel, value in FRAMES)
 
 
 def _reader(chunks: list[bytes], *, eof: bool = True) -> asyncio.StreamReader:
@@ -95,7 +96,7 @@ async def test_a_frame_cut_off_by_the_connection_closing_is_a_connection_error()
 
 
 async def test_a_frame_without_its_end_byte_is_an_invalid_frame() -> None:
-    tune = frame.marshal(FRAMES[0][1], 0)
+    tune = _ORIGINAL_MARSHAL(FRAMES[0][1], 0)
     receiver = _FrameReceiver(_reader([tune[:-1] + b"\x00"]))
     with pytest.raises(aiormq.exceptions.InvalidFrameError):
         await receiver.get_frame()
@@ -109,7 +110,7 @@ async def test_a_server_that_answers_with_its_protocol_header_is_refused() -> No
 
 
 async def test_a_frame_is_returned_as_soon_as_it_is_whole() -> None:
-    tune = frame.marshal(FRAMES[0][1], 0)
+    tune = _ORIGINAL_MARSHAL(FRAMES[0][1], 0)
     reader = _reader([tune[:5]], eof=False)
     receiver = _FrameReceiver(reader)
     pending = asyncio.ensure_future(receiver.get_frame())
@@ -155,8 +156,6 @@ async def test_a_message_larger_than_a_frame_arrives_whole_over_switchyards_conn
 
 
 # --- broker.frames: pamqp's results, byte for byte and object for object -----------------------
-
-_ORIGINAL_MARSHAL = frames._PAMQP_MARSHAL
 
 
 def _random_properties(rng: random.Random) -> commands.Basic.Properties:
