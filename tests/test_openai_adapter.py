@@ -27,6 +27,7 @@ from broker.errors import (
     RateLimited,
 )
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
+from tests.conftest import free_port
 from tests.provider_stub import Handler, Provider
 from workers.adapters.base import ProviderRequest
 from workers.adapters.openai import OpenAIAdapter, parse_retry_after
@@ -593,9 +594,8 @@ async def test_post_over_aiohttp_reads_plain_and_encoded_bodies_whole() -> None:
     app.router.add_post("/gzip", encoded)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         async with make_http_client(make_provider(), "aiohttp") as http:
             headers = httpx.Headers({"content-type": "application/json"})

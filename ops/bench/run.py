@@ -227,10 +227,12 @@ class Bench:
             f"{self.mock_url}/v1",
             str(concurrency),
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout_s
         while await self.consumers(self.bare_queue) < 1:
             if time.monotonic() > deadline:
-                raise TimeoutError("the bare worker did not start consuming")
+                raise TimeoutError(
+                    f"the bare worker did not start consuming within {self.start_timeout_s:g} s"
+                )
             await asyncio.sleep(0.2)
         proc.mark()
         return proc
