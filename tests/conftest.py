@@ -194,7 +194,12 @@ async def consumer_count(amqp: AbstractRobustConnection, queue: str) -> int:
 class MockProvider:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, timeout=5)
+        # No keep-alive: the server closes an idle connection after 5 s, and a request that
+        # takes such a connection as it closes fails with "Server disconnected" (seen in a full
+        # run, after a test's 2 s calls left the control connection idle).
+        self.http = httpx.Client(
+            base_url=base_url, timeout=5, limits=httpx.Limits(max_keepalive_connections=0)
+        )
 
     def configure(self, **settings: Any) -> None:
         response = self.http.put("/_mock/config", json=settings)
