@@ -65,8 +65,10 @@ async def drive(
     total: int,
     in_flight: int,
     max_seconds: float,
+    pause_s: float = 0.0,
 ) -> Run:
-    """Run ``call(i)`` for i in 0..total-1 with ``in_flight`` at once; ``call`` returns success."""
+    """Run ``call(i)`` for i in 0..total-1 with ``in_flight`` at once; ``call`` returns success.
+    ``pause_s``: each lane waits this long before each call, outside the call's latency."""
     run = Run(name)
     counter = iter(range(total))
     deadline = time.monotonic() + max_seconds
@@ -75,6 +77,8 @@ async def drive(
         for i in counter:
             if time.monotonic() > deadline:
                 return
+            if pause_s:
+                await asyncio.sleep(pause_s)
             started = time.perf_counter()
             try:
                 ok = await call(i)
