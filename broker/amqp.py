@@ -173,12 +173,14 @@ class _FrameReceiver(aiormq.connection.FrameReceiver):
                     f"Server communication error: {e!r}"
                 ) from e
             if not chunk:
-                if buffer:
-                    raise aiormq.exceptions.AMQPConnectionError(
-                        f"Server connection unexpectedly closed with {len(buffer)} bytes of "
-                        "a frame read"
-                    )
-                raise StopAsyncIteration
+                # Never a normal end: aiormq's reader returns on Close-Ok, and a server's
+                # Connection.Close raises, before the socket's end is read. So it is a broken
+                # connection (as aiormq's own receiver reports it), which fails what awaited a
+                # confirm with a broker failure, and their messages go back to be redelivered.
+                raise aiormq.exceptions.AMQPConnectionError(
+                    "Server connection unexpectedly closed"
+                    + (f" with {len(buffer)} bytes of a frame read" if buffer else "")
+                )
             buffer += chunk
 
 

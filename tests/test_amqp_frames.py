@@ -57,8 +57,16 @@ def _reader(chunks: list[bytes], *, eof: bool = True) -> asyncio.StreamReader:
     return reader
 
 
-async def _read_all(receiver: _FrameReceiver) -> list[aiormq.connection.ReceivedFrame]:
-    return [received async for received in receiver]
+async def _read_until_closed(
+    receiver: _FrameReceiver,
+) -> tuple[list[aiormq.connection.ReceivedFrame], aiormq.exceptions.AMQPConnectionError]:
+    """Every frame before the stream's end, and the error that end raised."""
+    got: list[aiormq.connection.ReceivedFrame] = []
+    while True:
+        try:
+            got.append(await receiver.get_frame())
+        except aiormq.exceptions.AMQPConnectionError as end:
+            return got, end
 
 
 def _as_compared(received: aiormq.connection.ReceivedFrame) -> tuple[int, int, object]:
@@ -82,17 +90,20 @@ async def test_frames_equal_pamqps_however_the_stream_is_split(chunk_size: int) 
         offset += expected[-1][0]
     chunks = [WIRE[i : i + chunk_size] for i in range(0, len(WIRE), chunk_size)]
 
-    got = await _read_all(_FrameReceiver(_reader(chunks)))
+    got, end = await _read_until_closed(_FrameReceiver(_reader(chunks)))
 
     assert [_as_compared(g) for g in got] == [_as_compared(e) for e in expected]
+    # The socket's end is never a normal end (aiormq stops reading at Close-Ok first): a broken
+    # connection, so what awaited a confirm fails as a broker failure and is redelivered.
+    assert str(end) == "Server connection unexpectedly closed"
     assert got[2][2].properties.headers == PROPERTIES.headers
     assert b"".join(g[2].value for g in got if isinstance(g[2], ContentBody)) == BODY
 
 
 async def test_a_frame_cut_off_by_the_connection_closing_is_a_connection_error() -> None:
-    receiver = _FrameReceiver(_reader([WIRE[:-3]]))
-    with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="unexpectedly closed"):
-        await _read_all(receiver)
+    got, end = await _read_until_closed(_FrameReceiver(_reader([WIRE[:-3]])))
+    assert len(got) == len(FRAMES) - 1
+    assert str(end).startswith("Server connection unexpectedly closed with ")
 
 
 async def test_a_frame_without_its_end_byte_is_an_invalid_frame() -> None:
