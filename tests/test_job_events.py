@@ -7,16 +7,13 @@ import asyncio
 from datetime import UTC, datetime
 
 import orjson
-import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from broker.amqp import Publisher, _CoalescingWriter, connect, declare_topology
-from broker.client import make_job
-from broker.codec import encode
+from broker.amqp import Publisher, declare_topology
 from broker.names import Names
-from broker.outcomes import JobEvents, Outcomes
-from schemas import ErrorCode, JobError, JobEvent, JobResult, JobStatus
-from tests.conftest import delete_queues, eventually
+from broker.outcomes import JobEvents
+from schemas import JobEvent, JobStatus
+from tests.conftest import eventually
 
 
 def _event(job_id: str) -> JobEvent:
@@ -78,47 +75,3 @@ async def test_a_broker_failure_reaches_every_sender_of_the_message(
     results = await asyncio.gather(*sent, return_exceptions=True)
     assert all(isinstance(r, Exception) for r in results), results
     assert len({id(r) for r in results}) == 1  # one failed publish, seen by all three
-
-
-async def test_a_finished_job_sends_its_result_and_its_event_together_result_first(
-    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The event does not wait for the result's confirm: one send carries both (one wake-up
-    of the broker and one of the worker less per job at one in flight), the result ahead."""
-    sent: list[list[bytes]] = []  # each send, as the writes it joined
-    flush = _CoalescingWriter._flush
-
-    def recording(self: _CoalescingWriter) -> None:
-        if self._pending:
-            sent.append(list(self._pending))
-        flush(self)
-
-    monkeypatch.setattr(_CoalescingWriter, "_flush", recording)
-    connection = await connect(str(amqp.url), name="test-finish")
-    replies = names.results("finish")
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        queues = await declare_topology(channel, names, [])
-        reply_queue = await channel.declare_queue(replies, durable=True)
-        publisher = Publisher(channel)
-        job = make_job([{"role": "user", "content": "hi"}], model="m")
-        await publisher.publish(names.jobs, encode(job), reply_to=replies)
-        delivered = await queues[names.jobs].get(timeout=5)
-        error = JobError(type="provider_error", code=ErrorCode.PROVIDER_PROTOCOL_ERROR, message="x")
-        result = JobResult(job_id=job.job_id, status=JobStatus.FAILED, error=error)
-
-        sent.clear()
-        await Outcomes(publisher, names).finish(delivered, job, result, [])
-
-        # one send, of two writes (a publish's frames are one write): the result, the event
-        assert len(sent) == 1 and len(sent[0]) == 2, [len(s) for s in sent]
-        first, second = sent[0]
-        assert replies.encode() in first and names.usage.encode() in second
-        answer = await reply_queue.get(timeout=5)
-        assert JobResult.model_validate_json(answer.body).job_id == job.job_id
-        per_message = await _job_ids_per_message(amqp, names.usage, 1)
-        assert per_message == [[job.job_id]]
-        await delivered.ack()
-    finally:
-        await delete_queues(amqp, replies)
-        await connection.close()
