@@ -10,7 +10,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams, Usage
 
@@ -67,11 +67,19 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+def _queue_name(name: str) -> str:
+    # A longer name cannot be published to (an AMQP short string), so the job's result could
+    # never be sent and its message would come back for ever, calling the provider each time.
+    if len(name.encode()) > 255:
+        raise ValueError("a queue name is at most 255 bytes")
+    return name
+
+
 class ReplyTo(BaseModel):
     """Where the result goes besides the AMQP ``reply_to`` property."""
 
     model_config = ConfigDict(extra="forbid")
-    queue: str | None = None
+    queue: Annotated[str, AfterValidator(_queue_name)] | None = None
     webhook: HttpUrl | None = None
 
 

@@ -40,6 +40,15 @@ BAD_JOBS = [
         "unknown model 'gpt-9-ultra'; available: gpt-4o-mini",
         id="unknown-model",
     ),
+    pytest.param(
+        b'{"schema_version": 1, "job_id": "JOB", "model": "gpt-4o-mini",'
+        b' "messages": [{"role": "user", "content": "x"}], "reply": {"queue": "'
+        + "é".encode() * 128
+        + b'"}}',
+        "invalid_message",
+        "reply.queue: Value error, a queue name is at most 255 bytes",
+        id="reply-queue-name-too-long",
+    ),
 ]
 
 
