@@ -611,6 +611,46 @@ async def test_post_over_aiohttp_reads_plain_and_encoded_bodies_whole() -> None:
     assert second.headers["content-encoding"] == "gzip"
 
 
+MALFORMED_ANSWERS = [
+    pytest.param(b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\n{}", id="bad-status-line"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nNoColonHere\r\nContent-Length: 2\r\n\r\n{}", id="bad-header"),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        id="bad-chunk-size",
+    ),
+]
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS)
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_malformed_answer_is_a_retried_server_error_on_either_transport(
+    answer: bytes, transport: Any
+) -> None:
+    """A server that breaks HTTP is a provider failing, retried like a dropped connection; on
+    the aiohttp transport aiohttp's parser error used to escape unmapped, and the adapter took
+    it for a protocol error, which is not retried."""
+
+    async def answer_badly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_badly, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = make_provider(base_url=f"http://127.0.0.1:{port}/v1")
+    try:
+        async with make_http_client(provider, transport) as http:
+            headers = httpx.Headers({"content-type": "application/json"})
+            with pytest.raises(httpx.RemoteProtocolError):
+                await post(http, f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", headers)
+            with pytest.raises(ProviderServerError) as failed:
+                await OpenAIAdapter(provider, http).complete(simple_request())
+    finally:
+        server.close()
+    assert failed.value.retryable
+
+
 # --- streaming -------------------------------------------------------------------------------
 
 

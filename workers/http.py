@@ -35,13 +35,18 @@ _MAX_CONNECT_TIMEOUT_S = 10.0
 @contextlib.contextmanager
 def _httpx_errors(request: Callable[[], httpx.Request]) -> Iterator[None]:
     """aiohttp's failures as the httpx exceptions httpx itself raises. httpx-aiohttp 0.2 maps
-    most, but lets ``asyncio.TimeoutError`` escape and reports every connection failure, a
-    refused connection and a dropped one included, as ``ConnectTimeout`` (a timeout, which
-    adapters would report as one). ``request`` makes the exceptions' request, only when one
-    is raised (building an ``httpx.Request`` parses its URL: 6 % of a worker's CPU)."""
+    most, but lets ``asyncio.TimeoutError`` and a malformed answer (aiohttp's parser error, a
+    ``ClientResponseError``) escape, and reports every connection failure, a refused connection
+    and a dropped one included, as ``ConnectTimeout`` (a timeout, which adapters would report as
+    one). ``request`` makes the exceptions' request, only when one is raised (building an
+    ``httpx.Request`` parses its URL: 6 % of a worker's CPU)."""
     try:
         with map_aiohttp_exceptions():
             yield
+    except aiohttp.ClientResponseError as exc:  # a bad status line, header or chunk
+        raise httpx.RemoteProtocolError(
+            f"malformed response: {exc.message}", request=request()
+        ) from exc
     except TimeoutError as exc:
         raise httpx.ReadTimeout("timed out", request=request()) from exc
     except httpx.ConnectTimeout as exc:
