@@ -407,8 +407,10 @@ class Publisher:
         message_type: str = n.TYPE_RESULT,
         persistent: bool = True,
     ) -> bool:
-        """Send a result to a producer's reply queue. A vanished reply queue drops the result
-        (logged): the producer is gone, and the job's outcome is still recorded in Postgres."""
+        """Send a result to a producer's reply queue. A vanished reply queue, or one that
+        refuses it (a broker nack: a length limit that rejects publishes), drops the result
+        (logged, and ``False``): redelivering the job would call the provider again and not get
+        the answer there either; the job's outcome is still recorded in Postgres."""
         # RabbitMQ 3.10 returns a mandatory publish to a direct reply-to name as unroutable even
         # when it delivered it (measured here), so those go without the flag: at-most-once anyway.
         mandatory = not reply_to.startswith(n.DIRECT_REPLY_TO)
@@ -423,6 +425,9 @@ class Publisher:
             )
         except Unroutable:
             log.warning("reply queue %s is gone; result dropped", reply_to)
+            return False
+        except aiormq.exceptions.DeliveryError:
+            log.warning("reply queue %s refused the result; result dropped", reply_to)
             return False
         return True
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import aiormq
+import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import Publisher, _CoalescingWriter, connect
+from broker.amqp import BROKER_FAILURES, Publisher, _CoalescingWriter, connect
 from broker.names import Names
-from tests.conftest import delete_queues
+from tests.conftest import delete_queues, queue_depth
 
 
 class _Writer:
@@ -89,4 +91,29 @@ async def test_a_burst_of_publishes_shares_sends_and_arrives_whole_and_in_order(
         assert received == bodies  # one channel, one queue: RabbitMQ keeps the publish order
     finally:
         await delete_queues(amqp, queue_name)
+        await connection.close()
+
+
+async def test_a_publish_the_broker_refuses_is_a_broker_failure_and_a_refused_reply_is_dropped(
+    amqp: AbstractRobustConnection, names: Names
+) -> None:
+    """A queue full under ``reject-publish`` nacks what is published to it. A hop's publish then
+    fails as the broker's failure (its message is redelivered, not dead-lettered as a bad job);
+    a result is dropped, as for a vanished reply queue, instead of re-running a paid call."""
+    connection = await connect(str(amqp.url), name="test-refused")
+    full = names.results("full")
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(
+            full, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        publisher = Publisher(channel)
+        with pytest.raises(aiormq.exceptions.DeliveryError) as refused:
+            await publisher.publish(full, b"{}")
+        assert isinstance(refused.value, BROKER_FAILURES)
+        assert await publisher.reply(full, b"{}", correlation_id="c-1") is False
+        assert await publisher.reply(names.results("gone"), b"{}", correlation_id="c-2") is False
+        assert await queue_depth(amqp, full) == 0
+    finally:
+        await delete_queues(amqp, full)
         await connection.close()
