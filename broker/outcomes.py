@@ -20,6 +20,7 @@ from broker.amqp import BROKER_FAILURES, Publisher
 from broker.codec import decode_job, encode, job_id_hint
 from broker.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
 from broker.names import TYPE_CHUNK, Names
+from broker.runtime import Unsettled
 from schemas import (
     ChatCompletionChunk,
     CompletionJob,
@@ -190,26 +191,42 @@ class Outcomes:
     ) -> None:
         """Decode the job and let ``serve`` do its work; returning means the consumer may ack
         (``ConsumerSet(ack=True)``). A job that is wrong is rejected; a bug ends the job as
-        failed (never kills the consumer, never loops the message); a broker failure propagates
-        and the message goes back for redelivery."""
+        failed (never kills the consumer, never loops the message), and one in rejecting gives
+        the message up to the dead-letter queue as it is; a broker failure propagates and the
+        message goes back for redelivery."""
         job: CompletionJob | None = None
         try:
             job = decode_job(message.body)
             await serve(job)
         except JobRejected as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
-            await self.reject(message, source_queue=source_queue, error=exc, job=job, status=status)
+            await self._reject_or_give_up(message, source_queue, exc, job, status)
         except BROKER_FAILURES:
             raise
         except Exception as exc:
             log.exception("failed on a job from %s", source_queue)
-            await self.reject(
-                message,
-                source_queue=source_queue,
-                error=internal_error(exc),
-                job=job,
-                status=JobStatus.FAILED,
+            await self._reject_or_give_up(
+                message, source_queue, internal_error(exc), job, JobStatus.FAILED
             )
+
+    async def _reject_or_give_up(
+        self,
+        message: AbstractIncomingMessage,
+        source_queue: str,
+        error: SwitchyardError | JobError,
+        job: CompletionJob | None,
+        status: JobStatus,
+    ) -> None:
+        """``reject``; if that fails for any reason but the broker's, the message is given up
+        (``Unsettled``) rather than returned to come again for ever."""
+        try:
+            await self.reject(
+                message, source_queue=source_queue, error=error, job=job, status=status
+            )
+        except BROKER_FAILURES:
+            raise
+        except Exception as exc:
+            raise Unsettled(f"a job from {source_queue} could not be rejected") from exc
 
     async def reject(
         self,

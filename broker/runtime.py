@@ -106,13 +106,14 @@ class _ChannelAcks:
         if self._flush is None:
             self._flush = asyncio.create_task(self._send())
 
-    async def nack(self, tag: int) -> None:
-        """Return a delivery. It stays in hand until its nack is queued on the channel, so no
-        multiple ack can be written before it and cover it."""
+    async def nack(self, tag: int, *, requeue: bool = True) -> None:
+        """Return a delivery (or, ``requeue=False``, hand it to its queue's dead-letter target).
+        It stays in hand until its nack is queued on the channel, so no multiple ack can be
+        written before it and cover it."""
         channel = self._channel()
         try:
             if channel is not None:
-                await channel.basic_nack(tag, requeue=True)
+                await channel.basic_nack(tag, requeue=requeue)
         finally:
             self.in_hand.discard(tag)
 
@@ -148,6 +149,13 @@ class _ChannelAcks:
                 self._flush = asyncio.create_task(self._send())
 
 
+class Unsettled(Exception):
+    """A handler could not settle its message, not even by rejecting it with a typed result (a
+    bug on that path). The message goes to its queue's dead-letter target as it is (RabbitMQ
+    adds an ``x-death`` header), not back to the queue, where it would come again for ever and
+    a worker would call the provider each time."""
+
+
 _ACKS: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
     weakref.WeakKeyDictionary()
 )
@@ -179,14 +187,19 @@ class ConsumerSet:
                     self._acks.add(acks)
                     acks.in_hand.add(tag)
                 await handler(message)
-            except Exception:
-                # The broker connection failed under the handler: hand the message back.
-                log.warning("handler failed; message returned for redelivery", exc_info=True)
+            except Exception as exc:
+                # Unsettled: the handler gave the message up. Anything else: the broker
+                # connection failed under the handler, so the message goes back for redelivery.
+                requeue = not isinstance(exc, Unsettled)
+                if requeue:
+                    log.warning("handler failed; message returned for redelivery", exc_info=True)
+                else:
+                    log.error("handler gave a message up; it is dead-lettered", exc_info=True)
                 with contextlib.suppress(Exception):
                     if acks is not None and tag is not None:
-                        await acks.nack(tag)
+                        await acks.nack(tag, requeue=requeue)
                     else:
-                        await message.nack(requeue=True)
+                        await message.nack(requeue=requeue)
             else:
                 if acks is not None and tag is not None:
                     acks.ack(tag)

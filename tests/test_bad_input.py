@@ -15,7 +15,8 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker.config import load_config
 from broker.names import HEADER_DEAD_CODE, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_KEY, Names
-from tests.conftest import MockProvider, eventually
+from broker.outcomes import Outcomes
+from tests.conftest import MockProvider, eventually, queue_depth
 
 GOOD_MESSAGES = [{"role": "user", "content": "still serving?"}]
 
@@ -217,3 +218,47 @@ def _good_job(job_id: str) -> bytes:
     return json.dumps(
         {"schema_version": 1, "job_id": job_id, "model": "gpt-4o-mini", "messages": GOOD_MESSAGES}
     ).encode()
+
+
+async def test_a_job_that_cannot_even_be_rejected_is_dead_lettered_by_the_broker_not_looped(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug on the reject path used to return the message to its queue, to fail again for
+    ever; it is given up to the queue's dead-letter target, once, and the scheduler goes on."""
+
+    async def broken_reject(self: Outcomes, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug while rejecting")
+
+    monkeypatch.setattr(Outcomes, "reject", broken_reject)
+    channel = await amqp.channel()
+    replies = await channel.declare_queue(f"{names.namespace}.replies", exclusive=True)
+    async with pipeline(load_config(config_file)):
+        for payload, message_id in ((b"not json", "poison"), (_good_job("good-after"), "good")):
+            await channel.default_exchange.publish(
+                aio_pika.Message(payload, message_id=message_id, reply_to=replies.name),
+                routing_key=names.jobs,
+            )
+        dead_queue = await channel.declare_queue(names.dead, passive=True)
+        got: dict[str, aio_pika.abc.AbstractIncomingMessage] = {}
+
+        async def both_there() -> bool:
+            for name, queue in (("answer", replies), ("dead", dead_queue)):
+                if name not in got and (message := await queue.get(fail=False)) is not None:
+                    got[name] = message
+            return len(got) == 2
+
+        await eventually(both_there, 20, "the good job's answer and the poison in the dead queue")
+
+    assert json.loads(got["answer"].body)["status"] == "succeeded"
+    dead = got["dead"]
+    assert dead.body == b"not json" and dead.message_id == "poison"
+    [death] = dead.headers["x-death"]  # RabbitMQ's own record: rejected once from the jobs queue
+    assert (death["reason"], death["queue"], death["count"]) == ("rejected", names.jobs, 1)
+    assert await dead_queue.get(fail=False) is None
+    assert await queue_depth(amqp, names.jobs) == 0
+    await channel.close()
