@@ -325,10 +325,17 @@ async def declare_results_queue(channel: AbstractChannel, names: Names, name: st
     )
 
 
-def passthrough_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """Headers a hop forwards unchanged (the virtual key, the trace context)."""
+def passthrough_headers(
+    message: AbstractIncomingMessage, *, with_key: bool = False
+) -> dict[str, Any]:
+    """Headers a hop forwards unchanged: the trace context, and the virtual key only
+    ``with_key``, for a job that comes back to be authenticated again (a parked one). Past the
+    scheduler the key is not needed (the route carries its id), and a message there can end in
+    the dead-letter queue by RabbitMQ's own dead-lettering (a deadline passed), headers and all,
+    where a secret must not rest."""
     headers = message.headers or {}
-    return {k: headers[k] for k in (n.HEADER_KEY, n.HEADER_TRACEPARENT) if k in headers}
+    names = (n.HEADER_KEY, n.HEADER_TRACEPARENT) if with_key else (n.HEADER_TRACEPARENT,)
+    return {k: headers[k] for k in names if k in headers}
 
 
 class Publisher:

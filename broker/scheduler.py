@@ -270,7 +270,7 @@ class Scheduler(Service):
             correlation_id=message.correlation_id or job.job_id,
             reply_to=message.reply_to,
             priority=job.priority,
-            headers=passthrough_headers(message),
+            headers=passthrough_headers(message, with_key=True),
             persistent=_persistent(message),
         )
 

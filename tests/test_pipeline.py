@@ -18,9 +18,11 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.client import SwitchyardClient
 from broker.config import load_config
-from broker.names import DIRECT_REPLY_TO, Names
+from broker.names import DIRECT_REPLY_TO, HEADER_KEY, HEADER_TRACEPARENT, Names
 from mock_provider import expected_completion, prompt_tokens
 from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
+
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def job_body(job_id: str, content: str, **fields: Any) -> bytes:
@@ -309,7 +311,9 @@ async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_produce
     amqp: AbstractRobustConnection, names: Names, config_file: Path, pipeline: Any
 ) -> None:
     """RPC jobs (``complete``) travel transient, since their answer dies with the caller's
-    channel; batch jobs (``submit``) and AMQP producers' persistent jobs stay persistent."""
+    channel; batch jobs (``submit``) and AMQP producers' persistent jobs stay persistent. The
+    trace context goes along; the virtual key stays behind (a job whose deadline passes in the
+    provider queue is dead-lettered by RabbitMQ with its headers)."""
     from broker.client import make_job
 
     provider_queue = names.provider("mock")
@@ -327,7 +331,11 @@ async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_produce
                 ("native-default", None),
             ):
                 await channel.default_exchange.publish(
-                    aio_pika.Message(job_body(job_id, "native"), delivery_mode=mode),
+                    aio_pika.Message(
+                        job_body(job_id, "native"),
+                        delivery_mode=mode,
+                        headers={HEADER_KEY: "sk-virtual-secret", HEADER_TRACEPARENT: TRACE},
+                    ),
                     routing_key=names.jobs,
                 )
 
@@ -336,9 +344,12 @@ async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_produce
 
             await eventually(all_forwarded, 10, "four jobs in the provider queue")
             modes: dict[str, aio_pika.DeliveryMode] = {}
+            headers: dict[str, dict[str, Any]] = {}
             queue = await channel.get_queue(provider_queue)
             while (message := await queue.get(no_ack=True, fail=False)) is not None:
-                modes[json.loads(message.body)["job_id"]] = message.delivery_mode
+                job_id = json.loads(message.body)["job_id"]
+                modes[job_id] = message.delivery_mode
+                headers[job_id] = dict(message.headers or {})
             waiting.cancel()
             await client.delete_results(results)
             await channel.close()
@@ -349,3 +360,4 @@ async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_produce
         "native-persistent": aio_pika.DeliveryMode.PERSISTENT,
         "native-default": aio_pika.DeliveryMode.NOT_PERSISTENT,
     }
+    assert headers["native-persistent"] == headers["native-default"] == {HEADER_TRACEPARENT: TRACE}
