@@ -76,13 +76,13 @@ class _Seen:
     def __init__(self) -> None:
         self._ids: OrderedDict[str, None] = OrderedDict()
 
-    def first_time(self, job_id: str) -> bool:
-        if job_id in self._ids:
-            return False
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._ids
+
+    def add(self, job_id: str) -> None:
         self._ids[job_id] = None
         if len(self._ids) > _SEEN_LIMIT:
             self._ids.popitem(last=False)
-        return True
 
 
 class SwitchyardClient:
@@ -153,13 +153,16 @@ class SwitchyardClient:
     ) -> tuple[str, asyncio.Queue[JobChunk | JobResult | Exception]]:
         publisher = await self._rpc()
         replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
-        self._pending[job.job_id] = replies
+        # Each call its own: a caller may send the same job again (after a timeout, say), and
+        # each call gets the answer to its own message.
+        correlation_id = str(uuid.uuid4())
+        self._pending[correlation_id] = replies
         try:
             await publisher.publish(
                 self.names.jobs,
                 encode(job),
                 message_id=job.job_id,
-                correlation_id=job.job_id,
+                correlation_id=correlation_id,
                 reply_to=DIRECT_REPLY_TO,
                 priority=job.priority,
                 headers={HEADER_KEY: api_key} if api_key else None,
@@ -168,9 +171,9 @@ class SwitchyardClient:
                 persistent=False,
             )
         except BaseException:
-            self._pending.pop(job.job_id, None)
+            self._pending.pop(correlation_id, None)
             raise
-        return job.job_id, replies
+        return correlation_id, replies
 
     async def stream(
         self,
@@ -275,8 +278,11 @@ class SwitchyardClient:
                         # Not a result: the queue dead-letters it to <ns>.dead for a look.
                         await message.nack(requeue=False)
                         continue
-                    if self._seen.first_time(result.job_id):
+                    if result.job_id not in self._seen:
                         yield result
+                        # Only once the consumer is done with it: one that fails while
+                        # handling it gets it again from the queue.
+                        self._seen.add(result.job_id)
                     await message.ack()
         finally:
             await channel.close()

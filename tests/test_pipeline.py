@@ -249,6 +249,35 @@ async def test_the_client_reads_a_batch_back_from_a_durable_results_queue(
         assert received[job.job_id] == expected
 
 
+async def test_a_result_the_consumer_failed_on_is_read_again_and_each_call_of_a_job_answered(
+    names: Names, config_file: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """``results``: a consumer that raises while handling a result gets it again on its next
+    read (the result was neither acked nor marked seen). ``complete``: two calls sending the same
+    job (a retry after a timeout) each get the answer to their own message."""
+    from broker.client import make_job
+
+    async with pipeline(load_config(config_file), accountant=False):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            queue = await client.open_results("again")
+            job = make_job([{"role": "user", "content": "read me twice"}], model="gpt-4o-mini")
+            await client.submit(job, results_queue=queue)
+            with pytest.raises(RuntimeError, match="consumer failed"):
+                async for _ in client.results(queue):
+                    raise RuntimeError("consumer failed")
+            again = await asyncio.wait_for(anext(aiter(client.results(queue))), 10)
+            assert again.job_id == job.job_id
+            await client.delete_results(queue)
+
+            same = make_job([{"role": "user", "content": "sent twice"}], model="gpt-4o-mini")
+            first, second = await asyncio.gather(
+                client.complete(job=same, timeout_s=10), client.complete(job=same, timeout_s=10)
+            )
+    assert first.job_id == second.job_id == same.job_id
+    assert first.status.value == second.status.value == "succeeded"
+
+
 async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_usage(
     names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
 ) -> None:
