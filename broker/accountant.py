@@ -4,7 +4,7 @@ A message carries one event or a ``JobEventBatch`` of them. A batch of messages 
 ``batch_size`` events, or what ``max_delay_s`` gathered) is written in one transaction and its
 messages acked after the commit. Writes are idempotent: a usage row is identified by
 ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is replaced only by an
-event at least as recent as the one it holds.
+event at least as recent as the one it holds, and a succeeded one by nothing but a success.
 
 A call is priced by the config version this accountant had in force when the call happened
 (``occurred_at``), whose digest is the row's ``price_version``; a new version (``apply``) prices
@@ -29,7 +29,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.admission import quota_needed
-from broker.amqp import Publisher, connect, declare_topology
+from broker.amqp import BROKER_FAILURES, Publisher, connect, declare_topology
 from broker.codec import decode_accounting_event
 from broker.config import Config
 from broker.db import jobs, make_engine, usage
@@ -39,7 +39,7 @@ from broker.outcomes import utcnow
 from broker.pricing import cost_usd
 from broker.quota import QuotaStore, usd_to_micros
 from broker.runtime import ConsumerSet, Service
-from schemas import JobEvent, JobEventBatch, UsageEvent
+from schemas import JobEvent, JobEventBatch, JobStatus, UsageEvent
 
 __all__ = ["Accountant"]
 
@@ -168,35 +168,50 @@ class Accountant(Service):
             events += carried
         try:
             await self._write(events)
-        except DBAPIError as exc:
+        except (_BadEvent, DBAPIError) as exc:
             if _refusal(exc) is None:
                 raise
-            # One bad event must not block the rest: write them one by one; a message with a
-            # refused event is parked whole (replaying it is harmless: writes are idempotent).
-            for message, carried in batch:
-                refused: list[str] = []
-                for event in carried:
-                    try:
-                        await self._write([event])
-                    except DBAPIError as exc:
-                        refusal = _refusal(exc)
-                        if refusal is None:
-                            raise
-                        refused.append(refusal)
-                if refused:
-                    await self.publisher.dead_letter(
-                        self.names,
-                        message,
-                        source_queue=self.names.usage,
-                        code="rejected_by_database",
-                        reason=f"Postgres refused {len(refused)} of {len(carried)} events: "
-                        + ", ".join(sorted(set(refused))),
-                    )
+            batch = await self._write_one_by_one(batch)
+            events = [event for _, carried in batch for event in carried]
         await self._reconcile(events)
         del self._pending[: len(batch)]
         self._pending_events -= len(events)
         for message, _ in batch:
-            await message.ack()
+            await _ack(message)
+
+    async def _write_one_by_one(
+        self, batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]
+    ) -> list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]:
+        """One bad event must not block the rest: write them one by one; a message with a
+        refused event is parked whole (replaying it is harmless: writes are idempotent), acked
+        and dropped from the pending ones at once, so a later failure of this flush (Redis, an
+        ack) does not park it again. Returns the batch without the parked messages."""
+        kept = []
+        for message, carried in batch:
+            refused: list[str] = []
+            for event in carried:
+                try:
+                    await self._write([event])
+                except (_BadEvent, DBAPIError) as exc:
+                    refusal = _refusal(exc)
+                    if refusal is None:
+                        raise
+                    refused.append(refusal)
+            if not refused:
+                kept.append((message, carried))
+                continue
+            await self.publisher.dead_letter(
+                self.names,
+                message,
+                source_queue=self.names.usage,
+                code="rejected_by_database",
+                reason=f"Postgres refused {len(refused)} of {len(carried)} events: "
+                + ", ".join(sorted(set(refused))),
+            )
+            self._pending = [p for p in self._pending if p[0] is not message]
+            self._pending_events -= len(carried)
+            await _ack(message)
+        return kept
 
     async def _reconcile(self, events: list[UsageEvent | JobEvent]) -> None:
         """Settle each finished job's quota reservation to what it used (after the commit, so a
@@ -214,12 +229,15 @@ class Accountant(Service):
 
     async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
-        usage_rows = [
-            self._usage_row(u)
-            for e in events
-            for u in (e.usage if isinstance(e, JobEvent) else [e])
-        ]
-        job_rows = _latest_per_job([e for e in events if isinstance(e, JobEvent)])
+        try:
+            usage_rows = [
+                self._usage_row(u)
+                for e in events
+                for u in (e.usage if isinstance(e, JobEvent) else [e])
+            ]
+            job_rows = _latest_per_job([e for e in events if isinstance(e, JobEvent)])
+        except Exception as exc:  # values no row can be made of: retrying cannot help either
+            raise _BadEvent(type(exc).__name__) from exc
         assert self._engine is not None
         async with self._engine.begin() as conn:
             # Rows go as parameters of one cached statement (executemany), not as a VALUES
@@ -248,9 +266,28 @@ class Accountant(Service):
         }
 
 
-def _refusal(exc: DBAPIError) -> str | None:
-    """The name of the error if Postgres or its driver refused the values themselves (retrying
-    cannot help: the message is parked); ``None`` for anything else (retried)."""
+class _BadEvent(Exception):
+    """An event whose rows could not be made (its values, not the database)."""
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    """Ack, each message on its own: one delivered on a channel that has since closed (a
+    reconnect) cannot be acked, RabbitMQ has already put it back, and the ones after it must
+    still be acked."""
+    try:
+        await message.ack()
+    except BROKER_FAILURES:
+        log.info("an accounting message's channel closed before its ack; it comes again")
+
+
+def _refusal(exc: Exception) -> str | None:
+    """The name of the error if the event's values were refused, by Postgres, its driver or
+    the making of its rows (retrying cannot help: the message is parked); ``None`` for anything
+    else (retried)."""
+    if isinstance(exc, _BadEvent):
+        return str(exc)
+    if not isinstance(exc, DBAPIError):
+        return None
     if isinstance(exc, DataError | IntegrityError):
         return type(exc.orig).__name__
     # asyncpg refuses a value its column type cannot hold (an integer out of range) before
@@ -293,6 +330,7 @@ class _PriceBook:
         return None, None
 
 
+_SUCCEEDED = JobStatus.SUCCEEDED.value
 _INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")
 _job_insert = insert(jobs)
 _UPSERT_JOB = _job_insert.on_conflict_do_update(
@@ -302,7 +340,13 @@ _UPSERT_JOB = _job_insert.on_conflict_do_update(
         for c in jobs.c
         if c.name not in ("job_id", "recorded_at")
     },
-    where=jobs.c.finished_at <= _job_insert.excluded.finished_at,
+    # A later event replaces the row, except that nothing replaces a success: a job delivered
+    # again after it succeeded (its ack lost) may end expired or failed the second time.
+    where=(jobs.c.finished_at <= _job_insert.excluded.finished_at)
+    & (
+        (jobs.c.status != JobStatus.SUCCEEDED.value)
+        | (_job_insert.excluded.status == JobStatus.SUCCEEDED.value)
+    ),
 )
 
 
@@ -311,7 +355,10 @@ def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
     latest: dict[str, JobEvent] = {}
     for event in events:
         held = latest.get(event.job_id)
-        if held is None or held.finished_at <= event.finished_at:
+        if held is None or (
+            held.finished_at <= event.finished_at
+            and (held.status is not JobStatus.SUCCEEDED or event.status is JobStatus.SUCCEEDED)
+        ):
             latest[event.job_id] = event
     return [
         {

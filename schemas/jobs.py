@@ -5,12 +5,19 @@ Every message is JSON with a ``schema_version``; a reader refuses a version it d
 
 from __future__ import annotations
 
-from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    model_validator,
+)
 
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams, Usage
 
@@ -111,7 +118,7 @@ class CompletionJob(_Message):
     messages: list[ChatMessage] = Field(min_length=1)
     params: CompletionParams = Field(default_factory=CompletionParams)
     priority: int = Field(default=0, ge=0, le=9)
-    deadline: datetime | None = None
+    deadline: AwareDatetime | None = None
     reply: ReplyTo = Field(default_factory=ReplyTo)
     metadata: dict[str, Any] = Field(default_factory=dict)
     cache: CachePolicy = Field(default_factory=CachePolicy)
@@ -121,7 +128,7 @@ class CompletionJob(_Message):
         description="When no candidate has quota: park the job and retry until its deadline, "
         "or answer rate_limited with retry_after at once.",
     )
-    submitted_at: datetime | None = Field(
+    submitted_at: AwareDatetime | None = Field(
         default=None, description="Set by the producer; the queued time is measured from it."
     )
     route: Route | None = Field(default=None, description="Set by the scheduler.")
@@ -136,7 +143,7 @@ class Route(BaseModel):
     public_model: str = Field(description="The model name the producer asked for.")
     reason: str
     alternatives: list[str] = Field(default_factory=list)
-    scheduled_at: datetime
+    scheduled_at: AwareDatetime
     policy: str | None = None
     free: bool = Field(default=False, description="Served from the provider's free tier.")
     reservation_id: str | None = Field(
@@ -220,7 +227,7 @@ class UsageEvent(_Message):
     estimated: bool = False
     free: bool = Field(default=False, description="Free-tier call: costs nothing.")
     key_id: str | None = None
-    occurred_at: datetime
+    occurred_at: AwareDatetime
 
 
 class JobEvent(_Message):
@@ -244,8 +251,8 @@ class JobEvent(_Message):
     timings: Timings = Field(default_factory=Timings)
     batch_id: str | None = None
     key_id: str | None = None
-    submitted_at: datetime | None = None
-    finished_at: datetime
+    submitted_at: AwareDatetime | None = None
+    finished_at: AwareDatetime
     reservation_id: str | None = None
     usage: list[UsageEvent] = Field(default_factory=list)
 

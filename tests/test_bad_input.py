@@ -3,6 +3,7 @@ its reason, and the consumer keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.accountant import Accountant
 from broker.config import load_config
 from broker.names import HEADER_DEAD_CODE, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_KEY, Names
 from broker.outcomes import Outcomes
@@ -144,7 +146,10 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
         # The sentinel follows the duplicate on the same queue, so once it is recorded the
         # duplicate has been through the accountant too.
         sentinel = {**good, "job_id": f"{job_id}-sentinel"}
-        for event in (b"[1, 2", good, good, sentinel):
+        # A time without its zone is refused at the door; it used to stop all accounting (its
+        # pricing compared it with aware times and the batch was retried for ever).
+        naive = {**good, "job_id": f"{job_id}-naive", "occurred_at": "2026-11-23T10:00:00"}
+        for event in (b"[1, 2", good, naive, good, sentinel):
             body = event if isinstance(event, bytes) else json.dumps(event).encode()
             await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.usage)
 
@@ -156,10 +161,13 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
     rows = await pg.fetch("SELECT attempt, cost_usd FROM usage WHERE job_id = $1", job_id)
     assert len(rows) == 1  # the redelivered duplicate inserted nothing
     assert str(rows[0]["cost_usd"]) == "0.001350000"  # 1000 * 0.15/M + 2000 * 0.60/M
-    dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
-    assert dead is not None
-    assert dead.body == b"[1, 2"
-    assert dead.headers[HEADER_DEAD_QUEUE] == names.usage
+    dead_queue = await channel.declare_queue(names.dead, passive=True)
+    dead = [await dead_queue.get(timeout=5), await dead_queue.get(timeout=5)]
+    assert [d.body for d in dead] == [b"[1, 2", json.dumps(naive).encode()]
+    assert all(d.headers[HEADER_DEAD_QUEUE] == names.usage for d in dead)
+    assert "occurred_at: Input should have timezone info" in str(
+        dead[1].headers[HEADER_DEAD_REASON]
+    )
     await channel.close()
 
 
@@ -169,6 +177,7 @@ async def test_an_event_postgres_refuses_parks_its_batch_and_the_others_are_reco
     config_file: Path,
     pipeline: Any,
     pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job_id = f"batch-{uuid.uuid4()}"
 
@@ -190,19 +199,35 @@ async def test_an_event_postgres_refuses_parks_its_batch_and_the_others_are_reco
         "events": [job_event(job_id, 10), job_event(f"{job_id}-huge", 3_000_000_000)],
     }
     body = json.dumps(batch).encode()
+    # The flush fails once after parking (Redis unreachable, say) and is retried: the message
+    # is parked once, not once per retry.
+    reconciles: list[int] = []
+    reconcile = Accountant._reconcile
+
+    async def failing_once(self: Accountant, events: Any) -> None:
+        reconciles.append(len(events))
+        if len(reconciles) == 1:
+            raise ConnectionError("Redis is away")
+        await reconcile(self, events)
+
+    monkeypatch.setattr(Accountant, "_reconcile", failing_once)
     channel = await amqp.channel()
     async with pipeline(load_config(config_file), scheduler=False, workers=[]):
         await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.usage)
+        sentinel = {"schema_version": 1, **job_event(f"{job_id}-sentinel", 1)}
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(sentinel).encode()), routing_key=names.usage
+        )
         dead_queue = await channel.declare_queue(names.dead, passive=True)
-        parked: list[aio_pika.abc.AbstractIncomingMessage] = []
 
-        async def dead_lettered() -> bool:
-            message = await dead_queue.get(fail=False)
-            if message is not None:
-                parked.append(message)
-            return bool(parked)
+        async def sentinel_recorded() -> bool:
+            sql = "SELECT count(*) FROM jobs WHERE job_id = $1"
+            return bool(await pg.fetchval(sql, sentinel["job_id"]))
 
-        await eventually(dead_lettered, 10, "the refused batch in the dead-letter queue")
+        await eventually(sentinel_recorded, 10, "the sentinel's row, after the retried flush")
+    assert len(reconciles) >= 2
+    parked = [await dead_queue.get(timeout=5)]
+    assert await dead_queue.get(fail=False) is None  # once
     dead = parked[0]
     assert dead.body == body
     assert dead.headers[HEADER_DEAD_CODE] == "rejected_by_database"
@@ -210,7 +235,10 @@ async def test_an_event_postgres_refuses_parks_its_batch_and_the_others_are_reco
     statuses = await pg.fetch(
         "SELECT job_id, prompt_tokens FROM jobs WHERE job_id LIKE $1", f"{job_id}%"
     )
-    assert [(r["job_id"], r["prompt_tokens"]) for r in statuses] == [(job_id, 10)]
+    assert sorted((r["job_id"], r["prompt_tokens"]) for r in statuses) == [
+        (job_id, 10),
+        (f"{job_id}-sentinel", 1),
+    ]
     await channel.close()
 
 
@@ -261,4 +289,59 @@ async def test_a_job_that_cannot_even_be_rejected_is_dead_lettered_by_the_broker
     assert (death["reason"], death["queue"], death["count"]) == ("rejected", names.jobs, 1)
     assert await dead_queue.get(fail=False) is None
     assert await queue_depth(amqp, names.jobs) == 0
+    await channel.close()
+
+
+async def test_a_succeeded_job_row_is_not_replaced_by_a_later_failure_of_the_same_job(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    config_file: Path,
+    pipeline: Any,
+    pg: asyncpg.Connection,
+) -> None:
+    """A job delivered again after it succeeded (its ack lost) can end expired the second time;
+    its row keeps the success, whether the two events come in one batch or in two."""
+    job_id = f"twice-{uuid.uuid4()}"
+
+    def event(job: str, status: str, at: str, tokens: int) -> dict[str, Any]:
+        return {
+            "kind": "job",
+            "job_id": job,
+            "status": status,
+            "provider": "mock" if tokens else None,
+            "prompt_tokens": tokens,
+            "finished_at": at,
+        }
+
+    later = "2026-11-23T10:00:05Z"
+    separate = [
+        event(job_id, "succeeded", "2026-11-23T10:00:00Z", 7),
+        event(job_id, "expired", later, 0),
+    ]
+    together = {
+        "kind": "batch",
+        "events": [
+            event(f"{job_id}-b", "succeeded", "2026-11-23T10:00:00Z", 7),
+            event(f"{job_id}-b", "expired", later, 0),
+        ],
+    }
+    channel = await amqp.channel()
+    async with pipeline(load_config(config_file), scheduler=False, workers=[]):
+        for body in (separate[0], separate[1], together):
+            await channel.default_exchange.publish(
+                aio_pika.Message(json.dumps({"schema_version": 1, **body}).encode()),
+                routing_key=names.usage,
+            )
+            await asyncio.sleep(0.2)  # past the accountant's 50 ms batch window: own batches
+
+        async def both_recorded() -> bool:
+            sql = "SELECT count(*) FROM jobs WHERE job_id LIKE $1"
+            return await pg.fetchval(sql, f"{job_id}%") == 2
+
+        await eventually(both_recorded, 10, "both jobs' rows")
+    rows = await pg.fetch(
+        "SELECT job_id, status, prompt_tokens FROM jobs WHERE job_id LIKE $1 ORDER BY job_id",
+        f"{job_id}%",
+    )
+    assert [(r["status"], r["prompt_tokens"]) for r in rows] == [("succeeded", 7)] * 2
     await channel.close()
