@@ -12,6 +12,7 @@ HTTP status::
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
     └── ProviderError                  status "failed": the provider call did not succeed
         ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
+        │   └── QuotaExhausted         rate_limited      429  (not retryable: the account's credit)
         ├── ProviderTimeout            timeout           504  (retryable)
         ├── ProviderServerError        server_error      502  (retryable)
         ├── ProviderInvalidRequest     invalid_request   400
@@ -38,6 +39,7 @@ __all__ = [
     "ProviderServerError",
     "ProviderTimeout",
     "QuotaExceeded",
+    "QuotaExhausted",
     "RateLimited",
     "SwitchyardError",
     "Unauthorized",
@@ -142,6 +144,13 @@ class RateLimited(ProviderError):
         error = super().to_job_error()
         error.retry_after = self.retry_after
         return error
+
+
+class QuotaExhausted(RateLimited):
+    """The provider account's credit or spend limit is used up (OpenAI's 429
+    ``insufficient_quota``): a 429, but no retry helps until its billing changes."""
+
+    retryable = False
 
 
 class ProviderTimeout(ProviderError):

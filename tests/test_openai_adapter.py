@@ -24,6 +24,7 @@ from broker.errors import (
     ProviderProtocolError,
     ProviderServerError,
     ProviderTimeout,
+    QuotaExhausted,
     RateLimited,
 )
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
@@ -494,6 +495,22 @@ async def test_rate_limited_carries_retry_after(
     assert "code rate_limit_exceeded" in error.message
     assert "Please try again in 20s" in error.message
     assert error.to_job_error().retry_after == expected
+
+
+async def test_an_account_out_of_quota_is_a_429_that_is_not_retried(
+    provider: ProviderConfig,
+) -> None:
+    """OpenAI answers 429 ``insufficient_quota`` when the account's credit or spend limit is
+    used up; retrying cannot help, so it is not retryable, unlike a rate limit."""
+    stub = Provider(429, fixture("error_429_insufficient_quota.json"))
+
+    error = await call_error(provider, stub)
+
+    assert isinstance(error, QuotaExhausted) and not error.retryable
+    assert error.to_job_error().code.value == "rate_limited"
+    assert "code insufficient_quota" in error.message and "quota is used up" in error.message
+    rate_limited = await call_error(provider, Provider(429, fixture("error_429_rate_limit.json")))
+    assert type(rate_limited) is RateLimited and rate_limited.retryable
 
 
 async def test_rate_limited_with_an_http_date(provider: ProviderConfig) -> None:

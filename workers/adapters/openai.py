@@ -49,6 +49,7 @@ from broker.errors import (
     ProviderProtocolError,
     ProviderServerError,
     ProviderTimeout,
+    QuotaExhausted,
     RateLimited,
 )
 from schemas import ChatCompletion, ChatCompletionChunk, Choice
@@ -183,6 +184,12 @@ class OpenAIAdapter(HTTPAdapter):
         message, code = self._detail(data.get("error", data) if isinstance(data, dict) else None)
         label = f"HTTP {status}, code {code}" if code else f"HTTP {status}"
         detail = f": {message}" if message else ""
+        if status == 429 and _INSUFFICIENT_QUOTA in (code, _error_type(data)):
+            return QuotaExhausted(
+                f"provider {pid!r} refused the call: the account's quota is used up"
+                f" ({label}){detail}",
+                provider=pid,
+            )
         if status == 429:
             return RateLimited(
                 f"provider {pid!r} rate limited the call ({label}){detail}",
@@ -218,6 +225,16 @@ class OpenAIAdapter(HTTPAdapter):
             return None, None
         key = self.provider.api_key()
         return clean(error.get("message"), key), safe_code(error.get("code"), key)
+
+
+_INSUFFICIENT_QUOTA = "insufficient_quota"
+"""OpenAI's 429 for an account out of credit or over its spend limit (the error-codes guide:
+"You exceeded your current quota, please check your plan and billing details")."""
+
+
+def _error_type(data: object) -> object:
+    error = data.get("error") if isinstance(data, dict) else None
+    return error.get("type") if isinstance(error, dict) else None
 
 
 def _filtered_empty(choice: Choice) -> bool:
