@@ -278,6 +278,34 @@ async def test_a_result_the_consumer_failed_on_is_read_again_and_each_call_of_a_
     assert first.status.value == second.status.value == "succeeded"
 
 
+async def test_a_call_whose_global_lease_cannot_be_returned_still_succeeds(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing as the worker returns a global lease (the call done and paid for) used to
+    turn the success into an internal error, with no usage recorded; the lease expires."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from broker.leases import LeaseSemaphore
+
+    async def unreachable(self: LeaseSemaphore, lease: Any) -> None:
+        raise RedisConnectionError("Redis is away")
+
+    monkeypatch.setattr(LeaseSemaphore, "release", unreachable)
+    path = write_config(
+        tmp_path / "providers.yaml",
+        mock,
+        [{"id": "mock", "concurrency": 2, "global_concurrency": 2}],
+    )
+    async with pipeline(load_config(path), accountant=False):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            result = await client.complete(
+                [{"role": "user", "content": "lease"}], model="gpt-4o-mini", timeout_s=20
+            )
+    assert result.status.value == "succeeded" and result.error is None
+    assert mock.stats()["calls"] == 1
+
+
 async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_usage(
     names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
 ) -> None:

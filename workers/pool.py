@@ -302,7 +302,12 @@ class WorkerPool(Service):
         try:
             yield
         finally:
-            await leases.release(lease)
+            try:
+                await leases.release(lease)
+            except Exception:
+                # The call is done (and paid for): its result must not turn into a failure.
+                # An unreturned lease expires on its own (``lease_s``).
+                log.warning("could not return a global lease of %s; it expires", self.name)
 
     def _result(
         self, job: CompletionJob, outcome: CallOutcome, started: datetime, provider: ProviderConfig
