@@ -246,10 +246,13 @@ class Scheduler(Service):
                 await self._alert(outcome.crossed)
                 return _Admitted(candidate, ordered[index + 1 :], reservation_id)
             shorts.append(outcome)
-        short = min(shorts, key=lambda s: s.retry_after_s)
+        # The soonest a candidate could take the job; one whose limit is smaller than the job
+        # never will, so it neither decides nor stops a wait while another could.
+        can_fit = [s for s in shorts if not s.never_fits]
+        short = min(can_fit or shorts, key=lambda s: s.retry_after_s)
         waited_from = job.submitted_at or now
         give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
-        if job.on_quota == "wait" and not short.never_fits and give_up > now:
+        if job.on_quota == "wait" and can_fit and give_up > now:
             return None
         raise QuotaExceeded(
             f"quota short for every candidate: {short.bucket_label} has {short.current} of "

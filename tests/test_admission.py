@@ -238,6 +238,25 @@ async def test_a_job_that_waits_for_quota_is_parked_and_served_later(
     assert waited  # at least one went through a parking queue (1 s)
 
 
+async def test_a_waiting_job_waits_for_the_candidate_that_can_fit_it_not_the_one_that_never_will(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """Provider ``tiny``'s tokens per minute are fewer than any of these jobs needs; ``p`` has
+    room for one at a time. The jobs after the first wait for ``p``; they used to be rejected
+    whenever ``tiny``'s shortfall was the soonest to end."""
+    # tiny is the dearer, so its shortfall is read last: its time to the window's end is then
+    # the shortest by the microseconds between the two reads.
+    providers = [
+        {"id": "tiny", "tpm": 10, "models": {"m": {"input": 5000, "output": 5000}}},
+        {"id": "p", "tpm": 200, "models": {"m": PRICE}},
+    ]
+    path = write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
+    async with pipeline(load_config(path)):
+        results = await run_jobs(names, 3, on_quota="wait", params={"max_tokens": 100})
+    assert [r.status.value for r in results] == ["succeeded"] * 3
+    assert {r.provider for r in results} == {"p"}
+
+
 async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
     names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
 ) -> None:
