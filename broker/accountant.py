@@ -313,8 +313,9 @@ class _PriceBook:
         del self._versions[:-MAX_PRICE_VERSIONS]
 
     def cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
-        """The call's cost (nothing on a free tier) and the version priced by: the one in force
-        at ``occurred_at``, else the latest one that prices this provider's model."""
+        """The call's cost (nothing on a free tier; the discount window in force at
+        ``occurred_at`` applied) and the version priced by: the one in force at
+        ``occurred_at``, else the latest one that prices this provider's model."""
         in_force = next(
             (v for v in reversed(self._versions) if v[0] <= event.occurred_at), self._versions[0]
         )
@@ -322,10 +323,12 @@ class _PriceBook:
             if event.free:
                 return Decimal(0), digest
             try:
-                price = config.price(event.provider, event.model)
+                price, multiplier = config.effective_price(
+                    event.provider, event.model, event.occurred_at
+                )
             except ConfigError:
                 continue
-            return cost_usd(price, event.prompt_tokens, event.completion_tokens), digest
+            return cost_usd(price, event.prompt_tokens, event.completion_tokens, multiplier), digest
         log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
         return None, None
 

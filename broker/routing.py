@@ -60,8 +60,6 @@ __all__ = [
 DEFAULT_OUTPUT_TOKENS = 1024
 """Output tokens assumed when neither the job nor the model sets ``max_tokens``."""
 
-_NANO = Decimal("0.000000001")
-
 
 @dataclass(frozen=True, slots=True)
 class ProviderState:
@@ -260,7 +258,7 @@ class Router:
             model=serving.model,
             public_model=serving.public_model,
             free=provider.free_tier is not None and state.free_remaining,
-            est_cost_usd=(cost_usd(spec, prompt, output) * multiplier).quantize(_NANO),
+            est_cost_usd=cost_usd(spec, prompt, output, multiplier),
             est_prompt_tokens=prompt,
             est_output_tokens=output,
             multiplier=multiplier,

@@ -364,6 +364,36 @@ async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_u
         )
 
 
+async def test_a_call_in_a_discount_window_is_priced_at_the_discount_in_its_result_and_row(
+    names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
+) -> None:
+    """Routing chose by the discounted price; the result and the usage row used to charge the
+    list price. A window with start == end covers the whole day."""
+    half = {"start": "00:00", "end": "00:00", "multiplier": "0.5"}
+    model = {"input": 1, "output": 2, "discounts": [half]}
+    path = write_config(
+        tmp_path / "providers.yaml", mock, [{"id": "mock", "models": {"gpt-4o-mini": model}}]
+    )
+    async with pipeline(load_config(path)):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            result = await client.complete(
+                [{"role": "user", "content": "half price?"}], model="gpt-4o-mini", timeout_s=30
+            )
+    assert result.usage is not None
+    half_price = (
+        Decimal(result.usage.prompt_tokens + 2 * result.usage.completion_tokens) / 2_000_000
+    ).quantize(Decimal("0.000000001"))
+    assert result.cost_usd == half_price
+
+    async def recorded() -> bool:
+        return len(await usage_rows(pg, [result.job_id])) == 1
+
+    await eventually(recorded, 10, "the usage row")
+    [row] = await usage_rows(pg, [result.job_id])
+    assert row["cost_usd"] == half_price
+
+
 async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_producer_chose(
     amqp: AbstractRobustConnection, names: Names, config_file: Path, pipeline: Any
 ) -> None:
