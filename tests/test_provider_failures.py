@@ -119,3 +119,16 @@ async def test_a_job_past_its_deadline_expires_without_a_provider_call(
     assert mock.stats()["calls"] == 0
     row = await job_row(pg, job.job_id)
     assert row["status"] == "expired"
+
+
+async def test_a_rate_limit_asking_a_longer_wait_than_a_retry_may_hold_is_returned_at_once(
+    names: Names, flaky_config: Any, pipeline: Any, mock: MockProvider
+) -> None:
+    """A 429 with retry-after 30 s: retried after the 10 s cap it was refused again, and the
+    job spent its attempts holding a call slot. The caller gets the 429 and its retry_after."""
+    mock.configure(retry_after_s=30, fail_next={"kind": "rate_limit", "count": 5})
+    result = await run_one(names, pipeline, flaky_config)
+    assert result.status.value == "failed"
+    assert result.error is not None
+    assert (result.error.code.value, result.error.retry_after) == ("rate_limited", 30)
+    assert len(result.attempts) == 1 and mock.stats()["calls"] == 1

@@ -1,8 +1,9 @@
 """The call layer around one adapter: attempts with backoff, streaming, usage, and the record of
 each attempt.
 
-Retries wait in-process and hold their concurrency slot; the scheduler issue moves long waits
-(quota, long retry-after) to TTL parking queues. A stream that fails part-way is retried like a
+Retries wait in-process and hold their concurrency slot, so at most ``MAX_BACKOFF_S``: a provider
+asking for a longer wait (its retry-after) ends the job with that rate limit and its
+``retry_after`` for the caller. A stream that fails part-way is retried like a
 call: the next attempt streams again from sequence 0 under its own attempt number.
 """
 
@@ -104,6 +105,11 @@ async def call_with_retries(
             outcome.attempts.append(_attempt(number, route.provider, route.model, started, exc))
             outcome.error = exc
             if not exc.retryable or number == first + max_attempts - 1:
+                return outcome
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None and retry_after > MAX_BACKOFF_S:
+                # Longer than an attempt may hold its call slot: retrying sooner would only be
+                # refused again. The caller gets the rate limit with its retry_after.
                 return outcome
             wait = backoff_s(exc, number - first + 1)
             if _past(job.deadline, wait):
