@@ -263,12 +263,17 @@ class Scheduler(Service):
     async def _park(
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime
     ) -> None:
-        """Hold the job in the shortest parking queue, then it comes back to the jobs queue."""
+        """Hold the job in the shortest parking queue, then it comes back to the jobs queue. A
+        job that came without ``submitted_at`` (an AMQP producer's) gets it now, so its wait
+        is counted from here and ends (``MAX_WAIT_S``) instead of starting again each time."""
         delay = PARK_DELAYS_S[0]
         log.info("job %s waits for quota (%d s)", job.job_id, delay)
+        body = message.body
+        if job.submitted_at is None:
+            body = encode(job.model_copy(update={"submitted_at": now}))
         await self.outcomes.publisher.publish(
             self.names.park(delay),
-            message.body,
+            body,
             message_id=job.job_id,
             correlation_id=message.correlation_id or job.job_id,
             reply_to=message.reply_to,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 
 from broker.client import SwitchyardClient, make_job
 from broker.config import ProviderType, load_config
-from broker.names import Names
+from broker.names import HEADER_KEY, Names
 from broker.quota import QuotaStore, ReservationState, bucket_key
 from broker.tokens import estimate_prompt_tokens
 from broker.windows import Period, window
@@ -255,6 +256,51 @@ async def test_a_waiting_job_waits_for_the_candidate_that_can_fit_it_not_the_one
         results = await run_jobs(names, 3, on_quota="wait", params={"max_tokens": 100})
     assert [r.status.value for r in results] == ["succeeded"] * 3
     assert {r.provider for r in results} == {"p"}
+
+
+async def test_a_parked_job_that_came_without_submitted_at_is_stamped_so_its_wait_can_end(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """An AMQP producer's job may leave out ``submitted_at``; its wait was counted from each
+    return from parking, so it never reached ``MAX_WAIT_S``. The parked copy carries the time."""
+    # A day's tokens for one job's reservation (prompt + 100 output) and a few more: the
+    # filler's use leaves the next one short until midnight, though one alone would fit.
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    wait_for_me = [ChatMessage(role="user", content="wait for me")]
+    budget = {"tokens_per_day": estimate_prompt_tokens(wait_for_me, ProviderType.OPENAI) + 105}
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(budgets=budget)])
+    )
+    body = {
+        "schema_version": 1,
+        "job_id": "native-waiter",
+        "model": "m",
+        "on_quota": "wait",
+        "params": {"max_tokens": 100},
+        "messages": [{"role": "user", "content": "wait for me"}],
+    }
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with pipeline(config), connection:
+        [filler] = await run_jobs(names, 1, params={"max_tokens": 100})
+        assert filler.status.value == "succeeded"
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(body).encode(), headers={HEADER_KEY: SECRET}),
+            routing_key=names.jobs,
+        )
+        parking = await channel.declare_queue(names.park(1), passive=True)
+        parked: list[dict[str, Any]] = []
+
+        async def in_the_parking_queue() -> bool:
+            message = await parking.get(fail=False)
+            if message is not None:
+                parked.append(json.loads(message.body))
+                await message.nack(requeue=True)
+            return bool(parked)
+
+        await eventually(in_the_parking_queue, 10, "the job in the parking queue")
+    assert parked[0]["job_id"] == "native-waiter"
+    assert datetime.fromisoformat(parked[0]["submitted_at"]).tzinfo is not None
 
 
 async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
