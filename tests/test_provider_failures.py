@@ -3,6 +3,7 @@ they do not, and usage recorded only for calls that consumed tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,3 +133,30 @@ async def test_a_rate_limit_asking_a_longer_wait_than_a_retry_may_hold_is_return
     assert result.error is not None
     assert (result.error.code.value, result.error.retry_after) == ("rate_limited", 30)
     assert len(result.attempts) == 1 and mock.stats()["calls"] == 1
+
+
+async def test_a_job_waiting_for_a_global_lease_expires_at_its_deadline_without_a_call(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """One global lease, held by a 1.5 s call; the next job's deadline comes first. It used to
+    wait for the lease however long, then call the provider after its deadline."""
+    mock.configure(latency_ms=1500)
+    provider = {"id": "capped", "concurrency": 2, "global_concurrency": 1, "timeout_s": 10}
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [provider]))
+    holder = make_job([{"role": "user", "content": "hold the lease"}], model="gpt-4o-mini")
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            holding = asyncio.create_task(client.complete(job=holder, timeout_s=30))
+
+            async def leased() -> bool:
+                return bool(mock.stats()["in_flight"] == 1)
+
+            await eventually(leased, 10, "the first call at the provider")
+            late = make_job([{"role": "user", "content": "in a hurry"}], model="gpt-4o-mini")
+            late = late.model_copy(update={"deadline": datetime.now(UTC) + timedelta(seconds=0.5)})
+            result = await client.complete(job=late, timeout_s=30)
+            assert (await holding).status.value == "succeeded"
+    assert result.status.value == "expired"
+    assert result.error is not None and result.error.code.value == "deadline_exceeded"
+    assert mock.stats()["calls"] == 1

@@ -53,6 +53,9 @@ result and its accounting event are confirmed (RabbitMQ confirms a persistent me
 fsync: 40-130 ms at the median, 300 ms at p90, measured with 500 calls in flight). With the
 prefetch equal to the concurrency, those jobs kept the next calls from starting: 1 s calls at a
 cap of 500 ran 366/s; with twice the prefetch, 433-439/s (three times gave no more)."""
+LEASE_WAIT_S = 30.0
+"""How long one wait for a global lease lasts before it starts again (and looks at the
+job's deadline)."""
 DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
@@ -278,7 +281,7 @@ class WorkerPool(Service):
                 if job.deadline is not None and job.deadline <= started:
                     raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
                 async with self._use() as client:
-                    async with self._global_slot(client.leases):
+                    async with self._global_slot(client.leases, job.deadline):
                         outcome = await call_with_retries(
                             client.adapter,
                             job,
@@ -291,14 +294,25 @@ class WorkerPool(Service):
         await self.outcomes.settle(message, self.queue_name, call)
 
     @contextlib.asynccontextmanager
-    async def _global_slot(self, leases: LeaseSemaphore | None) -> AsyncIterator[None]:
-        """Hold one of the provider's global leases for the call (when a global cap is set)."""
+    async def _global_slot(
+        self, leases: LeaseSemaphore | None, deadline: datetime | None
+    ) -> AsyncIterator[None]:
+        """Hold one of the provider's global leases for the call (when a global cap is set),
+        waiting for one no later than the job's deadline."""
         if leases is None:
             yield
             return
         lease = None
         while lease is None:
-            lease = await leases.acquire_wait(self._holder, timeout_s=30)
+            wait_s = LEASE_WAIT_S
+            if deadline is not None:
+                wait_s = min(wait_s, (deadline - utcnow()).total_seconds())
+                if wait_s <= 0:
+                    raise DeadlineExceeded(
+                        "the job's deadline passed while it waited for the provider's global"
+                        " concurrency"
+                    )
+            lease = await leases.acquire_wait(self._holder, timeout_s=wait_s)
         try:
             yield
         finally:
