@@ -75,6 +75,7 @@ class LeaseSemaphore:
         self._redis = redis
         self.key = key
         self.capacity = capacity
+        self.lease_s = lease_s
         self._lease_ms = max(1, round(lease_s * 1000))
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)

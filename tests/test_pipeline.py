@@ -20,7 +20,7 @@ from broker.client import SwitchyardClient
 from broker.config import load_config
 from broker.names import DIRECT_REPLY_TO, HEADER_KEY, HEADER_TRACEPARENT, Names
 from mock_provider import expected_completion, prompt_tokens
-from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
+from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, queue_depth, write_config
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -304,6 +304,29 @@ async def test_a_call_whose_global_lease_cannot_be_returned_still_succeeds(
             )
     assert result.status.value == "succeeded" and result.error is None
     assert mock.stats()["calls"] == 1
+
+
+async def test_a_global_lease_is_renewed_for_as_long_as_its_call_runs(
+    names: Names, tmp_path: Path, mock: MockProvider
+) -> None:
+    """A lease lasts timeout_s x max_attempts + 2 s (3 s here), but timeout_s bounds each read,
+    not the call: a stream can run longer. The lease used to expire under the call, and another
+    worker could take the provider's one slot."""
+    from workers.pool import WorkerPool
+
+    provider = {"id": "mock", "global_concurrency": 1, "timeout_s": 1, "max_attempts": 1}
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [provider]))
+    pool = WorkerPool(AMQP_URL, config, names, "mock", redis_url=REDIS_URL)
+    leases = pool._client.leases
+    assert leases is not None and leases.lease_s == 3
+    try:
+        async with pool._global_slot(leases, None):
+            await asyncio.sleep(4.5)  # a call outlasting its lease
+            assert await leases.held() == 1
+            assert await leases.acquire("another-worker") is None
+        assert await leases.held() == 0  # returned when the call ended
+    finally:
+        await pool.stop(grace_s=1)
 
 
 async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_usage(

@@ -313,15 +313,30 @@ class WorkerPool(Service):
                         " concurrency"
                     )
             lease = await leases.acquire_wait(self._holder, timeout_s=wait_s)
+        keeping = asyncio.create_task(self._keep(leases, lease))
         try:
             yield
         finally:
+            keeping.cancel()
             try:
                 await leases.release(lease)
             except Exception:
                 # The call is done (and paid for): its result must not turn into a failure.
                 # An unreturned lease expires on its own (``lease_s``).
                 log.warning("could not return a global lease of %s; it expires", self.name)
+
+    async def _keep(self, leases: LeaseSemaphore, lease: str) -> None:
+        """Renew a held lease at a third of its life: ``timeout_s`` bounds each read, not a
+        call, so a stream (or a slow answer) can outlast the lease, and another worker would
+        then take the slot while this call still runs."""
+        while True:
+            await asyncio.sleep(leases.lease_s / 3)
+            try:
+                if not await leases.renew(lease):
+                    log.warning("a global lease of %s expired during its call", self.name)
+                    return
+            except Exception:
+                log.warning("could not renew a global lease of %s", self.name, exc_info=True)
 
     def _result(
         self, job: CompletionJob, outcome: CallOutcome, started: datetime, provider: ProviderConfig
