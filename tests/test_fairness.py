@@ -10,10 +10,11 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.client import SwitchyardClient
 from broker.config import load_config
 from broker.fairness import lane_for
 from broker.names import HEADER_KEY, Names
-from tests.conftest import MockProvider, eventually, queue_depth, write_config
+from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
 
 FLOOD, TRICKLE = "sk-flood", "sk-trickle"
 CONCURRENCY = 4
@@ -101,3 +102,29 @@ async def test_a_consumer_sending_after_a_flood_of_another_waits_for_a_few_not_a
     await channel.close()
     flood_before_last_trickle = sum(j.startswith("flood") for j in order)
     assert flood_before_last_trickle <= BOUND
+
+
+async def test_lanes_added_by_a_new_config_are_served_by_the_running_worker(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """The scheduler routes to the new lanes at once; the worker used to consume only the lanes
+    it started with, so a job routed to a new one waited there for ever."""
+    providers = [{"id": "fair", "models": {"m": {"input": 1, "output": 1}}}]
+    keys = [key("trickle", TRICKLE)]
+    one = load_config(write_config(tmp_path / "one.yaml", mock, providers, keys=keys, fair_lanes=1))
+    eight = load_config(
+        write_config(tmp_path / "eight.yaml", mock, providers, keys=keys, fair_lanes=8)
+    )
+    assert lane_for(eight.keys[0], 8) != 0
+    async with pipeline(one, accountant=False) as services:
+        for service in services:
+            await service.apply(eight)
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            result = await client.complete(
+                [{"role": "user", "content": "in a new lane"}],
+                model="m",
+                api_key=TRICKLE,
+                timeout_s=10,
+            )
+    assert result.status.value == "succeeded"

@@ -203,6 +203,18 @@ class WorkerPool(Service):
         if self._drainer is not None:
             self._drainer.cancel()
             self._drainer = None
+        if config.fair_lanes > len(self._queues) and self._channel is not None:
+            # More lanes: the scheduler routes to them from now on, so consume them too. Fewer:
+            # the lanes above stay consumed, so no job routed there before is stranded.
+            queues = await declare_topology(
+                self._channel, self.names, [p.id for p in config.providers], config.fair_lanes
+            )
+            self._queues = [
+                queues[self.names.provider(self.provider_id, lane)]
+                for lane in range(config.fair_lanes)
+            ]
+            if self._consuming:
+                await self._consume()
         current = self._client
         if provider != current.provider:
             self._client = self._build(provider)
