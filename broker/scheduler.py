@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -236,7 +237,11 @@ class Scheduler(Service):
         ordered = [decision.chosen, *decision.alternatives]
         # A provider's free tier running out leaves its paid tier: try that after the rest.
         ordered += [replace(c, free=False) for c in ordered if c.free]
-        reservation_id = f"{job.job_id}:{len(job.attempts)}"
+        # One per scheduling pass, not per job id: the producer chooses job ids, and a
+        # reservation id already known is taken as this job's (an idempotent replay), so two
+        # jobs sharing an id were admitted on one charge. A job scheduled again after a crash
+        # between its reserve and its forward holds twice until the first hold passes.
+        reservation_id = f"{job.job_id}:{len(job.attempts)}:{secrets.token_hex(4)}"
         shorts: list[Short] = []
         for index, candidate in enumerate(ordered):
             provider = candidate.provider

@@ -303,6 +303,28 @@ async def test_a_parked_job_that_came_without_submitted_at_is_stamped_so_its_wai
     assert datetime.fromisoformat(parked[0]["submitted_at"]).tzinfo is not None
 
 
+async def test_jobs_sharing_a_job_id_are_each_charged_to_the_keys_limit(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """The reservation id was the job id, and a known id is an idempotent replay: a producer
+    sending one job id twice was admitted twice on one job's share of its day's tokens."""
+    messages = [ChatMessage(role="user", content="same id")]
+    one_job = estimate_prompt_tokens(messages, ProviderType.OPENAI) + 100
+    budget = {"tokens_per_day": one_job + 5}
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    path = write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(budgets=budget)])
+    config = load_config(path)
+    job = make_job(messages, model="m", params={"max_tokens": 100})
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            first = await client.complete(job=job, api_key=SECRET, timeout_s=30)
+            second = await client.complete(job=job, api_key=SECRET, timeout_s=30)
+    assert first.status.value == "succeeded"
+    assert second.status.value == "rejected"
+    assert second.error is not None and second.error.code.value == "rate_limited"
+
+
 async def test_a_reservation_whose_holder_died_is_returned_when_its_hold_passes(
     names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
 ) -> None:
