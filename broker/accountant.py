@@ -86,6 +86,8 @@ class Accountant(Service):
                 raise ConfigError("this config sets limits or budgets: the accountant needs Redis")
             self._redis = Redis.from_url(self.redis_url)
             self._quota = QuotaStore(self._redis, self.names)
+        if self._quota is not None:
+            self._quota.use_thresholds(config.alerts.percents)
 
     async def apply(self, config: Config) -> None:
         """Price the calls made from now on by ``config``."""

@@ -210,3 +210,7 @@ class Alerts(_Strict):
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.8, 0.95]
     )
+
+    @property
+    def percents(self) -> list[int]:
+        return [max(1, round(t * 100)) for t in self.thresholds]

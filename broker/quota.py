@@ -299,13 +299,14 @@ class QuotaStore:
         thresholds: Sequence[int] = (80, 95),
         sweep_batch: int = 100,
     ) -> None:
-        if tombstone_s < 1 or sweep_batch < 1 or not all(0 < t <= 100 for t in thresholds):
-            raise ValueError("tombstone_s and sweep_batch must be positive, thresholds 1..100")
+        if tombstone_s < 1 or sweep_batch < 1:
+            raise ValueError("tombstone_s and sweep_batch must be positive")
         self._redis = redis
         self._names = names
         self._margin_s = margin_s
         self._tombstone_s = tombstone_s
-        self._thresholds = json.dumps(sorted(thresholds))
+        self._thresholds = ""
+        self.use_thresholds(thresholds)
         self._sweep_batch = sweep_batch
         self._holds = names.redis_key("quota-holds")
         self._reserve = redis.register_script(_RESERVE)
@@ -313,6 +314,12 @@ class QuotaStore:
         self._expire = redis.register_script(_EXPIRE)
         self._extend = redis.register_script(_EXTEND)
         self._crossed = redis.register_script(_CROSSED)
+
+    def use_thresholds(self, thresholds: Sequence[int]) -> None:
+        """Report crossings of these percents of a limit from now on (a config's alerts)."""
+        if not all(0 < t <= 100 for t in thresholds):
+            raise ValueError("thresholds are percents, 1..100")
+        self._thresholds = json.dumps(sorted(thresholds))
 
     def _record(self, reservation_id: str) -> str:
         return self._names.redis_key("reservation", reservation_id)

@@ -120,6 +120,7 @@ class Scheduler(Service):
                     )
                 self._redis = Redis(connection_pool=BlockingConnectionPool.from_url(self.redis_url))
                 self._store = QuotaStore(self._redis, self.names)
+            self._store.use_thresholds(config.alerts.percents)
             admission = Admission(config, self._store, self.names)
         return _Version(config, Router(config), admission)
 

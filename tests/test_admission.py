@@ -427,3 +427,35 @@ async def test_crossing_80_and_95_percent_of_a_budget_alerts_once_each(
     await channel.close()
     key_alerts = [a for a in alerts if a["label"] == "key team-a tokens per day"]
     assert sorted(a["threshold_percent"] for a in key_alerts) == [80, 95]
+
+
+async def test_the_configured_alert_thresholds_are_the_ones_that_fire(
+    amqp: AbstractRobustConnection, names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """``alerts.thresholds`` used to be read and ignored: 80 % and 95 % fired whatever it said."""
+    per_job = (
+        estimate_prompt_tokens(
+            [ChatMessage(role="user", content="budget question 1")], ProviderType.OPENAI
+        )
+        + 20
+    )
+    providers = [{"id": "p", "models": {"m": PRICE}}]
+    path = write_config(
+        tmp_path / "p.yaml",
+        mock,
+        providers,
+        keys=[key_entry(budgets={"tokens_per_day": 20 * per_job})],
+        alerts={"thresholds": [0.5]},
+    )
+    async with pipeline(load_config(path), accountant=False):
+        results = await run_jobs(names, 17, concurrent=False, params={"max_tokens": 20})
+    assert [r.status.value for r in results] == ["succeeded"] * 17  # past 50 % and 80 %
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(names.alerts, passive=True)
+    alerts = []
+    while (message := await queue.get(fail=False, timeout=5)) is not None:
+        await message.ack()
+        alerts.append(json.loads(message.body))
+    await channel.close()
+    key_alerts = [a for a in alerts if a["label"] == "key team-a tokens per day"]
+    assert [a["threshold_percent"] for a in key_alerts] == [50]
