@@ -348,10 +348,7 @@ _UPSERT_JOB = _job_insert.on_conflict_do_update(
     # A later event replaces the row, except that nothing replaces a success: a job delivered
     # again after it succeeded (its ack lost) may end expired or failed the second time.
     where=(jobs.c.finished_at <= _job_insert.excluded.finished_at)
-    & (
-        (jobs.c.status != JobStatus.SUCCEEDED.value)
-        | (_job_insert.excluded.status == JobStatus.SUCCEEDED.value)
-    ),
+    & ((jobs.c.status != _SUCCEEDED) | (_job_insert.excluded.status == _SUCCEEDED)),
 )
 
 
