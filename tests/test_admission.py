@@ -392,12 +392,27 @@ async def test_a_cel_rule_on_day_tokens_used_reroutes_once_the_threshold_is_cros
     assert all(r.status.value == "succeeded" for r in results)
 
 
-async def test_crossing_80_and_95_percent_of_a_budget_alerts_once_each(
-    amqp: AbstractRobustConnection, names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+@pytest.mark.parametrize(
+    ("alerts", "jobs", "percents"),
+    [
+        pytest.param(None, 21, [80, 95], id="default-80-and-95"),
+        # alerts.thresholds used to be read and ignored: 80 % and 95 % fired whatever it said
+        pytest.param({"thresholds": [0.5]}, 17, [50], id="configured-50"),
+    ],
+)
+async def test_crossing_a_budget_threshold_alerts_once_each(
+    alerts: dict[str, Any] | None,
+    jobs: int,
+    percents: list[int],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
 ) -> None:
     # Without the accountant nothing is reconciled, so each job holds exactly its reservation
     # (estimated prompt + max_tokens, the same for every job here): 20 of them fill the budget,
-    # the 16th crosses 80 % and the 19th 95 %, and the 21st is refused.
+    # the 11th crosses 50 %, the 16th 80 % and the 19th 95 %, and the 21st is refused.
     per_job = (
         estimate_prompt_tokens(
             [ChatMessage(role="user", content="budget question 1")], ProviderType.OPENAI
@@ -405,56 +420,26 @@ async def test_crossing_80_and_95_percent_of_a_budget_alerts_once_each(
         + 20
     )
     providers = [{"id": "p", "models": {"m": PRICE}}]
-    config = load_config(
-        write_config(
-            tmp_path / "p.yaml",
-            mock,
-            providers,
-            keys=[key_entry(budgets={"tokens_per_day": 20 * per_job})],
-        )
-    )
-    async with pipeline(config, accountant=False):
-        results = await run_jobs(names, 21, concurrent=False, params={"max_tokens": 20})
-    assert [r.status.value for r in results] == ["succeeded"] * 20 + ["rejected"]
-    assert results[-1].status.value == "rejected"  # the budget did run out
-    channel = await amqp.channel()
-    queue = await channel.declare_queue(names.alerts, passive=True)
-    alerts = []
-    while (message := await queue.get(fail=False, timeout=5)) is not None:
-        await message.ack()
-        alerts.append(json.loads(message.body))
-    await channel.close()
-    key_alerts = [a for a in alerts if a["label"] == "key team-a tokens per day"]
-    assert sorted(a["threshold_percent"] for a in key_alerts) == [80, 95]
-
-
-async def test_the_configured_alert_thresholds_are_the_ones_that_fire(
-    amqp: AbstractRobustConnection, names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
-) -> None:
-    """``alerts.thresholds`` used to be read and ignored: 80 % and 95 % fired whatever it said."""
-    per_job = (
-        estimate_prompt_tokens(
-            [ChatMessage(role="user", content="budget question 1")], ProviderType.OPENAI
-        )
-        + 20
-    )
-    providers = [{"id": "p", "models": {"m": PRICE}}]
+    top = {"alerts": alerts} if alerts else {}
     path = write_config(
         tmp_path / "p.yaml",
         mock,
         providers,
         keys=[key_entry(budgets={"tokens_per_day": 20 * per_job})],
-        alerts={"thresholds": [0.5]},
+        **top,
     )
     async with pipeline(load_config(path), accountant=False):
-        results = await run_jobs(names, 17, concurrent=False, params={"max_tokens": 20})
-    assert [r.status.value for r in results] == ["succeeded"] * 17  # past 50 % and 80 %
+        results = await run_jobs(names, jobs, concurrent=False, params={"max_tokens": 20})
+    served = min(jobs, 20)
+    assert [r.status.value for r in results] == ["succeeded"] * served + ["rejected"] * (
+        jobs - served
+    )
     channel = await amqp.channel()
     queue = await channel.declare_queue(names.alerts, passive=True)
-    alerts = []
+    sent = []
     while (message := await queue.get(fail=False, timeout=5)) is not None:
         await message.ack()
-        alerts.append(json.loads(message.body))
+        sent.append(json.loads(message.body))
     await channel.close()
-    key_alerts = [a for a in alerts if a["label"] == "key team-a tokens per day"]
-    assert [a["threshold_percent"] for a in key_alerts] == [50]
+    key_alerts = [a for a in sent if a["label"] == "key team-a tokens per day"]
+    assert sorted(a["threshold_percent"] for a in key_alerts) == percents
