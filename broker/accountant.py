@@ -217,11 +217,16 @@ class Accountant(Service):
 
     async def _reconcile(self, events: list[UsageEvent | JobEvent]) -> None:
         """Settle each finished job's quota reservation to what it used (after the commit, so a
-        crash between the two repeats both, and both are idempotent)."""
+        crash between the two repeats both, and both are idempotent). A job that never reached
+        its provider (expired or rejected in the worker) gives its reservation back whole,
+        the request it reserved included."""
         if self._quota is None:
             return
         for event in events:
             if not isinstance(event, JobEvent) or event.reservation_id is None:
+                continue
+            if event.attempts == 0:
+                await self._quota.release(event.reservation_id)
                 continue
             tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
             micros = sum(usd_to_micros(self._prices.cost(u)[0] or Decimal(0)) for u in event.usage)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
@@ -443,3 +443,36 @@ async def test_crossing_a_budget_threshold_alerts_once_each(
     await channel.close()
     key_alerts = [a for a in sent if a["label"] == "key team-a tokens per day"]
     assert sorted(a["threshold_percent"] for a in key_alerts) == percents
+
+
+async def test_a_job_that_expires_before_its_call_gives_its_reservation_back_whole(
+    names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
+) -> None:
+    """A job that never reached its provider (its deadline passed while it waited for the one
+    call slot) used to be reconciled to zero tokens with its request still counted."""
+    mock.configure(latency_ms=1500)
+    providers = [{"id": "p", "concurrency": 1, "models": {"m": PRICE}}]
+    path = write_config(tmp_path / "p.yaml", mock, providers, keys=[key_entry(rpm=100)])
+    async with pipeline(load_config(path)):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            first = make_job([{"role": "user", "content": "slow"}], model="m")
+            holding = asyncio.create_task(client.complete(job=first, api_key=SECRET, timeout_s=30))
+
+            async def calling() -> bool:
+                return bool(mock.stats()["in_flight"] == 1)
+
+            await eventually(calling, 10, "the first call at the provider")
+            late = make_job([{"role": "user", "content": "late"}], model="m")
+            late = late.model_copy(update={"deadline": datetime.now(UTC) + timedelta(seconds=0.5)})
+            result = await client.complete(job=late, api_key=SECRET, timeout_s=30)
+            await holding
+        assert result.status.value == "expired"
+        pattern = names.redis_key("reservation", f"{late.job_id}:*")
+
+        async def released() -> bool:
+            records = [key async for key in redis.scan_iter(match=pattern)]
+            states = [await redis.hget(key, "state") for key in records]
+            return states == [b"released"]
+
+        await eventually(released, 10, "the late job's reservation released")
