@@ -93,6 +93,11 @@ class ModelSpec(_Strict):
         active = [d for d in self.discounts if d.contains(at, default_zone)]
         return min(active, key=lambda d: d.multiplier) if active else None
 
+    def multiplier_at(self, at: datetime, default_zone: ZoneInfo) -> Decimal:
+        """The price factor in force at ``at``: the window's, 1 outside every window."""
+        discount = self.discount_at(at, default_zone)
+        return discount.multiplier if discount is not None else Decimal(1)
+
 
 class ProviderConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
@@ -350,10 +355,8 @@ class Config(_Strict):
         self, provider_id: str, model: str, at: datetime
     ) -> tuple[ModelSpec, Decimal]:
         """The list prices and the multiplier in force at ``at`` (1 outside every window)."""
-        discount = self.discount_at(provider_id, model, at)
-        return self.price(provider_id, model), (
-            discount.multiplier if discount is not None else Decimal(1)
-        )
+        price = self.price(provider_id, model)
+        return price, price.multiplier_at(at, self.zone)
 
     @property
     def version(self) -> str:

@@ -379,8 +379,7 @@ class WorkerPool(Service):
         if usage is not None and route.free:
             cost = Decimal(0)
         elif usage is not None and price is not None:
-            discount = price.discount_at(now, self.config.zone)
-            multiplier = discount.multiplier if discount is not None else Decimal(1)
+            multiplier = price.multiplier_at(now, self.config.zone)
             cost = cost_usd(price, usage.prompt_tokens, usage.completion_tokens, multiplier)
         elif usage is not None:
             log.warning("no price for %s/%s; cost left empty", route.provider, route.model)

@@ -3,8 +3,8 @@ each attempt.
 
 Retries wait in-process and hold their concurrency slot, so at most ``MAX_BACKOFF_S``: a provider
 asking for a longer wait (its retry-after) ends the job with that rate limit and its
-``retry_after`` for the caller. A stream that fails part-way is retried like a
-call: the next attempt streams again from sequence 0 under its own attempt number.
+``retry_after`` for the caller. A stream that fails part-way is retried like a call: the next
+attempt streams again from sequence 0 under its own attempt number.
 """
 
 from __future__ import annotations
