@@ -75,6 +75,31 @@ async def eventually(predicate: Any, timeout_s: float, what: str, interval_s: fl
         await asyncio.sleep(interval_s)
 
 
+TEST_TIMEOUT_S = float(os.environ.get("SWITCHYARD_TEST_TIMEOUT_S", "120"))
+
+
+@pytest.fixture(autouse=True)
+async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Bound every async test: past ``TEST_TIMEOUT_S`` print every task's stack (where it is
+    stuck) and cancel the test, whose own cleanup then runs. pytest-timeout's thread dump shows
+    only the event loop waiting in ``select``."""
+    loop = asyncio.get_running_loop()
+    test_name = getattr(request.node, "originalname", request.node.name)
+
+    def expire() -> None:
+        print(f"\n{test_name} ran past {TEST_TIMEOUT_S:.0f}s; its tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(limit=12, file=sys.stderr)
+            if task.get_coro().__name__ == test_name:  # type: ignore[union-attr]
+                task.cancel(f"ran past {TEST_TIMEOUT_S:.0f}s")
+
+    timer = loop.call_later(TEST_TIMEOUT_S, expire)
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 # ---------------------------------------------------------------------------------------------
 # Postgres: one fresh database per session, migrated with the project's own migrations.
 
