@@ -42,6 +42,7 @@ from broker.rules import CompiledRules, Rule
 __all__ = [
     "Alerts",
     "Budgets",
+    "CircuitConfig",
     "Config",
     "ConsumerConfig",
     "Discount",
@@ -99,6 +100,17 @@ class ModelSpec(_Strict):
         return discount.multiplier if discount is not None else Decimal(1)
 
 
+class CircuitConfig(_Strict):
+    """When a provider's circuit breaker opens (``broker.circuits``)."""
+
+    failures: int = Field(
+        default=5, ge=1, description="Failed calls in a row (timeouts, 5xx) that open it."
+    )
+    open_s: float = Field(
+        default=30.0, gt=0, description="How long it stays open before a call may try again."
+    )
+
+
 class ProviderConfig(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     type: ProviderType
@@ -127,6 +139,7 @@ class ProviderConfig(_Strict):
         description="If set, jobs routed by task type reach this provider only for these types.",
     )
     free_tier: FreeTier | None = None
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
 
     def api_key(self) -> str | None:
         """The key from the environment, read at call time so a rotated key is picked up."""

@@ -8,13 +8,14 @@ HTTP status::
     │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
     │   ├── Unauthorized               unauthorized               401
     │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
-    │   ├── ModelUnavailable           model_unavailable          404
+    │   ├── ModelUnavailable           model_unavailable          404 (retry_after if circuits)
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
     └── ProviderError                  status "failed": the provider call did not succeed
         ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
         │   └── QuotaExhausted         rate_limited      429  (not retryable: the account's credit)
         ├── ProviderTimeout            timeout           504  (retryable)
         ├── ProviderServerError        server_error      502  (retryable)
+        ├── ProviderUnavailable        provider_unavailable 503 (its circuit is open; not called)
         ├── ProviderInvalidRequest     invalid_request   400
         ├── ProviderAuthentication     authentication    502  (our credentials, not the caller's)
         ├── ContentFiltered            content_filter    422
@@ -38,6 +39,7 @@ __all__ = [
     "ProviderProtocolError",
     "ProviderServerError",
     "ProviderTimeout",
+    "ProviderUnavailable",
     "QuotaExceeded",
     "QuotaExhausted",
     "RateLimited",
@@ -56,14 +58,21 @@ class SwitchyardError(Exception):
     http_status: int = 500
     retryable: bool = False
 
-    def __init__(self, message: str, *, provider: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, provider: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.provider = provider
+        self.retry_after = retry_after  # seconds after which trying again may succeed
 
     def to_job_error(self) -> JobError:
         return JobError(
-            type=self.family, code=self.code, message=self.message, provider=self.provider
+            type=self.family,
+            code=self.code,
+            message=self.message,
+            retry_after=self.retry_after,
+            provider=self.provider,
         )
 
 
@@ -104,15 +113,6 @@ class QuotaExceeded(JobRejected):
     code = ErrorCode.RATE_LIMITED
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def to_job_error(self) -> JobError:
-        error = super().to_job_error()
-        error.retry_after = self.retry_after
-        return error
-
 
 class ModelUnavailable(JobRejected):
     code = ErrorCode.MODEL_UNAVAILABLE
@@ -134,17 +134,6 @@ class RateLimited(ProviderError):
     http_status = 429
     retryable = True
 
-    def __init__(
-        self, message: str, *, provider: str | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, provider=provider)
-        self.retry_after = retry_after
-
-    def to_job_error(self) -> JobError:
-        error = super().to_job_error()
-        error.retry_after = self.retry_after
-        return error
-
 
 class QuotaExhausted(RateLimited):
     """The provider account's credit or spend limit is used up (OpenAI's 429
@@ -162,6 +151,14 @@ class ProviderTimeout(ProviderError):
 class ProviderServerError(ProviderError):
     code = ErrorCode.SERVER_ERROR
     retryable = True
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider's circuit breaker is open (``broker.circuits``): the job was not sent to it.
+    ``retry_after`` is when the circuit lets a call try again."""
+
+    code = ErrorCode.PROVIDER_UNAVAILABLE
+    http_status = 503
 
 
 class ProviderInvalidRequest(ProviderError):

@@ -67,6 +67,7 @@ class ProviderState:
 
     status: str = "up"  # up | degraded | down
     circuit: str = "closed"  # closed | open | half_open
+    open_s: float = 0.0  # while the circuit is open: seconds until a call may try again
     day_tokens_used: int = 0
     day_requests: int = 0
     error_rate: float = 0.0
@@ -75,6 +76,7 @@ class ProviderState:
 
 
 _UNKNOWN = ProviderState()
+CIRCUIT_OPEN = "circuit open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,9 +213,12 @@ class Router:
             dropped.append(
                 Dropped(candidate.provider.id, candidate.model, "quota cannot be reserved")
             )
+        # Circuits close on their own: say when the first of them lets a call try again.
+        opens = [states[d.provider].open_s for d in dropped if d.reason == CIRCUIT_OPEN]
         raise ModelUnavailable(
             f"no provider can take {_asked(job, public_models)} now:"
-            f" {'; '.join(str(d) for d in dropped)}"
+            f" {'; '.join(str(d) for d in dropped)}",
+            retry_after=round(min(opens), 3) if opens else None,
         )
 
     # --- steps ---------------------------------------------------------------------------
@@ -376,7 +381,7 @@ def _unusable(job: CompletionJob, provider: ProviderConfig, state: ProviderState
     if routed_by_task and provider.task_types and job.task_type not in provider.task_types:
         return f"serves task types {', '.join(provider.task_types)} only"
     if state.circuit == "open":
-        return "circuit open"
+        return CIRCUIT_OPEN
     if state.status == "down":
         return "down"
     return None

@@ -30,6 +30,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker.admission import Admission, quota_needed
 from broker.amqp import PARK_DELAYS_S, Publisher, connect, declare_topology, passthrough_headers
+from broker.circuits import Circuits, CircuitState
 from broker.codec import encode
 from broker.config import Config
 from broker.config_limits import KeyConfig
@@ -90,7 +91,13 @@ class Scheduler(Service):
         # this margin for queueing; a holder that died returns it when the hold passes.
         self.hold_margin_s = hold_margin_s
         self.consumers = ConsumerSet()
-        self._redis: Redis | None = None
+        # Redis (when configured) holds the providers' circuits and the quota buckets.
+        self._redis = (
+            Redis(connection_pool=BlockingConnectionPool.from_url(redis_url))
+            if redis_url is not None
+            else None
+        )
+        self._circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._store: QuotaStore | None = None
         self._version = self._build(config)
         self._round_robin = itertools.count()
@@ -114,11 +121,10 @@ class Scheduler(Service):
         admission = None
         if quota_needed(config):
             if self._store is None:
-                if self.redis_url is None:
+                if self._redis is None:
                     raise ConfigError(
                         "this config sets limits or budgets: the scheduler needs Redis"
                     )
-                self._redis = Redis(connection_pool=BlockingConnectionPool.from_url(self.redis_url))
                 self._store = QuotaStore(self._redis, self.names)
             self._store.use_thresholds(config.alerts.percents)
             admission = Admission(config, self._store, self.names)
@@ -217,12 +223,23 @@ class Scheduler(Service):
         return key
 
     async def _states(self, job: CompletionJob, version: _Version) -> dict[str, ProviderState]:
-        admission = version.admission
-        if admission is None:
+        admission, circuits = version.admission, self._circuits
+        if admission is None and circuits is None:
             return {}
-        tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
+        tokens = 0
+        if admission is not None:
+            tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
         now = utcnow()
-        return {p.id: await admission.state(p, tokens, now) for p in version.config.providers}
+        states = {}
+        for provider in version.config.providers:
+            state = await admission.state(provider, tokens, now) if admission else ProviderState()
+            if circuits is not None:
+                view = await circuits.view(provider.id)
+                circuit = view.state(provider.circuit.failures)
+                if circuit is not CircuitState.CLOSED:
+                    state = replace(state, circuit=circuit.value, open_s=view.open_s_left())
+            states[provider.id] = state
+        return states
 
     async def _admit(
         self,

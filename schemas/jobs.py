@@ -71,6 +71,7 @@ class ErrorCode(StrEnum):
     AUTHENTICATION = "authentication"
     CONTENT_FILTER = "content_filter"
     PROVIDER_PROTOCOL_ERROR = "provider_protocol_error"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -30,8 +30,9 @@ from aio_pika.abc import (
 from redis.asyncio import Redis
 
 from broker.amqp import Publisher, connect, declare_topology
+from broker.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.config import Config, ProviderConfig
-from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage
+from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage, ProviderUnavailable
 from broker.fairness import PrioritySlots
 from broker.leases import LeaseSemaphore, lease_key
 from broker.names import Names
@@ -100,7 +101,10 @@ class WorkerPool(Service):
         # The slots bound the provider calls (and order them); the prefetch, larger, bounds the
         # deliveries in hand: calls, and jobs waiting for a slot or for their confirms.
         self._slots = PrioritySlots(provider.concurrency)
-        self._redis: Redis | None = None
+        # Redis (when configured) holds the provider's circuit and its global leases.
+        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
+        self._circuits = Circuits(self._redis, names) if self._redis is not None else None
+        self._probing = False  # a half-open circuit's one trial call from this process runs
         self._holder = f"{provider_id}-{secrets.token_hex(4)}"
         self._client = self._build(provider)
         self._open: set[_Client] = {self._client}
@@ -120,10 +124,8 @@ class WorkerPool(Service):
         http = make_http_client(provider)
         leases = None
         if provider.global_concurrency is not None:
-            if self.redis_url is None:
-                raise ConfigError(f"provider {provider.id!r} sets global_concurrency: needs Redis")
             if self._redis is None:
-                self._redis = Redis.from_url(self.redis_url)
+                raise ConfigError(f"provider {provider.id!r} sets global_concurrency: needs Redis")
             # A lease outlives the worst case of one job (every attempt timing out, backoffs
             # between), so it is never taken from a live call; a dead worker's expires.
             lease_s = (
@@ -292,18 +294,60 @@ class WorkerPool(Service):
                 started = utcnow()
                 if job.deadline is not None and job.deadline <= started:
                     raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
-                async with self._use() as client:
-                    async with self._global_slot(client.leases, job.deadline):
-                        outcome = await call_with_retries(
-                            client.adapter,
-                            job,
-                            max_attempts=client.provider.max_attempts,
-                            on_chunk=on_chunk,
-                        )
+                async with self._use() as client, self._circuit(client.provider) as refusal:
+                    if refusal is not None:
+                        outcome = CallOutcome(error=refusal)
+                    else:
+                        async with self._global_slot(client.leases, job.deadline):
+                            outcome = await call_with_retries(
+                                client.adapter,
+                                job,
+                                max_attempts=client.provider.max_attempts,
+                                on_chunk=on_chunk,
+                            )
+                        await self._count(client.provider, outcome)
                     result = self._result(job, outcome, started, client.provider)
             await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
+
+    @contextlib.asynccontextmanager
+    async def _circuit(self, provider: ProviderConfig) -> AsyncIterator[ProviderUnavailable | None]:
+        """``None`` if the call may go: the circuit is closed, or half-open and no other trial
+        call of this process runs. Else the error that answers the job without calling."""
+        if self._circuits is None:
+            yield None
+            return
+        view = await self._circuits.view(provider.id)
+        state = view.state(provider.circuit.failures)
+        if state is CircuitState.CLOSED:
+            yield None
+        elif state is CircuitState.HALF_OPEN and not self._probing:
+            self._probing = True
+            try:
+                yield None
+            finally:
+                self._probing = False
+        else:
+            wait = view.open_s_left() if state is CircuitState.OPEN else REFRESH_S
+            yield ProviderUnavailable(
+                f"provider {provider.id!r} is unavailable: its circuit is {state.value} after"
+                f" {view.failures} failed calls in a row; the job was not sent to it",
+                provider=provider.id,
+                retry_after=round(max(wait, 0.001), 3),
+            )
+
+    async def _count(self, provider: ProviderConfig, outcome: CallOutcome) -> None:
+        """Tell the circuit how the call went. Its Redis failing must not fail a paid call."""
+        if self._circuits is None:
+            return
+        try:
+            if outcome.completion is not None:
+                await self._circuits.succeeded(provider.id)
+            elif failures := failures_in(outcome.attempts):
+                await self._circuits.failed(provider.id, provider.circuit, failures)
+        except Exception:
+            log.warning("could not count a call in the circuit of %s", self.name, exc_info=True)
 
     @contextlib.asynccontextmanager
     async def _global_slot(

@@ -48,8 +48,7 @@ class CallOutcome:
 
 def backoff_s(error: ProviderError, retry: int) -> float:
     """The provider's ``retry_after`` when it gave one, else 0.25 s doubling; capped."""
-    retry_after = getattr(error, "retry_after", None)
-    wait = retry_after if retry_after is not None else 0.25 * 2 ** (retry - 1)
+    wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** (retry - 1)
     return float(min(wait, MAX_BACKOFF_S))
 
 
@@ -106,8 +105,7 @@ async def call_with_retries(
             outcome.error = exc
             if not exc.retryable or number == first + max_attempts - 1:
                 return outcome
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None and retry_after > MAX_BACKOFF_S:
+            if exc.retry_after is not None and exc.retry_after > MAX_BACKOFF_S:
                 # Longer than an attempt may hold its call slot: retrying sooner would only be
                 # refused again. The caller gets the rate limit with its retry_after.
                 return outcome

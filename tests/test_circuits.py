@@ -1,0 +1,179 @@
+"""Circuit breakers in Redis and through the real pipeline: a provider whose calls fail in a row
+is routed around, the jobs already queued for it are answered at once without calling it, and a
+trial call after ``open_s`` closes it again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
+
+from broker import circuits
+from broker.circuits import Circuits, CircuitState
+from broker.client import SwitchyardClient, make_job
+from broker.config import CircuitConfig, load_config
+from broker.names import Names
+from schemas import JobResult
+from tests.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    MockProvider,
+    eventually,
+    free_port,
+    queue_depth,
+    write_config,
+)
+
+
+@pytest.fixture
+async def redis() -> Any:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process reads the circuits on each use, so a test need not wait out a view."""
+    monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
+
+
+async def complete(names: Names, count: int = 1, **fields: Any) -> list[JobResult]:
+    """``count`` jobs one after another, each answered before the next is sent."""
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        return [
+            await client.complete(
+                job=make_job([{"role": "user", "content": f"q{i}"}], **fields), timeout_s=30
+            )
+            for i in range(count)
+        ]
+
+
+async def test_failures_in_a_row_open_the_circuit_and_a_trial_call_decides(
+    redis: Redis, names: Names, fresh_views: None
+) -> None:
+    config = CircuitConfig(failures=3, open_s=0.3)
+    worker, scheduler = Circuits(redis, names), Circuits(redis, names)  # two processes' views
+    assert not await worker.failed("p", config, 2)
+    assert (await scheduler.view("p")).state(3) is CircuitState.CLOSED
+
+    assert await worker.failed("p", config)  # the third in a row opens it ...
+    assert not await worker.failed("p", config)  # ... once: a call already out adds to it
+    view = await scheduler.view("p")
+    assert view.state(3) is CircuitState.OPEN and 0 < view.open_s_left() <= 0.3
+    assert view.failures == 4
+
+    await asyncio.sleep(0.35)
+    assert (await scheduler.view("p")).state(3) is CircuitState.HALF_OPEN
+    assert await worker.failed("p", config)  # a failed trial opens it again at once
+    assert (await worker.view("p")).state(3) is CircuitState.OPEN
+
+    await asyncio.sleep(0.35)
+    await worker.succeeded("p")  # a trial that succeeds closes it
+    assert await redis.exists(worker.key("p")) == 0
+    assert not await worker.failed("p", config, 2)  # and the count starts again from 0
+
+
+async def test_a_provider_failing_in_a_row_is_routed_around_while_its_circuit_is_open(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis, fresh_views: None
+) -> None:
+    # "down" is the cheaper: routing picks it while its circuit is closed. Nothing listens on its
+    # port, so each call fails at once (a refused connection is a server error).
+    providers = [
+        {
+            "id": "down",
+            "base_url": f"http://127.0.0.1:{free_port()}/v1",
+            "max_attempts": 1,
+            "circuit": {"failures": 2, "open_s": 60},
+            "models": {"m": {"input": 1, "output": 1}},
+        },
+        {"id": "up", "models": {"m": {"input": 5, "output": 5}}},
+    ]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
+    )
+    async with pipeline(config):
+        failed = await complete(names, 2, model="m")
+        served = await complete(names, 3, model="m")
+    assert [(r.status.value, r.provider, r.error and r.error.code.value) for r in failed] == [
+        ("failed", "down", "server_error")
+    ] * 2
+    assert [(r.status.value, r.provider) for r in served] == [("succeeded", "up")] * 3
+    assert mock.stats()["calls"] == 3
+    circuit = await redis.hgetall(f"{names.namespace}:circuit:down")
+    assert int(circuit[b"failures"]) == 2 and int(circuit[b"open_until"]) > 0
+
+
+async def test_jobs_queued_for_a_provider_whose_circuit_opened_are_answered_without_a_call(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    redis: Redis,
+    fresh_views: None,
+) -> None:
+    providers = [{"id": "p", "circuit": {"failures": 1, "open_s": 60}}]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers))
+    channel = await amqp.channel()
+    results = await channel.declare_queue(f"{names.namespace}.circuit-results", exclusive=True)
+    async with pipeline(config, workers=[], accountant=False):  # routed while it was closed
+        for i in range(3):
+            job = make_job([{"role": "user", "content": f"q{i}"}], model="gpt-4o-mini")
+            message = aio_pika.Message(job.model_dump_json().encode(), reply_to=results.name)
+            await channel.default_exchange.publish(message, routing_key=names.jobs)
+
+        async def all_queued() -> bool:
+            return await queue_depth(amqp, names.provider("p")) == 3
+
+        await eventually(all_queued, 20, "3 jobs in the provider queue")
+
+    assert await Circuits(redis, names).failed("p", CircuitConfig(failures=1, open_s=60))
+    answers: list[dict[str, Any]] = []
+    async with pipeline(config), results.iterator(timeout=30) as messages:
+        async for message in messages:
+            await message.ack()
+            answers.append(json.loads(message.body))
+            if len(answers) == 3:
+                break
+        [rejected] = await complete(names, model="gpt-4o-mini")  # routing drops it now
+    await channel.close()
+
+    for answer in answers:
+        assert answer["status"] == "failed" and answer["attempts"] == []
+        assert answer["error"]["code"] == "provider_unavailable"
+        assert 0 < answer["error"]["retry_after"] <= 60
+    assert rejected.status.value == "rejected" and rejected.error is not None
+    assert rejected.error.code.value == "model_unavailable"
+    assert "circuit open" in rejected.error.message
+    assert rejected.error.retry_after is not None and 0 < rejected.error.retry_after <= 60
+    assert mock.stats()["calls"] == 0
+
+
+async def test_a_half_open_circuit_lets_one_trial_call_through_and_its_success_closes_it(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis, fresh_views: None
+) -> None:
+    providers = [{"id": "p", "circuit": {"failures": 1, "open_s": 0.2}}]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers))
+    assert await Circuits(redis, names).failed("p", CircuitConfig(failures=1, open_s=0.2))
+    await asyncio.sleep(0.3)  # past open_s: half-open
+    mock.configure(latency_ms=2000)  # the trial is still out when the second job comes
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            jobs = [
+                make_job([{"role": "user", "content": f"q{i}"}], model="gpt-4o-mini")
+                for i in range(2)
+            ]
+            results = await asyncio.gather(*(client.complete(job=j, timeout_s=30) for j in jobs))
+    outcomes = sorted((r.status.value, r.error and r.error.code.value) for r in results)
+    assert outcomes == [("failed", "provider_unavailable"), ("succeeded", None)]
+    assert mock.stats()["calls"] == 1
+    assert await redis.exists(f"{names.namespace}:circuit:p") == 0  # closed by the trial
