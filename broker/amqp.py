@@ -37,6 +37,7 @@ __all__ = [
     "PARK_DELAYS_S",
     "Publisher",
     "Unroutable",
+    "came_persistent",
     "connect",
     "declare_config_exchange",
     "declare_results_queue",
@@ -305,7 +306,7 @@ async def declare_topology(
             },
         )
     providers = [names.provider(p, lane) for p in provider_ids for lane in range(lanes)]
-    work = [names.jobs, names.usage, names.alerts, *providers]
+    work = [names.jobs, names.reroute, names.usage, names.alerts, *providers]
     for queue_name in work:
         queues[queue_name] = await channel.declare_queue(
             queue_name, durable=True, arguments=_work_queue_arguments(names)
@@ -336,6 +337,13 @@ def passthrough_headers(
     headers = message.headers or {}
     names = (n.HEADER_KEY, n.HEADER_TRACEPARENT) if with_key else (n.HEADER_TRACEPARENT,)
     return {k: headers[k] for k in names if k in headers}
+
+
+def came_persistent(message: AbstractIncomingMessage) -> bool:
+    """A job keeps the delivery mode its producer chose, hop after hop: persistent for a batch
+    job with a durable results queue, transient for an RPC whose answer dies with its caller's
+    channel (our client's ``complete`` and ``stream``)."""
+    return message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
 
 
 class Publisher:

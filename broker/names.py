@@ -36,6 +36,12 @@ class Names:
         return base if lane == 0 else f"{base}.{lane}"
 
     @property
+    def reroute(self) -> str:
+        """Jobs a provider failed, handed back by its worker for the scheduler to route to the
+        next candidate (failover). Internal, like the provider queues: its jobs carry a route."""
+        return f"{self.namespace}.reroute"
+
+    @property
     def usage(self) -> str:
         return f"{self.namespace}.usage"
 

@@ -16,14 +16,16 @@ from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.amqp import BROKER_FAILURES, Publisher
+from broker.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
 from broker.codec import decode_job, encode, job_id_hint
 from broker.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
 from broker.names import TYPE_CHUNK, Names
 from broker.runtime import Unsettled
 from schemas import (
+    Attempt,
     ChatCompletionChunk,
     CompletionJob,
+    ErrorCode,
     JobChunk,
     JobError,
     JobEvent,
@@ -143,7 +145,7 @@ class Outcomes:
             provider=result.provider,
             model=job.route.model if job.route else None,
             error_code=result.error.code if result.error else None,
-            attempts=len(result.attempts),
+            attempts=calls(result.attempts),
             prompt_tokens=result.usage.prompt_tokens if result.usage else 0,
             completion_tokens=result.usage.completion_tokens if result.usage else 0,
             timings=result.timings,
@@ -159,6 +161,47 @@ class Outcomes:
             await self.publisher.reply(
                 target, encode(result), correlation_id=message.correlation_id or job.job_id
             )
+        await self.events.send(event)
+
+    async def reroute(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        attempts: list[Attempt],
+        usage: list[UsageEvent],
+    ) -> None:
+        """Hand a job its provider failed back to the scheduler for the next candidate, its
+        ``attempts`` added to the job's; and tell the accountant, which settles this provider's
+        reservation (the scheduler reserves again for the next one). Both confirmed."""
+        assert job.route is not None
+        route = job.route
+        moved = job.model_copy(update={"attempts": [*job.attempts, *attempts]})
+        event = JobEvent(
+            job_id=job.job_id,
+            status=JobStatus.REROUTED,
+            priority=job.priority,
+            public_model=route.public_model,
+            provider=route.provider,
+            model=route.model,
+            error_code=attempts[-1].error_code,
+            attempts=calls(moved.attempts),
+            batch_id=_batch_id(job),
+            submitted_at=job.submitted_at,
+            finished_at=utcnow(),
+            reservation_id=route.reservation_id,
+            key_id=route.key_id,
+            usage=usage,
+        )
+        await self.publisher.publish(
+            self.names.reroute,
+            encode(moved),
+            message_id=job.job_id,
+            correlation_id=message.correlation_id or job.job_id,
+            reply_to=message.reply_to,
+            priority=job.priority,
+            headers=passthrough_headers(message),
+            persistent=came_persistent(message),
+        )
         await self.events.send(event)
 
     async def chunk(
@@ -286,6 +329,11 @@ class Outcomes:
             )
             publishes.append(self.events.send(event))
         await asyncio.gather(*publishes)
+
+
+def calls(attempts: list[Attempt]) -> int:
+    """The provider calls among a job's attempts: one an open circuit refused was not made."""
+    return sum(1 for a in attempts if a.error_code is not ErrorCode.PROVIDER_UNAVAILABLE)
 
 
 def _batch_id(job: CompletionJob) -> str | None:

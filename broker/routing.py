@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -175,8 +175,10 @@ class Router:
         now: datetime,
         can_reserve: Callable[[Candidate], bool] | None = None,
         rr_counter: int = 0,
+        exclude: Collection[str] = (),
     ) -> RouteDecision:
-        """Choose a provider for ``job``; ``ModelUnavailable`` says why when none can take it."""
+        """Choose a provider for ``job``; ``ModelUnavailable`` says why when none can take it.
+        Providers in ``exclude`` (failover: those that failed the job) are dropped."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("now must be an aware datetime")
         public_models, policy = self._public_models(job, key)
@@ -186,7 +188,8 @@ class Router:
         for serving in self.config.serving(public_models):
             provider = serving.provider
             state = states.get(provider.id, _UNKNOWN)
-            reason = _unusable(job, provider, state)
+            reason = "failed this job already" if provider.id in exclude else None
+            reason = reason or _unusable(job, provider, state)
             if reason is not None:
                 dropped.append(Dropped(provider.id, serving.model, reason))
                 continue

@@ -24,26 +24,40 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import orjson
-from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker.admission import Admission, quota_needed
-from broker.amqp import PARK_DELAYS_S, Publisher, connect, declare_topology, passthrough_headers
+from broker.amqp import (
+    PARK_DELAYS_S,
+    Publisher,
+    came_persistent,
+    connect,
+    declare_topology,
+    passthrough_headers,
+)
 from broker.circuits import Circuits, CircuitState
 from broker.codec import encode
 from broker.config import Config
 from broker.config_limits import KeyConfig
-from broker.errors import ConfigError, DeadlineExceeded, QuotaExceeded, Unauthorized
+from broker.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidMessage,
+    JobRejected,
+    ModelUnavailable,
+    QuotaExceeded,
+    Unauthorized,
+)
 from broker.fairness import lane_for
 from broker.metrics import QUOTA_ALERTS
 from broker.names import HEADER_KEY, Names
-from broker.outcomes import Outcomes, utcnow
+from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.quota import QuotaStore, Reserved, Short, ThresholdCrossed
 from broker.routing import Candidate, ProviderState, RouteDecision, Router
 from broker.runtime import ConsumerSet, Service
 from broker.tokens import estimate_prompt_tokens, load_encoding
-from schemas import CompletionJob
+from schemas import CompletionJob, ErrorCode, JobError, JobResult, JobStatus, Timings
 
 __all__ = ["Scheduler"]
 
@@ -155,6 +169,7 @@ class Scheduler(Service):
         if self._store is not None:
             self._sweeper = asyncio.create_task(self._sweep())
         await self.consumers.consume(queues[self.names.jobs], self.handle, ack=True)
+        await self.consumers.consume(queues[self.names.reroute], self.reroute, ack=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)
@@ -173,6 +188,14 @@ class Scheduler(Service):
 
         await self.outcomes.settle(message, self.names.jobs, schedule)
 
+    async def reroute(self, message: AbstractIncomingMessage) -> None:
+        """Failover: a job whose provider failed it, handed back by the worker."""
+
+        async def schedule_again(job: CompletionJob) -> None:
+            await self._reschedule(message, job)
+
+        await self.outcomes.settle(message, self.names.reroute, schedule_again)
+
     async def _schedule(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
         now = utcnow()
         version = self._version
@@ -190,12 +213,92 @@ class Scheduler(Service):
         if admitted is None:
             await self._park(message, job, now)
             return
+        await self._dispatch(message, job, key, decision, admitted, now, version)
+
+    async def _reschedule(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
+        """Route a job to a candidate it has not tried, under a new reservation (the worker's
+        event settles the last one). The key is the route's: the worker checked nothing new,
+        and the secret went no further than the first pass. No candidate left, or none with
+        quota now: the job ends failed with its provider's error (it does not wait)."""
+        now = utcnow()
+        version = self._version
+        if job.route is None or not job.attempts:
+            raise InvalidMessage("a rerouted job carries its route and the attempts made")
+        if job.deadline is not None and job.deadline <= now:
+            raise DeadlineExceeded("the job's deadline passed before it could fail over")
+        key = None
+        if job.route.key_id is not None:
+            key = version.config.key(job.route.key_id)
+            if key is None:
+                raise Unauthorized(f"key {job.route.key_id!r} is no longer configured")
+        try:
+            decision = version.router.route(
+                job,
+                key=key,
+                states=await self._states(job, version),
+                now=now,
+                rr_counter=next(self._round_robin),
+                exclude={a.provider for a in job.attempts},
+            )
+            admitted = await self._admit(job, key, decision, now, version.admission, wait=False)
+        except (ModelUnavailable, QuotaExceeded) as exc:
+            await self._give_up(message, job, exc)
+            return
+        assert admitted is not None
+        await self._dispatch(message, job, key, decision, admitted, now, version)
+
+    async def _give_up(
+        self, message: AbstractIncomingMessage, job: CompletionJob, why: JobRejected
+    ) -> None:
+        """End a job its provider failed and no other candidate can take: failed, with that
+        provider's error code and why no other could take it."""
+        assert job.route is not None
+        last = job.attempts[-1]
+        code = last.error_code or ErrorCode.SERVER_ERROR
+        error = JobError(
+            type="provider_error",
+            code=code,
+            message=f"provider {last.provider!r} failed the job ({code.value}) and no other"
+            f" provider could take it: {why.message}",
+            retry_after=why.retry_after,
+            provider=last.provider,
+        )
+        now = utcnow()
+        result = JobResult(
+            job_id=job.job_id,
+            status=JobStatus.FAILED,
+            error=error,
+            provider=last.provider,
+            model=last.model,
+            attempts=job.attempts,
+            timings=Timings(total_ms=elapsed_ms(job.submitted_at, now)),
+            metadata=job.metadata,
+        )
+        # The failed provider's reservation was settled with its worker's event.
+        settled = job.route.model_copy(update={"reservation_id": None})
+        await self.outcomes.finish(message, job.model_copy(update={"route": settled}), result, [])
+
+    async def _dispatch(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        key: KeyConfig | None,
+        decision: RouteDecision,
+        admitted: _Admitted,
+        now: datetime,
+        version: _Version,
+    ) -> None:
+        """Hand the job to its admitted candidate's queue, the route on it."""
         route = decision.to_route(
             now,
             admitted=(admitted.chosen, admitted.alternatives),
             reservation_id=admitted.reservation_id,
             key_id=key.id if key else None,
         )
+        if job.attempts:
+            last = job.attempts[-1]
+            failed = last.error_code.value if last.error_code else "failed"
+            route.reason = f"failover from {last.provider} ({failed}); {route.reason}"
         if log.isEnabledFor(logging.DEBUG):  # the dump costs as much as encoding the job
             log.debug("job %s routed: %s", job.job_id, route.model_dump_json())
         update: dict[str, object] = {"route": route}
@@ -248,8 +351,11 @@ class Scheduler(Service):
         decision: RouteDecision,
         now: datetime,
         admission: Admission | None,
+        *,
+        wait: bool = True,
     ) -> _Admitted | None:
-        """Reserve quota on the first candidate that fits. ``None``: park the job."""
+        """Reserve quota on the first candidate that fits. ``None``: park the job (only if it
+        may ``wait``)."""
         if admission is None:
             return _Admitted(decision.chosen, decision.alternatives, None)
         ordered = [decision.chosen, *decision.alternatives]
@@ -275,7 +381,7 @@ class Scheduler(Service):
         short = min(can_fit or shorts, key=lambda s: s.retry_after_s)
         waited_from = job.submitted_at or now
         give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
-        if job.on_quota == "wait" and can_fit and give_up > now:
+        if wait and job.on_quota == "wait" and can_fit and give_up > now:
             return None
         raise QuotaExceeded(
             f"quota short for every candidate: {short.bucket_label} has {short.current} of "
@@ -302,7 +408,7 @@ class Scheduler(Service):
             reply_to=message.reply_to,
             priority=job.priority,
             headers=passthrough_headers(message, with_key=True),
-            persistent=_persistent(message),
+            persistent=came_persistent(message),
         )
 
     async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
@@ -348,12 +454,5 @@ class Scheduler(Service):
             priority=job.priority,
             headers=passthrough_headers(message),
             expiration=(job.deadline - now) if job.deadline is not None else None,
-            persistent=_persistent(message),
+            persistent=came_persistent(message),
         )
-
-
-def _persistent(message: AbstractIncomingMessage) -> bool:
-    """A job keeps the delivery mode its producer chose, hop after hop: persistent for a batch
-    job with a durable results queue, transient for an RPC whose answer dies with its caller's
-    channel (our client's ``complete`` and ``stream``)."""
-    return message.delivery_mode == DeliveryMode.PERSISTENT

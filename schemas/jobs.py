@@ -54,6 +54,9 @@ class JobStatus(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    REROUTED = "rerouted"
+    """Job events only, never a result: the job left a provider that failed it for the next
+    candidate (failover); a later event ends it."""
 
 
 class ErrorCode(StrEnum):
@@ -192,6 +195,8 @@ class JobResult(_Message):
 
     @model_validator(mode="after")
     def _response_or_error(self) -> JobResult:
+        if self.status is JobStatus.REROUTED:
+            raise ValueError("a result ends a job: it is never rerouted")
         if self.status is JobStatus.SUCCEEDED and self.response is None:
             raise ValueError("a succeeded result carries a response")
         if self.status is not JobStatus.SUCCEEDED and self.error is None:

@@ -154,7 +154,14 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
     ns = Names(f"{SESSION_NS}.t{next(_test_counter)}")
     yield ns
     channel = await amqp.channel()
-    queues = [ns.jobs, ns.usage, ns.dead, ns.alerts, *(ns.park(d) for d in PARK_DELAYS_S)]
+    queues = [
+        ns.jobs,
+        ns.reroute,
+        ns.usage,
+        ns.dead,
+        ns.alerts,
+        *(ns.park(d) for d in PARK_DELAYS_S),
+    ]
     lanes = [ns.provider(p, lane) for p in _provider_ids for lane in range(8)]  # default lanes
     for queue in [*queues, *lanes]:
         await channel.queue_delete(queue)

@@ -100,13 +100,17 @@ async def test_a_provider_failing_in_a_row_is_routed_around_while_its_circuit_is
         write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
     )
     async with pipeline(config):
-        failed = await complete(names, 2, model="m")
-        served = await complete(names, 3, model="m")
-    assert [(r.status.value, r.provider, r.error and r.error.code.value) for r in failed] == [
-        ("failed", "down", "server_error")
-    ] * 2
-    assert [(r.status.value, r.provider) for r in served] == [("succeeded", "up")] * 3
-    assert mock.stats()["calls"] == 3
+        failed_over = await complete(names, 2, model="m")
+        routed_around = await complete(names, 3, model="m")
+
+    def tried(result: JobResult) -> list[tuple[str, str | None]]:
+        return [(a.provider, a.error_code) for a in result.attempts]
+
+    # The first two failed at "down" (and failed over); then its circuit opened: no more tries.
+    assert [tried(r) for r in failed_over] == [[("down", "server_error"), ("up", None)]] * 2
+    assert [tried(r) for r in routed_around] == [[("up", None)]] * 3
+    assert {r.status.value for r in [*failed_over, *routed_around]} == {"succeeded"}
+    assert mock.stats()["calls"] == 5
     circuit = await redis.hgetall(f"{names.namespace}:circuit:down")
     assert int(circuit[b"failures"]) == 2 and int(circuit[b"open_until"]) > 0
 
@@ -147,7 +151,9 @@ async def test_jobs_queued_for_a_provider_whose_circuit_opened_are_answered_with
     await channel.close()
 
     for answer in answers:
-        assert answer["status"] == "failed" and answer["attempts"] == []
+        assert answer["status"] == "failed"
+        [refused] = answer["attempts"]  # no call: nothing else to try, so no failover either
+        assert (refused["provider"], refused["duration_ms"]) == ("p", 0)
         assert answer["error"]["code"] == "provider_unavailable"
         assert 0 < answer["error"]["retry_after"] <= 60
     assert rejected.status.value == "rejected" and rejected.error is not None

@@ -39,7 +39,15 @@ from broker.names import Names
 from broker.outcomes import Outcomes, elapsed_ms, utcnow
 from broker.pricing import cost_usd
 from broker.runtime import ConsumerSet, Service
-from schemas import ChatCompletionChunk, CompletionJob, JobResult, JobStatus, Timings
+from schemas import (
+    Attempt,
+    ChatCompletionChunk,
+    CompletionJob,
+    ErrorCode,
+    JobResult,
+    JobStatus,
+    Timings,
+)
 from workers.adapters import ProviderAdapter, adapter_for
 from workers.http import make_http_client
 from workers.retry import MAX_BACKOFF_S, CallOutcome, call_with_retries
@@ -296,7 +304,7 @@ class WorkerPool(Service):
                     raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
                 async with self._use() as client, self._circuit(client.provider) as refusal:
                     if refusal is not None:
-                        outcome = CallOutcome(error=refusal)
+                        outcome = CallOutcome(error=refusal, attempts=[_refused(job, refusal)])
                     else:
                         async with self._global_slot(client.leases, job.deadline):
                             outcome = await call_with_retries(
@@ -307,7 +315,10 @@ class WorkerPool(Service):
                             )
                         await self._count(client.provider, outcome)
                     result = self._result(job, outcome, started, client.provider)
-            await self.outcomes.finish(message, job, result, outcome.usage)
+            if _fails_over(job, outcome):
+                await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
+            else:
+                await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
 
@@ -410,7 +421,7 @@ class WorkerPool(Service):
             "job_id": job.job_id,
             "provider": route.provider,
             "model": route.model,
-            "attempts": outcome.attempts,
+            "attempts": [*job.attempts, *outcome.attempts],
             "timings": timings,
             "metadata": job.metadata,
         }
@@ -435,6 +446,44 @@ class WorkerPool(Service):
             cost_usd=cost,
             **common,
         )
+
+
+FAILOVER_CODES = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.SERVER_ERROR,
+        ErrorCode.PROVIDER_PROTOCOL_ERROR,
+        ErrorCode.PROVIDER_UNAVAILABLE,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.AUTHENTICATION,
+    }
+)
+"""Failures another provider may not share: this one's health, limits, credit or credentials.
+A refused request or a content filter would meet the same answer elsewhere (or should)."""
+
+
+def _fails_over(job: CompletionJob, outcome: CallOutcome) -> bool:
+    """Whether a failed job goes back to the scheduler for a candidate it has not tried."""
+    if outcome.error is None or outcome.error.code not in FAILOVER_CODES:
+        return False
+    assert job.route is not None
+    tried = {a.provider for a in job.attempts} | {job.route.provider}
+    if all(provider in tried for provider in job.route.alternatives):
+        return False
+    return job.deadline is None or job.deadline > utcnow()
+
+
+def _refused(job: CompletionJob, refusal: ProviderUnavailable) -> Attempt:
+    """The record of a call an open circuit did not make: failover skips the provider."""
+    assert job.route is not None
+    return Attempt(
+        number=len(job.attempts) + 1,
+        provider=job.route.provider,
+        model=job.route.model,
+        status="failed",
+        error_code=refusal.code,
+        duration_ms=0,
+    )
 
 
 class WorkerPools(Service):

@@ -131,6 +131,7 @@ class Bench:
         channel = await connection.channel()
         for queue in (
             self.names.jobs,
+            self.names.reroute,
             self.names.usage,
             self.names.dead,
             self.names.alerts,

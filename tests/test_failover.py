@@ -1,0 +1,176 @@
+"""Failover through the real pipeline: a job its provider fails goes back to the scheduler and on
+to a candidate it has not tried, under a new quota reservation, and the result lists every
+attempt; with no candidate left it ends failed with its provider's error."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from broker import circuits
+from broker.circuits import Circuits
+from broker.client import SwitchyardClient, make_job
+from broker.config import CircuitConfig, load_config
+from broker.names import Names
+from broker.quota import bucket_key
+from broker.windows import Period, window
+from schemas import JobResult
+from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, free_port, write_config
+
+SECRET = "sk-failover-test-key"
+
+
+@pytest.fixture
+async def redis() -> Any:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
+
+
+def dead_provider(provider_id: str, **fields: Any) -> dict[str, Any]:
+    """A provider nothing listens for: each call fails at once (a refused connection)."""
+    return {
+        "id": provider_id,
+        "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        "models": {"m": {"input": 1, "output": 1}},
+        **fields,
+    }
+
+
+def attempts(result: JobResult) -> list[tuple[int, str, str, str | None]]:
+    return [(a.number, a.provider, a.status, a.error_code) for a in result.attempts]
+
+
+async def complete(names: Names, **fields: Any) -> JobResult:
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        job = make_job([{"role": "user", "content": "which way?"}], model="m")
+        return await client.complete(job=job, timeout_s=30, **fields)
+
+
+async def test_a_job_its_provider_fails_is_served_by_the_next_candidate_under_a_new_reservation(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    redis: Redis,
+    pg: asyncpg.Connection,
+) -> None:
+    providers = [
+        dead_provider("down", max_attempts=2, circuit={"failures": 100}),
+        {"id": "up", "models": {"m": {"input": 5, "output": 5}}},
+    ]
+    keys = [
+        {
+            "id": "team",
+            "key_sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
+            "budgets": {"tokens_per_day": 100_000},
+        }
+    ]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest", keys=keys)
+    )
+    async with pipeline(config):
+        result = await complete(names, api_key=SECRET)
+
+        assert result.status.value == "succeeded" and result.provider == "up"
+        assert attempts(result) == [
+            (1, "down", "failed", "server_error"),
+            (2, "down", "failed", "server_error"),
+            (3, "up", "succeeded", None),
+        ]
+        assert result.usage is not None
+        used = result.usage.total_tokens
+        day = window(Period.DAY, datetime.now(UTC), config.zone).id
+        counters = {
+            "down": bucket_key(names, "provider", "down", "tokens_day", day),
+            "up": bucket_key(names, "provider", "up", "tokens_day", day),
+            "key": bucket_key(names, "key", "team", "tokens_day", day),
+        }
+
+        async def settled() -> bool:
+            values = {k: int(await redis.get(v) or 0) for k, v in counters.items()}
+            # down's reservation gave its tokens back; up's and the key's hold what was used.
+            return values == {"down": 0, "up": used, "key": used}
+
+        await eventually(settled, 10, "both reservations settled by the accountant")
+
+        async def recorded() -> bool:
+            row = await pg.fetchrow("SELECT * FROM jobs WHERE job_id = $1", result.job_id)
+            return row is not None and row["status"] == "succeeded"
+
+        await eventually(recorded, 10, "the job's final row")
+    row = await pg.fetchrow("SELECT * FROM jobs WHERE job_id = $1", result.job_id)
+    assert (row["provider"], row["attempts"]) == ("up", 3)
+    usage = await pg.fetch("SELECT attempt, provider FROM usage WHERE job_id = $1", result.job_id)
+    assert [(u["attempt"], u["provider"]) for u in usage] == [(3, "up")]
+
+
+async def test_jobs_an_open_circuit_refuses_go_on_to_the_next_candidate(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis
+) -> None:
+    """Routed to ``first`` while its circuit was closed; it opened while the job waited."""
+    providers = [
+        {"id": "first", "concurrency": 1, "models": {"m": {"input": 1, "output": 1}}},
+        {"id": "second", "models": {"m": {"input": 5, "output": 5}}},
+    ]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
+    )
+    mock.configure(latency_ms=1500)
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            # One call slot at "first" is busy for 1.5 s ... (concurrency 1 below)
+            jobs = [make_job([{"role": "user", "content": f"q{i}"}], model="m") for i in range(2)]
+            pending = [asyncio.create_task(client.complete(job=j, timeout_s=30)) for j in jobs]
+            await asyncio.sleep(0.5)
+            # ... while its circuit opens: the job that did not start yet is refused.
+            await Circuits(redis, names).failed("first", CircuitConfig(failures=1, open_s=60))
+            results = await asyncio.gather(*pending)
+    by_provider = sorted((r.provider, attempts(r)) for r in results)
+    assert by_provider == [
+        ("first", [(1, "first", "succeeded", None)]),
+        (
+            "second",
+            [(1, "first", "failed", "provider_unavailable"), (2, "second", "succeeded", None)],
+        ),
+    ]
+
+
+async def test_with_no_candidate_left_the_job_ends_failed_with_its_providers_error(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis
+) -> None:
+    """``backup`` could take the job when it was routed, and its circuit opened during the call."""
+    providers = [
+        {"id": "main", "max_attempts": 1, "models": {"m": {"input": 1, "output": 1}}},
+        {"id": "backup", "models": {"m": {"input": 5, "output": 5}}},
+    ]
+    config = load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
+    )
+    mock.configure(latency_ms=1000, fail_next={"kind": "server_error", "count": 1})
+    async with pipeline(config):
+        pending = asyncio.create_task(complete(names))
+        await asyncio.sleep(0.3)
+        await Circuits(redis, names).failed("backup", CircuitConfig(failures=1, open_s=60))
+        result = await pending
+    assert result.status.value == "failed" and result.error is not None
+    assert (result.error.code.value, result.error.provider) == ("server_error", "main")
+    assert "no other provider could take it" in result.error.message
+    assert "backup/m: circuit open" in result.error.message
+    assert result.error.retry_after is not None and 0 < result.error.retry_after <= 60
+    assert attempts(result) == [(1, "main", "failed", "server_error")]
+    assert mock.stats()["calls"] == 1
