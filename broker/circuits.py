@@ -96,11 +96,9 @@ class CircuitView:
         return max(0.0, self.open_ms_left / 1000 - elapsed)
 
     def state(self, threshold: int) -> CircuitState:
-        if self.open_s_left() > 0:
+        if self.open_ms_left and self.open_s_left() > 0:
             return CircuitState.OPEN
-        if self.failures >= threshold:
-            return CircuitState.HALF_OPEN
-        return CircuitState.CLOSED
+        return CircuitState.HALF_OPEN if self.failures >= threshold else CircuitState.CLOSED
 
 
 _CLOSED = CircuitView(0, 0, 0.0)
@@ -123,12 +121,20 @@ class Circuits:
         """The last view read or written here, without going to Redis."""
         return self._views.get(provider_id, _CLOSED)
 
-    async def view(self, provider_id: str) -> CircuitView:
-        """The circuit as of at most ``REFRESH_S`` ago. A Redis that does not answer leaves the
-        last view in force (a breaker must not stop the calls it guards)."""
+    def fresh(self, provider_id: str) -> CircuitView | None:
+        """The view if it is younger than ``REFRESH_S``: the per-job path, with no await."""
         view = self._views.get(provider_id)
         if view is not None and time.monotonic() - view.read_at < REFRESH_S:
             return view
+        return None
+
+    async def view(self, provider_id: str) -> CircuitView:
+        """The circuit as of at most ``REFRESH_S`` ago. A Redis that does not answer leaves the
+        last view in force (a breaker must not stop the calls it guards)."""
+        view = self.fresh(provider_id)
+        if view is not None:
+            return view
+        view = self._views.get(provider_id)
         try:
             values: Any = await self._read(keys=[self.key(provider_id)])
         except Exception:

@@ -77,6 +77,9 @@ class _Version:
     admission: Admission | None
 
 
+_NOTHING_KNOWN = ProviderState()  # frozen: one for every job that has no quota state
+
+
 @dataclass(frozen=True, slots=True)
 class _Admitted:
     chosen: Candidate
@@ -329,17 +332,19 @@ class Scheduler(Service):
         admission, circuits = version.admission, self._circuits
         if admission is None and circuits is None:
             return {}
-        tokens = 0
+        tokens, now = 0, None
         if admission is not None:
             tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
-        now = utcnow()
+            now = utcnow()
         states = {}
         for provider in version.config.providers:
-            state = await admission.state(provider, tokens, now) if admission else ProviderState()
+            state = _NOTHING_KNOWN
+            if admission is not None and now is not None:
+                state = await admission.state(provider, tokens, now)
             if circuits is not None:
-                view = await circuits.view(provider.id)
-                circuit = view.state(provider.circuit.failures)
-                if circuit is not CircuitState.CLOSED:
+                view = circuits.fresh(provider.id) or await circuits.view(provider.id)
+                circuit = view.state(provider.circuit.failures) if view.failures else None
+                if circuit is not None and circuit is not CircuitState.CLOSED:
                     state = replace(state, circuit=circuit.value, open_s=view.open_s_left())
             states[provider.id] = state
         return states

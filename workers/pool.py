@@ -112,7 +112,7 @@ class WorkerPool(Service):
         # Redis (when configured) holds the provider's circuit and its global leases.
         self._redis = Redis.from_url(redis_url) if redis_url is not None else None
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
-        self._probing = False  # a half-open circuit's one trial call from this process runs
+        self._trial = False  # a half-open circuit's one trial call from this process runs
         self._holder = f"{provider_id}-{secrets.token_hex(4)}"
         self._client = self._build(provider)
         self._open: set[_Client] = {self._client}
@@ -302,18 +302,23 @@ class WorkerPool(Service):
                 started = utcnow()
                 if job.deadline is not None and job.deadline <= started:
                     raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
-                async with self._use() as client, self._circuit(client.provider) as refusal:
-                    if refusal is not None:
-                        outcome = CallOutcome(error=refusal, attempts=[_refused(job, refusal)])
-                    else:
-                        async with self._global_slot(client.leases, job.deadline):
-                            outcome = await call_with_retries(
-                                client.adapter,
-                                job,
-                                max_attempts=client.provider.max_attempts,
-                                on_chunk=on_chunk,
-                            )
-                        await self._count(client.provider, outcome)
+                async with self._use() as client:
+                    refusal, trial = await self._gate(client.provider)
+                    try:
+                        if refusal is not None:
+                            outcome = CallOutcome(error=refusal, attempts=[_refused(job, refusal)])
+                        else:
+                            async with self._global_slot(client.leases, job.deadline):
+                                outcome = await call_with_retries(
+                                    client.adapter,
+                                    job,
+                                    max_attempts=client.provider.max_attempts,
+                                    on_chunk=on_chunk,
+                                )
+                            await self._count(client.provider, outcome)
+                    finally:
+                        if trial:
+                            self._trial = False
                     result = self._result(job, outcome, started, client.provider)
             if _fails_over(job, outcome):
                 await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
@@ -322,31 +327,30 @@ class WorkerPool(Service):
 
         await self.outcomes.settle(message, self.queue_name, call)
 
-    @contextlib.asynccontextmanager
-    async def _circuit(self, provider: ProviderConfig) -> AsyncIterator[ProviderUnavailable | None]:
-        """``None`` if the call may go: the circuit is closed, or half-open and no other trial
-        call of this process runs. Else the error that answers the job without calling."""
-        if self._circuits is None:
-            yield None
-            return
-        view = await self._circuits.view(provider.id)
+    async def _gate(self, provider: ProviderConfig) -> tuple[ProviderUnavailable | None, bool]:
+        """What the circuit says of the next call: ``(None, False)`` it may go; ``(None, True)``
+        it may go as the half-open circuit's one trial call from this process (the caller ends
+        the trial); ``(error, False)`` it may not, and the error answers the job."""
+        circuits = self._circuits
+        if circuits is None:
+            return None, False
+        view = circuits.fresh(provider.id) or await circuits.view(provider.id)
+        if not view.failures:
+            return None, False
         state = view.state(provider.circuit.failures)
         if state is CircuitState.CLOSED:
-            yield None
-        elif state is CircuitState.HALF_OPEN and not self._probing:
-            self._probing = True
-            try:
-                yield None
-            finally:
-                self._probing = False
-        else:
-            wait = view.open_s_left() if state is CircuitState.OPEN else REFRESH_S
-            yield ProviderUnavailable(
-                f"provider {provider.id!r} is unavailable: its circuit is {state.value} after"
-                f" {view.failures} failed calls in a row; the job was not sent to it",
-                provider=provider.id,
-                retry_after=round(max(wait, 0.001), 3),
-            )
+            return None, False
+        if state is CircuitState.HALF_OPEN and not self._trial:
+            self._trial = True
+            return None, True
+        wait = view.open_s_left() if state is CircuitState.OPEN else REFRESH_S
+        refusal = ProviderUnavailable(
+            f"provider {provider.id!r} is unavailable: its circuit is {state.value} after"
+            f" {view.failures} failed calls in a row; the job was not sent to it",
+            provider=provider.id,
+            retry_after=round(max(wait, 0.001), 3),
+        )
+        return refusal, False
 
     async def _count(self, provider: ProviderConfig, outcome: CallOutcome) -> None:
         """Tell the circuit how the call went. Its Redis failing must not fail a paid call."""
