@@ -184,7 +184,7 @@ class Outcomes:
             provider=route.provider,
             model=route.model,
             error_code=attempts[-1].error_code,
-            attempts=calls(moved.attempts),
+            attempts=calls(attempts),  # this provider's: 0 settles its reservation whole
             batch_id=_batch_id(job),
             submitted_at=job.submitted_at,
             finished_at=utcnow(),
