@@ -237,12 +237,20 @@ class Accountant(Service):
     async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
         try:
-            usage_rows = [
-                self._usage_row(u)
-                for e in events
-                for u in (e.usage if isinstance(e, JobEvent) else [e])
-            ]
-            job_rows = _latest_per_job([e for e in events if isinstance(e, JobEvent)])
+            # Rows in key order: two accountants writing overlapping batches then lock the same
+            # rows in the same order, where any other order can deadlock them.
+            usage_rows = sorted(
+                (
+                    self._usage_row(u)
+                    for e in events
+                    for u in (e.usage if isinstance(e, JobEvent) else [e])
+                ),
+                key=lambda row: (row["job_id"], row["attempt"]),
+            )
+            job_rows = sorted(
+                _latest_per_job([e for e in events if isinstance(e, JobEvent)]),
+                key=lambda row: str(row["job_id"]),
+            )
         except Exception as exc:  # values no row can be made of: retrying cannot help either
             raise _BadEvent(type(exc).__name__) from exc
         assert self._engine is not None

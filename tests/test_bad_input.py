@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker.accountant import Accountant
 from broker.config import load_config
+from broker.db import make_engine
 from broker.names import HEADER_DEAD_CODE, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_KEY, Names
 from broker.outcomes import Outcomes
+from schemas import JobEvent, JobStatus
 from tests.conftest import MockProvider, eventually, queue_depth
 
 GOOD_MESSAGES = [{"role": "user", "content": "still serving?"}]
@@ -345,3 +348,33 @@ async def test_a_succeeded_job_row_is_not_replaced_by_a_later_failure_of_the_sam
     )
     assert [(r["status"], r["prompt_tokens"]) for r in rows] == [("succeeded", 7)] * 2
     await channel.close()
+
+
+async def test_two_accountants_writing_the_same_jobs_in_opposite_orders_do_not_deadlock(
+    names: Names, database_url: str, config: Any, pg: asyncpg.Connection
+) -> None:
+    """Competing accountants get overlapping batches (a redelivery, a job's two events). Rows
+    upserted in arrival order lock in opposite orders and Postgres aborted one batch as a
+    deadlock; in key order they never do."""
+    ids = [f"{names.namespace}-dl-{i:04d}" for i in range(400)]
+    writers = [Accountant("amqp://unused", database_url, config, names) for _ in range(2)]
+    for writer in writers:
+        writer._engine = make_engine(database_url)
+    try:
+        for round_ in range(3):
+            now = datetime.now(UTC)
+            events = [
+                JobEvent(job_id=i, status=JobStatus.FAILED, attempts=round_, finished_at=now)
+                for i in ids
+            ]
+            await asyncio.gather(
+                writers[0]._write(list(events)), writers[1]._write(list(reversed(events)))
+            )
+    finally:
+        for writer in writers:
+            assert writer._engine is not None
+            await writer._engine.dispose()
+    assert (
+        await pg.fetchval("SELECT count(*) FROM jobs WHERE attempts = 2 AND job_id = ANY($1)", ids)
+        == 400
+    )
