@@ -225,7 +225,8 @@ class Accountant(Service):
         for event in events:
             if not isinstance(event, JobEvent) or event.reservation_id is None:
                 continue
-            if event.attempts == 0:
+            made = event.attempts if event.reservation_calls is None else event.reservation_calls
+            if made == 0:
                 await self._quota.release(event.reservation_id)
                 continue
             tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
@@ -349,6 +350,7 @@ class _PriceBook:
 
 
 _SUCCEEDED = JobStatus.SUCCEEDED.value
+_REROUTED = JobStatus.REROUTED.value
 _INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")
 _job_insert = insert(jobs)
 _UPSERT_JOB = _job_insert.on_conflict_do_update(
@@ -359,10 +361,23 @@ _UPSERT_JOB = _job_insert.on_conflict_do_update(
         if c.name not in ("job_id", "recorded_at")
     },
     # A later event replaces the row, except that nothing replaces a success: a job delivered
-    # again after it succeeded (its ack lost) may end expired or failed the second time.
-    where=(jobs.c.finished_at <= _job_insert.excluded.finished_at)
+    # again after it succeeded (its ack lost) may end expired or failed the second time. A
+    # failover's "rerouted" is a passing state: the job's end replaces it whatever the two
+    # hosts' clocks say, and it never replaces an end.
+    where=((jobs.c.finished_at <= _job_insert.excluded.finished_at) | (jobs.c.status == _REROUTED))
+    & ((jobs.c.status == _REROUTED) | (_job_insert.excluded.status != _REROUTED))
     & ((jobs.c.status != _SUCCEEDED) | (_job_insert.excluded.status == _SUCCEEDED)),
 )
+
+
+def _replaces(event: JobEvent, held: JobEvent) -> bool:
+    """``_UPSERT_JOB``'s rule, for two events of one job in one batch."""
+    rerouted = JobStatus.REROUTED
+    if event.status is rerouted and held.status is not rerouted:
+        return False
+    if held.status is JobStatus.SUCCEEDED and event.status is not JobStatus.SUCCEEDED:
+        return False
+    return held.status is rerouted or held.finished_at <= event.finished_at
 
 
 def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
@@ -370,10 +385,7 @@ def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
     latest: dict[str, JobEvent] = {}
     for event in events:
         held = latest.get(event.job_id)
-        if held is None or (
-            held.finished_at <= event.finished_at
-            and (held.status is not JobStatus.SUCCEEDED or event.status is JobStatus.SUCCEEDED)
-        ):
+        if held is None or _replaces(event, held):
             latest[event.job_id] = event
     return [
         {

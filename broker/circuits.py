@@ -6,18 +6,21 @@ that succeeds sets the count back to 0. Rate limits, refused requests and conten
 nothing of the provider's health and count neither way. At ``circuit.failures`` in a row the
 circuit opens for ``circuit.open_s``: routing drops the provider (step 4) and its workers answer
 the jobs already queued for it with ``provider_unavailable`` at once instead of calling it. When
-that time is up the circuit is half-open: calls go through again, the first success closes it
-and the first failure opens it for another ``open_s``.
+that time is up the circuit is half-open: each worker process lets one trial job through at a
+time; any success closes the circuit (a late one from a call begun before it opened too), and a
+failure of the kinds above opens it for another ``open_s``.
 
 One hash per provider (``failures``, ``open_until`` in ms of Redis's clock). A process reads it
-at most every ``REFRESH_S`` and works from that view in between, so neither a job's routing nor
-its call waits for Redis; writes go on failures, and on a success only while the count is above
-0. Open and half-open are judged by Redis's clock, carried forward by this process's monotonic
-one, so the processes' wall clocks never matter.
+at most every ``REFRESH_S`` and works from that view in between, so routing and calls wait for
+Redis at most once a second, and never longer than ``READ_WAIT_S``; writes go on failures, and on
+a success only while the count is above 0. Open and half-open are judged by Redis's clock,
+carried forward by this process's monotonic one, so the processes' wall clocks never matter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 REFRESH_S = 1.0
 """How stale a process's view of a circuit may be: a circuit opened by another process is seen
 here within this long."""
+READ_WAIT_S = 0.05
+"""The longest a job waits for a circuit's read (a healthy Redis answers in well under 1 ms)."""
 KEEP_S = 24 * 3600
 """A circuit left alone this long is forgotten (closed, count 0)."""
 
@@ -113,6 +118,7 @@ class Circuits:
         self._fail = redis.register_script(_FAIL)
         self._read = redis.register_script(_READ)
         self._views: dict[str, CircuitView] = {}
+        self._reading: dict[str, asyncio.Task[None]] = {}
 
     def key(self, provider_id: str) -> str:
         return self._names.redis_key("circuit", provider_id)
@@ -129,24 +135,38 @@ class Circuits:
         return None
 
     async def view(self, provider_id: str) -> CircuitView:
-        """The circuit as of at most ``REFRESH_S`` ago. A Redis that does not answer leaves the
-        last view in force (a breaker must not stop the calls it guards)."""
+        """The circuit as of at most ``REFRESH_S`` ago. One read per provider at a time, which
+        the jobs that need it share, each waiting at most ``READ_WAIT_S`` (a slow Redis finishes
+        it in the background; until then the last view stands). A read that fails is not tried
+        again for ``REFRESH_S``, and its view lapses to closed once its open time has passed: a
+        breaker must not stop the calls it guards, and without Redis nothing can close it."""
         view = self.fresh(provider_id)
         if view is not None:
             return view
-        view = self._views.get(provider_id)
+        reading = self._reading.get(provider_id)
+        if reading is None:
+            reading = asyncio.create_task(self._read_into_view(provider_id))
+            self._reading[provider_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(provider_id, None))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reading), READ_WAIT_S)
+        return self._views.get(provider_id, _CLOSED)
+
+    async def _read_into_view(self, provider_id: str) -> None:
         try:
             values: Any = await self._read(keys=[self.key(provider_id)])
         except Exception:
             log.warning("could not read the circuit of %r", provider_id, exc_info=True)
-            if view is None:
-                return _CLOSED
-            view = CircuitView(view.failures, round(view.open_s_left() * 1000), time.monotonic())
+            last = self._views.get(provider_id, _CLOSED)
+            open_ms = round(last.open_s_left() * 1000)
+            self._views[provider_id] = CircuitView(
+                last.failures if open_ms else 0, open_ms, time.monotonic()
+            )
         else:
             failures, open_until, now = (int(v) for v in values)
-            view = CircuitView(failures, max(0, open_until - now), time.monotonic())
-        self._views[provider_id] = view
-        return view
+            self._views[provider_id] = CircuitView(
+                failures, max(0, open_until - now), time.monotonic()
+            )
 
     async def failed(self, provider_id: str, config: CircuitConfig, failures: int = 1) -> bool:
         """Count ``failures`` failed calls; True if they opened the circuit."""
@@ -171,6 +191,7 @@ class Circuits:
         (as this process last saw it)."""
         if self.cached(provider_id).failures == 0:
             return
-        await self._redis.delete(self.key(provider_id))
+        # Closed here first: a Redis that fails the write must not keep this process refusing.
         self._views[provider_id] = CircuitView(0, 0, time.monotonic())
         log.info("circuit of %r closed: a call succeeded", provider_id)
+        await self._redis.delete(self.key(provider_id))

@@ -146,6 +146,7 @@ class Outcomes:
             model=job.route.model if job.route else None,
             error_code=result.error.code if result.error else None,
             attempts=calls(result.attempts),
+            reservation_calls=_calls_here(job, result.attempts),
             prompt_tokens=result.usage.prompt_tokens if result.usage else 0,
             completion_tokens=result.usage.completion_tokens if result.usage else 0,
             timings=result.timings,
@@ -184,7 +185,8 @@ class Outcomes:
             provider=route.provider,
             model=route.model,
             error_code=attempts[-1].error_code,
-            attempts=calls(attempts),  # this provider's: 0 settles its reservation whole
+            attempts=calls(moved.attempts),
+            reservation_calls=calls(attempts),
             batch_id=_batch_id(job),
             submitted_at=job.submitted_at,
             finished_at=utcnow(),
@@ -334,6 +336,14 @@ class Outcomes:
 def calls(attempts: list[Attempt]) -> int:
     """The provider calls among a job's attempts: one an open circuit refused was not made."""
     return sum(1 for a in attempts if a.error_code is not ErrorCode.PROVIDER_UNAVAILABLE)
+
+
+def _calls_here(job: CompletionJob, attempts: list[Attempt]) -> int | None:
+    """The calls of this pass, made under the route's reservation, if earlier providers' calls
+    (failover) make them fewer than all the job's calls."""
+    if not job.attempts:
+        return None
+    return calls(attempts[len(job.attempts) :])
 
 
 def _batch_id(job: CompletionJob) -> str | None:

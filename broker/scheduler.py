@@ -227,14 +227,12 @@ class Scheduler(Service):
         version = self._version
         if job.route is None or not job.attempts:
             raise InvalidMessage("a rerouted job carries its route and the attempts made")
-        if job.deadline is not None and job.deadline <= now:
-            raise DeadlineExceeded("the job's deadline passed before it could fail over")
-        key = None
-        if job.route.key_id is not None:
-            key = version.config.key(job.route.key_id)
-            if key is None:
-                raise Unauthorized(f"key {job.route.key_id!r} is no longer configured")
         try:
+            if job.deadline is not None and job.deadline <= now:
+                raise DeadlineExceeded("the job's deadline passed before it could fail over")
+            key = version.config.key(job.route.key_id) if job.route.key_id else None
+            if key is None and version.config.keys:
+                raise Unauthorized(f"key {job.route.key_id!r} is not configured")
             decision = version.router.route(
                 job,
                 key=key,
@@ -245,39 +243,37 @@ class Scheduler(Service):
             )
             admitted = await self._admit(job, key, decision, now, version.admission, wait=False)
         except (ModelUnavailable, QuotaExceeded) as exc:
-            await self._give_up(message, job, exc)
+            await self._end_rerouted(message, job, JobStatus.FAILED, _provider_error(job, exc))
+            return
+        except (DeadlineExceeded, Unauthorized) as exc:
+            status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
+            await self._end_rerouted(message, job, status, exc.to_job_error())
             return
         assert admitted is not None
         await self._dispatch(message, job, key, decision, admitted, now, version)
 
-    async def _give_up(
-        self, message: AbstractIncomingMessage, job: CompletionJob, why: JobRejected
+    async def _end_rerouted(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        status: JobStatus,
+        error: JobError,
     ) -> None:
-        """End a job its provider failed and no other candidate can take: failed, with that
-        provider's error code and why no other could take it."""
+        """End a failed-over job here, its attempts in the result. Its last reservation was
+        settled by its worker's event, so this event carries none (releasing it again could
+        refund the request the provider was called with)."""
         assert job.route is not None
         last = job.attempts[-1]
-        code = last.error_code or ErrorCode.SERVER_ERROR
-        error = JobError(
-            type="provider_error",
-            code=code,
-            message=f"provider {last.provider!r} failed the job ({code.value}) and no other"
-            f" provider could take it: {why.message}",
-            retry_after=why.retry_after,
-            provider=last.provider,
-        )
-        now = utcnow()
         result = JobResult(
             job_id=job.job_id,
-            status=JobStatus.FAILED,
+            status=status,
             error=error,
             provider=last.provider,
             model=last.model,
             attempts=job.attempts,
-            timings=Timings(total_ms=elapsed_ms(job.submitted_at, now)),
+            timings=Timings(total_ms=elapsed_ms(job.submitted_at, utcnow())),
             metadata=job.metadata,
         )
-        # The failed provider's reservation was settled with its worker's event.
         settled = job.route.model_copy(update={"reservation_id": None})
         await self.outcomes.finish(message, job.model_copy(update={"route": settled}), result, [])
 
@@ -461,3 +457,17 @@ class Scheduler(Service):
             expiration=(job.deadline - now) if job.deadline is not None else None,
             persistent=came_persistent(message),
         )
+
+
+def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:
+    """A failed-over job no other candidate can take: its last provider's error, and why."""
+    last = job.attempts[-1]
+    code = last.error_code or ErrorCode.SERVER_ERROR
+    return JobError(
+        type="provider_error",
+        code=code,
+        message=f"provider {last.provider!r} failed the job ({code.value}) and no other provider"
+        f" could take it: {why.message}",
+        retry_after=why.retry_after,
+        provider=last.provider,
+    )

@@ -260,6 +260,12 @@ class JobEvent(_Message):
     submitted_at: AwareDatetime | None = None
     finished_at: AwareDatetime
     reservation_id: str | None = None
+    reservation_calls: int | None = Field(
+        default=None,
+        ge=0,
+        description="Provider calls made under reservation_id where that is not attempts (a "
+        "failed-over job: its last provider's calls); 0 gives the reservation back whole.",
+    )
     usage: list[UsageEvent] = Field(default_factory=list)
 
 

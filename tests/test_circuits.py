@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from broker import circuits
-from broker.circuits import Circuits, CircuitState
+from broker.circuits import Circuits, CircuitState, CircuitView
 from broker.client import SwitchyardClient, make_job
 from broker.config import CircuitConfig, load_config
 from broker.names import Names
@@ -183,3 +185,25 @@ async def test_a_half_open_circuit_lets_one_trial_call_through_and_its_success_c
     assert outcomes == [("failed", "provider_unavailable"), ("succeeded", None)]
     assert mock.stats()["calls"] == 1
     assert await redis.exists(f"{names.namespace}:circuit:p") == 0  # closed by the trial
+
+
+async def test_without_redis_a_circuit_lapses_to_closed_and_no_job_waits_on_it(
+    names: Names, fresh_views: None
+) -> None:
+    """A breaker must not stop the calls it guards: with Redis gone nothing could close an open
+    circuit, so its view lapses to closed when its open time ends; a success closes it here
+    even if Redis cannot be told; a job waits at most READ_WAIT_S for a read."""
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        breaker = Circuits(unreachable, names)
+        assert (await breaker.view("p")).state(1) is CircuitState.CLOSED  # never read: closed
+        breaker._views["p"] = CircuitView(5, 200, time.monotonic())  # last read: open 0.2 s
+        assert (await breaker.view("p")).state(5) is CircuitState.OPEN  # the read failed
+        await asyncio.sleep(0.25)
+        assert (await breaker.view("p")).state(5) is CircuitState.CLOSED  # not half-open
+        breaker._views["p"] = CircuitView(5, 0, time.monotonic())
+        with pytest.raises(RedisError):
+            await breaker.succeeded("p")
+        assert breaker.cached("p").state(5) is CircuitState.CLOSED
+    finally:
+        await unreachable.aclose()

@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from broker import circuits
+from broker.accountant import Accountant
 from broker.circuits import Circuits
 from broker.client import SwitchyardClient, make_job
 from broker.config import CircuitConfig, load_config
+from broker.db import make_engine
 from broker.names import Names
-from broker.quota import bucket_key
+from broker.quota import Bucket, QuotaStore, Reserved, bucket_key
 from broker.windows import Period, window
-from schemas import JobResult
+from schemas import JobEvent, JobResult, JobStatus
 from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, free_port, write_config
 
 SECRET = "sk-failover-test-key"
@@ -174,3 +178,76 @@ async def test_with_no_candidate_left_the_job_ends_failed_with_its_providers_err
     assert result.error.retry_after is not None and 0 < result.error.retry_after <= 60
     assert attempts(result) == [(1, "main", "failed", "server_error")]
     assert mock.stats()["calls"] == 1
+
+
+@pytest.mark.parametrize(
+    ("reservation_calls", "state", "requests"),
+    [(0, b"released", 0), (None, b"reconciled", 1), (1, b"reconciled", 1)],
+)
+async def test_a_reservation_is_given_back_whole_only_if_its_own_provider_was_not_called(
+    reservation_calls: int | None,
+    state: bytes,
+    requests: int,
+    names: Names,
+    tmp_path: Path,
+    mock: MockProvider,
+    pipeline: Any,
+    redis: Redis,
+    amqp: Any,
+) -> None:
+    """A failed-over job's last provider may refuse it (an open circuit) after others were
+    called: its event counts calls, and the reservation must not keep a request for a call that
+    was never made."""
+    store = QuotaStore(redis, names)
+    counter = bucket_key(names, "provider", "last", "rpm", "test")
+    bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, "last requests/minute")
+    assert isinstance(await store.reserve("job-1:2:x", [bucket], 600), Reserved)
+    event = JobEvent(
+        job_id="job-1",
+        status=JobStatus.FAILED,
+        attempts=2,  # made at the providers before the last one
+        reservation_calls=reservation_calls,
+        reservation_id="job-1:2:x",
+        finished_at=datetime.now(UTC),
+    )
+    limited = [{"id": "last", "rpm": 10}]  # a limit: the accountant reconciles reservations
+    config = load_config(write_config(tmp_path / "p.yaml", mock, limited))
+    async with pipeline(config, scheduler=False, workers=[]):
+        channel = await amqp.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(event.model_dump_json().encode()), routing_key=names.usage
+        )
+        await channel.close()
+
+        async def settled() -> bool:
+            return await redis.hget(names.redis_key("reservation", "job-1:2:x"), "state") == state
+
+        await eventually(settled, 10, f"the reservation {state.decode()}")
+    assert int(await redis.get(counter) or 0) == requests
+
+
+async def test_a_failed_over_jobs_end_replaces_its_rerouted_row_whatever_the_clocks(
+    names: Names, database_url: str, config: Any, pg: asyncpg.Connection
+) -> None:
+    """The rerouted event comes from one host, the end from another: a clock ahead on the
+    first kept the row at "rerouted" for good. A rerouted event never replaces an end."""
+    writer = Accountant("amqp://unused", database_url, config, names)
+    writer._engine = make_engine(database_url)
+    later, earlier = datetime.now(UTC), datetime.now(UTC) - timedelta(seconds=1)
+
+    def event(job_id: str, status: JobStatus, at: datetime) -> JobEvent:
+        return JobEvent(job_id=job_id, status=status, finished_at=at)
+
+    a, b, c = (f"{names.namespace}-{x}" for x in "abc")
+    try:
+        await writer._write([event(a, JobStatus.REROUTED, later)])  # separate transactions
+        await writer._write([event(a, JobStatus.SUCCEEDED, earlier)])
+        await writer._write(  # in one batch
+            [event(b, JobStatus.REROUTED, later), event(b, JobStatus.FAILED, earlier)]
+        )
+        await writer._write([event(c, JobStatus.FAILED, earlier)])
+        await writer._write([event(c, JobStatus.REROUTED, later)])  # a stale one, redelivered
+    finally:
+        await writer._engine.dispose()
+    rows = await pg.fetch("SELECT job_id, status FROM jobs WHERE job_id = ANY($1)", [a, b, c])
+    assert {r["job_id"]: r["status"] for r in rows} == {a: "succeeded", b: "failed", c: "failed"}
