@@ -25,7 +25,7 @@ from broker.db import make_engine
 from broker.names import Names
 from broker.quota import Bucket, QuotaStore, Reserved, bucket_key
 from broker.windows import Period, window
-from schemas import JobEvent, JobResult, JobStatus
+from schemas import Attempt, JobEvent, JobResult, JobStatus, Route
 from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, free_port, write_config
 
 SECRET = "sk-failover-test-key"
@@ -251,3 +251,88 @@ async def test_a_failed_over_jobs_end_replaces_its_rerouted_row_whatever_the_clo
         await writer._engine.dispose()
     rows = await pg.fetch("SELECT job_id, status FROM jobs WHERE job_id = ANY($1)", [a, b, c])
     assert {r["job_id"]: r["status"] for r in rows} == {a: "succeeded", b: "failed", c: "failed"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "code"),
+    [
+        ({"route_key": None}, "rejected", "unauthorized"),  # forged: no key where keys are on
+        ({"deadline_s": -1}, "expired", "deadline_exceeded"),
+    ],
+)
+async def test_a_rerouted_job_the_scheduler_cannot_take_ends_with_its_attempts_and_no_refund(
+    changes: dict[str, Any],
+    status: str,
+    code: str,
+    names: Names,
+    tmp_path: Path,
+    mock: MockProvider,
+    pipeline: Any,
+    redis: Redis,
+    amqp: Any,
+    pg: asyncpg.Connection,
+) -> None:
+    """Such a job ended through the generic rejection, whose event released the reservation
+    the failed provider's worker settles (refunding the request it was called with), and whose
+    result dropped the attempts; a rerouted job without a key was routed keyless."""
+    keys = [
+        {
+            "id": "team",
+            "key_sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
+            "budgets": {"tokens_per_day": 100_000},
+        }
+    ]
+    providers = [dead_provider("a"), {"id": "b", "models": {"m": {"input": 5, "output": 5}}}]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers, keys=keys))
+    store = QuotaStore(redis, names)
+    counter = bucket_key(names, "provider", "a", "rpm", "test")
+    bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, "a requests/minute")
+    assert isinstance(await store.reserve("r-a", [bucket], 600), Reserved)
+    now = datetime.now(UTC)
+    job = make_job([{"role": "user", "content": "q"}], model="m").model_copy(
+        update={
+            "deadline": now + timedelta(seconds=changes.get("deadline_s", 60)),
+            "route": Route(
+                provider="a",
+                model="m",
+                public_model="m",
+                reason="test",
+                alternatives=["b"],
+                scheduled_at=now,
+                reservation_id="r-a",
+                key_id=changes.get("route_key", "team"),
+            ),
+            "attempts": [
+                Attempt(
+                    number=1,
+                    provider="a",
+                    model="m",
+                    status="failed",
+                    error_code="server_error",
+                    duration_ms=1,
+                )
+            ],
+        }
+    )
+    channel = await amqp.channel()
+    results = await channel.declare_queue(f"{names.namespace}.reroute-results", exclusive=True)
+    async with pipeline(config, workers=[]), results.iterator(timeout=30) as messages:
+        await channel.default_exchange.publish(
+            aio_pika.Message(job.model_dump_json().encode(), reply_to=results.name),
+            routing_key=names.reroute,
+        )
+        async for message in messages:
+            await message.ack()
+            result = JobResult.model_validate_json(message.body)
+            break
+
+        async def recorded() -> bool:  # the accountant has handled the job's event
+            return await pg.fetchval("SELECT 1 FROM jobs WHERE job_id = $1", job.job_id) == 1
+
+        await eventually(recorded, 10, "the job's row")
+    await channel.close()
+    assert result.status.value == status and result.error is not None
+    assert result.error.code.value == code
+    assert attempts(result) == [(1, "a", "failed", "server_error")]
+    assert await redis.hget(names.redis_key("reservation", "r-a"), "state") == b"held"
+    assert int(await redis.get(counter) or 0) == 1
