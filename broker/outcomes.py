@@ -1,5 +1,6 @@
 """How a job's outcome leaves a process: the result on its reply queue, the job event for the
-accountant and, for a message we could not serve, its body in the dead-letter queue.
+accountant and, for a message we could not serve, its body in the dead-letter queue; or, for a
+job its provider failed (failover), the job back to the scheduler with its attempts.
 
 The scheduler and the worker pools both end jobs here, so the rules live in one place: every
 publish is confirmed before the caller acks the incoming message. The result goes first (it is
@@ -339,8 +340,8 @@ def calls(attempts: list[Attempt]) -> int:
 
 
 def _calls_here(job: CompletionJob, attempts: list[Attempt]) -> int | None:
-    """The calls of this pass, made under the route's reservation, if earlier providers' calls
-    (failover) make them fewer than all the job's calls."""
+    """The calls of this pass (made under the route's reservation) when the job came with
+    attempts at other providers (failover); None when they are all of its calls."""
     if not job.attempts:
         return None
     return calls(attempts[len(job.attempts) :])

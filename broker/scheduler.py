@@ -9,6 +9,10 @@ job's failover list. When none can, the job's ``on_quota`` says: ``reject`` (a `
 result with ``retry_after``) or ``wait`` (parked in a TTL queue that returns it to the jobs queue,
 keeping its priority, until its deadline).
 
+Failover: a job its provider failed comes back on ``<ns>.reroute`` from the worker, carrying its
+attempts; it is routed the same way among the providers it has not tried, or ends failed with its
+provider's error when none can take it now (``_reschedule``).
+
 A new config version (``apply``, from ``broker.reload``) swaps the config, the router and the
 admission at once; each job is scheduled start to end on the version it began with.
 """
