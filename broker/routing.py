@@ -120,18 +120,23 @@ class Dropped:
 class RouteDecision:
     """The router's answer: the chosen candidate, the failover list in order, and the record.
 
-    ``priority`` is the job priority a ``set_priority`` rule gave for the chosen provider (None:
-    keep the job's). ``matched_rules``: every rule that matched for any candidate, in rule order.
+    ``priorities``: the job priority a ``set_priority`` rule gave, by candidate label (absent:
+    keep the job's); ``priority`` is the chosen one's. ``matched_rules``: every rule that matched
+    for any candidate, in rule order.
     """
 
     chosen: Candidate
     alternatives: list[Candidate]
     policy: Policy
     reason: str
-    priority: int | None = None
+    priorities: dict[str, int] = field(default_factory=dict)
     matched_rules: list[str] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     rule_errors: list[str] = field(default_factory=list)
+
+    @property
+    def priority(self) -> int | None:
+        return self.priorities.get(self.chosen.label)
 
     def to_route(
         self,
@@ -208,7 +213,7 @@ class Router:
                     alternatives=ordered[index + 1 :],
                     policy=policy,
                     reason=self._reason(policy, candidate, ordered, index, rr_counter),
-                    priority=priorities.get(candidate.label),
+                    priorities=priorities,
                     matched_rules=matched,
                     dropped=dropped,
                     rule_errors=errors,

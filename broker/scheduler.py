@@ -305,8 +305,9 @@ class Scheduler(Service):
         if log.isEnabledFor(logging.DEBUG):  # the dump costs as much as encoding the job
             log.debug("job %s routed: %s", job.job_id, route.model_dump_json())
         update: dict[str, object] = {"route": route}
-        if decision.priority is not None:
-            update["priority"] = decision.priority
+        priority = decision.priorities.get(admitted.chosen.label)  # quota may have moved it
+        if priority is not None:
+            update["priority"] = priority
         elif "priority" not in job.model_fields_set and message.priority:
             # An AMQP-native producer may set only the property; the body then carries it on.
             update["priority"] = min(message.priority, 9)

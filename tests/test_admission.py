@@ -476,3 +476,29 @@ async def test_a_job_that_expires_before_its_call_gives_its_reservation_back_who
             return states == [b"released"]
 
         await eventually(released, 10, "the late job's reservation released")
+
+
+async def test_a_set_priority_rule_applies_to_the_candidate_quota_admitted(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, pg: asyncpg.Connection
+) -> None:
+    """The rule's priority was taken from the router's first choice even when quota sent the
+    job to another candidate, whose queue then ordered it by a rule that never matched it."""
+    providers = [
+        {"id": "tiny", "tpm": 10, "models": {"m": PRICE}},  # first by price; never fits the job
+        {"id": "p", "models": {"m": {"input": 2000, "output": 2000}}},
+    ]
+    rules = [
+        {"name": "rush-tiny", "when": 'provider.id == "tiny"', "action": "set_priority", "value": 9}
+    ]
+    path = write_config(
+        tmp_path / "p.yaml", mock, providers, rules=rules, default_policy="cheapest"
+    )
+    async with pipeline(load_config(path)):
+        [result] = await run_jobs(names, 1, api_key=None, params={"max_tokens": 100})
+
+        async def recorded() -> bool:
+            return await pg.fetchval("SELECT 1 FROM jobs WHERE job_id = $1", result.job_id) == 1
+
+        await eventually(recorded, 10, "the job's row")
+    assert result.provider == "p"
+    assert await pg.fetchval("SELECT priority FROM jobs WHERE job_id = $1", result.job_id) == 0
