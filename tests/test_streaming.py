@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.client import SwitchyardClient
@@ -15,7 +16,7 @@ from broker.config import load_config
 from broker.names import TYPE_CHUNK, TYPE_RESULT, Names
 from mock_provider import expected_completion
 from schemas import JobChunk, JobResult
-from tests.conftest import AMQP_URL, MockProvider
+from tests.conftest import AMQP_URL, MockProvider, eventually
 
 
 async def test_a_streaming_job_delivers_its_chunks_in_order_then_one_result(
@@ -94,3 +95,36 @@ async def test_a_stream_cut_short_is_retried_and_the_client_sees_the_new_attempt
     assert [a.status for a in result.attempts] == ["failed", "succeeded"]
     assert result.attempts[0].error_code is not None
     assert result.attempts[0].error_code.value == "server_error"
+
+
+async def test_the_tokens_a_broken_stream_generated_are_recorded_for_its_attempt(
+    names: Names, config_file: Path, pipeline: Any, mock: MockProvider, pg: asyncpg.Connection
+) -> None:
+    """The provider bills what it generated before the stream broke; that attempt's usage was
+    not recorded, so budgets and cost missed it."""
+    mock.configure(fail_next={"kind": "stream_error", "count": 1})
+    messages = [{"role": "user", "content": "An answer that breaks the first time, and costs."}]
+    async with pipeline(load_config(config_file)):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            replies = [r async for r in client.stream(messages, model="gpt-4o-mini", timeout_s=30)]
+        result = replies[-1]
+        assert isinstance(result, JobResult) and result.status.value == "succeeded"
+        broken = [c for c in replies if isinstance(c, JobChunk) and c.attempt == 1]
+        sent = "".join(ch.delta.content or "" for c in broken for ch in c.chunk.choices)
+
+        async def recorded() -> bool:
+            count = await pg.fetchval("SELECT count(*) FROM usage WHERE job_id = $1", result.job_id)
+            return bool(count == 2)
+
+        await eventually(recorded, 10, "both attempts' usage rows")
+    rows = await pg.fetch(
+        "SELECT attempt, prompt_tokens, completion_tokens, estimated, cost_usd FROM usage"
+        " WHERE job_id = $1 ORDER BY attempt",
+        result.job_id,
+    )
+    assert [r["attempt"] for r in rows] == [1, 2]
+    first, _ = rows
+    assert sent and first["completion_tokens"] > 0 and first["prompt_tokens"] > 0
+    assert first["estimated"]  # the stream broke before the usage it ends with
+    assert first["cost_usd"] > 0

@@ -4,7 +4,8 @@ each attempt.
 Retries wait in-process and hold their concurrency slot, so at most ``MAX_BACKOFF_S``: a provider
 asking for a longer wait (its retry-after) ends the job with that rate limit and its
 ``retry_after`` for the caller. A stream that fails part-way is retried like a call: the next
-attempt streams again from sequence 0 under its own attempt number.
+attempt streams again from sequence 0 under its own attempt number; the broken attempt's usage
+(the provider's, else estimated) is recorded, since the provider bills what it generated.
 """
 
 from __future__ import annotations
@@ -53,17 +54,37 @@ def backoff_s(error: ProviderError, retry: int) -> float:
 
 
 async def _attempt_once(
-    adapter: ProviderAdapter, request: ProviderRequest, number: int, on_chunk: OnChunk | None
+    adapter: ProviderAdapter,
+    request: ProviderRequest,
+    number: int,
+    on_chunk: OnChunk | None,
+    accumulator: ChunkAccumulator | None,
 ) -> ChatCompletion:
-    if on_chunk is None:
+    if on_chunk is None or accumulator is None:
         return await adapter.complete(request)
-    accumulator = ChunkAccumulator(adapter.provider.id)
     sequence = 0
     async for chunk in adapter.stream(request):
         accumulator.add(chunk)
         await on_chunk(number, sequence, chunk)
         sequence += 1
     return accumulator.result()
+
+
+def _broken_stream_usage(
+    adapter: ProviderAdapter, job: CompletionJob, accumulator: ChunkAccumulator
+) -> tuple[Usage, bool] | None:
+    """What a stream that broke part-way consumed, and whether it is estimated: the provider
+    bills the prompt and the tokens it generated, though the answer never completed. None if
+    nothing came (whether a provider bills a stream that sent nothing is not documented)."""
+    if not accumulator.chunks:
+        return None
+    try:
+        partial = accumulator.result()
+    except ProviderError:  # chunks without any choice: nothing to count the answer from
+        return None
+    if partial.usage is not None:
+        return partial.usage, False
+    return _estimated_usage(adapter, job, partial), True
 
 
 def _estimated_usage(adapter: ProviderAdapter, job: CompletionJob, done: ChatCompletion) -> Usage:
@@ -98,11 +119,15 @@ async def call_with_retries(
     first = len(job.attempts) + 1
     for number in range(first, first + max_attempts):
         started = time.perf_counter()
+        accumulator = ChunkAccumulator(adapter.provider.id) if on_chunk is not None else None
         try:
-            completion = await _attempt_once(adapter, request, number, on_chunk)
+            completion = await _attempt_once(adapter, request, number, on_chunk, accumulator)
         except ProviderError as exc:
             outcome.attempts.append(_attempt(number, route.provider, route.model, started, exc))
             outcome.error = exc
+            consumed = _broken_stream_usage(adapter, job, accumulator) if accumulator else None
+            if consumed is not None:
+                outcome.usage.append(_usage_event(job, number, *consumed))
             if not exc.retryable or number == first + max_attempts - 1:
                 return outcome
             if exc.retry_after is not None and exc.retry_after > MAX_BACKOFF_S:
@@ -123,23 +148,27 @@ async def call_with_retries(
             outcome.usage_estimated = True
         assert completion.usage is not None
         outcome.completion, outcome.error = completion, None
-        outcome.usage.append(
-            UsageEvent(
-                job_id=job.job_id,
-                attempt=number,
-                provider=route.provider,
-                model=route.model,
-                public_model=route.public_model,
-                prompt_tokens=completion.usage.prompt_tokens,
-                completion_tokens=completion.usage.completion_tokens,
-                estimated=outcome.usage_estimated,
-                free=route.free,
-                key_id=route.key_id,
-                occurred_at=utcnow(),
-            )
-        )
+        outcome.usage.append(_usage_event(job, number, completion.usage, outcome.usage_estimated))
         return outcome
     return outcome
+
+
+def _usage_event(job: CompletionJob, number: int, usage: Usage, estimated: bool) -> UsageEvent:
+    assert job.route is not None
+    route = job.route
+    return UsageEvent(
+        job_id=job.job_id,
+        attempt=number,
+        provider=route.provider,
+        model=route.model,
+        public_model=route.public_model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        estimated=estimated,
+        free=route.free,
+        key_id=route.key_id,
+        occurred_at=utcnow(),
+    )
 
 
 def _attempt(
