@@ -8,6 +8,7 @@ a long call ``renew``s before then. Expiry is measured by Redis's clock, never a
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 import time
@@ -18,6 +19,8 @@ from redis.asyncio import Redis
 from broker.names import Names
 
 __all__ = ["LeaseSemaphore", "lease_key"]
+
+log = logging.getLogger(__name__)
 
 
 def lease_key(names: Names, provider_id: str) -> str:
@@ -80,14 +83,34 @@ class LeaseSemaphore:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._held = redis.register_script(_HELD)
+        self._returning: set[asyncio.Task[None]] = set()  # leases given back after a cancel
 
     async def acquire(self, holder: str) -> str | None:
-        """A lease id if a slot is free now, else None."""
+        """A lease id if a slot is free now, else None. Cancelled while Redis runs the grant,
+        it gives the lease back as soon as the grant is known (it held a slot until it expired)."""
         lease_id = f"{holder}:{secrets.token_hex(8)}"
-        granted: Any = await self._acquire(
-            keys=[self.key], args=[self.capacity, self._lease_ms, lease_id]
+        granting = asyncio.ensure_future(
+            self._acquire(keys=[self.key], args=[self.capacity, self._lease_ms, lease_id])
         )
+        try:
+            granted: Any = await asyncio.shield(granting)
+        except asyncio.CancelledError:
+            granting.add_done_callback(lambda done: self._give_back(done, lease_id))
+            raise
         return lease_id if int(granted) else None
+
+    def _give_back(self, grant: asyncio.Future[Any], lease_id: str) -> None:
+        if grant.cancelled() or grant.exception() is not None or not int(grant.result()):
+            return
+        task = asyncio.get_running_loop().create_task(self._release_quietly(lease_id))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    async def _release_quietly(self, lease_id: str) -> None:
+        try:
+            await self.release(lease_id)
+        except Exception:  # it expires on its own
+            log.warning("could not give back a lease granted to a cancelled acquire")
 
     async def acquire_wait(self, holder: str, timeout_s: float, poll_s: float = 0.05) -> str | None:
         """Retry ``acquire`` with short jittered sleeps for at most ``timeout_s``."""

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from broker.leases import LeaseSemaphore, lease_key
 from broker.names import Names
 from broker.settings import Settings
+from tests.conftest import eventually
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
 PREFIX = f"sytest-{secrets.token_hex(3)}"
@@ -136,3 +137,30 @@ async def test_bad_arguments(redis: Redis, key: str) -> None:
         LeaseSemaphore(redis, key, capacity=0, lease_s=1)
     with pytest.raises(ValueError):
         LeaseSemaphore(redis, key, capacity=1, lease_s=0)
+
+
+async def test_an_acquire_cancelled_while_redis_grants_gives_the_lease_back(
+    redis: Redis, key: str
+) -> None:
+    """Cancelled after Redis granted but before the answer came back, the lease was lost to its
+    holder and held the slot until it expired (here 60 s: a third of the cap for a minute)."""
+    sem = LeaseSemaphore(redis, key, capacity=3, lease_s=60)
+    grant = sem._acquire
+
+    async def slow_answer(**kwargs: object) -> object:
+        granted = await grant(**kwargs)  # Redis has granted it ...
+        await asyncio.sleep(0.3)  # ... and the answer is still on its way
+        return granted
+
+    sem._acquire = slow_answer  # type: ignore[method-assign]
+    acquiring = asyncio.create_task(sem.acquire("h"))
+    await asyncio.sleep(0.1)
+    assert await sem.held() == 1
+    acquiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+
+    async def given_back() -> bool:
+        return await sem.held() == 0
+
+    await eventually(given_back, 5, "the lease given back")
