@@ -222,7 +222,9 @@ class Router:
                 Dropped(candidate.provider.id, candidate.model, "quota cannot be reserved")
             )
         # Circuits close on their own: say when the first of them lets a call try again.
-        opens = [states[d.provider].open_s for d in dropped if d.reason == CIRCUIT_OPEN]
+        opens = [
+            states.get(d.provider, _UNKNOWN).open_s for d in dropped if d.reason == CIRCUIT_OPEN
+        ]
         raise ModelUnavailable(
             f"no provider can take {_asked(job, public_models)} now:"
             f" {'; '.join(str(d) for d in dropped)}",
