@@ -152,20 +152,24 @@ class Circuits:
             await asyncio.wait_for(asyncio.shield(reading), READ_WAIT_S)
         return self._views.get(provider_id, _CLOSED)
 
+    async def read(self, provider_id: str) -> CircuitView:
+        """Read the circuit from Redis now (it becomes this process's view); raises if Redis
+        does not answer."""
+        values: Any = await self._read(keys=[self.key(provider_id)])
+        failures, open_until, now = (int(v) for v in values)
+        view = CircuitView(failures, max(0, open_until - now), time.monotonic())
+        self._views[provider_id] = view
+        return view
+
     async def _read_into_view(self, provider_id: str) -> None:
         try:
-            values: Any = await self._read(keys=[self.key(provider_id)])
+            await self.read(provider_id)
         except Exception:
             log.warning("could not read the circuit of %r", provider_id, exc_info=True)
             last = self._views.get(provider_id, _CLOSED)
             open_ms = round(last.open_s_left() * 1000)
             self._views[provider_id] = CircuitView(
                 last.failures if open_ms else 0, open_ms, time.monotonic()
-            )
-        else:
-            failures, open_until, now = (int(v) for v in values)
-            self._views[provider_id] = CircuitView(
-                failures, max(0, open_until - now), time.monotonic()
             )
 
     async def failed(self, provider_id: str, config: CircuitConfig, failures: int = 1) -> bool:
@@ -191,7 +195,11 @@ class Circuits:
         (as this process last saw it)."""
         if self.cached(provider_id).failures == 0:
             return
-        # Closed here first: a Redis that fails the write must not keep this process refusing.
-        self._views[provider_id] = CircuitView(0, 0, time.monotonic())
         log.info("circuit of %r closed: a call succeeded", provider_id)
+        await self.close(provider_id)
+
+    async def close(self, provider_id: str) -> None:
+        """Close the circuit, its count back to 0 (a success, or an operator after a fix). Here
+        first: a Redis that fails the write must not keep this process refusing."""
+        self._views[provider_id] = CircuitView(0, 0, time.monotonic())
         await self._redis.delete(self.key(provider_id))

@@ -1,5 +1,5 @@
-"""The ``switchyard`` command: every process, the migrations, batch submission and config
-versions (history, rollback, check)."""
+"""The ``switchyard`` command: every process, the migrations, batch submission, the circuit
+breakers, and config versions (history, rollback, check)."""
 
 from __future__ import annotations
 
@@ -299,6 +299,53 @@ def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")]
     """Print usage and cost per provider and model, read from Postgres."""
     settings = get_settings()
     asyncio.run(_print_report(settings, batch, 0))
+
+
+@app.command()
+def circuits(
+    close: Annotated[
+        str | None, typer.Option(help="Close this provider's circuit now (after a fix).")
+    ] = None,
+) -> None:
+    """Each provider's circuit breaker, read from Redis: its state, failed calls in a row, and
+    how long it stays open."""
+    from redis.asyncio import Redis
+
+    from broker.circuits import Circuits, CircuitView
+
+    settings, config = _load()
+    if close is not None and config.provider(close) is None:
+        known = ", ".join(p.id for p in config.providers)
+        console.print(f"[red]no provider {close!r} in the config; known: {known}[/red]")
+        raise typer.Exit(2)
+
+    async def read() -> list[CircuitView]:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            breakers = Circuits(redis, Names(settings.namespace))
+            if close is not None:
+                await breakers.close(close)
+            return [await breakers.read(p.id) for p in config.providers]
+        finally:
+            await redis.aclose()
+
+    try:
+        views = asyncio.run(read())
+    except Exception as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/red]\n(SWITCHYARD_REDIS_URL reachable?)")
+        raise typer.Exit(1) from None
+    table = Table(title="circuit breakers")
+    for column in ("provider", "state", "failed in a row", "opens after", "open for (s)"):
+        table.add_column(column, justify="left" if column in ("provider", "state") else "right")
+    for provider, view in zip(config.providers, views, strict=True):
+        table.add_row(
+            provider.id,
+            view.state(provider.circuit.failures).value,
+            str(view.failures),
+            str(provider.circuit.failures),
+            f"{view.open_s_left():.1f}" if view.open_ms_left else "",
+        )
+    output.print(table)
 
 
 # ---------------------------------------------------------------------------------------------
