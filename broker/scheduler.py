@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 MAX_WAIT_S = 600.0
 """How long an ``on_quota: wait`` job without a deadline may wait for quota."""
 SWEEP_EVERY_S = 1.0
+QUEUED_HOLD_S = 24 * 3600.0
+"""How long a persistent job without a deadline may wait in its provider's queue with its quota
+still held (a batch's backlog): its hold lasts this much longer than its call's worst case."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +219,9 @@ class Scheduler(Service):
             now=now,
             rr_counter=next(self._round_robin),
         )
-        admitted = await self._admit(job, key, decision, now, version.admission)
+        admitted = await self._admit(
+            job, key, decision, now, version.admission, queued_s=_queued_s(message, job, now)
+        )
         if admitted is None:
             await self._park(message, job, now)
             return
@@ -245,7 +250,15 @@ class Scheduler(Service):
                 rr_counter=next(self._round_robin),
                 exclude={a.provider for a in job.attempts},
             )
-            admitted = await self._admit(job, key, decision, now, version.admission, wait=False)
+            admitted = await self._admit(
+                job,
+                key,
+                decision,
+                now,
+                version.admission,
+                queued_s=_queued_s(message, job, now),
+                wait=False,
+            )
         except (ModelUnavailable, QuotaExceeded) as exc:
             await self._end_rerouted(message, job, JobStatus.FAILED, _provider_error(job, exc))
             return
@@ -358,10 +371,12 @@ class Scheduler(Service):
         now: datetime,
         admission: Admission | None,
         *,
+        queued_s: float,
         wait: bool = True,
     ) -> _Admitted | None:
-        """Reserve quota on the first candidate that fits. ``None``: park the job (only if it
-        may ``wait``)."""
+        """Reserve quota on the first candidate that fits, held for the call's worst case, the
+        margin, and ``queued_s``, the time the job may wait in the provider's queue. ``None``:
+        park the job (only if it may ``wait``)."""
         if admission is None:
             return _Admitted(decision.chosen, decision.alternatives, None)
         ordered = [decision.chosen, *decision.alternatives]
@@ -375,7 +390,7 @@ class Scheduler(Service):
         shorts: list[Short] = []
         for index, candidate in enumerate(ordered):
             provider = candidate.provider
-            hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s
+            hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s + queued_s
             outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Reserved):
                 await self._alert(outcome.crossed)
@@ -476,3 +491,16 @@ def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:
         retry_after=why.retry_after,
         provider=last.provider,
     )
+
+
+def _queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime) -> float:
+    """How long the job may wait in its provider's queue before its call, so its reservation
+    is held that long too. The sweeper refunds a hold that passes, as if its holder had died: a
+    reservation whose job is only queued (a batch's backlog) was refunded, later jobs were
+    admitted past the limits, and the accountant then charged the queued ones afresh. A job
+    with a deadline waits at most until it (RabbitMQ drops it then); a persistent one without
+    waits for a worker however long; a transient one, an RPC whose caller waits for the
+    answer, may be lost with the broker, so it gets no more than the margin."""
+    if job.deadline is not None:
+        return max(0.0, (job.deadline - now).total_seconds())
+    return QUEUED_HOLD_S if came_persistent(message) else 0.0
