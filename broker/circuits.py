@@ -95,12 +95,13 @@ class CircuitView:
     open_ms_left: int  # at read_at; 0 if it is not open
     read_at: float  # time.monotonic() of the read
 
-    def open_s_left(self, at: float | None = None) -> float:
-        """Seconds the circuit stays open after ``at`` (a ``time.monotonic()``; default now)."""
-        elapsed = (time.monotonic() if at is None else at) - self.read_at
-        return max(0.0, self.open_ms_left / 1000 - elapsed)
+    def open_s_left(self) -> float:
+        """Seconds the circuit stays open from now."""
+        return max(0.0, self.open_ms_left / 1000 - (time.monotonic() - self.read_at))
 
     def state(self, threshold: int) -> CircuitState:
+        if not self.failures:  # every job's case: no clock read
+            return CircuitState.CLOSED
         if self.open_ms_left and self.open_s_left() > 0:
             return CircuitState.OPEN
         return CircuitState.HALF_OPEN if self.failures >= threshold else CircuitState.CLOSED

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -195,17 +195,32 @@ class Outcomes:
             key_id=route.key_id,
             usage=usage,
         )
+        await self.pass_on(message, moved, self.names.reroute)
+        await self.events.send(event)
+
+    async def pass_on(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        queue: str,
+        *,
+        body: bytes | None = None,
+        expiration: timedelta | None = None,
+        with_key: bool = False,
+    ) -> None:
+        """Hand a job on to its next queue as its message came: its ids, reply-to, priority,
+        trace context (and the key only ``with_key``) and delivery mode. Confirmed."""
         await self.publisher.publish(
-            self.names.reroute,
-            encode(moved),
+            queue,
+            encode(job) if body is None else body,
             message_id=job.job_id,
             correlation_id=message.correlation_id or job.job_id,
             reply_to=message.reply_to,
             priority=job.priority,
-            headers=passthrough_headers(message),
+            headers=passthrough_headers(message, with_key=with_key),
+            expiration=expiration,
             persistent=came_persistent(message),
         )
-        await self.events.send(event)
 
     async def chunk(
         self,

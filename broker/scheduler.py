@@ -38,10 +38,8 @@ from broker.amqp import (
     came_persistent,
     connect,
     declare_topology,
-    passthrough_headers,
 )
 from broker.circuits import Circuits, CircuitState
-from broker.codec import encode
 from broker.config import Config
 from broker.config_limits import KeyConfig
 from broker.errors import (
@@ -111,8 +109,9 @@ class Scheduler(Service):
         self.names = names
         self.redis_url = redis_url
         self.prefetch = prefetch
-        # A reservation is held for the provider's worst case (every attempt timing out) plus
-        # this margin for queueing; a holder that died returns it when the hold passes.
+        # A reservation is held for the provider's worst case (every attempt timing out), the
+        # time the job may wait in the provider's queue (``_queued_s``) and this margin; a
+        # holder that died returns it when the hold passes.
         self.hold_margin_s = hold_margin_s
         self.consumers = ConsumerSet()
         # Redis (when configured) holds the providers' circuits and the quota buckets.
@@ -212,13 +211,7 @@ class Scheduler(Service):
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
         key = self._authenticate(message, version.config)
-        decision = version.router.route(
-            job,
-            key=key,
-            states=await self._states(job, version),
-            now=now,
-            rr_counter=next(self._round_robin),
-        )
+        decision = await self._route(job, key, version, now)
         admitted = await self._admit(
             job, key, decision, now, version.admission, queued_s=_queued_s(message, job, now)
         )
@@ -242,13 +235,8 @@ class Scheduler(Service):
             key = version.config.key(job.route.key_id) if job.route.key_id else None
             if key is None and version.config.keys:
                 raise Unauthorized(f"key {job.route.key_id!r} is not configured")
-            decision = version.router.route(
-                job,
-                key=key,
-                states=await self._states(job, version),
-                now=now,
-                rr_counter=next(self._round_robin),
-                exclude={a.provider for a in job.attempts},
+            decision = await self._route(
+                job, key, version, now, exclude={a.provider for a in job.attempts}
             )
             admitted = await self._admit(
                 job,
@@ -268,6 +256,23 @@ class Scheduler(Service):
             return
         assert admitted is not None
         await self._dispatch(message, job, key, decision, admitted, now, version)
+
+    async def _route(
+        self,
+        job: CompletionJob,
+        key: KeyConfig | None,
+        version: _Version,
+        now: datetime,
+        exclude: set[str] | None = None,
+    ) -> RouteDecision:
+        return version.router.route(
+            job,
+            key=key,
+            states=await self._states(job, version),
+            now=now,
+            rr_counter=next(self._round_robin),
+            exclude=exclude or (),
+        )
 
     async def _end_rerouted(
         self,
@@ -357,8 +362,8 @@ class Scheduler(Service):
                 state = await admission.state(provider, tokens, now)
             if circuits is not None:
                 view = circuits.fresh(provider.id) or await circuits.view(provider.id)
-                circuit = view.state(provider.circuit.failures) if view.failures else None
-                if circuit is not None and circuit is not CircuitState.CLOSED:
+                circuit = view.state(provider.circuit.failures)
+                if circuit is not CircuitState.CLOSED:
                     state = replace(state, circuit=circuit.value, open_s=view.open_s_left())
             states[provider.id] = state
         return states
@@ -418,18 +423,13 @@ class Scheduler(Service):
         is counted from here and ends (``MAX_WAIT_S``) instead of starting again each time."""
         delay = PARK_DELAYS_S[0]
         log.info("job %s waits for quota (%d s)", job.job_id, delay)
-        body = message.body
-        if job.submitted_at is None:
-            body = encode(job.model_copy(update={"submitted_at": now}))
-        await self.outcomes.publisher.publish(
+        stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
+        await self.outcomes.pass_on(
+            message,
+            stamped or job,
             self.names.park(delay),
-            body,
-            message_id=job.job_id,
-            correlation_id=message.correlation_id or job.job_id,
-            reply_to=message.reply_to,
-            priority=job.priority,
-            headers=passthrough_headers(message, with_key=True),
-            persistent=came_persistent(message),
+            body=None if stamped else message.body,
+            with_key=True,
         )
 
     async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
@@ -466,16 +466,11 @@ class Scheduler(Service):
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, lane: int
     ) -> None:
         assert job.route is not None
-        await self.outcomes.publisher.publish(
+        await self.outcomes.pass_on(
+            message,
+            job,
             self.names.provider(job.route.provider, lane),
-            encode(job),
-            message_id=job.job_id,
-            correlation_id=message.correlation_id or job.job_id,
-            reply_to=message.reply_to,
-            priority=job.priority,
-            headers=passthrough_headers(message),
             expiration=(job.deadline - now) if job.deadline is not None else None,
-            persistent=came_persistent(message),
         )
 
 

@@ -321,10 +321,11 @@ class WorkerPool(Service):
                     finally:
                         if trial:
                             self._trial = False
-                    result = self._result(job, outcome, started, client.provider)
+                    provider = client.provider
             if _fails_over(job, outcome):
                 await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
             else:
+                result = self._result(job, outcome, started, provider)
                 await self.outcomes.finish(message, job, result, outcome.usage)
 
         await self.outcomes.settle(message, self.queue_name, call)
@@ -337,8 +338,6 @@ class WorkerPool(Service):
         if circuits is None:
             return None, False
         view = circuits.fresh(provider.id) or await circuits.view(provider.id)
-        if not view.failures:
-            return None, False
         state = view.state(provider.circuit.failures)
         if state is CircuitState.CLOSED:
             return None, False
