@@ -132,6 +132,26 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Redis
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every in-process service reads the circuits on each use, so a test need not wait out a
+    view (``broker.circuits.REFRESH_S``)."""
+    from broker import circuits
+
+    monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # RabbitMQ: a connection, and a namespace per test whose queues are deleted afterwards.
 
 
@@ -309,6 +329,30 @@ def write_config(
         full.append(entry)
     path.write_text(yaml.safe_dump({"providers": full, **top}))
     return path
+
+
+def dead_provider(provider_id: str, **fields: Any) -> dict[str, Any]:
+    """A provider nothing listens for: each call fails at once (a refused connection)."""
+    return {
+        "id": provider_id,
+        "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        "models": {"m": {"input": 1, "output": 1}},
+        **fields,
+    }
+
+
+def cheap_then_dear(
+    tmp_path: Path, mock: MockProvider, cheap: dict[str, Any], dear: str, **top: Any
+) -> Config:
+    """Two providers of model ``m``: ``cheap`` first under ``cheapest`` (its own fields; price 1
+    unless it says), then ``dear`` (price 5) on the mock."""
+    providers = [
+        {"models": {"m": {"input": 1, "output": 1}}, **cheap},
+        {"id": dear, "models": {"m": {"input": 5, "output": 5}}},
+    ]
+    return load_config(
+        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest", **top)
+    )
 
 
 @pytest.fixture

@@ -269,7 +269,8 @@ async def test_a_job_that_cannot_even_be_rejected_is_dead_lettered_by_the_broker
     channel = await amqp.channel()
     replies = await channel.declare_queue(f"{names.namespace}.replies", exclusive=True)
     async with pipeline(load_config(config_file)):
-        for payload, message_id in ((b"not json", "poison"), (_good_job("good-after"), "good")):
+        good = _good_job(f"{names.namespace}-good-after")  # the session's jobs table is shared
+        for payload, message_id in ((b"not json", "poison"), (good, "good")):
             await channel.default_exchange.publish(
                 aio_pika.Message(payload, message_id=message_id, reply_to=replies.name),
                 routing_key=names.jobs,

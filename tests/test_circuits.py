@@ -16,7 +16,6 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from broker import circuits
 from broker.circuits import Circuits, CircuitState, CircuitView
 from broker.client import SwitchyardClient, make_job
 from broker.config import CircuitConfig, load_config
@@ -24,26 +23,14 @@ from broker.names import Names
 from schemas import JobResult
 from tests.conftest import (
     AMQP_URL,
-    REDIS_URL,
     MockProvider,
+    cheap_then_dear,
+    dead_provider,
     eventually,
     free_port,
     queue_depth,
     write_config,
 )
-
-
-@pytest.fixture
-async def redis() -> Any:
-    client = Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every process reads the circuits on each use, so a test need not wait out a view."""
-    monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
 
 
 async def complete(names: Names, count: int = 1, **fields: Any) -> list[JobResult]:
@@ -61,7 +48,7 @@ async def complete(names: Names, count: int = 1, **fields: Any) -> list[JobResul
 async def test_failures_in_a_row_open_the_circuit_and_a_trial_call_decides(
     redis: Redis, names: Names, fresh_views: None
 ) -> None:
-    config = CircuitConfig(failures=3, open_s=0.3)
+    config = CircuitConfig(failures=3, open_s=1.0)  # long enough to read it open on a slow box
     worker, scheduler = Circuits(redis, names), Circuits(redis, names)  # two processes' views
     assert not await worker.failed("p", config, 2)
     assert (await scheduler.view("p")).state(3) is CircuitState.CLOSED
@@ -69,15 +56,15 @@ async def test_failures_in_a_row_open_the_circuit_and_a_trial_call_decides(
     assert await worker.failed("p", config)  # the third in a row opens it ...
     assert not await worker.failed("p", config)  # ... once: a call already out adds to it
     view = await scheduler.view("p")
-    assert view.state(3) is CircuitState.OPEN and 0 < view.open_s_left() <= 0.3
+    assert view.state(3) is CircuitState.OPEN and 0 < view.open_s_left() <= 1.0
     assert view.failures == 4
 
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     assert (await scheduler.view("p")).state(3) is CircuitState.HALF_OPEN
     assert await worker.failed("p", config)  # a failed trial opens it again at once
     assert (await worker.view("p")).state(3) is CircuitState.OPEN
 
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     await worker.succeeded("p")  # a trial that succeeds closes it
     assert await redis.exists(worker.key("p")) == 0
     assert not await worker.failed("p", config, 2)  # and the count starts again from 0
@@ -88,19 +75,8 @@ async def test_a_provider_failing_in_a_row_is_routed_around_while_its_circuit_is
 ) -> None:
     # "down" is the cheaper: routing picks it while its circuit is closed. Nothing listens on its
     # port, so each call fails at once (a refused connection is a server error).
-    providers = [
-        {
-            "id": "down",
-            "base_url": f"http://127.0.0.1:{free_port()}/v1",
-            "max_attempts": 1,
-            "circuit": {"failures": 2, "open_s": 60},
-            "models": {"m": {"input": 1, "output": 1}},
-        },
-        {"id": "up", "models": {"m": {"input": 5, "output": 5}}},
-    ]
-    config = load_config(
-        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
-    )
+    down = dead_provider("down", max_attempts=1, circuit={"failures": 2, "open_s": 60})
+    config = cheap_then_dear(tmp_path, mock, down, "up")
     async with pipeline(config):
         failed_over = await complete(names, 2, model="m")
         routed_around = await complete(names, 3, model="m")
@@ -113,7 +89,7 @@ async def test_a_provider_failing_in_a_row_is_routed_around_while_its_circuit_is
     assert [tried(r) for r in routed_around] == [[("up", None)]] * 3
     assert {r.status.value for r in [*failed_over, *routed_around]} == {"succeeded"}
     assert mock.stats()["calls"] == 5
-    circuit = await redis.hgetall(f"{names.namespace}:circuit:down")
+    circuit = await redis.hgetall(Circuits(redis, names).key("down"))
     assert int(circuit[b"failures"]) == 2 and int(circuit[b"open_until"]) > 0
 
 
@@ -184,7 +160,7 @@ async def test_a_half_open_circuit_lets_one_trial_call_through_and_its_success_c
     outcomes = sorted((r.status.value, r.error and r.error.code.value) for r in results)
     assert outcomes == [("failed", "provider_unavailable"), ("succeeded", None)]
     assert mock.stats()["calls"] == 1
-    assert await redis.exists(f"{names.namespace}:circuit:p") == 0  # closed by the trial
+    assert await redis.exists(Circuits(redis, names).key("p")) == 0  # closed by the trial
 
 
 async def test_without_redis_a_circuit_lapses_to_closed_and_no_job_waits_on_it(
@@ -207,3 +183,28 @@ async def test_without_redis_a_circuit_lapses_to_closed_and_no_job_waits_on_it(
         assert breaker.cached("p").state(5) is CircuitState.CLOSED
     finally:
         await unreachable.aclose()
+
+
+async def test_a_redis_that_never_answers_does_not_hold_a_job_and_the_last_view_stands(
+    names: Names, fresh_views: None
+) -> None:
+    """A server that accepts the connection and never replies (a stuck Redis): the view comes
+    back (bounded here by 2 s; the code waits READ_WAIT_S) and it is the last one read."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stuck = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        breaker = Circuits(stuck, names)
+        breaker._views["p"] = CircuitView(5, 60_000, time.monotonic())  # last read: open 60 s
+        view = await asyncio.wait_for(breaker.view("p"), 2)
+        assert view.state(5) is CircuitState.OPEN and view.open_s_left() > 50
+        await asyncio.wait_for(breaker.view("p"), 2)  # the read still out: shared, not repeated
+    finally:
+        await stuck.aclose()
+        server.close()
+        await server.wait_closed()

@@ -108,30 +108,29 @@ async def test_submit_refuses_a_bad_line_before_sending_anything(
     assert mock.stats()["calls"] == 0
 
 
+def table_rows(shown: str) -> dict[str, str]:
+    """A rich table's rows by their first cell."""
+    return {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
+
+
 async def test_circuits_shows_each_providers_breaker_and_closes_one_on_request(
-    names: Names, tmp_path: Path, database_url: str, mock: MockProvider
+    names: Names, tmp_path: Path, database_url: str, mock: MockProvider, redis: Redis
 ) -> None:
     providers = [{"id": "steady"}, {"id": "tripped", "circuit": {"failures": 2, "open_s": 600}}]
     config_path = write_config(tmp_path / "p.yaml", mock, providers)
     env = {**process_env(names, database_url, config_path), "SWITCHYARD_REDIS_URL": REDIS_URL}
-    redis = Redis.from_url(REDIS_URL)
-    try:
-        assert await Circuits(redis, names).failed(
-            "tripped", CircuitConfig(failures=2, open_s=600), 2
-        )
-        code, shown = await run_cli(env, "circuits")
-        assert code == 0, shown
-        rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
-        assert "closed" in rows["steady"] and "open" in rows["tripped"]
-        assert "59" in rows["tripped"]  # about 600 s left: 599.x
+    breakers = Circuits(redis, names)
+    assert await breakers.failed("tripped", CircuitConfig(failures=2, open_s=600), 2)
+    code, shown = await run_cli(env, "circuits")
+    assert code == 0, shown
+    rows = table_rows(shown)
+    assert "closed" in rows["steady"] and "open" in rows["tripped"]
+    assert "59" in rows["tripped"]  # about 600 s left: 599.x
 
-        code, shown = await run_cli(env, "circuits", "--close", "tripped")
-        assert code == 0, shown
-        assert await redis.exists(f"{names.namespace}:circuit:tripped") == 0
-        rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
-        assert "closed" in rows["tripped"]
+    code, shown = await run_cli(env, "circuits", "--close", "tripped")
+    assert code == 0, shown
+    assert await redis.exists(breakers.key("tripped")) == 0
+    assert "closed" in table_rows(shown)["tripped"]
 
-        code, shown = await run_cli(env, "circuits", "--close", "nobody")
-        assert code == 2 and "no provider 'nobody'" in shown
-    finally:
-        await redis.aclose()
+    code, shown = await run_cli(env, "circuits", "--close", "nobody")
+    assert code == 2 and "no provider 'nobody'" in shown

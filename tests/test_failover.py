@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
-from broker import circuits
 from broker.accountant import Accountant
 from broker.circuits import Circuits
 from broker.client import SwitchyardClient, make_job
@@ -26,31 +27,44 @@ from broker.names import Names
 from broker.quota import Bucket, QuotaStore, Reserved, bucket_key
 from broker.windows import Period, window
 from schemas import Attempt, JobEvent, JobResult, JobStatus, Route
-from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, free_port, write_config
+from tests.conftest import (
+    AMQP_URL,
+    MockProvider,
+    cheap_then_dear,
+    dead_provider,
+    eventually,
+    queue_depth,
+    write_config,
+)
 
 SECRET = "sk-failover-test-key"
-
-
-@pytest.fixture
-async def redis() -> Any:
-    client = Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
+KEYS = [
+    {
+        "id": "team",
+        "key_sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
+        "budgets": {"tokens_per_day": 100_000},
+    }
+]
 
 
 @pytest.fixture(autouse=True)
-def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
+def _fresh(fresh_views: None) -> None:
+    """Every test here reads the circuits on each use."""
 
 
-def dead_provider(provider_id: str, **fields: Any) -> dict[str, Any]:
-    """A provider nothing listens for: each call fails at once (a refused connection)."""
-    return {
-        "id": provider_id,
-        "base_url": f"http://127.0.0.1:{free_port()}/v1",
-        "models": {"m": {"input": 1, "output": 1}},
-        **fields,
-    }
+async def reserve_one_request(redis: Redis, names: Names, provider: str, reservation: str) -> str:
+    """Hold ``reservation`` on a request counter of ``provider``; returns the counter's key."""
+    counter = bucket_key(names, "provider", provider, "rpm", "test")
+    bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, f"{provider} requests/minute")
+    assert isinstance(await QuotaStore(redis, names).reserve(reservation, [bucket], 600), Reserved)
+    return counter
+
+
+def in_flight(mock: MockProvider, calls: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(mock.stats()["in_flight"] == calls)
+
+    return check
 
 
 def attempts(result: JobResult) -> list[tuple[int, str, str, str | None]]:
@@ -72,20 +86,8 @@ async def test_a_job_its_provider_fails_is_served_by_the_next_candidate_under_a_
     redis: Redis,
     pg: asyncpg.Connection,
 ) -> None:
-    providers = [
-        dead_provider("down", max_attempts=2, circuit={"failures": 100}),
-        {"id": "up", "models": {"m": {"input": 5, "output": 5}}},
-    ]
-    keys = [
-        {
-            "id": "team",
-            "key_sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
-            "budgets": {"tokens_per_day": 100_000},
-        }
-    ]
-    config = load_config(
-        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest", keys=keys)
-    )
+    down = dead_provider("down", max_attempts=2, circuit={"failures": 100})
+    config = cheap_then_dear(tmp_path, mock, down, "up", keys=KEYS)
     async with pipeline(config):
         result = await complete(names, api_key=SECRET)
 
@@ -123,24 +125,29 @@ async def test_a_job_its_provider_fails_is_served_by_the_next_candidate_under_a_
 
 
 async def test_jobs_an_open_circuit_refuses_go_on_to_the_next_candidate(
-    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    redis: Redis,
+    amqp: AbstractRobustConnection,
 ) -> None:
     """Routed to ``first`` while its circuit was closed; it opened while the job waited."""
-    providers = [
-        {"id": "first", "concurrency": 1, "models": {"m": {"input": 1, "output": 1}}},
-        {"id": "second", "models": {"m": {"input": 5, "output": 5}}},
-    ]
-    config = load_config(
-        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
-    )
+    config = cheap_then_dear(tmp_path, mock, {"id": "first", "concurrency": 1}, "second")
     mock.configure(latency_ms=1500)
-    async with pipeline(config):
-        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
-        async with client:
-            # One call slot at "first" is busy for 1.5 s ... (concurrency 1 below)
-            jobs = [make_job([{"role": "user", "content": f"q{i}"}], model="m") for i in range(2)]
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        jobs = [make_job([{"role": "user", "content": f"q{i}"}], model="m") for i in range(2)]
+        async with pipeline(config, workers=[], accountant=False):  # both routed to "first"
             pending = [asyncio.create_task(client.complete(job=j, timeout_s=30)) for j in jobs]
-            await asyncio.sleep(0.5)
+
+            async def both_queued() -> bool:
+                return await queue_depth(amqp, names.provider("first")) == 2
+
+            await eventually(both_queued, 10, "both jobs in first's queue")
+        async with pipeline(config):
+            # The one call slot at "first" is busy for 1.5 s ...
+            await eventually(in_flight(mock, 1), 10, "the first job's call")
             # ... while its circuit opens: the job that did not start yet is refused.
             await Circuits(redis, names).failed("first", CircuitConfig(failures=1, open_s=60))
             results = await asyncio.gather(*pending)
@@ -158,17 +165,11 @@ async def test_with_no_candidate_left_the_job_ends_failed_with_its_providers_err
     names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider, redis: Redis
 ) -> None:
     """``backup`` could take the job when it was routed, and its circuit opened during the call."""
-    providers = [
-        {"id": "main", "max_attempts": 1, "models": {"m": {"input": 1, "output": 1}}},
-        {"id": "backup", "models": {"m": {"input": 5, "output": 5}}},
-    ]
-    config = load_config(
-        write_config(tmp_path / "p.yaml", mock, providers, default_policy="cheapest")
-    )
+    config = cheap_then_dear(tmp_path, mock, {"id": "main", "max_attempts": 1}, "backup")
     mock.configure(latency_ms=1000, fail_next={"kind": "server_error", "count": 1})
     async with pipeline(config):
         pending = asyncio.create_task(complete(names))
-        await asyncio.sleep(0.3)
+        await eventually(in_flight(mock, 1), 10, "the call at main")
         await Circuits(redis, names).failed("backup", CircuitConfig(failures=1, open_s=60))
         result = await pending
     assert result.status.value == "failed" and result.error is not None
@@ -198,16 +199,15 @@ async def test_a_reservation_is_given_back_whole_only_if_its_own_provider_was_no
     """A failed-over job's last provider may refuse it (an open circuit) after others were
     called: its event counts calls, and the reservation must not keep a request for a call that
     was never made."""
-    store = QuotaStore(redis, names)
-    counter = bucket_key(names, "provider", "last", "rpm", "test")
-    bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, "last requests/minute")
-    assert isinstance(await store.reserve("job-1:2:x", [bucket], 600), Reserved)
+    job_id = f"{names.namespace}-job-1"  # the session's jobs table is shared by its tests
+    reservation = f"{job_id}:2:x"
+    counter = await reserve_one_request(redis, names, "last", reservation)
     event = JobEvent(
-        job_id="job-1",
+        job_id=job_id,
         status=JobStatus.FAILED,
         attempts=2,  # made at the providers before the last one
         reservation_calls=reservation_calls,
-        reservation_id="job-1:2:x",
+        reservation_id=reservation,
         finished_at=datetime.now(UTC),
     )
     limited = [{"id": "last", "rpm": 10}]  # a limit: the accountant reconciles reservations
@@ -220,7 +220,7 @@ async def test_a_reservation_is_given_back_whole_only_if_its_own_provider_was_no
         await channel.close()
 
         async def settled() -> bool:
-            return await redis.hget(names.redis_key("reservation", "job-1:2:x"), "state") == state
+            return await redis.hget(names.redis_key("reservation", reservation), "state") == state
 
         await eventually(settled, 10, f"the reservation {state.decode()}")
     assert int(await redis.get(counter) or 0) == requests
@@ -275,19 +275,8 @@ async def test_a_rerouted_job_the_scheduler_cannot_take_ends_with_its_attempts_a
     """Such a job ended through the generic rejection, whose event released the reservation
     the failed provider's worker settles (refunding the request it was called with), and whose
     result dropped the attempts; a rerouted job without a key was routed keyless."""
-    keys = [
-        {
-            "id": "team",
-            "key_sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
-            "budgets": {"tokens_per_day": 100_000},
-        }
-    ]
-    providers = [dead_provider("a"), {"id": "b", "models": {"m": {"input": 5, "output": 5}}}]
-    config = load_config(write_config(tmp_path / "p.yaml", mock, providers, keys=keys))
-    store = QuotaStore(redis, names)
-    counter = bucket_key(names, "provider", "a", "rpm", "test")
-    bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, "a requests/minute")
-    assert isinstance(await store.reserve("r-a", [bucket], 600), Reserved)
+    config = cheap_then_dear(tmp_path, mock, dead_provider("a"), "b", keys=KEYS)
+    counter = await reserve_one_request(redis, names, "a", "r-a")
     now = datetime.now(UTC)
     job = make_job([{"role": "user", "content": "q"}], model="m").model_copy(
         update={

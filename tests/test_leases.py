@@ -149,13 +149,16 @@ async def test_an_acquire_cancelled_while_redis_grants_gives_the_lease_back(
 
     async def slow_answer(**kwargs: object) -> object:
         granted = await grant(**kwargs)  # Redis has granted it ...
-        await asyncio.sleep(0.3)  # ... and the answer is still on its way
+        await asyncio.sleep(2)  # ... and the answer is still on its way
         return granted
 
     sem._acquire = slow_answer  # type: ignore[method-assign]
     acquiring = asyncio.create_task(sem.acquire("h"))
-    await asyncio.sleep(0.1)
-    assert await sem.held() == 1
+
+    async def granted() -> bool:
+        return await sem.held() == 1
+
+    await eventually(granted, 1.5, "the lease granted in Redis")
     acquiring.cancel()
     with pytest.raises(asyncio.CancelledError):
         await acquiring

@@ -138,9 +138,9 @@ async def test_a_rate_limit_asking_a_longer_wait_than_a_retry_may_hold_is_return
 async def test_a_job_waiting_for_a_global_lease_expires_at_its_deadline_without_a_call(
     names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
 ) -> None:
-    """One global lease, held by a 1.5 s call; the next job's deadline comes first. It used to
+    """One global lease, held by a 3 s call; the next job's deadline comes first. It used to
     wait for the lease however long, then call the provider after its deadline."""
-    mock.configure(latency_ms=1500)
+    mock.configure(latency_ms=3000)
     provider = {"id": "capped", "concurrency": 2, "global_concurrency": 1, "timeout_s": 10}
     config = load_config(write_config(tmp_path / "p.yaml", mock, [provider]))
     holder = make_job([{"role": "user", "content": "hold the lease"}], model="gpt-4o-mini")
@@ -154,7 +154,7 @@ async def test_a_job_waiting_for_a_global_lease_expires_at_its_deadline_without_
 
             await eventually(leased, 10, "the first call at the provider")
             late = make_job([{"role": "user", "content": "in a hurry"}], model="gpt-4o-mini")
-            late = late.model_copy(update={"deadline": datetime.now(UTC) + timedelta(seconds=0.5)})
+            late = late.model_copy(update={"deadline": datetime.now(UTC) + timedelta(seconds=1)})
             result = await client.complete(job=late, timeout_s=30)
             assert (await holding).status.value == "succeeded"
     assert result.status.value == "expired"
