@@ -18,15 +18,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from broker.config import Config, load_config, parse_config
-from broker.errors import ConfigError, SwitchyardError
-from broker.names import Names
-from broker.runtime import Service, configure_logging, run_loop, run_services, tune_gc
-from broker.settings import Settings, get_settings
+from broker.core.config import Config, load_config, parse_config
+from broker.core.errors import ConfigError, SwitchyardError
+from broker.core.names import Names
+from broker.core.settings import Settings, get_settings
+from broker.transport.runtime import Service, configure_logging, run_loop, run_services, tune_gc
 
 if TYPE_CHECKING:
-    from broker.config_store import ConfigVersion
-    from broker.reload import Reloadable
+    from broker.core.config_store import ConfigVersion
+    from broker.transport.reload import Reloadable
 
 app = typer.Typer(help="Switchyard: a queue-based broker for LLM calls.", no_args_is_help=True)
 config_app = typer.Typer(
@@ -68,7 +68,7 @@ def _serve(
     new version of the file, or from ``<ns>.config``, to them. Processes that use Postgres
     (``records``) also record each version in ``config_versions``; the scheduler and workers
     stay off Postgres, as before, and the accountant records the versions they publish."""
-    from broker.reload import ConfigReloader
+    from broker.transport.reload import ConfigReloader
 
     reloader = ConfigReloader(
         settings.config,
@@ -91,7 +91,7 @@ def _serve(
 
 
 def _scheduler(settings: Settings, config: Config) -> Reloadable:
-    from broker.scheduler import Scheduler
+    from broker.scheduler.service import Scheduler
 
     return _build(
         lambda: Scheduler(
@@ -101,7 +101,7 @@ def _scheduler(settings: Settings, config: Config) -> Reloadable:
 
 
 def _accountant(settings: Settings, config: Config) -> Reloadable:
-    from broker.accountant import Accountant
+    from broker.accounting.accountant import Accountant
 
     return _build(
         lambda: Accountant(
@@ -193,7 +193,7 @@ def mock_provider(
 @app.command()
 def migrate(revision: str = "head") -> None:
     """Apply the database migrations (Alembic) to SWITCHYARD_DATABASE_URL."""
-    from broker.migrate import upgrade
+    from broker.core.migrate import upgrade
 
     settings = get_settings()
     configure_logging(settings.log_level)
@@ -222,8 +222,8 @@ def submit(
 async def _submit(
     settings: Settings, file: Path, out: Path, batch_id: str, timeout_s: float, report: bool
 ) -> int:
-    from broker.batch import read_jobs, run_batch
     from broker.client import SwitchyardClient
+    from broker.client.batch import read_jobs, run_batch
 
     try:
         jobs = read_jobs(file, batch_id)
@@ -268,8 +268,8 @@ async def _submit(
 
 
 async def _print_report(settings: Settings, batch_id: str | None, expected: int) -> None:
-    from broker.db import make_engine
-    from broker.reports import usage_by_provider, wait_for_jobs
+    from broker.accounting.reports import usage_by_provider, wait_for_jobs
+    from broker.core.db import make_engine
 
     engine = make_engine(settings.database_url)
     try:
@@ -311,7 +311,7 @@ def circuits(
     how long it stays open."""
     from redis.asyncio import Redis
 
-    from broker.circuits import Circuits, CircuitView
+    from broker.state.circuits import Circuits, CircuitView
 
     settings, config = _load()
     if close is not None and config.provider(close) is None:
@@ -372,8 +372,8 @@ def config_history(
     limit: Annotated[int, typer.Option(min=1, help="Show this many versions.")] = 20,
 ) -> None:
     """The config versions applied, the most recent first (from Postgres)."""
-    from broker.config_store import history
-    from broker.db import make_engine
+    from broker.core.config_store import history
+    from broker.core.db import make_engine
 
     settings = get_settings()
 
@@ -427,9 +427,9 @@ def config_rollback(
     version: Annotated[str, typer.Argument(help="A version id, or a digest prefix.")],
 ) -> None:
     """Make an earlier version current: write it to the config file, record it, publish it."""
-    from broker.config_store import get, record
-    from broker.db import make_engine
-    from broker.reload import VersionMessage, announce
+    from broker.core.config_store import get, record
+    from broker.core.db import make_engine
+    from broker.transport.reload import VersionMessage, announce
 
     settings = get_settings()
     configure_logging(settings.log_level)

@@ -8,8 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from broker.db import metadata
-from broker.settings import Settings
+from broker.core.db import metadata
+from broker.core.settings import Settings
 
 config = context.config
 target_metadata = metadata

@@ -60,7 +60,7 @@ class JobStatus(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Typed error codes; each maps to one exception class in ``broker.errors``."""
+    """Typed error codes; each maps to one exception class in ``broker.core.errors``."""
 
     INVALID_MESSAGE = "invalid_message"
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"

@@ -27,11 +27,13 @@ import yaml
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
-from broker.amqp import PARK_DELAYS_S, _CoalescingWriter
-from broker.config import Config, load_config
-from broker.names import Names
-from broker.runtime import Service
-from broker.settings import Settings
+from broker.core.config import Config, load_config
+from broker.core.names import Names
+from broker.core.settings import Settings, get_settings
+from broker.transport import fastpath
+from broker.transport.amqp import PARK_DELAYS_S
+from broker.transport.fastpath.connection import CoalescingWriter
+from broker.transport.runtime import Service
 
 AMQP_URL = os.environ.get("SWITCHYARD_AMQP_URL", Settings().amqp_url)
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
@@ -113,7 +115,7 @@ async def database_url() -> AsyncIterator[str]:
     base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     url = f"{base}/{name}"
     try:
-        from broker.migrate import upgrade
+        from broker.core.migrate import upgrade
 
         await asyncio.to_thread(upgrade, url)
         yield url
@@ -145,8 +147,8 @@ async def redis() -> AsyncIterator[Redis]:
 @pytest.fixture
 def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every in-process service reads the circuits on each use, so a test need not wait out a
-    view (``broker.circuits.REFRESH_S``)."""
-    from broker import circuits
+    view (``broker.state.circuits.REFRESH_S``)."""
+    from broker.state import circuits
 
     monkeypatch.setattr(circuits, "REFRESH_S", 0.0)
 
@@ -212,18 +214,36 @@ async def delete_queues(amqp: AbstractRobustConnection, *queues: str) -> None:
     await channel.close()
 
 
-@pytest.fixture
-def sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many frames each socket send of a ``broker.amqp.connect`` connection carried."""
-    counted: list[int] = []
-    flush = _CoalescingWriter._flush
+@pytest.fixture(scope="session", autouse=True)
+def fast_path_as_set() -> Iterator[None]:
+    """A run with ``SWITCHYARD_AMQP_FAST_PATH`` off (CI runs the AMQP and pipeline tests so)
+    must end with the fast path never installed, or it tested nothing of the plain path."""
+    yield
+    if not get_settings().amqp_fast_path:
+        assert not fastpath.installed(), "the fast path was installed in a run with it off"
 
-    def counting(self: _CoalescingWriter) -> None:
+
+@pytest.fixture
+def fast_path() -> None:
+    """The AMQP fast path in place. Skipped in a run with ``SWITCHYARD_AMQP_FAST_PATH`` off:
+    installing it would turn it on for the rest of that run (it is process-wide)."""
+    if not get_settings().amqp_fast_path:
+        pytest.skip("SWITCHYARD_AMQP_FAST_PATH is off in this run")
+    fastpath.install()
+
+
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch, fast_path: None) -> list[int]:
+    """How many frames each socket send of a Switchyard connection carried."""
+    counted: list[int] = []
+    flush = CoalescingWriter._flush
+
+    def counting(self: CoalescingWriter) -> None:
         if self._pending:
             counted.append(len(self._pending))
         flush(self)
 
-    monkeypatch.setattr(_CoalescingWriter, "_flush", counting)
+    monkeypatch.setattr(CoalescingWriter, "_flush", counting)
     return counted
 
 
@@ -379,8 +399,8 @@ def pipeline(names: Names, database_url: str) -> Any:
         accountant: bool = True,
         hold_margin_s: float = 60.0,
     ) -> AsyncIterator[list[Service]]:
-        from broker.accountant import Accountant
-        from broker.scheduler import Scheduler
+        from broker.accounting.accountant import Accountant
+        from broker.scheduler.service import Scheduler
         from workers.pool import WorkerPool
 
         services: list[Service] = []

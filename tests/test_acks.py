@@ -9,9 +9,9 @@ import asyncio
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import connect
-from broker.names import Names
-from broker.runtime import ConsumerSet
+from broker.core.names import Names
+from broker.transport.amqp import connect
+from broker.transport.runtime import ConsumerSet
 from tests.conftest import delete_queues, eventually, queue_depth
 
 

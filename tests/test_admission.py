@@ -22,11 +22,11 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
 from broker.client import SwitchyardClient, make_job
-from broker.config import ProviderType, load_config
-from broker.names import HEADER_KEY, Names
-from broker.quota import bucket_key
-from broker.tokens import estimate_prompt_tokens
-from broker.windows import Period, window
+from broker.core.config import ProviderType, load_config
+from broker.core.names import HEADER_KEY, Names
+from broker.core.tokens import estimate_prompt_tokens
+from broker.core.windows import Period, window
+from broker.state.quota import bucket_key
 from schemas import ChatMessage, JobResult
 from tests.conftest import (
     AMQP_URL,

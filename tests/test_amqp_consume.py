@@ -1,5 +1,5 @@
-"""Consumers on Switchyard's connections (``broker.amqp.connect``): each delivery comes as a lean
-message carrying every property it was published with, and a consumer is restored after its
+"""Consumers on Switchyard's connections (``broker.transport.amqp.connect``): each delivery comes as
+a lean message carrying every property it was published with, and a consumer is restored after its
 connection drops, on the same lean path."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import _CoalescingTransport, _CoalescingWriter, _Delivery, connect
-from broker.names import Names
-from broker.runtime import ConsumerSet
+from broker.core.names import Names
+from broker.transport.amqp import connect
+from broker.transport.fastpath.connection import CoalescingTransport, CoalescingWriter, LeanDelivery
+from broker.transport.runtime import ConsumerSet
 from tests.conftest import delete_queues, eventually, queue_depth
 
 
@@ -35,17 +36,17 @@ async def _publish(amqp: AbstractRobustConnection, queue: str, body: bytes) -> N
 
 
 async def test_deliveries_are_lean_and_whole_and_the_consumer_survives_a_dropped_connection(
-    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch
+    amqp: AbstractRobustConnection, names: Names, monkeypatch: pytest.MonkeyPatch, fast_path: None
 ) -> None:
-    writers: list[_CoalescingWriter] = []
-    create = _CoalescingTransport.create
+    writers: list[CoalescingWriter] = []
+    create = CoalescingTransport.create
 
-    async def kept(self: _CoalescingTransport, url: Any, **kwargs: Any) -> tuple[Any, Any]:
+    async def kept(self: CoalescingTransport, url: Any, **kwargs: Any) -> tuple[Any, Any]:
         reader, writer = await create(self, url, **kwargs)
         writers.append(writer)
         return reader, writer
 
-    monkeypatch.setattr(_CoalescingTransport, "create", kept)
+    monkeypatch.setattr(CoalescingTransport, "create", kept)
     queue_name = names.results("consume")
     connection = await connect(f"{amqp.url}?reconnect_interval=0.2", name="test-consume")
     got: list[AbstractIncomingMessage] = []
@@ -66,7 +67,7 @@ async def test_deliveries_are_lean_and_whole_and_the_consumer_survives_a_dropped
 
         await eventually(first, 10, "the first delivery")
         message = got[0]
-        assert isinstance(message, _Delivery)
+        assert isinstance(message, LeanDelivery)
         assert (message.body, message.correlation_id, message.message_id) == (
             b"before",
             "corr-before",
@@ -94,7 +95,7 @@ async def test_deliveries_are_lean_and_whole_and_the_consumer_survives_a_dropped
             return len(got) == 2
 
         await eventually(second, 10, "a delivery to the restored consumer")
-        assert isinstance(got[1], _Delivery) and got[1].body == b"after"
+        assert isinstance(got[1], LeanDelivery) and got[1].body == b"after"
         await consumers.stop(grace_s=5)
 
         async def all_acked() -> bool:

@@ -1,6 +1,6 @@
-"""Frames on the wire: cut from whatever has arrived (``broker.amqp._FrameReceiver``) however the
-stream is split, and encoded and decoded on the fast path (``broker.frames``) exactly as pamqp
-does."""
+"""Frames on the wire: cut from whatever has arrived (the fast path's frame receiver) however
+the stream is split, and encoded and decoded on the fast path (``broker.transport.fastpath``)
+exactly as pamqp does."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pamqp import commands, frame, header, heartbeat
 from pamqp.body import ContentBody
 
-from broker import frames
-from broker.amqp import Publisher, _FrameReceiver, connect
-from broker.names import Names
+from broker.core.names import Names
+from broker.transport.amqp import Publisher, connect
+from broker.transport.fastpath import frames
+from broker.transport.fastpath.connection import FastFrameReceiver
 from tests.conftest import delete_queues, eventually
 
 PROPERTIES = commands.Basic.Properties(
@@ -44,7 +45,7 @@ FRAMES: list[tuple[int, frame.FrameTypes]] = [
     (0, heartbeat.Heartbeat()),
     (2, commands.Basic.Ack(delivery_tag=7, multiple=True)),
 ]
-_ORIGINAL_MARSHAL = frames._PAMQP_MARSHAL  # pamqp's own, whatever connect() installed since
+_ORIGINAL_MARSHAL = frames._PAMQP_MARSHAL  # pamqp's own, whatever the fast path installed since
 WIRE = b"".join(_ORIGINAL_MARSHAL(value, channel) for channel, value in FRAMES)
 
 
@@ -58,7 +59,7 @@ def _reader(chunks: list[bytes], *, eof: bool = True) -> asyncio.StreamReader:
 
 
 async def _read_until_closed(
-    receiver: _FrameReceiver,
+    receiver: FastFrameReceiver,
 ) -> tuple[list[aiormq.connection.ReceivedFrame], aiormq.exceptions.AMQPConnectionError]:
     """Every frame before the stream's end, and the error that end raised."""
     got: list[aiormq.connection.ReceivedFrame] = []
@@ -90,7 +91,7 @@ async def test_frames_equal_pamqps_however_the_stream_is_split(chunk_size: int) 
         offset += expected[-1][0]
     chunks = [WIRE[i : i + chunk_size] for i in range(0, len(WIRE), chunk_size)]
 
-    got, end = await _read_until_closed(_FrameReceiver(_reader(chunks)))
+    got, end = await _read_until_closed(FastFrameReceiver(_reader(chunks)))
 
     assert [_as_compared(g) for g in got] == [_as_compared(e) for e in expected]
     # The socket's end is never a normal end (aiormq stops reading at Close-Ok first): a broken
@@ -101,21 +102,21 @@ async def test_frames_equal_pamqps_however_the_stream_is_split(chunk_size: int) 
 
 
 async def test_a_frame_cut_off_by_the_connection_closing_is_a_connection_error() -> None:
-    got, end = await _read_until_closed(_FrameReceiver(_reader([WIRE[:-3]])))
+    got, end = await _read_until_closed(FastFrameReceiver(_reader([WIRE[:-3]])))
     assert len(got) == len(FRAMES) - 1
     assert str(end).startswith("Server connection unexpectedly closed with ")
 
 
 async def test_a_frame_without_its_end_byte_is_an_invalid_frame() -> None:
     tune = _ORIGINAL_MARSHAL(FRAMES[0][1], 0)
-    receiver = _FrameReceiver(_reader([tune[:-1] + b"\x00"]))
+    receiver = FastFrameReceiver(_reader([tune[:-1] + b"\x00"]))
     with pytest.raises(aiormq.exceptions.InvalidFrameError):
         await receiver.get_frame()
 
 
 async def test_a_server_that_answers_with_its_protocol_header_is_refused() -> None:
     """A broker that does not speak AMQP 0-9-1 answers the client's header with its own."""
-    receiver = _FrameReceiver(_reader([b"AMQP\x01\x01\x00\x0a"]))
+    receiver = FastFrameReceiver(_reader([b"AMQP\x01\x01\x00\x0a"]))
     with pytest.raises(aiormq.exceptions.ProtocolSyntaxError):
         await receiver.get_frame()
 
@@ -123,7 +124,7 @@ async def test_a_server_that_answers_with_its_protocol_header_is_refused() -> No
 async def test_a_frame_is_returned_as_soon_as_it_is_whole() -> None:
     tune = _ORIGINAL_MARSHAL(FRAMES[0][1], 0)
     reader = _reader([tune[:5]], eof=False)
-    receiver = _FrameReceiver(reader)
+    receiver = FastFrameReceiver(reader)
     pending = asyncio.ensure_future(receiver.get_frame())
     await asyncio.sleep(0.01)
     assert not pending.done()  # half a frame: still waiting for the rest
@@ -133,14 +134,14 @@ async def test_a_frame_is_returned_as_soon_as_it_is_whole() -> None:
 
 
 async def test_a_message_larger_than_a_frame_arrives_whole_over_switchyards_connections(
-    amqp: AbstractRobustConnection, names: Names
+    amqp: AbstractRobustConnection, names: Names, fast_path: None
 ) -> None:
     """RabbitMQ's frame_max (128 KiB by default) cuts this body into several frames, which
     arrive in reads that straddle frame boundaries."""
     queue_name = names.results("frames")
     body = bytes(range(256)) * 1500  # 384,000 bytes
     connection = await connect(amqp.url.human_repr(), name="test-frames")
-    assert aiormq.connection.FrameReceiver is _FrameReceiver  # what aiormq's connect now builds
+    assert aiormq.connection.FrameReceiver is FastFrameReceiver  # what aiormq's connect now builds
     try:
         channel = await connection.channel(publisher_confirms=True)
         queue = await channel.declare_queue(queue_name, durable=True)
@@ -166,7 +167,7 @@ async def test_a_message_larger_than_a_frame_arrives_whole_over_switchyards_conn
         await delete_queues(amqp, queue_name)
 
 
-# --- broker.frames: pamqp's results, byte for byte and object for object -----------------------
+# --- fastpath.frames: pamqp's results, byte for byte and object for object ----------------------
 
 
 def _random_properties(rng: random.Random) -> commands.Basic.Properties:

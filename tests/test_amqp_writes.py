@@ -9,8 +9,9 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.amqp import BROKER_FAILURES, Publisher, _CoalescingWriter, connect
-from broker.names import Names
+from broker.core.names import Names
+from broker.transport.amqp import BROKER_FAILURES, Publisher, connect
+from broker.transport.fastpath.connection import CoalescingWriter
 from tests.conftest import delete_queues, queue_depth
 
 
@@ -39,7 +40,7 @@ class _Writer:
 
 async def test_writes_of_one_turn_go_in_one_send_and_drain_and_close_flush_first() -> None:
     inner = _Writer()
-    writer = _CoalescingWriter(inner)  # type: ignore[arg-type]
+    writer = CoalescingWriter(inner)  # type: ignore[arg-type]
 
     for frame in (b"a", b"b", b"c"):
         writer.write(frame)

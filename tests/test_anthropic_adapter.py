@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from broker.config import ProviderConfig
-from broker.errors import (
+from broker.core.config import ProviderConfig
+from broker.core.errors import (
     ContentFiltered,
     ProviderAuthentication,
     ProviderError,

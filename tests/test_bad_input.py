@@ -15,11 +15,17 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from broker.accountant import Accountant
-from broker.config import load_config
-from broker.db import make_engine
-from broker.names import HEADER_DEAD_CODE, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_KEY, Names
-from broker.outcomes import Outcomes
+from broker.accounting.accountant import Accountant
+from broker.core.config import load_config
+from broker.core.db import make_engine
+from broker.core.names import (
+    HEADER_DEAD_CODE,
+    HEADER_DEAD_QUEUE,
+    HEADER_DEAD_REASON,
+    HEADER_KEY,
+    Names,
+)
+from broker.transport.outcomes import Outcomes
 from schemas import JobEvent, JobStatus
 from tests.conftest import MockProvider, eventually, queue_depth
 

@@ -16,10 +16,10 @@ from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from broker.circuits import Circuits, CircuitState, CircuitView
 from broker.client import SwitchyardClient, make_job
-from broker.config import CircuitConfig, load_config
-from broker.names import Names
+from broker.core.config import CircuitConfig, load_config
+from broker.core.names import Names
+from broker.state.circuits import Circuits, CircuitState, CircuitView
 from schemas import JobResult
 from tests.conftest import (
     AMQP_URL,

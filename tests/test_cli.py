@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from broker.circuits import Circuits
-from broker.config import CircuitConfig, load_config
-from broker.names import Names
+from broker.core.config import CircuitConfig, load_config
+from broker.core.names import Names
+from broker.state.circuits import Circuits
 from tests.conftest import REDIS_URL, REPO, MockProvider, process_env, write_config
 
 

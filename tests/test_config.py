@@ -10,9 +10,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.config import load_config, parse_config
-from broker.errors import ConfigError, ModelUnavailable
-from broker.pricing import cost_usd
+from broker.core.config import load_config, parse_config
+from broker.core.errors import ConfigError, ModelUnavailable
+from broker.core.pricing import cost_usd
 
 VALID = """
 providers:

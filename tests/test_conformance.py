@@ -15,8 +15,8 @@ from typing import Any, Literal, cast
 
 import pytest
 
-from broker.config import ProviderConfig
-from broker.errors import (
+from broker.core.config import ProviderConfig
+from broker.core.errors import (
     ContentFiltered,
     ProviderAuthentication,
     ProviderProtocolError,

@@ -18,14 +18,14 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
-from broker.accountant import Accountant
-from broker.circuits import Circuits
+from broker.accounting.accountant import Accountant
 from broker.client import SwitchyardClient, make_job
-from broker.config import CircuitConfig, load_config
-from broker.db import make_engine
-from broker.names import Names
-from broker.quota import Bucket, QuotaStore, Reserved, bucket_key
-from broker.windows import Period, window
+from broker.core.config import CircuitConfig, load_config
+from broker.core.db import make_engine
+from broker.core.names import Names
+from broker.core.windows import Period, window
+from broker.state.circuits import Circuits
+from broker.state.quota import Bucket, QuotaStore, Reserved, bucket_key
 from schemas import Attempt, JobEvent, JobResult, JobStatus, Route
 from tests.conftest import (
     AMQP_URL,

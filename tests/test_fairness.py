@@ -11,9 +11,9 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.client import SwitchyardClient
-from broker.config import load_config
-from broker.fairness import lane_for
-from broker.names import HEADER_KEY, Names
+from broker.core.config import load_config
+from broker.core.names import HEADER_KEY, Names
+from broker.state.fairness import lane_for
 from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
 
 FLOOD, TRICKLE = "sk-flood", "sk-trickle"

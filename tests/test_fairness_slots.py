@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.config_limits import KeyConfig
-from broker.fairness import PrioritySlots, lane_for
+from broker.core.limits import KeyConfig
+from broker.state.fairness import PrioritySlots, lane_for
 
 SHA = "0" * 64
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
-from broker.amqp import Publisher, declare_topology
-from broker.names import Names
-from broker.outcomes import JobEvents
+from broker.core.names import Names
+from broker.transport.amqp import Publisher, declare_topology
+from broker.transport.outcomes import JobEvents
 from schemas import JobEvent, JobStatus
 from tests.conftest import eventually
 

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 from redis.asyncio import Redis
 
-from broker.leases import LeaseSemaphore, lease_key
-from broker.names import Names
-from broker.settings import Settings
+from broker.core.names import Names
+from broker.core.settings import Settings
+from broker.state.leases import LeaseSemaphore, lease_key
 from tests.conftest import eventually
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)

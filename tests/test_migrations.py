@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema ``broker/db.py`` describes."""
+"""The Alembic migrations build exactly the schema ``broker/core/db.py`` describes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from broker.db import metadata
+from broker.core.db import metadata
 
 
 async def test_the_migrated_database_matches_the_table_definitions(database_url: str) -> None:

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from broker.config import ProviderConfig
-from broker.errors import (
+from broker.core.config import ProviderConfig
+from broker.core.errors import (
     ContentFiltered,
     ProviderAuthentication,
     ProviderError,

@@ -17,8 +17,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker.client import SwitchyardClient
-from broker.config import load_config
-from broker.names import DIRECT_REPLY_TO, HEADER_KEY, HEADER_TRACEPARENT, Names
+from broker.core.config import load_config
+from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, HEADER_TRACEPARENT, Names
 from mock_provider import expected_completion, prompt_tokens
 from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, queue_depth, write_config
 
@@ -285,7 +285,7 @@ async def test_a_call_whose_global_lease_cannot_be_returned_still_succeeds(
     turn the success into an internal error, with no usage recorded; the lease expires."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from broker.leases import LeaseSemaphore
+    from broker.state.leases import LeaseSemaphore
 
     async def unreachable(self: LeaseSemaphore, lease: Any) -> None:
         raise RedisConnectionError("Redis is away")

@@ -15,7 +15,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.client import SwitchyardClient
-from broker.names import Names
+from broker.core.names import Names
 from mock_provider import expected_completion
 from tests.conftest import (
     AMQP_URL,
@@ -144,7 +144,7 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
 ) -> None:
     from redis.asyncio import Redis
 
-    from broker.leases import lease_key
+    from broker.state.leases import lease_key
     from tests.conftest import REDIS_URL
 
     providers = [

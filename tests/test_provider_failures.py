@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from broker.client import SwitchyardClient, make_job
-from broker.config import load_config
-from broker.names import Names
+from broker.core.config import load_config
+from broker.core.names import Names
 from schemas import JobResult
 from tests.conftest import AMQP_URL, MockProvider, eventually, write_config
 

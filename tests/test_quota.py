@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import pytest
 from redis.asyncio import Redis
 
-from broker.names import Names
-from broker.quota import (
+from broker.core.names import Names
+from broker.core.settings import Settings
+from broker.state.quota import (
     Bucket,
     QuotaStore,
     ReservationState,
@@ -32,7 +33,6 @@ from broker.quota import (
     micros_to_usd,
     usd_to_micros,
 )
-from broker.settings import Settings
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
 PREFIX = f"sytest-{secrets.token_hex(3)}"
@@ -157,8 +157,8 @@ async def test_never_fits_and_bad_input(store: QuotaStore, names: Names) -> None
 _CHILD = """
 import asyncio, json, sys, time
 from redis.asyncio import BlockingConnectionPool, Redis
-from broker.names import Names
-from broker.quota import Bucket, QuotaStore, Reserved
+from broker.core.names import Names
+from broker.state.quota import Bucket, QuotaStore, Reserved
 
 async def main(url, namespace, key, go, tag, n, expires_at):
     # A blocking pool queues calls for a connection (the default pool raises past 100).

@@ -23,10 +23,10 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from broker.config import Config, load_config
-from broker.names import Names
-from broker.reload import ConfigReloader, Reloadable
-from broker.runtime import Service
+from broker.core.config import Config, load_config
+from broker.core.names import Names
+from broker.transport.reload import ConfigReloader, Reloadable
+from broker.transport.runtime import Service
 from tests.conftest import (
     AMQP_URL,
     REDIS_URL,
@@ -241,7 +241,7 @@ async def test_an_invalid_change_is_refused_and_the_running_version_keeps_servin
     path = tmp_path / "providers.yaml"
     write(path, mock, names, "alpha", "alpha", "beta")
     config = load_config(path)
-    caplog.set_level(logging.ERROR, logger="broker.reload")
+    caplog.set_level(logging.ERROR, logger="broker.transport.reload")
     channel = await amqp.channel()
     async with (
         pipeline(config) as services,
@@ -368,7 +368,7 @@ async def test_a_version_published_by_another_process_is_applied_by_a_running_sc
     other_text = write(other, mock, names, "beta", "alpha", "beta")
     elsewhere = load_config(other)
     channel = await amqp.channel()
-    caplog.set_level(logging.ERROR, logger="broker.reload")
+    caplog.set_level(logging.ERROR, logger="broker.transport.reload")
     # The scheduler alone runs with the reloader (no database: it records nothing); the workers
     # run without one, as on another host that has not heard of the new version.
     async with (
@@ -612,7 +612,7 @@ async def test_a_version_being_applied_is_recorded_even_if_the_process_stops_rig
     mock: MockProvider,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from broker import config_store
+    from broker.core import config_store
 
     path = tmp_path / "providers.yaml"
     write(path, mock, names, "alpha", "alpha")

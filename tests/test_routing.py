@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from broker.config import Config, KeyConfig, ProviderType, parse_config
-from broker.errors import ModelUnavailable
-from broker.pricing import cost_usd
-from broker.routing import (
+from broker.core.config import Config, KeyConfig, ProviderType, parse_config
+from broker.core.errors import ModelUnavailable
+from broker.core.pricing import cost_usd
+from broker.core.tokens import estimate_prompt_tokens
+from broker.scheduler.routing import (
     DEFAULT_OUTPUT_TOKENS,
     Candidate,
     Dropped,
@@ -22,7 +23,6 @@ from broker.routing import (
     RouteDecision,
     Router,
 )
-from broker.tokens import estimate_prompt_tokens
 from schemas import CompletionJob
 
 NOON = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)

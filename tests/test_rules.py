@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.errors import ConfigError
-from broker.rules import (
+from broker.core.errors import ConfigError
+from broker.core.rules import (
     VARIABLES,
     CompiledRules,
     Decision,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from broker import cli
-from broker.config import Config
-from broker.runtime import GC_THRESHOLDS
-from broker.settings import Settings
+from broker.core.config import Config
+from broker.core.settings import Settings
+from broker.transport.runtime import GC_THRESHOLDS
 
 
 @pytest.fixture

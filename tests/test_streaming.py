@@ -12,8 +12,8 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.client import SwitchyardClient
-from broker.config import load_config
-from broker.names import TYPE_CHUNK, TYPE_RESULT, Names
+from broker.core.config import load_config
+from broker.core.names import TYPE_CHUNK, TYPE_RESULT, Names
 from mock_provider import expected_completion
 from schemas import JobChunk, JobResult
 from tests.conftest import AMQP_URL, MockProvider, eventually

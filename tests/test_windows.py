@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from broker.windows import Period, Window, window
+from broker.core.windows import Period, Window, window
 
 BERLIN = ZoneInfo("Europe/Berlin")
 KOLKATA = ZoneInfo("Asia/Kolkata")  # +05:30: hour windows must still follow UTC

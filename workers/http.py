@@ -24,8 +24,8 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import map_aiohttp_exceptions
 
-from broker.config import ProviderConfig
-from broker.settings import get_settings
+from broker.core.config import ProviderConfig
+from broker.core.settings import get_settings
 
 __all__ = ["ProviderClient", "make_http_client", "post"]
 

@@ -1,9 +1,9 @@
 """A worker pool: serves one provider's queue with at most ``concurrency`` calls in flight.
 
 For each job: call the adapter (through the retry layer) unless the provider's circuit is open
-(``broker.circuits``), publish the result to the job's reply queue and the usage and job events
-to the accountant, and ack only after all are confirmed. A job the provider failed for its own
-reasons, with a candidate it has not tried, goes back to the scheduler instead (failover).
+(``broker.state.circuits``), publish the result to the job's reply queue and the usage and job
+events to the accountant, and ack only after all are confirmed. A job the provider failed for its
+own reasons, with a candidate it has not tried, goes back to the scheduler instead (failover).
 
 A new config version (``apply``) takes effect between calls: a changed provider entry gets a new
 adapter and HTTP client for the next calls while the calls in flight finish on the old one (closed
@@ -31,16 +31,17 @@ from aio_pika.abc import (
 )
 from redis.asyncio import Redis
 
-from broker.amqp import Publisher, connect, declare_topology
-from broker.circuits import REFRESH_S, Circuits, CircuitState, failures_in
-from broker.config import Config, ProviderConfig
-from broker.errors import ConfigError, DeadlineExceeded, InvalidMessage, ProviderUnavailable
-from broker.fairness import PrioritySlots
-from broker.leases import LeaseSemaphore, lease_key
-from broker.names import Names
-from broker.outcomes import Outcomes, elapsed_ms, utcnow
-from broker.pricing import cost_usd
-from broker.runtime import ConsumerSet, Service
+from broker.core.clock import elapsed_ms, utcnow
+from broker.core.config import Config, ProviderConfig
+from broker.core.errors import ConfigError, DeadlineExceeded, InvalidMessage, ProviderUnavailable
+from broker.core.names import Names
+from broker.core.pricing import cost_usd
+from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
+from broker.state.fairness import PrioritySlots
+from broker.state.leases import LeaseSemaphore, lease_key
+from broker.transport.amqp import Publisher, declare_topology
+from broker.transport.outcomes import Outcomes
+from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import (
     Attempt,
     ChatCompletionChunk,
@@ -152,7 +153,7 @@ class WorkerPool(Service):
         return _Client(provider, http, adapter_for(provider, http), leases)
 
     async def start(self) -> None:
-        self._connection = await connect(self.amqp_url, name=f"switchyard-{self.name}")
+        self._connection = await connect_server(self.amqp_url, name=f"switchyard-{self.name}")
         channel = await self._connection.channel(publisher_confirms=True)
         queues = await declare_topology(
             channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from broker.errors import ProviderError
-from broker.outcomes import utcnow
-from broker.tokens import estimate_prompt_tokens, estimate_text_tokens
+from broker.core.clock import utcnow
+from broker.core.errors import ProviderError
+from broker.core.tokens import estimate_prompt_tokens, estimate_text_tokens
 from schemas import Attempt, ChatCompletion, ChatCompletionChunk, CompletionJob, Usage, UsageEvent
 from workers.adapters import ProviderAdapter, ProviderRequest
 from workers.streaming import ChunkAccumulator

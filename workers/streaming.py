@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from broker.errors import ProviderProtocolError
+from broker.core.errors import ProviderProtocolError
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, Choice, ToolCall, Usage
 
 __all__ = ["ChunkAccumulator", "SSEEvent", "sse_events"]

@@ -18,8 +18,8 @@ import aio_pika
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker.config import ProviderConfig
-from broker.runtime import tune_gc
+from broker.core.config import ProviderConfig
+from broker.transport.runtime import tune_gc
 from workers.http import make_http_client, post
 
 QUEUE_ARGUMENTS = {"x-max-priority": 10}

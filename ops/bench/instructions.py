@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import REPO, Proc, cli
 from run import Bench, Sizes
 
-from broker.runtime import run_loop, tune_gc
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.transport.runtime import run_loop, tune_gc
 
 KINDS = ("scheduler", "worker", "accountant")
 WARM_UP_JOBS = 100

@@ -43,13 +43,13 @@ from procs import (
 )
 from report import write_reports
 
-from broker.amqp import PARK_DELAYS_S
 from broker.client import SwitchyardClient
-from broker.config import ProviderConfig
-from broker.migrate import upgrade
-from broker.names import Names
-from broker.runtime import run_loop, tune_gc
-from broker.settings import Settings
+from broker.core.config import ProviderConfig
+from broker.core.migrate import upgrade
+from broker.core.names import Names
+from broker.core.settings import Settings
+from broker.transport.amqp import PARK_DELAYS_S
+from broker.transport.runtime import run_loop, tune_gc
 from workers.http import make_http_client, post
 
 IDLE_GAP_S = 0.005

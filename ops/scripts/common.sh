@@ -10,7 +10,9 @@ ensure_venv() {
     python3 -m venv "$VENV" || { echo "cannot create a virtual environment: install python3-venv (Python >= 3.11)" >&2; exit 2; }
   fi
   mkdir -p out
-  "$PY" -m pip install --quiet --disable-pip-version-check -e ".$1" >out/pip.log 2>&1 \
+  # requirements.lock (ops/scripts/lock.sh) pins every package to the version CI tested.
+  "$PY" -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".$1" \
+    >out/pip.log 2>&1 \
     || { cat out/pip.log >&2; echo "pip install failed (log above)" >&2; exit 2; }
 }
 

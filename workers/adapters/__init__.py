@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from broker.config import ProviderConfig, ProviderType
-from broker.errors import ConfigError
+from broker.core.config import ProviderConfig, ProviderType
+from broker.core.errors import ConfigError
 from workers.adapters.anthropic import AnthropicAdapter
 from workers.adapters.base import ProviderAdapter, ProviderRequest
 from workers.adapters.gemini import GeminiAdapter

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.config import ModelSpec
-from broker.errors import ProviderInvalidRequest
+from broker.core.config import ModelSpec
+from broker.core.errors import ProviderInvalidRequest
 from schemas import ChatMessage
 from workers.adapters._errors import safe_code
 from workers.adapters._wire import (

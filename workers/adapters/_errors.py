@@ -26,7 +26,7 @@ from types import TracebackType
 
 import httpx
 
-from broker.errors import (
+from broker.core.errors import (
     ProviderError,
     ProviderProtocolError,
     ProviderServerError,

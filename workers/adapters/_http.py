@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from broker.errors import ProviderError, ProviderProtocolError
+from broker.core.errors import ProviderError, ProviderProtocolError
 from schemas import ChatCompletion, ChatCompletionChunk
 from workers.adapters._errors import Guard
 from workers.adapters._wire import json_object

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from broker.errors import ProviderInvalidRequest, ProviderProtocolError
+from broker.core.errors import ProviderInvalidRequest, ProviderProtocolError
 from schemas import (
     ChatCompletionChunk,
     ChatMessage,

@@ -47,8 +47,8 @@ import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.config import ProviderConfig
-from broker.errors import (
+from broker.core.config import ProviderConfig
+from broker.core.errors import (
     ContentFiltered,
     ProviderAuthentication,
     ProviderError,

@@ -3,9 +3,9 @@
 An adapter turns Switchyard's canonical request (OpenAI chat format) into its provider's wire
 format, makes one HTTP call through the ``httpx.AsyncClient`` it is given, and returns an OpenAI
 ``chat.completion`` (``complete``) or a stream of ``chat.completion.chunk`` objects (``stream``)
-with usage filled in. Every failure leaves as a ``broker.errors.ProviderError`` subclass; nothing
-else escapes (``ProviderProtocolError`` covers responses of the wrong shape). Retries, deadlines,
-circuit breaking and accounting are layers around these calls, not part of them.
+with usage filled in. Every failure leaves as a ``ProviderError`` subclass (``broker.core.errors``);
+nothing else escapes (``ProviderProtocolError`` covers responses of the wrong shape). Retries,
+deadlines, circuit breaking and accounting are layers around these calls, not part of them.
 
 Adding a provider: one module here with a ``ProviderAdapter`` subclass, one line in the registry
 (``workers/adapters/__init__.py``), its fixtures under ``tests/fixtures/<name>/`` and its entry in
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from broker.config import ModelSpec, ProviderConfig
+from broker.core.config import ModelSpec, ProviderConfig
 from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
 
 __all__ = ["ProviderAdapter", "ProviderRequest"]

@@ -40,8 +40,8 @@ from typing import Any
 import httpx
 import orjson
 
-from broker.config import ProviderConfig, ProviderType
-from broker.errors import (
+from broker.core.config import ProviderConfig, ProviderType
+from broker.core.errors import (
     ContentFiltered,
     ProviderAuthentication,
     ProviderError,

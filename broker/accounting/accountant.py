@@ -1,0 +1,411 @@
+"""The accountant: consumes usage and job events and records them in Postgres in batches.
+
+A message carries one event or a ``JobEventBatch`` of them. A batch of messages (up to
+``batch_size`` events, or what ``max_delay_s`` gathered) is written in one transaction and its
+messages acked after the commit. Writes are idempotent: a usage row is identified by
+``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is replaced only by an
+event at least as recent as the one it holds, and a succeeded one by nothing but a success.
+
+A call is priced by the config version this accountant had in force when the call happened
+(``occurred_at``), whose digest is the row's ``price_version``; a new version (``apply``) prices
+the calls after it. A provider that a new version dropped keeps its last prices while its queue
+drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from redis.asyncio import Redis
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.core.clock import utcnow
+from broker.core.codec import decode_accounting_event
+from broker.core.config import Config
+from broker.core.db import jobs, make_engine, usage
+from broker.core.errors import ConfigError, JobRejected
+from broker.core.names import Names
+from broker.core.pricing import cost_usd
+from broker.state.quota import QuotaStore, usd_to_micros
+from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
+from broker.transport.runtime import ConsumerSet, Service, connect_server
+from schemas import JobEvent, JobEventBatch, JobStatus, UsageEvent
+
+__all__ = ["Accountant"]
+
+log = logging.getLogger(__name__)
+
+
+class Accountant(Service):
+    name = "accountant"
+
+    def __init__(
+        self,
+        amqp_url: str,
+        database_url: str,
+        config: Config,
+        names: Names,
+        *,
+        redis_url: str | None = None,
+        batch_size: int = 500,
+        max_delay_s: float = 0.05,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.config = config
+        self.names = names
+        self.redis_url = redis_url
+        self.batch_size = batch_size
+        self.max_delay_s = max_delay_s
+        self.consumers = ConsumerSet()
+        self._pending: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
+        self._pending_events = 0
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._engine: AsyncEngine | None = None
+        self._redis: Redis | None = None
+        self._quota: QuotaStore | None = None
+        self._prices = _PriceBook(config)
+        self._reconcile_with(config)
+
+    def _reconcile_with(self, config: Config) -> None:
+        """Open Redis when ``config`` sets limits or budgets (their reservations reconcile here)."""
+        if self._quota is None and config.needs_quota:
+            if self.redis_url is None:
+                raise ConfigError("this config sets limits or budgets: the accountant needs Redis")
+            self._redis = Redis.from_url(self.redis_url)
+            self._quota = QuotaStore(self._redis, self.names)
+        if self._quota is not None:
+            self._quota.use_thresholds(config.alerts.percents)
+
+    async def apply(self, config: Config) -> None:
+        """Price the calls made from now on by ``config``."""
+        self._reconcile_with(config)
+        self._prices.add(config, utcnow())
+        self.config = config
+
+    async def start(self) -> None:
+        self._engine = make_engine(self.database_url)
+        self._connection = await connect_server(self.amqp_url, name="switchyard-accountant")
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.batch_size * 2)
+        queues = await declare_topology(
+            channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes
+        )
+        self.publisher = Publisher(channel)
+        self._flusher = asyncio.create_task(self._flush_loop())
+        await self.consumers.consume(queues[self.names.usage], self.handle)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.consumers.stop(grace_s)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        while self._pending:
+            await self._flush()
+        if self._connection is not None:
+            await self._connection.close()
+        if self._engine is not None:
+            await self._engine.dispose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = decode_accounting_event(message.body)
+        except JobRejected as exc:
+            await self.publisher.dead_letter(
+                self.names,
+                message,
+                source_queue=self.names.usage,
+                code=exc.code.value,
+                reason=exc.message,
+            )
+            await message.ack()
+            return
+        events: list[UsageEvent | JobEvent] = (
+            list(event.events) if isinstance(event, JobEventBatch) else [event]
+        )
+        self._pending.append((message, events))
+        self._pending_events += len(events)
+        if self._pending_events >= self.batch_size:
+            self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.max_delay_s)
+            self._wake.clear()
+            if not self._pending:
+                continue
+            try:
+                await self._flush()
+                if self._pending_events >= self.batch_size:
+                    self._wake.set()  # a full batch is already waiting
+            except Exception:
+                # Postgres is down or refused the batch: keep the messages and try again.
+                log.exception("accounting batch of %d failed; retrying", len(self._pending))
+                await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        # Messages in arrival order, up to ``batch_size`` events (at least one message).
+        batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
+        events: list[UsageEvent | JobEvent] = []
+        for message, carried in self._pending:
+            if batch and len(events) + len(carried) > self.batch_size:
+                break
+            batch.append((message, carried))
+            events += carried
+        try:
+            await self._write(events)
+        except (_BadEvent, DBAPIError) as exc:
+            if _refusal(exc) is None:
+                raise
+            batch = await self._write_one_by_one(batch)
+            events = [event for _, carried in batch for event in carried]
+        await self._reconcile(events)
+        del self._pending[: len(batch)]
+        self._pending_events -= len(events)
+        for message, _ in batch:
+            await _ack(message)
+
+    async def _write_one_by_one(
+        self, batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]
+    ) -> list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]:
+        """One bad event must not block the rest: write them one by one; a message with a
+        refused event is parked whole (replaying it is harmless: writes are idempotent), acked
+        and dropped from the pending ones at once, so a later failure of this flush (Redis, an
+        ack) does not park it again. Returns the batch without the parked messages."""
+        kept = []
+        for message, carried in batch:
+            refused: list[str] = []
+            for event in carried:
+                try:
+                    await self._write([event])
+                except (_BadEvent, DBAPIError) as exc:
+                    refusal = _refusal(exc)
+                    if refusal is None:
+                        raise
+                    refused.append(refusal)
+            if not refused:
+                kept.append((message, carried))
+                continue
+            await self.publisher.dead_letter(
+                self.names,
+                message,
+                source_queue=self.names.usage,
+                code="rejected_by_database",
+                reason=f"Postgres refused {len(refused)} of {len(carried)} events: "
+                + ", ".join(sorted(set(refused))),
+            )
+            self._pending = [p for p in self._pending if p[0] is not message]
+            self._pending_events -= len(carried)
+            await _ack(message)
+        return kept
+
+    async def _reconcile(self, events: list[UsageEvent | JobEvent]) -> None:
+        """Settle each finished job's quota reservation to what it used (after the commit, so a
+        crash between the two repeats both, and both are idempotent). A job that never reached
+        its provider (expired or rejected in the worker) gives its reservation back whole,
+        the request it reserved included."""
+        if self._quota is None:
+            return
+        for event in events:
+            if not isinstance(event, JobEvent) or event.reservation_id is None:
+                continue
+            made = event.attempts if event.reservation_calls is None else event.reservation_calls
+            if made == 0:
+                await self._quota.release(event.reservation_id)
+                continue
+            tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
+            micros = sum(usd_to_micros(self._prices.cost(u)[0] or Decimal(0)) for u in event.usage)
+            await self._quota.reconcile(
+                event.reservation_id, {"tokens": tokens, "usd_micros": micros}
+            )
+
+    async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
+        """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
+        try:
+            # Rows in key order: two accountants writing overlapping batches then lock the same
+            # rows in the same order, where any other order can deadlock them.
+            usage_rows = sorted(
+                (
+                    self._usage_row(u)
+                    for e in events
+                    for u in (e.usage if isinstance(e, JobEvent) else [e])
+                ),
+                key=lambda row: (row["job_id"], row["attempt"]),
+            )
+            job_rows = sorted(
+                _latest_per_job([e for e in events if isinstance(e, JobEvent)]),
+                key=lambda row: str(row["job_id"]),
+            )
+        except Exception as exc:  # values no row can be made of: retrying cannot help either
+            raise _BadEvent(type(exc).__name__) from exc
+        assert self._engine is not None
+        async with self._engine.begin() as conn:
+            # Rows go as parameters of one cached statement (executemany), not as a VALUES
+            # list: compiling a new multi-row statement per batch cost more than the insert.
+            if usage_rows:
+                await conn.execute(_INSERT_USAGE, usage_rows)
+            if job_rows:
+                await conn.execute(_UPSERT_JOB, job_rows)
+
+    def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
+        cost, version = self._prices.cost(event)
+        return {
+            "job_id": event.job_id,
+            "attempt": event.attempt,
+            "provider": event.provider,
+            "model": event.model,
+            "public_model": event.public_model,
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens,
+            "estimated": event.estimated,
+            "cost_usd": cost,
+            "price_version": version,
+            "key_id": event.key_id,
+            "occurred_at": event.occurred_at,
+        }
+
+
+class _BadEvent(Exception):
+    """An event whose rows could not be made (its values, not the database)."""
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    """Ack, each message on its own: one delivered on a channel that has since closed (a
+    reconnect) cannot be acked, RabbitMQ has already put it back, and the ones after it must
+    still be acked."""
+    try:
+        await message.ack()
+    except BROKER_FAILURES:
+        log.info("an accounting message's channel closed before its ack; it comes again")
+
+
+def _refusal(exc: Exception) -> str | None:
+    """The name of the error if the event's values were refused, by Postgres, its driver or
+    the making of its rows (retrying cannot help: the message is parked); ``None`` for anything
+    else (retried)."""
+    if isinstance(exc, _BadEvent):
+        return str(exc)
+    if not isinstance(exc, DBAPIError):
+        return None
+    if isinstance(exc, DataError | IntegrityError):
+        return type(exc.orig).__name__
+    # asyncpg refuses a value its column type cannot hold (an integer out of range) before
+    # sending it; SQLAlchemy wraps that in a bare DBAPIError.
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    if isinstance(cause, asyncpg.exceptions.DataError):
+        return type(cause).__name__
+    return None
+
+
+MAX_PRICE_VERSIONS = 16
+
+
+class _PriceBook:
+    """The last config versions applied here, each with when it was applied and its digest
+    (computed once: it hashes the whole config)."""
+
+    def __init__(self, config: Config) -> None:
+        self._versions = [(datetime.min.replace(tzinfo=UTC), config, config.version)]
+
+    def add(self, config: Config, at: datetime) -> None:
+        self._versions.append((at, config, config.version))
+        del self._versions[:-MAX_PRICE_VERSIONS]
+
+    def cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
+        """The call's cost (nothing on a free tier; the discount window in force at
+        ``occurred_at`` applied) and the version priced by: the one in force at
+        ``occurred_at``, else the latest one that prices this provider's model."""
+        in_force = next(
+            (v for v in reversed(self._versions) if v[0] <= event.occurred_at), self._versions[0]
+        )
+        for _, config, digest in [in_force, *reversed(self._versions)]:
+            if event.free:
+                return Decimal(0), digest
+            try:
+                price, multiplier = config.effective_price(
+                    event.provider, event.model, event.occurred_at
+                )
+            except ConfigError:
+                continue
+            return cost_usd(price, event.prompt_tokens, event.completion_tokens, multiplier), digest
+        log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
+        return None, None
+
+
+_SUCCEEDED = JobStatus.SUCCEEDED.value
+_REROUTED = JobStatus.REROUTED.value
+_INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")
+_job_insert = insert(jobs)
+_UPSERT_JOB = _job_insert.on_conflict_do_update(
+    index_elements=[jobs.c.job_id],
+    set_={
+        c.name: _job_insert.excluded[c.name]
+        for c in jobs.c
+        if c.name not in ("job_id", "recorded_at")
+    },
+    # A later event replaces the row, except that nothing replaces a success: a job delivered
+    # again after it succeeded (its ack lost) may end expired or failed the second time. A
+    # failover's "rerouted" is a passing state: the job's end replaces it whatever the two
+    # hosts' clocks say, and it never replaces an end.
+    where=((jobs.c.finished_at <= _job_insert.excluded.finished_at) | (jobs.c.status == _REROUTED))
+    & ((jobs.c.status == _REROUTED) | (_job_insert.excluded.status != _REROUTED))
+    & ((jobs.c.status != _SUCCEEDED) | (_job_insert.excluded.status == _SUCCEEDED)),
+)
+
+
+def _replaces(event: JobEvent, held: JobEvent) -> bool:
+    """``_UPSERT_JOB``'s rule, for two events of one job in one batch."""
+    rerouted = JobStatus.REROUTED
+    if event.status is rerouted and held.status is not rerouted:
+        return False
+    if held.status is JobStatus.SUCCEEDED and event.status is not JobStatus.SUCCEEDED:
+        return False
+    return held.status is rerouted or held.finished_at <= event.finished_at
+
+
+def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
+    """One row per job (Postgres refuses two conflicting rows in one upsert): the latest."""
+    latest: dict[str, JobEvent] = {}
+    for event in events:
+        held = latest.get(event.job_id)
+        if held is None or _replaces(event, held):
+            latest[event.job_id] = event
+    return [
+        {
+            "job_id": e.job_id,
+            "status": e.status.value,
+            "priority": e.priority,
+            "public_model": e.public_model,
+            "provider": e.provider,
+            "model": e.model,
+            "error_code": e.error_code.value if e.error_code else None,
+            "attempts": e.attempts,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "queued_ms": e.timings.queued_ms,
+            "scheduled_ms": e.timings.scheduled_ms,
+            "provider_ms": e.timings.provider_ms,
+            "total_ms": e.timings.total_ms,
+            "batch_id": e.batch_id,
+            "key_id": e.key_id,
+            "submitted_at": e.submitted_at,
+            "finished_at": e.finished_at,
+        }
+        for e in latest.values()
+    ]

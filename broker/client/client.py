@@ -1,0 +1,293 @@
+"""The async Python client: publish jobs and get their results.
+
+``complete`` is RPC over RabbitMQ's direct reply-to: one reply consumer per client and a map from
+correlation id to a pending future, so thousands of calls can be in flight at once. Direct
+reply-to is at-most-once (nothing is buffered if this connection drops); batch producers use
+``submit`` with a durable results queue and read it back with ``results``.
+
+A job can be delivered twice (a worker killed after its reply was confirmed but before its ack);
+the client hands each job id back once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from broker.core.clock import utcnow
+from broker.core.codec import encode
+from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, Names
+from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
+from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobResult
+
+__all__ = ["SwitchyardClient", "make_job"]
+
+_SEEN_LIMIT = 100_000
+
+
+def make_job(
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    *,
+    model: str | None = None,
+    task_type: str | None = None,
+    params: CompletionParams | Mapping[str, Any] | None = None,
+    priority: int = 0,
+    metadata: Mapping[str, Any] | None = None,
+    job_id: str | None = None,
+    on_quota: str = "reject",
+    deadline: datetime | None = None,
+) -> CompletionJob:
+    # One validation of the whole job, so an error names its full path (messages.0.role).
+    return CompletionJob.model_validate(
+        {
+            "job_id": job_id or str(uuid.uuid4()),
+            "model": model,
+            "task_type": task_type,
+            "messages": [
+                m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else m
+                for m in messages
+            ],
+            "params": params.model_dump(exclude_none=True)
+            if isinstance(params, CompletionParams)
+            else (params or {}),
+            "priority": priority,
+            "metadata": dict(metadata or {}),
+            "on_quota": on_quota,
+            "deadline": deadline,
+            "submitted_at": utcnow(),
+        }
+    )
+
+
+class _Seen:
+    """Job ids already handed out (bounded), so a redelivered result is returned once."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._ids
+
+    def add(self, job_id: str) -> None:
+        self._ids[job_id] = None
+        if len(self._ids) > _SEEN_LIMIT:
+            self._ids.popitem(last=False)
+
+
+class SwitchyardClient:
+    def __init__(self, connection: AbstractRobustConnection, names: Names) -> None:
+        self._connection = connection
+        self.names = names
+        self._pending: dict[str, asyncio.Queue[JobChunk | JobResult | Exception]] = {}
+        self._seen = _Seen()
+        self._rpc_channel: AbstractChannel | None = None
+        self._rpc_publisher: Publisher | None = None
+        self._publisher: Publisher | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, amqp_url: str, *, namespace: str = "switchyard") -> SwitchyardClient:
+        connection = await connect(amqp_url, name="switchyard-client")
+        return cls(connection, Names(namespace))
+
+    async def close(self) -> None:
+        for replies in self._pending.values():
+            replies.put_nowait(ConnectionError("the client was closed"))
+        await self._connection.close()
+
+    async def __aenter__(self) -> SwitchyardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _rpc(self) -> Publisher:
+        """The channel that publishes RPC jobs and consumes their direct replies: one channel,
+        as direct reply-to requires."""
+        async with self._lock:
+            if self._rpc_publisher is None:
+                channel = await self._connection.channel(publisher_confirms=True)
+                await declare_topology(channel, self.names, [])
+                replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+                await replies.consume(self._on_reply, no_ack=True)
+                self._rpc_channel = channel
+                self._rpc_publisher = Publisher(channel)
+            return self._rpc_publisher
+
+    async def _batch_publisher(self) -> Publisher:
+        async with self._lock:
+            if self._publisher is None:
+                channel = await self._connection.channel(publisher_confirms=True)
+                await declare_topology(channel, self.names, [])
+                self._publisher = Publisher(channel)
+            return self._publisher
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        replies = self._pending.get(message.correlation_id or "")
+        if replies is None:
+            return  # a late or duplicate reply for a call already answered
+        try:
+            reply: JobChunk | JobResult = (
+                JobChunk.model_validate_json(message.body)
+                if message.type == TYPE_CHUNK
+                else JobResult.model_validate_json(message.body)
+            )
+        except ValueError as exc:
+            replies.put_nowait(exc)
+            return
+        replies.put_nowait(reply)
+
+    async def _call(
+        self, job: CompletionJob, api_key: str | None
+    ) -> tuple[str, asyncio.Queue[JobChunk | JobResult | Exception]]:
+        publisher = await self._rpc()
+        replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
+        # Each call its own: a caller may send the same job again (after a timeout, say), and
+        # each call gets the answer to its own message.
+        correlation_id = str(uuid.uuid4())
+        self._pending[correlation_id] = replies
+        try:
+            await publisher.publish(
+                self.names.jobs,
+                encode(job),
+                message_id=job.job_id,
+                correlation_id=correlation_id,
+                reply_to=DIRECT_REPLY_TO,
+                priority=job.priority,
+                headers={HEADER_KEY: api_key} if api_key else None,
+                # Its answer can only reach this channel: a job kept across a broker restart
+                # would call the provider (and bill) for a caller that has already given up.
+                persistent=False,
+            )
+        except BaseException:
+            self._pending.pop(correlation_id, None)
+            raise
+        return correlation_id, replies
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]] | None = None,
+        *,
+        job: CompletionJob | None = None,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[JobChunk | JobResult]:
+        """Publish one streaming job; yield its ``JobChunk``s as they come, then its
+        ``JobResult``. A chunk with a higher ``attempt`` than the last means the provider call was
+        retried: drop what the earlier attempt produced. Raises ``TimeoutError``."""
+        job = self._job(messages, job, fields)
+        job = job.model_copy(update={"params": job.params.model_copy(update={"stream": True})})
+        correlation_id, replies = await self._call(job, api_key)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                reply = await asyncio.wait_for(replies.get(), max(remaining, 0))
+                if isinstance(reply, Exception):
+                    raise reply
+                yield reply
+                if isinstance(reply, JobResult):
+                    return
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]] | None = None,
+        *,
+        job: CompletionJob | None = None,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+        **fields: Any,
+    ) -> JobResult:
+        """Publish one job and wait for its result. Pass ``messages`` and ``make_job`` fields
+        (model, params, priority, ...), or a ready ``job``. Raises ``TimeoutError``."""
+        job = self._job(messages, job, fields)
+        correlation_id, replies = await self._call(job, api_key)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    reply = await replies.get()
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if isinstance(reply, JobResult):
+                        return reply
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    @staticmethod
+    def _job(
+        messages: Sequence[ChatMessage | Mapping[str, Any]] | None,
+        job: CompletionJob | None,
+        fields: dict[str, Any],
+    ) -> CompletionJob:
+        if job is not None:
+            return job
+        if messages is None:
+            raise TypeError("pass messages or a job")
+        return make_job(messages, **fields)
+
+    async def submit(
+        self, job: CompletionJob, *, results_queue: str, api_key: str | None = None
+    ) -> str:
+        """Publish a job whose result goes to the durable queue ``results_queue`` (a name made
+        by ``open_results``). Returns the job id once the broker has confirmed the job."""
+        publisher = await self._batch_publisher()
+        await publisher.publish(
+            self.names.jobs,
+            encode(job),
+            message_id=job.job_id,
+            correlation_id=job.job_id,
+            reply_to=results_queue,
+            priority=job.priority,
+            headers={HEADER_KEY: api_key} if api_key else None,
+        )
+        return job.job_id
+
+    async def open_results(self, name: str) -> str:
+        """Declare the durable results queue ``name`` and return its full queue name."""
+        channel = await self._connection.channel()
+        queue = await declare_results_queue(channel, self.names, name)
+        await channel.close()
+        return queue.name
+
+    async def results(self, results_queue: str, *, prefetch: int = 200) -> AsyncIterator[JobResult]:
+        """Yield results from ``results_queue`` as they come, each job id once. A result is acked
+        when the consumer asks for the next one, so a crash while handling it redelivers it."""
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue: AbstractQueue = await channel.get_queue(results_queue)
+        try:
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    try:
+                        result = JobResult.model_validate_json(message.body)
+                    except ValueError:
+                        # Not a result: the queue dead-letters it to <ns>.dead for a look.
+                        await message.nack(requeue=False)
+                        continue
+                    if result.job_id not in self._seen:
+                        yield result
+                        # Only once the consumer is done with it: one that fails while
+                        # handling it gets it again from the queue.
+                        self._seen.add(result.job_id)
+                    await message.ack()
+        finally:
+            await channel.close()
+
+    async def delete_results(self, results_queue: str) -> None:
+        channel = await self._connection.channel()
+        await channel.queue_delete(results_queue)
+        await channel.close()

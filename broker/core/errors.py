@@ -1,0 +1,179 @@
+"""Switchyard's one error tree. Each leaf maps to one ``ErrorCode`` in a ``JobResult`` and one
+HTTP status::
+
+    SwitchyardError
+    ├── ConfigError                    (a config file or setting is invalid; never reaches a job)
+    ├── JobRejected                    status "rejected": the job itself is wrong
+    │   ├── InvalidMessage             invalid_message            400
+    │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
+    │   ├── Unauthorized               unauthorized               401
+    │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
+    │   ├── ModelUnavailable           model_unavailable          404 (retry_after if circuits)
+    │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
+    └── ProviderError                  status "failed": the provider call did not succeed
+        ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
+        │   └── QuotaExhausted         rate_limited      429  (not retryable: the account's credit)
+        ├── ProviderTimeout            timeout           504  (retryable)
+        ├── ProviderServerError        server_error      502  (retryable)
+        ├── ProviderUnavailable        provider_unavailable 503 (its circuit is open; not called)
+        ├── ProviderInvalidRequest     invalid_request   400
+        ├── ProviderAuthentication     authentication    502  (our credentials, not the caller's)
+        ├── ContentFiltered            content_filter    422
+        └── ProviderProtocolError      provider_protocol_error 502 (not the documented shape)
+"""
+
+from __future__ import annotations
+
+from schemas import ErrorCode, JobError
+
+__all__ = [
+    "ConfigError",
+    "ContentFiltered",
+    "DeadlineExceeded",
+    "InvalidMessage",
+    "JobRejected",
+    "ModelUnavailable",
+    "ProviderAuthentication",
+    "ProviderError",
+    "ProviderInvalidRequest",
+    "ProviderProtocolError",
+    "ProviderServerError",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "QuotaExceeded",
+    "QuotaExhausted",
+    "RateLimited",
+    "SwitchyardError",
+    "Unauthorized",
+    "UnsupportedSchemaVersion",
+    "internal_error",
+]
+
+
+class SwitchyardError(Exception):
+    """Root of every error Switchyard raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+    family: str = "internal"
+    http_status: int = 500
+    retryable: bool = False
+
+    def __init__(
+        self, message: str, *, provider: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.retry_after = retry_after  # seconds after which trying again may succeed
+
+    def to_job_error(self) -> JobError:
+        return JobError(
+            type=self.family,
+            code=self.code,
+            message=self.message,
+            retry_after=self.retry_after,
+            provider=self.provider,
+        )
+
+
+def internal_error(exc: BaseException) -> JobError:
+    """A typed error for a bug: names the exception class, never its (possibly secret) text."""
+    return JobError(
+        type="internal",
+        code=ErrorCode.INTERNAL_ERROR,
+        message=f"internal error ({type(exc).__name__})",
+    )
+
+
+class ConfigError(SwitchyardError):
+    """The config file or the environment is invalid; the message names the path and reason."""
+
+
+class JobRejected(SwitchyardError):
+    family = "invalid_request"
+    http_status = 400
+
+
+class InvalidMessage(JobRejected):
+    code = ErrorCode.INVALID_MESSAGE
+
+
+class UnsupportedSchemaVersion(JobRejected):
+    code = ErrorCode.UNSUPPORTED_SCHEMA_VERSION
+
+
+class Unauthorized(JobRejected):
+    code = ErrorCode.UNAUTHORIZED
+    http_status = 401
+
+
+class QuotaExceeded(JobRejected):
+    """No candidate's limits or budgets can take the job now."""
+
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+
+
+class ModelUnavailable(JobRejected):
+    code = ErrorCode.MODEL_UNAVAILABLE
+    http_status = 404
+
+
+class DeadlineExceeded(JobRejected):
+    code = ErrorCode.DEADLINE_EXCEEDED
+    http_status = 504
+
+
+class ProviderError(SwitchyardError):
+    family = "provider_error"
+    http_status = 502
+
+
+class RateLimited(ProviderError):
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+    retryable = True
+
+
+class QuotaExhausted(RateLimited):
+    """The provider account's credit or spend limit is used up (OpenAI's 429
+    ``insufficient_quota``): a 429, but no retry helps until its billing changes."""
+
+    retryable = False
+
+
+class ProviderTimeout(ProviderError):
+    code = ErrorCode.TIMEOUT
+    http_status = 504
+    retryable = True
+
+
+class ProviderServerError(ProviderError):
+    code = ErrorCode.SERVER_ERROR
+    retryable = True
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider's circuit breaker is open (``broker.state.circuits``): the job was not sent
+    to it. ``retry_after`` is when the circuit lets a call try again."""
+
+    code = ErrorCode.PROVIDER_UNAVAILABLE
+    http_status = 503
+
+
+class ProviderInvalidRequest(ProviderError):
+    code = ErrorCode.INVALID_REQUEST
+    http_status = 400
+
+
+class ProviderAuthentication(ProviderError):
+    code = ErrorCode.AUTHENTICATION
+
+
+class ContentFiltered(ProviderError):
+    code = ErrorCode.CONTENT_FILTER
+    http_status = 422
+
+
+class ProviderProtocolError(ProviderError):
+    code = ErrorCode.PROVIDER_PROTOCOL_ERROR
