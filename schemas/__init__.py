@@ -1,65 +1,7 @@
 """Wire contracts shared by every Switchyard process: small pydantic models, no behaviour."""
 
-from schemas.chat import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatMessage,
-    Choice,
-    ChunkChoice,
-    ChunkDelta,
-    CompletionParams,
-    ToolCall,
-    ToolCallDelta,
-    ToolCallFunction,
-    ToolCallFunctionDelta,
-    Usage,
-)
-from schemas.jobs import (
-    SCHEMA_VERSION,
-    AccountingEvent,
-    Attempt,
-    CachePolicy,
-    CompletionJob,
-    ErrorCode,
-    JobChunk,
-    JobError,
-    JobEvent,
-    JobEventBatch,
-    JobResult,
-    JobStatus,
-    ReplyTo,
-    Route,
-    Timings,
-    UsageEvent,
-)
+from schemas import chat, jobs
+from schemas.chat import *  # noqa: F403 (each module's __all__ is the contract)
+from schemas.jobs import *  # noqa: F403
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "AccountingEvent",
-    "Attempt",
-    "CachePolicy",
-    "ChatCompletion",
-    "ChatCompletionChunk",
-    "ChatMessage",
-    "Choice",
-    "ChunkChoice",
-    "ChunkDelta",
-    "CompletionJob",
-    "CompletionParams",
-    "ErrorCode",
-    "JobChunk",
-    "JobError",
-    "JobEvent",
-    "JobEventBatch",
-    "JobResult",
-    "JobStatus",
-    "ReplyTo",
-    "Route",
-    "Timings",
-    "ToolCall",
-    "ToolCallDelta",
-    "ToolCallFunction",
-    "ToolCallFunctionDelta",
-    "Usage",
-    "UsageEvent",
-]
+__all__ = [*chat.__all__, *jobs.__all__]

@@ -1,4 +1,4 @@
-"""Messages that travel between Switchyard's processes (see ARCHITECTURE.md, "Message contracts").
+"""Messages that travel between Switchyard's processes (docs/architecture.md, "Message contracts").
 
 Every message is JSON with a ``schema_version``; a reader refuses a version it does not know.
 """
@@ -232,6 +232,14 @@ class UsageEvent(_Message):
     completion_tokens: int = Field(ge=0)
     estimated: bool = False
     free: bool = Field(default=False, description="Free-tier call: costs nothing.")
+    cost_usd: Decimal | None = Field(
+        default=None,
+        description="Priced once, by the worker at the call (the job's result carries the same"
+        " figure); None when the config has no price for the model.",
+    )
+    price_version: str | None = Field(
+        default=None, description="The digest of the config version that priced the call."
+    )
     key_id: str | None = None
     occurred_at: AwareDatetime
 

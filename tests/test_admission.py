@@ -26,7 +26,6 @@ from broker.core.config import ProviderType, load_config
 from broker.core.names import HEADER_KEY, Names
 from broker.core.tokens import estimate_prompt_tokens
 from broker.core.windows import Period, window
-from broker.state.quota import bucket_key
 from schemas import ChatMessage, JobResult
 from tests.conftest import (
     AMQP_URL,
@@ -156,8 +155,8 @@ async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles
         assert mock.stats()["calls"] == len(succeeded)
 
         day = window(Period.DAY, datetime.now(UTC), ZoneInfo("UTC")).id
-        usd_key = bucket_key(names, "key", "team-a", "usd_day", day)
-        tokens_key = bucket_key(names, "provider", "p", "tokens_day", day)
+        usd_key = names.quota_bucket("key", "team-a", "usd_day", day)
+        tokens_key = names.quota_bucket("provider", "p", "tokens_day", day)
         ids = [r.job_id for r in succeeded]
 
         async def reconciled() -> bool:
@@ -332,7 +331,7 @@ async def test_a_queued_job_keeps_its_reservation_and_an_expired_one_returns_it(
     if datetime.now(UTC).second >= 40:  # keep the whole test inside one minute window
         await asyncio.sleep(61 - datetime.now(UTC).second)
     minute = window(Period.MINUTE, datetime.now(UTC), ZoneInfo("UTC")).id
-    rpm_key = bucket_key(names, "key", "team-a", "rpm", minute)
+    rpm_key = names.quota_bucket("key", "team-a", "rpm", minute)
     client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
     async with pipeline(config, workers=[], accountant=False, hold_margin_s=0.5), client:
         queue = await client.open_results("held")

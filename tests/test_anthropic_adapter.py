@@ -4,39 +4,22 @@ Anthropic documents."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
+from broker.core import errors
 from broker.core.config import ProviderConfig
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    RateLimited,
-)
-from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
-from tests.provider_stub import Handler, Provider
+from tests.adapter_cases import AdapterCase, assistant, folded, images, json_format
+from tests.provider_stub import Provider
 from workers.adapters import adapter_for
 from workers.adapters.anthropic import AnthropicAdapter
-from workers.adapters.base import ProviderRequest
-from workers.streaming import ChunkAccumulator
 
-FIXTURES = Path(__file__).parent / "fixtures" / "anthropic"
-KEY_ENV = "SWITCHYARD_TEST_ANTHROPIC_KEY"
 KEY = "sk-ant-test-abc123supersecret"
-PROMPT_MARKER = "PROMPT-TEXT-MARKER"
 URL = "https://api.example.test/v1/messages"
 MODEL = "claude-opus-4-6"
-SSE = {"content-type": "text/event-stream; charset=utf-8"}
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -54,112 +37,12 @@ WEATHER_TOOL = {
         },
     },
 }
-
-
-def fixture(name: str) -> Any:
-    return orjson.loads((FIXTURES / name).read_bytes())
-
-
-def sse(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def make_provider(**overrides: Any) -> ProviderConfig:
-    fields: dict[str, Any] = {
-        "id": "anthropic-test",
-        "type": "anthropic",
-        "base_url": "https://api.example.test/v1",
-        "api_key_env": KEY_ENV,
-        "models": {
-            MODEL: {"input": "5", "output": "25"},
-            "claude-haiku-4-5": {"input": "1", "output": "5", "max_tokens": 2048},
-        },
-    }
-    fields.update(overrides)
-    return ProviderConfig(**fields)
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> ProviderConfig:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return make_provider()
-
-
-def request(*messages: dict[str, Any], model: str = MODEL, **params: Any) -> ProviderRequest:
-    return ProviderRequest(
-        model=model,
-        messages=[ChatMessage.model_validate(m) for m in messages],
-        params=CompletionParams.model_validate(params),
-    )
-
-
-def simple_request(**params: Any) -> ProviderRequest:
-    return request({"role": "user", "content": f"Say hi. {PROMPT_MARKER}"}, **params)
-
-
-async def call(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> ChatCompletion:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        return await AnthropicAdapter(provider, http).complete(call_request or simple_request())
-
-
-async def call_error(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await call(provider, handler, call_request)
-    return checked(caught.value, provider)
-
-
-def checked(error: ProviderError, provider: ProviderConfig) -> ProviderError:
-    assert error.provider == provider.id
-    assert KEY not in error.message
-    assert PROMPT_MARKER not in error.message
-    return error
-
-
-async def sent_body(provider: ProviderConfig, call_request: ProviderRequest) -> Any:
-    stub = Provider(body=fixture("message.json"))
-    await call(provider, stub, call_request)
-    return stub.body()
-
-
-async def collect(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> list[ChatCompletionChunk]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        adapter = AnthropicAdapter(provider, http)
-        return [chunk async for chunk in adapter.stream(call_request or simple_request())]
-
-
-async def collect_error(
-    provider: ProviderConfig, handler: Handler
-) -> tuple[ProviderError, list[ChatCompletionChunk]]:
-    chunks: list[ChatCompletionChunk] = []
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        with pytest.raises(ProviderError) as caught:
-            async for chunk in AnthropicAdapter(provider, http).stream(simple_request()):
-                chunks.append(chunk)
-    return checked(caught.value, provider), chunks
-
-
-def folded(provider: ProviderConfig, chunks: list[ChatCompletionChunk]) -> ChatCompletion:
-    accumulator = ChunkAccumulator(provider.id)
-    for chunk in chunks:
-        accumulator.add(chunk)
-    return accumulator.result()
-
-
-def same_result(streamed: ChatCompletion, completed: ChatCompletion) -> None:
-    """What a client sees: equal whether the call streamed or not (``created`` aside)."""
-    assert streamed.id == completed.id
-    assert streamed.model == completed.model
-    [s], [c] = streamed.choices, completed.choices
-    assert s.message.content == c.message.content
-    assert s.message.tool_calls == c.message.tool_calls
-    assert s.finish_reason == c.finish_reason
-    assert streamed.usage == completed.usage
+MODELS = {
+    MODEL: {"input": "5", "output": "25"},
+    "claude-haiku-4-5": {"input": "1", "output": "5", "max_tokens": 2048},
+}
+api = AdapterCase("anthropic", AnthropicAdapter, KEY, MODEL, "message.json", {"models": MODELS})
+provider = api.provider_fixture()
 
 
 def events(*pairs: tuple[str, dict[str, Any]]) -> bytes:
@@ -170,10 +53,10 @@ def events(*pairs: tuple[str, dict[str, Any]]) -> bytes:
 
 
 async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("message.json"))
+    stub = Provider(body=api.fixture("message.json"))
 
-    await call(
-        provider, stub, request({"role": "user", "content": "Hello, world"}, max_tokens=1024)
+    await api.call(
+        provider, stub, api.request({"role": "user", "content": "Hello, world"}, max_tokens=1024)
     )
 
     [sent] = stub.requests
@@ -183,18 +66,18 @@ async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
     assert sent.headers["anthropic-version"] == "2023-06-01"
     assert sent.headers["content-type"] == "application/json"
     assert "authorization" not in sent.headers
-    assert stub.body() == fixture("messages_request.json")
+    assert stub.body() == api.fixture("messages_request.json")
 
 
 async def test_configured_headers_and_version_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    provider = make_provider(
+    monkeypatch.delenv(api.key_env, raising=False)
+    provider = api.make_provider(
         base_url="https://api.example.test/v1/",
         headers={"Anthropic-Version": "2024-01-01", "anthropic-beta": "some-beta"},
     )
-    stub = Provider(body=fixture("message.json"))
+    stub = Provider(body=api.fixture("message.json"))
 
-    await call(provider, stub)
+    await api.call(provider, stub)
 
     [sent] = stub.requests
     assert str(sent.url) == URL
@@ -216,8 +99,8 @@ async def test_configured_headers_and_version_win(monkeypatch: pytest.MonkeyPatc
 async def test_max_tokens(
     provider: ProviderConfig, model: str, params: dict[str, Any], expected: int
 ) -> None:
-    body = await sent_body(
-        provider, request({"role": "user", "content": "hi"}, model=model, **params)
+    body = await api.sent_body(
+        provider, api.request({"role": "user", "content": "hi"}, model=model, **params)
     )
 
     assert body["max_tokens"] == expected
@@ -227,9 +110,9 @@ async def test_max_tokens(
 async def test_system_and_developer_messages_become_the_system_prompt(
     provider: ProviderConfig,
 ) -> None:
-    body = await sent_body(
+    body = await api.sent_body(
         provider,
-        request(
+        api.request(
             {"role": "system", "content": "You are terse."},
             {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
             {"role": "user", "content": "Hello"},
@@ -241,19 +124,10 @@ async def test_system_and_developer_messages_become_the_system_prompt(
 
 
 async def test_sampling_params_and_stop(provider: ProviderConfig) -> None:
-    body = await sent_body(
-        provider,
-        simple_request(
-            temperature=0.5,
-            top_p=0.9,
-            stop="\n\nHuman:",
-            seed=7,
-            n=1,
-            frequency_penalty=0.5,
-            logprobs=True,
-            top_k=40,
-        ),
-    )
+    sampling = {"temperature": 0.5, "top_p": 0.9, "stop": "\n\nHuman:", "top_k": 40}
+    openai_only = {"seed": 7, "n": 1, "frequency_penalty": 0.5, "logprobs": True}
+
+    body = await api.sent_body(provider, api.simple_request(**sampling, **openai_only))
 
     assert body["temperature"] == 0.5
     assert body["top_p"] == 0.9
@@ -264,33 +138,24 @@ async def test_sampling_params_and_stop(provider: ProviderConfig) -> None:
 
 
 async def test_stop_list(provider: ProviderConfig) -> None:
-    body = await sent_body(provider, simple_request(stop=["END", "STOP"]))
+    body = await api.sent_body(provider, api.simple_request(stop=["END", "STOP"]))
 
     assert body["stop_sequences"] == ["END", "STOP"]
 
 
 async def test_more_than_one_choice_is_refused(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("message.json"))
-
-    error = await call_error(provider, stub, simple_request(n=2))
-
-    assert isinstance(error, ProviderInvalidRequest)
-    assert stub.requests == []
+    await api.refuses(provider, api.simple_request(n=2))
 
 
 async def test_sends_the_documented_tools_request(provider: ProviderConfig) -> None:
-    documented = fixture("tools_request.json")
-    stub = Provider(body=fixture("message_tool_use.json"))
+    documented = api.fixture("tools_request.json")
+    stub = Provider(body=api.fixture("message_tool_use.json"))
+    question = {"role": "user", "content": "What is the weather like in San Francisco?"}
 
-    await call(
+    await api.call(
         provider,
         stub,
-        request(
-            {"role": "user", "content": "What is the weather like in San Francisco?"},
-            max_tokens=1024,
-            tools=[WEATHER_TOOL],
-            tool_choice="required",
-        ),
+        api.request(question, max_tokens=1024, tools=[WEATHER_TOOL], tool_choice="required"),
     )
 
     assert stub.body() == documented
@@ -301,7 +166,7 @@ async def test_tool_without_parameters_gets_an_empty_input_schema(
 ) -> None:
     tool = {"type": "function", "function": {"name": "now", "strict": True}}
 
-    body = await sent_body(provider, simple_request(tools=[tool]))
+    body = await api.sent_body(provider, api.simple_request(tools=[tool]))
 
     assert body["tools"] == [
         {"name": "now", "input_schema": {"type": "object", "properties": {}}, "strict": True}
@@ -332,7 +197,7 @@ async def test_tool_choice(
     if parallel is not None:
         params["parallel_tool_calls"] = parallel
 
-    body = await sent_body(provider, simple_request(**params))
+    body = await api.sent_body(provider, api.simple_request(**params))
 
     assert body.get("tool_choice") == expected
     assert "parallel_tool_calls" not in body
@@ -348,34 +213,19 @@ async def test_tool_choice(
 async def test_tools_that_are_not_functions_are_refused(
     provider: ProviderConfig, tools: list[dict[str, Any]]
 ) -> None:
-    error = await call_error(
-        provider, Provider(body=fixture("message.json")), simple_request(tools=tools)
-    )
-
-    assert isinstance(error, ProviderInvalidRequest)
+    await api.refuses(provider, api.simple_request(tools=tools))
 
 
 async def test_tool_calls_and_results_translate(provider: ProviderConfig) -> None:
-    body = await sent_body(
+    body = await api.sent_body(
         provider,
-        request(
+        api.request(
             {"role": "user", "content": "Weather in Paris and Rome?"},
-            {
-                "role": "assistant",
-                "content": "Checking both.",
-                "tool_calls": [
-                    {
-                        "id": "toolu_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
-                    },
-                    {
-                        "id": "toolu_2",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"location": "Rome"}'},
-                    },
-                ],
-            },
+            assistant(
+                "Checking both.",
+                ("toolu_1", "get_weather", '{"location": "Paris"}'),
+                ("toolu_2", "get_weather", '{"location": "Rome"}'),
+            ),
             {"role": "tool", "tool_call_id": "toolu_1", "content": "15 degrees"},
             {
                 "role": "tool",
@@ -422,15 +272,9 @@ async def test_tool_calls_and_results_translate(provider: ProviderConfig) -> Non
 
 
 async def test_assistant_tool_call_without_text(provider: ProviderConfig) -> None:
-    turn = {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {"id": "toolu_1", "type": "function", "function": {"name": "now", "arguments": ""}}
-        ],
-    }
+    turn = assistant(None, ("toolu_1", "now", ""))
 
-    body = await sent_body(provider, request({"role": "user", "content": "time?"}, turn))
+    body = await api.sent_body(provider, api.request({"role": "user", "content": "time?"}, turn))
 
     assert body["messages"][1] == {
         "role": "assistant",
@@ -442,42 +286,22 @@ async def test_assistant_tool_call_without_text(provider: ProviderConfig) -> Non
 async def test_tool_call_arguments_that_are_not_an_object(
     provider: ProviderConfig, arguments: str
 ) -> None:
-    stub = Provider(body=fixture("message.json"))
-    turn = {
-        "role": "assistant",
-        "tool_calls": [
-            {"id": "t", "type": "function", "function": {"name": "f", "arguments": arguments}}
-        ],
-    }
+    turn = assistant(None, ("t", "f", arguments))
 
-    error = await call_error(provider, stub, request({"role": "user", "content": "x"}, turn))
+    error = await api.refuses(provider, api.request({"role": "user", "content": "x"}, turn))
 
-    assert isinstance(error, ProviderInvalidRequest)
     assert "message 1" in error.message
     assert "not a JSON object" in error.message
-    assert stub.requests == []
 
 
 async def test_images(provider: ProviderConfig) -> None:
-    body = await sent_body(
-        provider,
-        request(
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in these images?"},
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
-                    },
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": "https://example.test/ant.jpg", "detail": "high"},
-                    },
-                ],
-            }
-        ),
+    turn = images(
+        "What is in these images?",
+        "data:image/png;base64,iVBORw0KGgo=",
+        {"url": "https://example.test/ant.jpg", "detail": "high"},
     )
+
+    body = await api.sent_body(provider, api.request(turn))
 
     assert body["messages"][0]["content"] == [
         {"type": "text", "text": "What is in these images?"},
@@ -499,42 +323,31 @@ async def test_images(provider: ProviderConfig) -> None:
     ],
 )
 async def test_content_parts_it_cannot_send(provider: ProviderConfig, part: dict[str, Any]) -> None:
-    stub = Provider(body=fixture("message.json"))
+    error = await api.refuses(provider, api.request({"role": "user", "content": [part]}))
 
-    error = await call_error(provider, stub, request({"role": "user", "content": [part]}))
-
-    assert isinstance(error, ProviderInvalidRequest)
     assert "message 0" in error.message
-    assert stub.requests == []
 
 
 async def test_tool_message_without_tool_call_id(provider: ProviderConfig) -> None:
-    error = await call_error(
-        provider,
-        Provider(body=fixture("message.json")),
-        request({"role": "user", "content": "x"}, {"role": "tool", "content": "y"}),
+    await api.refuses(
+        provider, api.request({"role": "user", "content": "x"}, {"role": "tool", "content": "y"})
     )
-
-    assert isinstance(error, ProviderInvalidRequest)
 
 
 async def test_json_schema_response_format(provider: ProviderConfig) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"name": {"type": "string"}},
-        "required": ["name"],
-        "additionalProperties": False,
-    }
-    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    response_format = json_format("person", "name")
+    schema = response_format["json_schema"]["schema"]
 
-    body = await sent_body(provider, simple_request(response_format=response_format))
+    body = await api.sent_body(provider, api.simple_request(response_format=response_format))
 
     assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
     assert "response_format" not in body
 
 
 async def test_json_object_response_format(provider: ProviderConfig) -> None:
-    body = await sent_body(provider, simple_request(response_format={"type": "json_object"}))
+    body = await api.sent_body(
+        provider, api.simple_request(response_format={"type": "json_object"})
+    )
 
     assert body["output_config"] == {
         "format": {"type": "json_schema", "schema": {"type": "object"}}
@@ -542,7 +355,7 @@ async def test_json_object_response_format(provider: ProviderConfig) -> None:
 
 
 async def test_text_response_format_sends_nothing(provider: ProviderConfig) -> None:
-    body = await sent_body(provider, simple_request(response_format={"type": "text"}))
+    body = await api.sent_body(provider, api.simple_request(response_format={"type": "text"}))
 
     assert "output_config" not in body
 
@@ -554,22 +367,14 @@ async def test_text_response_format_sends_nothing(provider: ProviderConfig) -> N
 async def test_response_formats_it_cannot_send(
     provider: ProviderConfig, response_format: dict[str, Any]
 ) -> None:
-    stub = Provider(body=fixture("message.json"))
-
-    error = await call_error(provider, stub, simple_request(response_format=response_format))
-
-    assert isinstance(error, ProviderInvalidRequest)
-
-
-def test_the_registry_serves_anthropic(provider: ProviderConfig) -> None:
-    assert isinstance(adapter_for(provider, httpx.AsyncClient()), AnthropicAdapter)
+    await api.refuses(provider, api.simple_request(response_format=response_format))
 
 
 # --- the response --------------------------------------------------------------------------
 
 
 async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("message.json")))
+    completion = await api.call(provider, Provider(body=api.fixture("message.json")))
 
     assert completion.id == "msg_013Zva2CMHLNnXjNJJKqJ2EF"
     assert completion.object == "chat.completion"
@@ -587,7 +392,7 @@ async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
 
 
 async def test_parses_the_documented_tool_use_response(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("message_tool_use.json")))
+    completion = await api.call(provider, Provider(body=api.fixture("message_tool_use.json")))
 
     [choice] = completion.choices
     assert choice.finish_reason == "tool_calls"
@@ -604,24 +409,24 @@ async def test_parses_the_documented_tool_use_response(provider: ProviderConfig)
 
 
 async def test_tool_use_only_has_no_content(provider: ProviderConfig) -> None:
-    body = fixture("message_tool_use.json")
+    body = api.fixture("message_tool_use.json")
     body["content"] = body["content"][1:]
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].message.content is None
     assert completion.choices[0].message.tool_calls is not None
 
 
 async def test_text_blocks_are_joined_and_thinking_is_left_out(provider: ProviderConfig) -> None:
-    body = fixture("message.json")
+    body = api.fixture("message.json")
     body["content"] = [
         {"type": "thinking", "thinking": "Let me think", "signature": "abc"},
         {"type": "text", "text": "Hi! "},
         {"type": "text", "text": "My name is Claude."},
     ]
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].message.content == "Hi! My name is Claude."
 
@@ -639,33 +444,32 @@ async def test_text_blocks_are_joined_and_thinking_is_left_out(provider: Provide
     ],
 )
 async def test_stop_reasons(provider: ProviderConfig, stop_reason: str, finish_reason: str) -> None:
-    body = {**fixture("message.json"), "stop_reason": stop_reason}
+    body = {**api.fixture("message.json"), "stop_reason": stop_reason}
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].finish_reason == finish_reason
 
 
 async def test_refusal_without_content(provider: ProviderConfig) -> None:
-    body = {**fixture("message.json"), "stop_reason": "refusal", "content": []}
+    body = {**api.fixture("message.json"), "stop_reason": "refusal", "content": []}
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ContentFiltered)
 
-    assert isinstance(error, ContentFiltered)
     assert "stop_reason refusal" in error.message
 
 
 async def test_refusal_after_partial_content_is_returned(provider: ProviderConfig) -> None:
-    body = {**fixture("message.json"), "stop_reason": "refusal"}
+    body = {**api.fixture("message.json"), "stop_reason": "refusal"}
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].message.content == "Hi! My name is Claude."
     assert completion.choices[0].finish_reason == "content_filter"
 
 
 async def test_cache_tokens_count_as_prompt_tokens(provider: ProviderConfig) -> None:
-    body = fixture("message.json")
+    body = api.fixture("message.json")
     body["usage"] = {
         "input_tokens": 50,
         "cache_creation_input_tokens": 1000,
@@ -673,7 +477,7 @@ async def test_cache_tokens_count_as_prompt_tokens(provider: ProviderConfig) -> 
         "output_tokens": 503,
     }
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     usage = completion.usage
     assert usage is not None
@@ -683,8 +487,7 @@ async def test_cache_tokens_count_as_prompt_tokens(provider: ProviderConfig) -> 
     }
 
 
-@pytest.mark.parametrize(
-    ("mutate", "fragment"),
+test_wrong_shapes_name_the_field = api.wrong_shape_test(
     [
         (lambda b: b.pop("usage"), "response field usage: Field required"),
         (lambda b: b.pop("content"), "response field content: Field required"),
@@ -695,60 +498,46 @@ async def test_cache_tokens_count_as_prompt_tokens(provider: ProviderConfig) -> 
             "response field content.1: a tool_use block needs id, name and an input object",
         ),
     ],
+    text="My name is Claude",
 )
-async def test_wrong_shapes_name_the_field(
-    provider: ProviderConfig, mutate: Callable[[dict[str, Any]], Any], fragment: str
-) -> None:
-    body = fixture("message.json")
-    mutate(body)
-
-    error = await call_error(provider, Provider(body=body))
-
-    assert isinstance(error, ProviderProtocolError)
-    assert error.message.startswith("provider 'anthropic-test': ")
-    assert fragment in error.message
-    assert "My name is Claude" not in error.message
 
 
 async def test_body_not_json(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(content=b"<html>oops</html>"))
+    error = await api.fails(
+        provider, Provider(content=b"<html>oops</html>"), errors.ProviderProtocolError
+    )
 
-    assert isinstance(error, ProviderProtocolError)
     assert "not JSON" in error.message
 
 
 # --- error statuses ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "fixture_name", "expected", "fragments"),
+test_status_maps_to_error = api.status_test(
     [
         (
             400,
             "error_400_invalid_request.json",
-            ProviderInvalidRequest,
+            errors.ProviderInvalidRequest,
             ["HTTP 400, invalid_request_error", "roles must alternate"],
         ),
-        (404, "error_404_not_found.json", ProviderInvalidRequest, ["not_found_error"]),
-        (413, "error_413_request_too_large.json", ProviderInvalidRequest, ["request_too_large"]),
-        (500, "error_500_api_error.json", ProviderServerError, ["HTTP 500, api_error"]),
-        (529, "error_529_overloaded.json", ProviderServerError, ["HTTP 529, overloaded_error"]),
-        (504, "error_504_timeout.json", ProviderTimeout, ["HTTP 504, timeout_error"]),
-    ],
+        (404, "error_404_not_found.json", errors.ProviderInvalidRequest, ["not_found_error"]),
+        (
+            413,
+            "error_413_request_too_large.json",
+            errors.ProviderInvalidRequest,
+            ["request_too_large"],
+        ),
+        (500, "error_500_api_error.json", errors.ProviderServerError, ["HTTP 500, api_error"]),
+        (
+            529,
+            "error_529_overloaded.json",
+            errors.ProviderServerError,
+            ["HTTP 529, overloaded_error"],
+        ),
+        (504, "error_504_timeout.json", errors.ProviderTimeout, ["HTTP 504, timeout_error"]),
+    ]
 )
-async def test_status_maps_to_error(
-    provider: ProviderConfig,
-    status: int,
-    fixture_name: str,
-    expected: type[ProviderError],
-    fragments: list[str],
-) -> None:
-    error = await call_error(provider, Provider(status, fixture(fixture_name)))
-
-    assert type(error) is expected
-    assert error.message.startswith("provider 'anthropic-test'")
-    for fragment in fragments:
-        assert fragment in error.message
 
 
 @pytest.mark.parametrize(
@@ -762,11 +551,10 @@ async def test_status_maps_to_error(
 async def test_auth_errors_never_repeat_the_provider_text(
     provider: ProviderConfig, status: int, fixture_name: str
 ) -> None:
-    body = fixture(fixture_name)
+    body = api.fixture(fixture_name)
 
-    error = await call_error(provider, Provider(status, body))
+    error = await api.fails(provider, Provider(status, body), errors.ProviderAuthentication)
 
-    assert isinstance(error, ProviderAuthentication)
     kind = body["error"]["type"]
     assert error.message == (
         f"provider 'anthropic-test' refused our credentials (HTTP {status}, {kind})"
@@ -777,39 +565,37 @@ async def test_auth_errors_never_repeat_the_provider_text(
 async def test_rate_limited(
     provider: ProviderConfig, headers: dict[str, str], expected: float | None
 ) -> None:
-    error = await call_error(
-        provider, Provider(429, fixture("error_429_rate_limit.json"), headers=headers)
+    error = await api.fails(
+        provider,
+        Provider(429, api.fixture("error_429_rate_limit.json"), headers=headers),
+        errors.RateLimited,
     )
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == expected
     assert "rate_limit_error" in error.message
 
 
 async def test_unexpected_status_and_body(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(418, content=b"teapot"))
+    error = await api.fails(provider, Provider(418, content=b"teapot"), errors.ProviderServerError)
 
-    assert isinstance(error, ProviderServerError)
     assert error.message == "provider 'anthropic-test' answered with unexpected status (HTTP 418)"
 
 
 async def test_key_in_a_provider_message_is_redacted(provider: ProviderConfig) -> None:
     body = {"type": "error", "error": {"type": "invalid_request_error", "message": f"bad {KEY}"}}
 
-    error = await call_error(provider, Provider(400, body))
+    error = await api.call_error(provider, Provider(400, body))
 
     assert "bad [redacted]" in error.message
 
 
 async def test_transport_failures(provider: ProviderConfig) -> None:
-    timeout = await call_error(provider, Provider(raises=httpx.ReadTimeout("slow")))
-    refused = await call_error(provider, Provider(raises=httpx.ConnectError("refused")))
-    bug = await call_error(provider, Provider(raises=KeyError(KEY)))
+    await api.fails(provider, Provider(raises=httpx.ReadTimeout("slow")), errors.ProviderTimeout)
+    refused = Provider(raises=httpx.ConnectError("refused"))
+    refused_error = await api.fails(provider, refused, errors.ProviderServerError)
+    bug = await api.fails(provider, Provider(raises=KeyError(KEY)), errors.ProviderProtocolError)
 
-    assert isinstance(timeout, ProviderTimeout)
-    assert isinstance(refused, ProviderServerError)
-    assert refused.message == "provider 'anthropic-test': connection failed: ConnectError"
-    assert isinstance(bug, ProviderProtocolError)
+    assert refused_error.message == "provider 'anthropic-test': connection failed: ConnectError"
     assert "KeyError" in bug.message
 
 
@@ -817,9 +603,11 @@ async def test_transport_failures(provider: ProviderConfig) -> None:
 
 
 async def test_stream_sends_the_same_request_with_stream(provider: ProviderConfig) -> None:
-    stub = Provider(content=sse("stream_basic.txt"), headers=SSE)
+    stub = api.streaming(api.sse("stream_basic.txt"))
 
-    await collect(provider, stub, request({"role": "user", "content": "Hello"}, max_tokens=256))
+    await api.collect(
+        provider, stub, api.request({"role": "user", "content": "Hello"}, max_tokens=256)
+    )
 
     [sent] = stub.requests
     assert str(sent.url) == URL
@@ -833,7 +621,7 @@ async def test_stream_sends_the_same_request_with_stream(provider: ProviderConfi
 
 
 async def test_documented_basic_stream(provider: ProviderConfig) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream_basic.txt"), headers=SSE))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream_basic.txt")))
 
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].delta.content for c in chunks[1:3]] == ["Hello", "!"]
@@ -851,11 +639,11 @@ async def test_documented_basic_stream(provider: ProviderConfig) -> None:
         "stop_reason": "end_turn",
         "usage": {"input_tokens": 25, "output_tokens": 15},
     }
-    same_result(folded(provider, chunks), await call(provider, Provider(body=message)))
+    await api.folds_like(provider, chunks, message)
 
 
 async def test_documented_tool_use_stream(provider: ProviderConfig) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream_tool_use.txt"), headers=SSE))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream_tool_use.txt")))
 
     starts = [
         c
@@ -883,15 +671,14 @@ async def test_documented_tool_use_stream(provider: ProviderConfig) -> None:
         "stop_reason": "tool_use",
         "usage": {"input_tokens": 472, "output_tokens": 89},
     }
-    streamed = folded(provider, chunks)
-    same_result(streamed, await call(provider, Provider(body=message)))
+    streamed = await api.folds_like(provider, chunks, message)
     assert streamed.choices[0].finish_reason == "tool_calls"
 
 
 async def test_stream_tool_without_arguments_folds_to_an_empty_object(
     provider: ProviderConfig,
 ) -> None:
-    start = fixture("message.json") | {"content": [], "stop_reason": None}
+    start = api.fixture("message.json") | {"content": [], "stop_reason": None}
     body = events(
         ("message_start", {"type": "message_start", "message": start}),
         (
@@ -913,24 +700,24 @@ async def test_stream_tool_without_arguments_folds_to_an_empty_object(
         ),
         ("message_stop", {"type": "message_stop"}),
     )
-    complete = fixture("message.json") | {
+    complete = api.fixture("message.json") | {
         "content": [{"type": "tool_use", "id": "toolu_9", "name": "now", "input": {}}],
         "stop_reason": "tool_use",
         "usage": {"input_tokens": 2095, "output_tokens": 5},
     }
 
-    chunks = await collect(provider, Provider(content=body, headers=SSE))
+    chunks = await api.collect(provider, api.streaming(body))
 
-    same_result(folded(provider, chunks), await call(provider, Provider(body=complete)))
+    await api.folds_like(provider, chunks, complete)
 
 
 async def test_stream_usage_includes_cache_tokens(provider: ProviderConfig) -> None:
-    body = sse("stream_basic.txt").replace(
+    body = api.sse("stream_basic.txt").replace(
         b'"usage": {"input_tokens": 25, "output_tokens": 1}',
         b'"usage": {"input_tokens": 25, "cache_read_input_tokens": 100, "output_tokens": 1}',
     )
 
-    chunks = await collect(provider, Provider(content=body, headers=SSE))
+    chunks = await api.collect(provider, api.streaming(body))
 
     usage = chunks[-1].usage
     assert usage is not None
@@ -938,11 +725,10 @@ async def test_stream_usage_includes_cache_tokens(provider: ProviderConfig) -> N
 
 
 async def test_stream_error_event(provider: ProviderConfig) -> None:
-    error, chunks = await collect_error(
-        provider, Provider(content=sse("stream_error.txt"), headers=SSE)
+    error, chunks = await api.stream_fails(
+        provider, api.streaming(api.sse("stream_error.txt")), errors.ProviderServerError
     )
 
-    assert isinstance(error, ProviderServerError)
     assert (
         error.message
         == "provider 'anthropic-test' failed (error event, overloaded_error): Overloaded"
@@ -953,31 +739,29 @@ async def test_stream_error_event(provider: ProviderConfig) -> None:
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        ("rate_limit_error", RateLimited),
-        ("invalid_request_error", ProviderInvalidRequest),
-        ("authentication_error", ProviderAuthentication),
-        ("timeout_error", ProviderTimeout),
-        ("api_error", ProviderServerError),
-        ("some_new_error", ProviderServerError),
+        ("rate_limit_error", errors.RateLimited),
+        ("invalid_request_error", errors.ProviderInvalidRequest),
+        ("authentication_error", errors.ProviderAuthentication),
+        ("timeout_error", errors.ProviderTimeout),
+        ("api_error", errors.ProviderServerError),
+        ("some_new_error", errors.ProviderServerError),
     ],
 )
 async def test_stream_error_event_types(
-    provider: ProviderConfig, kind: str, expected: type[ProviderError]
+    provider: ProviderConfig, kind: str, expected: type[errors.ProviderError]
 ) -> None:
     body = events(("error", {"type": "error", "error": {"type": kind, "message": "m"}}))
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, _ = await api.collect_error(provider, api.streaming(body))
 
     assert type(error) is expected
 
 
 async def test_stream_that_ends_early(provider: ProviderConfig) -> None:
-    body = sse("stream_basic.txt").split(b"event: message_delta")[0]
+    body = api.sse("stream_basic.txt").split(b"event: message_delta")[0]
 
-    error, chunks = await collect_error(provider, Provider(content=body, headers=SSE))
+    chunks = await api.ends_early(provider, body)
 
-    assert isinstance(error, ProviderServerError)
-    assert error.message == "provider 'anthropic-test': stream ended early"
     assert len(chunks) == 3
 
 
@@ -985,7 +769,7 @@ async def test_stream_refusal_without_content(provider: ProviderConfig) -> None:
     body = events(
         (
             "message_start",
-            {"type": "message_start", "message": fixture("message.json") | {"content": []}},
+            {"type": "message_start", "message": api.fixture("message.json") | {"content": []}},
         ),
         (
             "message_delta",
@@ -998,9 +782,7 @@ async def test_stream_refusal_without_content(provider: ProviderConfig) -> None:
         ("message_stop", {"type": "message_stop"}),
     )
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
-
-    assert isinstance(error, ContentFiltered)
+    await api.stream_fails(provider, api.streaming(body), errors.ContentFiltered)
 
 
 async def test_stream_event_before_message_start(provider: ProviderConfig) -> None:
@@ -1015,26 +797,24 @@ async def test_stream_event_before_message_start(provider: ProviderConfig) -> No
         )
     )
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, _ = await api.stream_fails(provider, api.streaming(body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "content_block_start came before message_start" in error.message
 
 
 async def test_stream_event_of_the_wrong_shape(provider: ProviderConfig) -> None:
-    body = sse("stream_basic.txt").replace(b'"index": 0, "delta"', b'"delta"')
+    body = api.sse("stream_basic.txt").replace(b'"index": 0, "delta"', b'"delta"')
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, _ = await api.stream_fails(provider, api.streaming(body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "stream event content_block_delta field index: Field required" in error.message
 
 
 async def test_unknown_stream_events_are_ignored(provider: ProviderConfig) -> None:
     extra = b'event: future_event\ndata: {"type": "future_event", "x": 1}\n\n'
-    body = sse("stream_basic.txt").replace(b"event: ping", extra + b"event: ping")
+    body = api.sse("stream_basic.txt").replace(b"event: ping", extra + b"event: ping")
 
-    chunks = await collect(provider, Provider(content=body, headers=SSE))
+    chunks = await api.collect(provider, api.streaming(body))
 
     assert folded(provider, chunks).choices[0].message.content == "Hello!"
 
@@ -1042,19 +822,26 @@ async def test_unknown_stream_events_are_ignored(provider: ProviderConfig) -> No
 @pytest.mark.parametrize(
     ("status", "fixture_name", "expected"),
     [
-        (429, "error_429_rate_limit.json", RateLimited),
-        (529, "error_529_overloaded.json", ProviderServerError),
-        (401, "error_401_authentication.json", ProviderAuthentication),
+        (429, "error_429_rate_limit.json", errors.RateLimited),
+        (529, "error_529_overloaded.json", errors.ProviderServerError),
+        (401, "error_401_authentication.json", errors.ProviderAuthentication),
     ],
 )
 async def test_stream_error_status(
-    provider: ProviderConfig, status: int, fixture_name: str, expected: type[ProviderError]
+    provider: ProviderConfig, status: int, fixture_name: str, expected: type[errors.ProviderError]
 ) -> None:
-    stub = Provider(status, fixture(fixture_name), headers={"retry-after": "3"})
+    stub = Provider(status, api.fixture(fixture_name), headers={"retry-after": "3"})
 
-    error, chunks = await collect_error(provider, stub)
+    error, chunks = await api.collect_error(provider, stub)
 
     assert type(error) is expected
     assert chunks == []
-    if isinstance(error, RateLimited):
+    if isinstance(error, errors.RateLimited):
         assert error.retry_after == 3.0
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_the_registry_serves_anthropic(provider: ProviderConfig) -> None:
+    assert isinstance(adapter_for(provider, httpx.AsyncClient()), AnthropicAdapter)

@@ -148,6 +148,8 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
         "public_model": "gpt-4o-mini",
         "prompt_tokens": 1000,
         "completion_tokens": 2000,
+        "cost_usd": "0.001350000",  # priced by the worker: 1000 * 0.15/M + 2000 * 0.60/M
+        "price_version": "v-test",
         "occurred_at": "2026-11-23T10:00:00Z",
     }
     channel = await amqp.channel()
@@ -167,9 +169,10 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
             return bool(await pg.fetchval(sql, sentinel["job_id"]))
 
         await eventually(recorded, 10, "the sentinel's usage row")
-    rows = await pg.fetch("SELECT attempt, cost_usd FROM usage WHERE job_id = $1", job_id)
+    sql = "SELECT attempt, cost_usd, price_version FROM usage WHERE job_id = $1"
+    rows = await pg.fetch(sql, job_id)
     assert len(rows) == 1  # the redelivered duplicate inserted nothing
-    assert str(rows[0]["cost_usd"]) == "0.001350000"  # 1000 * 0.15/M + 2000 * 0.60/M
+    assert (str(rows[0]["cost_usd"]), rows[0]["price_version"]) == ("0.001350000", "v-test")
     dead_queue = await channel.declare_queue(names.dead, passive=True)
     dead = [await dead_queue.get(timeout=5), await dead_queue.get(timeout=5)]
     assert [d.body for d in dead] == [b"[1, 2", json.dumps(naive).encode()]

@@ -66,7 +66,7 @@ async def test_failures_in_a_row_open_the_circuit_and_a_trial_call_decides(
 
     await asyncio.sleep(1.05)
     await worker.succeeded("p")  # a trial that succeeds closes it
-    assert await redis.exists(worker.key("p")) == 0
+    assert await redis.exists(names.circuit("p")) == 0
     assert not await worker.failed("p", config, 2)  # and the count starts again from 0
 
 
@@ -89,7 +89,7 @@ async def test_a_provider_failing_in_a_row_is_routed_around_while_its_circuit_is
     assert [tried(r) for r in routed_around] == [[("up", None)]] * 3
     assert {r.status.value for r in [*failed_over, *routed_around]} == {"succeeded"}
     assert mock.stats()["calls"] == 5
-    circuit = await redis.hgetall(Circuits(redis, names).key("down"))
+    circuit = await redis.hgetall(names.circuit("down"))
     assert int(circuit[b"failures"]) == 2 and int(circuit[b"open_until"]) > 0
 
 
@@ -160,7 +160,7 @@ async def test_a_half_open_circuit_lets_one_trial_call_through_and_its_success_c
     outcomes = sorted((r.status.value, r.error and r.error.code.value) for r in results)
     assert outcomes == [("failed", "provider_unavailable"), ("succeeded", None)]
     assert mock.stats()["calls"] == 1
-    assert await redis.exists(Circuits(redis, names).key("p")) == 0  # closed by the trial
+    assert await redis.exists(names.circuit("p")) == 0  # closed by the trial
 
 
 async def test_without_redis_a_circuit_lapses_to_closed_and_no_job_waits_on_it(

@@ -129,7 +129,7 @@ async def test_circuits_shows_each_providers_breaker_and_closes_one_on_request(
 
     code, shown = await run_cli(env, "circuits", "--close", "tripped")
     assert code == 0, shown
-    assert await redis.exists(breakers.key("tripped")) == 0
+    assert await redis.exists(names.circuit("tripped")) == 0
     assert "closed" in table_rows(shown)["tripped"]
 
     code, shown = await run_cli(env, "circuits", "--close", "nobody")

@@ -25,7 +25,7 @@ from broker.core.db import make_engine
 from broker.core.names import Names
 from broker.core.windows import Period, window
 from broker.state.circuits import Circuits
-from broker.state.quota import Bucket, QuotaStore, Reserved, bucket_key
+from broker.state.quota import Bucket, QuotaStore, Reserved
 from schemas import Attempt, JobEvent, JobResult, JobStatus, Route
 from tests.conftest import (
     AMQP_URL,
@@ -54,7 +54,7 @@ def _fresh(fresh_views: None) -> None:
 
 async def reserve_one_request(redis: Redis, names: Names, provider: str, reservation: str) -> str:
     """Hold ``reservation`` on a request counter of ``provider``; returns the counter's key."""
-    counter = bucket_key(names, "provider", provider, "rpm", "test")
+    counter = names.quota_bucket("provider", provider, "rpm", "test")
     bucket = Bucket(counter, "requests", 1, 10, time.time() + 600, f"{provider} requests/minute")
     assert isinstance(await QuotaStore(redis, names).reserve(reservation, [bucket], 600), Reserved)
     return counter
@@ -101,9 +101,9 @@ async def test_a_job_its_provider_fails_is_served_by_the_next_candidate_under_a_
         used = result.usage.total_tokens
         day = window(Period.DAY, datetime.now(UTC), config.zone).id
         counters = {
-            "down": bucket_key(names, "provider", "down", "tokens_day", day),
-            "up": bucket_key(names, "provider", "up", "tokens_day", day),
-            "key": bucket_key(names, "key", "team", "tokens_day", day),
+            "down": names.quota_bucket("provider", "down", "tokens_day", day),
+            "up": names.quota_bucket("provider", "up", "tokens_day", day),
+            "key": names.quota_bucket("key", "team", "tokens_day", day),
         }
 
         async def settled() -> bool:

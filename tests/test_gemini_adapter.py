@@ -4,41 +4,24 @@ Gemini API documents."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
+from broker.core import errors
 from broker.core.config import ProviderConfig
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    RateLimited,
-)
-from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
-from tests.provider_stub import Handler, Provider
+from tests.adapter_cases import AdapterCase, assistant, images, json_format, only_tool_call
+from tests.provider_stub import Provider
 from workers.adapters import adapter_for
-from workers.adapters.base import ProviderRequest
 from workers.adapters.gemini import GeminiAdapter
-from workers.streaming import ChunkAccumulator
 
-FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
-KEY_ENV = "SWITCHYARD_TEST_GEMINI_KEY"
 KEY = "AIzaSyTEST-abc123supersecret"
-PROMPT_MARKER = "PROMPT-TEXT-MARKER"
 BASE = "https://generativelanguage.example.test/v1beta"
 MODEL = "gemini-2.5-flash"
 URL = f"{BASE}/models/{MODEL}:generateContent"
 STREAM_URL = f"{BASE}/models/{MODEL}:streamGenerateContent?alt=sse"
-SSE = {"content-type": "text/event-stream"}
 MEETING_TOOL = {
     "type": "function",
     "function": {
@@ -63,112 +46,15 @@ MEETING_TOOL = {
         },
     },
 }
-
-
-def fixture(name: str) -> Any:
-    return orjson.loads((FIXTURES / name).read_bytes())
-
-
-def sse(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def make_provider(**overrides: Any) -> ProviderConfig:
-    fields: dict[str, Any] = {
-        "id": "gemini-test",
-        "type": "gemini",
-        "base_url": BASE,
-        "api_key_env": KEY_ENV,
-        "models": {
-            MODEL: {"input": "0.30", "output": "2.50"},
-            "gemini-2.5-pro": {"input": "1.25", "output": "10", "max_tokens": 8192},
-        },
-    }
-    fields.update(overrides)
-    return ProviderConfig(**fields)
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> ProviderConfig:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return make_provider()
-
-
-def request(*messages: dict[str, Any], model: str = MODEL, **params: Any) -> ProviderRequest:
-    return ProviderRequest(
-        model=model,
-        messages=[ChatMessage.model_validate(m) for m in messages],
-        params=CompletionParams.model_validate(params),
-    )
-
-
-def simple_request(**params: Any) -> ProviderRequest:
-    return request({"role": "user", "content": f"Say hi. {PROMPT_MARKER}"}, **params)
-
-
-async def call(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> ChatCompletion:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        return await GeminiAdapter(provider, http).complete(call_request or simple_request())
-
-
-def checked(error: ProviderError, provider: ProviderConfig) -> ProviderError:
-    assert error.provider == provider.id
-    assert KEY not in error.message
-    assert PROMPT_MARKER not in error.message
-    return error
-
-
-async def call_error(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await call(provider, handler, call_request)
-    return checked(caught.value, provider)
-
-
-async def sent_body(provider: ProviderConfig, call_request: ProviderRequest) -> Any:
-    stub = Provider(body=fixture("generate_response.json"))
-    await call(provider, stub, call_request)
-    return stub.body()
-
-
-async def collect(
-    provider: ProviderConfig, handler: Handler, call_request: ProviderRequest | None = None
-) -> list[ChatCompletionChunk]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        adapter = GeminiAdapter(provider, http)
-        return [chunk async for chunk in adapter.stream(call_request or simple_request())]
-
-
-async def collect_error(
-    provider: ProviderConfig, handler: Handler
-) -> tuple[ProviderError, list[ChatCompletionChunk]]:
-    chunks: list[ChatCompletionChunk] = []
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        with pytest.raises(ProviderError) as caught:
-            async for chunk in GeminiAdapter(provider, http).stream(simple_request()):
-                chunks.append(chunk)
-    return checked(caught.value, provider), chunks
-
-
-def folded(provider: ProviderConfig, chunks: list[ChatCompletionChunk]) -> ChatCompletion:
-    accumulator = ChunkAccumulator(provider.id)
-    for chunk in chunks:
-        accumulator.add(chunk)
-    return accumulator.result()
-
-
-def same_result(streamed: ChatCompletion, completed: ChatCompletion) -> None:
-    """What a client sees: equal whether the call streamed or not (``created`` aside)."""
-    assert streamed.id == completed.id
-    assert streamed.model == completed.model
-    [s], [c] = streamed.choices, completed.choices
-    assert s.message.content == c.message.content
-    assert s.message.tool_calls == c.message.tool_calls
-    assert s.finish_reason == c.finish_reason
-    assert streamed.usage == completed.usage
+MODELS = {
+    MODEL: {"input": "0.30", "output": "2.50"},
+    "gemini-2.5-pro": {"input": "1.25", "output": "10", "max_tokens": 8192},
+}
+CONFIG = {"base_url": BASE, "models": MODELS}
+api = AdapterCase(
+    "gemini", GeminiAdapter, KEY, MODEL, "generate_response.json", CONFIG, "text/event-stream"
+)
+provider = api.provider_fixture()
 
 
 def data_events(*bodies: dict[str, Any]) -> bytes:
@@ -179,12 +65,12 @@ def data_events(*bodies: dict[str, Any]) -> bytes:
 
 
 async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("generate_response.json"))
+    stub = Provider(body=api.fixture("generate_response.json"))
 
-    await call(
+    await api.call(
         provider,
         stub,
-        request(
+        api.request(
             {"role": "system", "content": "You are a cat. Your name is Neko."},
             {"role": "user", "content": "Hello there"},
         ),
@@ -196,16 +82,18 @@ async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
     assert sent.headers["x-goog-api-key"] == KEY
     assert sent.headers["content-type"] == "application/json"
     assert "authorization" not in sent.headers
-    assert stub.body() == fixture("generate_request.json")
+    assert stub.body() == api.fixture("generate_request.json")
 
 
 async def test_no_key_header_without_a_key_and_configured_headers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    stub = Provider(body=fixture("generate_response.json"))
+    monkeypatch.delenv(api.key_env, raising=False)
+    stub = Provider(body=api.fixture("generate_response.json"))
 
-    await call(make_provider(base_url=BASE + "/", headers={"x-goog-user-project": "p"}), stub)
+    await api.call(
+        api.make_provider(base_url=BASE + "/", headers={"x-goog-user-project": "p"}), stub
+    )
 
     [sent] = stub.requests
     assert str(sent.url) == URL
@@ -214,28 +102,20 @@ async def test_no_key_header_without_a_key_and_configured_headers(
 
 
 async def test_model_names_with_the_models_prefix(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("generate_response.json"))
+    stub = Provider(body=api.fixture("generate_response.json"))
 
-    await call(provider, stub, request({"role": "user", "content": "x"}, model=f"models/{MODEL}"))
+    await api.call(
+        provider, stub, api.request({"role": "user", "content": "x"}, model=f"models/{MODEL}")
+    )
 
     assert str(stub.requests[0].url) == URL
 
 
 async def test_generation_config(provider: ProviderConfig) -> None:
-    body = await sent_body(
-        provider,
-        simple_request(
-            max_tokens=100,
-            temperature=0.2,
-            top_p=0.95,
-            stop="END",
-            seed=7,
-            presence_penalty=0.5,
-            frequency_penalty=0.25,
-            top_k=40,
-            logprobs=True,
-        ),
-    )
+    sampling = {"max_tokens": 100, "temperature": 0.2, "top_p": 0.95, "stop": "END", "seed": 7}
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.25, "top_k": 40}
+
+    body = await api.sent_body(provider, api.simple_request(**sampling, **penalties, logprobs=True))
 
     assert body["generationConfig"] == {
         "maxOutputTokens": 100,
@@ -262,29 +142,26 @@ async def test_generation_config(provider: ProviderConfig) -> None:
 async def test_max_output_tokens(
     provider: ProviderConfig, model: str, params: dict[str, Any], expected: int | None
 ) -> None:
-    body = await sent_body(
-        provider, request({"role": "user", "content": "x"}, model=model, **params)
+    body = await api.sent_body(
+        provider, api.request({"role": "user", "content": "x"}, model=model, **params)
     )
 
     assert body.get("generationConfig", {}).get("maxOutputTokens") == expected
 
 
 async def test_json_object_mode(provider: ProviderConfig) -> None:
-    body = await sent_body(provider, simple_request(response_format={"type": "json_object"}))
+    body = await api.sent_body(
+        provider, api.simple_request(response_format={"type": "json_object"})
+    )
 
     assert body["generationConfig"] == {"responseMimeType": "application/json"}
 
 
 async def test_json_schema_mode(provider: ProviderConfig) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"recipe_name": {"type": "string"}},
-        "required": ["recipe_name"],
-        "additionalProperties": False,
-    }
-    response_format = {"type": "json_schema", "json_schema": {"name": "recipe", "schema": schema}}
+    response_format = json_format("recipe", "recipe_name")
+    schema = response_format["json_schema"]["schema"]
 
-    body = await sent_body(provider, simple_request(response_format=response_format))
+    body = await api.sent_body(provider, api.simple_request(response_format=response_format))
 
     assert body["generationConfig"] == {
         "responseMimeType": "application/json",
@@ -293,23 +170,20 @@ async def test_json_schema_mode(provider: ProviderConfig) -> None:
 
 
 async def test_more_than_one_choice_is_refused(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("generate_response.json"))
-
-    error = await call_error(provider, stub, simple_request(n=3))
-
-    assert isinstance(error, ProviderInvalidRequest)
-    assert stub.requests == []
+    await api.refuses(provider, api.simple_request(n=3))
 
 
 async def test_sends_the_documented_function_calling_request(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("function_call_response.json"))
+    stub = Provider(body=api.fixture("function_call_response.json"))
     prompt = (
         "Schedule a meeting with Bob and Alice for 03/27/2025 at 10:00 AM about the Q3 planning."
     )
 
-    await call(provider, stub, request({"role": "user", "content": prompt}, tools=[MEETING_TOOL]))
+    await api.call(
+        provider, stub, api.request({"role": "user", "content": prompt}, tools=[MEETING_TOOL])
+    )
 
-    assert stub.body() == fixture("function_call_request.json")
+    assert stub.body() == api.fixture("function_call_request.json")
 
 
 @pytest.mark.parametrize(
@@ -325,42 +199,30 @@ async def test_sends_the_documented_function_calling_request(provider: ProviderC
     ],
 )
 async def test_tool_choice(provider: ProviderConfig, choice: Any, expected: Any) -> None:
-    body = await sent_body(provider, simple_request(tools=[MEETING_TOOL], tool_choice=choice))
+    body = await api.sent_body(
+        provider, api.simple_request(tools=[MEETING_TOOL], tool_choice=choice)
+    )
 
     assert body["toolConfig"] == {"functionCallingConfig": expected}
 
 
 async def test_tool_choice_it_cannot_send(provider: ProviderConfig) -> None:
-    error = await call_error(
-        provider,
-        Provider(body=fixture("generate_response.json")),
-        simple_request(tools=[MEETING_TOOL], tool_choice={"type": "allowed_tools"}),
-    )
+    request = api.simple_request(tools=[MEETING_TOOL], tool_choice={"type": "allowed_tools"})
 
-    assert isinstance(error, ProviderInvalidRequest)
+    await api.refuses(provider, request)
 
 
 async def test_function_calls_and_responses_translate(provider: ProviderConfig) -> None:
-    body = await sent_body(
+    calls = [
+        ("call_0", "get_weather", '{"city": "Paris"}'),
+        ("call_1", "get_time", '{"city": "Rome"}'),
+    ]
+
+    body = await api.sent_body(
         provider,
-        request(
+        api.request(
             {"role": "user", "content": "Weather in Paris and Rome?"},
-            {
-                "role": "assistant",
-                "content": "Checking.",
-                "tool_calls": [
-                    {
-                        "id": "call_0",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                    },
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "get_time", "arguments": '{"city": "Rome"}'},
-                    },
-                ],
-            },
+            assistant("Checking.", *calls),
             {"role": "tool", "tool_call_id": "call_0", "content": '{"temp": 15}'},
             {"role": "tool", "tool_call_id": "call_1", "content": "10:00"},
             {"role": "user", "content": "Thanks"},
@@ -389,52 +251,32 @@ async def test_function_calls_and_responses_translate(provider: ProviderConfig) 
 
 
 async def test_tool_message_for_an_unknown_call(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("generate_response.json"))
     messages = (
         {"role": "user", "content": "x"},
         {"role": "tool", "tool_call_id": "c9", "content": "y"},
     )
 
-    error = await call_error(provider, stub, request(*messages))
+    error = await api.refuses(provider, api.request(*messages))
 
-    assert isinstance(error, ProviderInvalidRequest)
     assert "message 1" in error.message
-    assert stub.requests == []
 
 
 async def test_invalid_tool_call_arguments(provider: ProviderConfig) -> None:
-    turn = {
-        "role": "assistant",
-        "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}
-        ],
-    }
+    turn = assistant(None, ("c", "f", "{x"))
 
-    error = await call_error(
-        provider,
-        Provider(body=fixture("generate_response.json")),
-        request({"role": "user", "content": "x"}, turn),
-    )
-
-    assert isinstance(error, ProviderInvalidRequest)
+    await api.refuses(provider, api.request({"role": "user", "content": "x"}, turn))
 
 
 async def test_images(provider: ProviderConfig) -> None:
-    body = await sent_body(
+    body = await api.sent_body(
         provider,
-        request(
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "Caption these."},
-                    {"type": "image_url", "image_url": {"url": "data:image/webp;base64,UklGRg=="}},
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": "https://example.test/a/cat.png?x=1"},
-                    },
-                    {"type": "image_url", "image_url": {"url": "https://example.test/photo"}},
-                ],
-            }
+        api.request(
+            images(
+                "Caption these.",
+                "data:image/webp;base64,UklGRg==",
+                "https://example.test/a/cat.png?x=1",
+                "https://example.test/photo",
+            )
         ),
     )
 
@@ -449,24 +291,14 @@ async def test_images(provider: ProviderConfig) -> None:
 async def test_unsupported_content_part(provider: ProviderConfig) -> None:
     part = {"type": "file", "file": {"file_id": "f"}}
 
-    error = await call_error(
-        provider,
-        Provider(body=fixture("generate_response.json")),
-        request({"role": "user", "content": [part]}),
-    )
-
-    assert isinstance(error, ProviderInvalidRequest)
-
-
-def test_the_registry_serves_gemini(provider: ProviderConfig) -> None:
-    assert isinstance(adapter_for(provider, httpx.AsyncClient()), GeminiAdapter)
+    await api.refuses(provider, api.request({"role": "user", "content": [part]}))
 
 
 # --- the response --------------------------------------------------------------------------
 
 
 async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("generate_response.json")))
+    completion = await api.call(provider, Provider(body=api.fixture("generate_response.json")))
 
     assert completion.id == "xk2FaO3zLrGLz7IPnfXt0AQ"
     assert completion.model == "gemini-2.5-flash"
@@ -481,13 +313,9 @@ async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
 
 
 async def test_parses_the_documented_function_call(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("function_call_response.json")))
+    completion = await api.call(provider, Provider(body=api.fixture("function_call_response.json")))
 
-    [choice] = completion.choices
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content is None
-    assert choice.message.tool_calls is not None
-    [tool_call] = choice.message.tool_calls
+    tool_call = only_tool_call(completion)
     assert tool_call.id == "call_0"
     assert tool_call.function.name == "schedule_meeting"
     assert json.loads(tool_call.function.arguments) == {
@@ -499,12 +327,12 @@ async def test_parses_the_documented_function_call(provider: ProviderConfig) -> 
 
 
 async def test_function_call_ids_from_the_response_are_kept(provider: ProviderConfig) -> None:
-    body = fixture("function_call_response.json")
+    body = api.fixture("function_call_response.json")
     parts = body["candidates"][0]["content"]["parts"]
     parts[0]["functionCall"]["id"] = "fc-123"
     parts.append({"functionCall": {"name": "notify", "args": {}}})
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     calls = completion.choices[0].message.tool_calls
     assert calls is not None
@@ -513,11 +341,11 @@ async def test_function_call_ids_from_the_response_are_kept(provider: ProviderCo
 
 
 async def test_thoughts_are_left_out_and_ids_generated(provider: ProviderConfig) -> None:
-    body = fixture("generate_response.json")
+    body = api.fixture("generate_response.json")
     body["candidates"][0]["content"]["parts"].insert(0, {"text": "thinking...", "thought": True})
     del body["responseId"], body["modelVersion"]
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert (
         completion.choices[0].message.content == "Mrow? *stretches* Hello there, human. I am Neko."
@@ -531,10 +359,10 @@ async def test_thoughts_are_left_out_and_ids_generated(provider: ProviderConfig)
     [("MAX_TOKENS", "length"), ("STOP", "stop"), ("OTHER", "other"), ("LANGUAGE", "language")],
 )
 async def test_finish_reasons(provider: ProviderConfig, reason: str, finish_reason: str) -> None:
-    body = fixture("generate_response.json")
+    body = api.fixture("generate_response.json")
     body["candidates"][0]["finishReason"] = reason
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].finish_reason == finish_reason
 
@@ -544,34 +372,33 @@ async def test_finish_reasons(provider: ProviderConfig, reason: str, finish_reas
     ["SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"],
 )
 async def test_filtered_candidates(provider: ProviderConfig, reason: str) -> None:
-    body = fixture("response_safety.json")
+    body = api.fixture("response_safety.json")
     body["candidates"][0]["finishReason"] = reason
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ContentFiltered)
 
-    assert isinstance(error, ContentFiltered)
     assert f"finishReason {reason}" in error.message
 
 
 async def test_filtered_after_partial_content_is_returned(provider: ProviderConfig) -> None:
-    body = fixture("generate_response.json")
+    body = api.fixture("generate_response.json")
     body["candidates"][0]["finishReason"] = "SAFETY"
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].finish_reason == "content_filter"
     assert completion.choices[0].message.content
 
 
 async def test_blocked_prompt(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(body=fixture("response_prompt_blocked.json")))
+    error = await api.fails(
+        provider, Provider(body=api.fixture("response_prompt_blocked.json")), errors.ContentFiltered
+    )
 
-    assert isinstance(error, ContentFiltered)
     assert error.message == "provider 'gemini-test' blocked the prompt (blockReason SAFETY)"
 
 
-@pytest.mark.parametrize(
-    ("mutate", "fragment"),
+test_wrong_shapes_name_the_field = api.wrong_shape_test(
     [
         (lambda b: b.pop("candidates"), "response has no candidates"),
         (lambda b: b.pop("usageMetadata"), "response has no usageMetadata"),
@@ -585,58 +412,43 @@ async def test_blocked_prompt(provider: ProviderConfig) -> None:
             "response field usageMetadata.promptTokenCount",
         ),
     ],
+    text="Neko",
 )
-async def test_wrong_shapes_name_the_field(
-    provider: ProviderConfig, mutate: Callable[[dict[str, Any]], Any], fragment: str
-) -> None:
-    body = fixture("generate_response.json")
-    mutate(body)
-
-    error = await call_error(provider, Provider(body=body))
-
-    assert isinstance(error, ProviderProtocolError)
-    assert error.message.startswith("provider 'gemini-test': ")
-    assert fragment in error.message
-    assert "Neko" not in error.message
 
 
 # --- error statuses ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "fixture_name", "expected", "fragments"),
+test_status_maps_to_error = api.status_test(
     [
         (
             400,
             "error_400_invalid_argument.json",
-            ProviderInvalidRequest,
+            errors.ProviderInvalidRequest,
             ["HTTP 400, INVALID_ARGUMENT", "Unknown name"],
         ),
         (
             400,
             "error_400_failed_precondition.json",
-            ProviderInvalidRequest,
+            errors.ProviderInvalidRequest,
             ["FAILED_PRECONDITION"],
         ),
-        (404, "error_404_not_found.json", ProviderInvalidRequest, ["NOT_FOUND", "is not found"]),
-        (500, "error_500_internal.json", ProviderServerError, ["HTTP 500, INTERNAL"]),
-        (503, "error_503_unavailable.json", ProviderServerError, ["UNAVAILABLE", "overloaded"]),
-        (504, "error_504_deadline_exceeded.json", ProviderTimeout, ["DEADLINE_EXCEEDED"]),
-    ],
+        (
+            404,
+            "error_404_not_found.json",
+            errors.ProviderInvalidRequest,
+            ["NOT_FOUND", "is not found"],
+        ),
+        (500, "error_500_internal.json", errors.ProviderServerError, ["HTTP 500, INTERNAL"]),
+        (
+            503,
+            "error_503_unavailable.json",
+            errors.ProviderServerError,
+            ["UNAVAILABLE", "overloaded"],
+        ),
+        (504, "error_504_deadline_exceeded.json", errors.ProviderTimeout, ["DEADLINE_EXCEEDED"]),
+    ]
 )
-async def test_status_maps_to_error(
-    provider: ProviderConfig,
-    status: int,
-    fixture_name: str,
-    expected: type[ProviderError],
-    fragments: list[str],
-) -> None:
-    error = await call_error(provider, Provider(status, fixture(fixture_name)))
-
-    assert type(error) is expected
-    assert error.message.startswith("provider 'gemini-test'")
-    for fragment in fragments:
-        assert fragment in error.message
 
 
 @pytest.mark.parametrize(
@@ -650,11 +462,10 @@ async def test_status_maps_to_error(
 async def test_auth_errors_never_repeat_the_provider_text(
     provider: ProviderConfig, status: int, fixture_name: str | None, label: str
 ) -> None:
-    body = fixture(fixture_name) if fixture_name else None
+    body = api.fixture(fixture_name) if fixture_name else None
 
-    error = await call_error(provider, Provider(status, body))
+    error = await api.fails(provider, Provider(status, body), errors.ProviderAuthentication)
 
-    assert isinstance(error, ProviderAuthentication)
     assert error.message == f"provider 'gemini-test' refused our credentials ({label})"
 
 
@@ -671,45 +482,43 @@ async def test_auth_errors_never_repeat_the_provider_text(
 async def test_rate_limited_with_retry_info(
     provider: ProviderConfig, delay: str | None, headers: dict[str, str], expected: float | None
 ) -> None:
-    body = fixture("error_429_resource_exhausted.json")
+    body = api.fixture("error_429_resource_exhausted.json")
     details = body["error"]["details"]
     if delay is None:
         details.pop()
     else:
         details[-1]["retryDelay"] = delay
 
-    error = await call_error(provider, Provider(429, body, headers=headers))
+    error = await api.fails(provider, Provider(429, body, headers=headers), errors.RateLimited)
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == expected
     assert "HTTP 429, RESOURCE_EXHAUSTED" in error.message
     assert "exceeded your current quota" in error.message
 
 
 async def test_error_body_wrapped_in_a_list(provider: ProviderConfig) -> None:
-    body = [fixture("error_429_resource_exhausted.json")]
+    body = [api.fixture("error_429_resource_exhausted.json")]
 
-    error = await call_error(provider, Provider(429, body))
+    error = await api.fails(provider, Provider(429, body), errors.RateLimited)
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == 43.0
 
 
 async def test_transport_failures(provider: ProviderConfig) -> None:
-    timeout = await call_error(provider, Provider(raises=httpx.ConnectTimeout("slow")))
-    refused = await call_error(provider, Provider(raises=httpx.ConnectError("refused")))
+    timeout = Provider(raises=httpx.ConnectTimeout("slow"))
+    refused = Provider(raises=httpx.ConnectError("refused"))
 
-    assert isinstance(timeout, ProviderTimeout)
-    assert isinstance(refused, ProviderServerError)
+    await api.fails(provider, timeout, errors.ProviderTimeout)
+    await api.fails(provider, refused, errors.ProviderServerError)
 
 
 # --- streaming -----------------------------------------------------------------------------
 
 
 async def test_stream_url_and_body(provider: ProviderConfig) -> None:
-    stub = Provider(content=sse("stream.txt"), headers=SSE)
+    stub = api.streaming(api.sse("stream.txt"))
 
-    await collect(provider, stub, request({"role": "user", "content": "Hello there"}))
+    await api.collect(provider, stub, api.request({"role": "user", "content": "Hello there"}))
 
     [sent] = stub.requests
     assert str(sent.url) == STREAM_URL
@@ -720,7 +529,7 @@ async def test_stream_url_and_body(provider: ProviderConfig) -> None:
 
 
 async def test_stream_folds_into_the_non_streamed_result(provider: ProviderConfig) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream.txt"), headers=SSE))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream.txt")))
 
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].delta.content for c in chunks[1:4]] == [
@@ -746,83 +555,83 @@ async def test_stream_folds_into_the_non_streamed_result(provider: ProviderConfi
         "modelVersion": "gemini-2.5-flash",
         "responseId": "8E2FaNW1D-CLz7IPo-vqkAw",
     }
-    same_result(folded(provider, chunks), await call(provider, Provider(body=whole)))
+    await api.folds_like(provider, chunks, whole)
 
 
 async def test_streamed_function_call_folds_into_the_non_streamed_result(
     provider: ProviderConfig,
 ) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream_function_call.txt"), headers=SSE))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream_function_call.txt")))
 
     [call_chunk] = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     [delta] = call_chunk.choices[0].delta.tool_calls or []
     assert (delta.index, delta.id, delta.type) == (0, "call_0", "function")
-    completed = await call(provider, Provider(body=fixture("function_call_response.json")))
-    same_result(folded(provider, chunks), completed)
+    await api.folds_like(provider, chunks, api.fixture("function_call_response.json"))
 
 
 async def test_stream_error_status(provider: ProviderConfig) -> None:
-    stub = Provider(429, fixture("error_429_resource_exhausted.json"))
+    stub = Provider(429, api.fixture("error_429_resource_exhausted.json"))
 
-    error, chunks = await collect_error(provider, stub)
+    error, chunks = await api.stream_fails(provider, stub, errors.RateLimited)
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == 43.0
     assert chunks == []
 
 
 async def test_stream_error_event(provider: ProviderConfig) -> None:
-    first = sse("stream.txt").split(b"\n\n")[0] + b"\n\n"
-    body = first + data_events(fixture("error_503_unavailable.json"))
+    first = api.sse("stream.txt").split(b"\n\n")[0] + b"\n\n"
+    body = first + data_events(api.fixture("error_503_unavailable.json"))
 
-    error, chunks = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, chunks = await api.stream_fails(
+        provider, api.streaming(body), errors.ProviderServerError
+    )
 
-    assert isinstance(error, ProviderServerError)
     assert "error event, UNAVAILABLE" in error.message
     assert len(chunks) == 2
 
 
 async def test_stream_that_ends_early(provider: ProviderConfig) -> None:
-    body = b"\n\n".join(sse("stream.txt").split(b"\n\n")[:2]) + b"\n\n"
+    body = b"\n\n".join(api.sse("stream.txt").split(b"\n\n")[:2]) + b"\n\n"
 
-    error, chunks = await collect_error(provider, Provider(content=body, headers=SSE))
+    chunks = await api.ends_early(provider, body)
 
-    assert isinstance(error, ProviderServerError)
-    assert error.message == "provider 'gemini-test': stream ended early"
     assert len(chunks) == 3
 
 
 async def test_stream_without_usage(provider: ProviderConfig) -> None:
-    events = [json.loads(line[6:]) for line in sse("stream.txt").decode().split("\n\n") if line]
+    events = [json.loads(line[6:]) for line in api.sse("stream.txt").decode().split("\n\n") if line]
     for event in events:
         del event["usageMetadata"]
 
-    error, _ = await collect_error(provider, Provider(content=data_events(*events), headers=SSE))
+    error, _ = await api.stream_fails(
+        provider, api.streaming(data_events(*events)), errors.ProviderProtocolError
+    )
 
-    assert isinstance(error, ProviderProtocolError)
     assert "stream has no usageMetadata" in error.message
 
 
 async def test_stream_blocked_prompt(provider: ProviderConfig) -> None:
-    body = data_events(fixture("response_prompt_blocked.json"))
+    body = data_events(api.fixture("response_prompt_blocked.json"))
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
-
-    assert isinstance(error, ContentFiltered)
+    await api.stream_fails(provider, api.streaming(body), errors.ContentFiltered)
 
 
 async def test_stream_safety_stop_without_content(provider: ProviderConfig) -> None:
-    body = data_events(fixture("response_safety.json"))
+    body = data_events(api.fixture("response_safety.json"))
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
-
-    assert isinstance(error, ContentFiltered)
+    await api.stream_fails(provider, api.streaming(body), errors.ContentFiltered)
 
 
 async def test_stream_chunk_of_the_wrong_shape(provider: ProviderConfig) -> None:
     body = data_events({"candidates": [{"content": {"parts": "oops"}}]})
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, _ = await api.stream_fails(provider, api.streaming(body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "stream chunk field candidates.0.content.parts" in error.message
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_the_registry_serves_gemini(provider: ProviderConfig) -> None:
+    assert isinstance(adapter_for(provider, httpx.AsyncClient()), GeminiAdapter)

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from broker.core.names import Names
 from broker.transport.amqp import Publisher, declare_topology
-from broker.transport.outcomes import JobEvents
+from broker.transport.job_events import JobEvents
 from schemas import JobEvent, JobStatus
 from tests.conftest import eventually
 

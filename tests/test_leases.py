@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from broker.core.names import Names
 from broker.core.settings import Settings
-from broker.state.leases import LeaseSemaphore, lease_key
+from broker.state.leases import LeaseSemaphore
 from tests.conftest import eventually
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
@@ -45,7 +45,7 @@ async def redis() -> AsyncIterator[Redis]:
 
 @pytest.fixture
 def key() -> str:
-    return lease_key(Names(f"{PREFIX}.l{next(_counter)}"), "mock")
+    return Names(f"{PREFIX}.l{next(_counter)}").lease("mock")
 
 
 async def test_capacity_holds_under_fifty_acquirers(redis: Redis, key: str) -> None:

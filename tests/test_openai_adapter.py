@@ -7,7 +7,6 @@ import gzip
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,55 +14,24 @@ import orjson
 import pytest
 from aiohttp import web
 
+from broker.core import errors
 from broker.core.config import ProviderConfig
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    QuotaExhausted,
-    RateLimited,
-)
-from schemas import ChatCompletion, ChatCompletionChunk, ChatMessage, CompletionParams
+from schemas import ChatMessage, CompletionParams
+from tests.adapter_cases import AdapterCase, folded, only_tool_call
 from tests.conftest import free_port
-from tests.provider_stub import Handler, Provider
+from tests.provider_stub import Provider
 from workers.adapters.base import ProviderRequest
 from workers.adapters.openai import OpenAIAdapter, parse_retry_after
 from workers.http import make_http_client, post
-from workers.streaming import ChunkAccumulator
 
-FIXTURES = Path(__file__).parent / "fixtures" / "openai"
-SSE = {"content-type": "text/event-stream; charset=utf-8"}
-KEY_ENV = "SWITCHYARD_TEST_OPENAI_KEY"
 KEY = "sk-test-abc123supersecret"
-PROMPT_MARKER = "PROMPT-TEXT-MARKER"
 URL = "https://api.example.test/v1/chat/completions"
-
-
-def fixture(name: str) -> Any:
-    return orjson.loads((FIXTURES / name).read_bytes())
-
-
-def make_provider(**overrides: Any) -> ProviderConfig:
-    fields: dict[str, Any] = {
-        "id": "openai-test",
-        "type": "openai",
-        "base_url": "https://api.example.test/v1",
-        "api_key_env": KEY_ENV,
-        "models": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
-        "headers": {"OpenAI-Organization": "org-test"},
-    }
-    fields.update(overrides)
-    return ProviderConfig(**fields)
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> ProviderConfig:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    return make_provider()
+CONFIG = {
+    "models": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+    "headers": {"OpenAI-Organization": "org-test"},
+}
+api = AdapterCase("openai", OpenAIAdapter, KEY, "gpt-4o-mini", "chat_completion.json", CONFIG)
+provider = api.provider_fixture()
 
 
 def request_from(body: dict[str, Any]) -> ProviderRequest:
@@ -74,68 +42,6 @@ def request_from(body: dict[str, Any]) -> ProviderRequest:
     return ProviderRequest(
         model=model, messages=messages, params=CompletionParams.model_validate(body)
     )
-
-
-def simple_request(**params: Any) -> ProviderRequest:
-    return ProviderRequest(
-        model="gpt-4o-mini",
-        messages=[ChatMessage(role="user", content=f"Say hi. {PROMPT_MARKER}")],
-        params=CompletionParams(**params),
-    )
-
-
-async def call(
-    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
-) -> ChatCompletion:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        return await OpenAIAdapter(provider, http).complete(request or simple_request())
-
-
-async def call_error(
-    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await call(provider, handler, request)
-    error = caught.value
-    assert error.provider == provider.id
-    assert KEY not in error.message
-    assert PROMPT_MARKER not in error.message
-    return error
-
-
-async def collect(
-    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
-) -> list[ChatCompletionChunk]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        adapter = OpenAIAdapter(provider, http)
-        return [chunk async for chunk in adapter.stream(request or simple_request())]
-
-
-async def collect_error(
-    provider: ProviderConfig, handler: Handler, request: ProviderRequest | None = None
-) -> tuple[ProviderError, list[ChatCompletionChunk]]:
-    """The error a stream ends with, and the chunks it yielded before it."""
-    chunks: list[ChatCompletionChunk] = []
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        with pytest.raises(ProviderError) as caught:
-            async for chunk in OpenAIAdapter(provider, http).stream(request or simple_request()):
-                chunks.append(chunk)
-    error = caught.value
-    assert error.provider == provider.id
-    assert KEY not in error.message
-    assert PROMPT_MARKER not in error.message
-    return error, chunks
-
-
-def folded(provider: ProviderConfig, chunks: list[ChatCompletionChunk]) -> ChatCompletion:
-    accumulator = ChunkAccumulator(provider.id)
-    for chunk in chunks:
-        accumulator.add(chunk)
-    return accumulator.result()
-
-
-def sse(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
 
 
 def assert_no_none(value: Any, path: str = "body") -> None:
@@ -152,10 +58,10 @@ def assert_no_none(value: Any, path: str = "body") -> None:
 
 
 async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("chat_completion.json"))
-    documented = fixture("chat_request.json")
+    stub = Provider(body=api.fixture("chat_completion.json"))
+    documented = api.fixture("chat_request.json")
 
-    await call(provider, stub, request_from(documented))
+    await api.call(provider, stub, request_from(documented))
 
     [sent] = stub.requests
     assert sent.method == "POST"
@@ -167,11 +73,11 @@ async def test_sends_the_documented_request(provider: ProviderConfig) -> None:
 
 
 async def test_sends_params_without_none_fields_or_stream(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("chat_completion_tool_calls.json"))
-    documented = fixture("tools_request.json")
+    stub = Provider(body=api.fixture("chat_completion_tool_calls.json"))
+    documented = api.fixture("tools_request.json")
     request = request_from({**documented, "max_tokens": 50, "temperature": None, "seed": 7})
 
-    await call(provider, stub, request)
+    await api.call(provider, stub, request)
 
     body = orjson.loads(stub.requests[0].content)
     assert body == {**documented, "max_tokens": 50, "seed": 7}
@@ -180,8 +86,8 @@ async def test_sends_params_without_none_fields_or_stream(provider: ProviderConf
 
 
 async def test_message_fields_that_are_none_are_left_out(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("chat_completion.json"))
-    tool_turn = fixture("chat_completion_tool_calls.json")["choices"][0]["message"]
+    stub = Provider(body=api.fixture("chat_completion.json"))
+    tool_turn = api.fixture("chat_completion_tool_calls.json")["choices"][0]["message"]
     request = ProviderRequest(
         model="gpt-4o-mini",
         messages=[
@@ -192,7 +98,7 @@ async def test_message_fields_that_are_none_are_left_out(provider: ProviderConfi
         params=CompletionParams(),
     )
 
-    await call(provider, stub, request)
+    await api.call(provider, stub, request)
 
     body = orjson.loads(stub.requests[0].content)
     assert_no_none(body)
@@ -207,10 +113,10 @@ async def test_message_fields_that_are_none_are_left_out(provider: ProviderConfi
 async def test_pass_through_params_cannot_replace_model_or_messages(
     provider: ProviderConfig,
 ) -> None:
-    stub = Provider(body=fixture("chat_completion.json"))
-    request = simple_request(model="other-model", messages=[], logprobs=True)
+    stub = Provider(body=api.fixture("chat_completion.json"))
+    request = api.simple_request(model="other-model", messages=[], logprobs=True)
 
-    await call(provider, stub, request)
+    await api.call(provider, stub, request)
 
     body = orjson.loads(stub.requests[0].content)
     assert body["model"] == "gpt-4o-mini"
@@ -219,28 +125,30 @@ async def test_pass_through_params_cannot_replace_model_or_messages(
 
 
 async def test_base_url_with_trailing_slash(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    stub = Provider(body=fixture("chat_completion.json"))
+    monkeypatch.setenv(api.key_env, KEY)
+    stub = Provider(body=api.fixture("chat_completion.json"))
 
-    await call(make_provider(base_url="https://api.example.test/v1/"), stub)
+    await api.call(api.make_provider(base_url="https://api.example.test/v1/"), stub)
 
     assert str(stub.requests[0].url) == URL
 
 
 async def test_no_authorization_header_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    stub = Provider(body=fixture("chat_completion.json"))
+    monkeypatch.delenv(api.key_env, raising=False)
+    stub = Provider(body=api.fixture("chat_completion.json"))
 
-    await call(make_provider(), stub)
-    await call(make_provider(id="mock", type="mock", api_key_env=None, headers={}), stub)
+    await api.call(api.make_provider(), stub)
+    await api.call(api.make_provider(id="mock", type="mock", api_key_env=None, headers={}), stub)
 
     assert all("authorization" not in sent.headers for sent in stub.requests)
 
 
 async def test_complete_never_sends_stream(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("chat_completion.json"))
+    stub = Provider(body=api.fixture("chat_completion.json"))
 
-    await call(provider, stub, simple_request(stream=True, stream_options={"include_usage": True}))
+    await api.call(
+        provider, stub, api.simple_request(stream=True, stream_options={"include_usage": True})
+    )
 
     body = orjson.loads(stub.requests[0].content)
     assert "stream" not in body
@@ -251,7 +159,7 @@ async def test_complete_never_sends_stream(provider: ProviderConfig) -> None:
 
 
 async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("chat_completion.json")))
+    completion = await api.call(provider, Provider(body=api.fixture("chat_completion.json")))
 
     assert completion.id == "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"
     assert completion.model == "gpt-4.1-2025-04-14"
@@ -267,13 +175,11 @@ async def test_parses_the_documented_response(provider: ProviderConfig) -> None:
 
 
 async def test_parses_the_documented_tool_call_response(provider: ProviderConfig) -> None:
-    completion = await call(provider, Provider(body=fixture("chat_completion_tool_calls.json")))
+    completion = await api.call(
+        provider, Provider(body=api.fixture("chat_completion_tool_calls.json"))
+    )
 
-    choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert choice.message.content is None
-    assert choice.message.tool_calls is not None
-    [tool_call] = choice.message.tool_calls
+    tool_call = only_tool_call(completion)
     assert tool_call.id == "call_abc123"
     assert tool_call.function.name == "get_current_weather"
     assert orjson.loads(tool_call.function.arguments) == {"location": "Boston, MA"}
@@ -282,55 +188,52 @@ async def test_parses_the_documented_tool_call_response(provider: ProviderConfig
 
 
 async def test_content_filtered_choice(provider: ProviderConfig) -> None:
-    stub = Provider(body=fixture("chat_completion_content_filter.json"))
+    stub = Provider(body=api.fixture("chat_completion_content_filter.json"))
 
-    error = await call_error(provider, stub)
+    error = await api.fails(provider, stub, errors.ContentFiltered)
 
-    assert isinstance(error, ContentFiltered)
     assert "content_filter" in error.message
 
 
 async def test_content_filter_with_partial_content_is_returned(provider: ProviderConfig) -> None:
-    body = fixture("chat_completion_content_filter.json")
+    body = api.fixture("chat_completion_content_filter.json")
     body["choices"][0]["message"]["content"] = "Partial answer"
 
-    completion = await call(provider, Provider(body=body))
+    completion = await api.call(provider, Provider(body=body))
 
     assert completion.choices[0].message.content == "Partial answer"
 
 
 async def test_body_not_json(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(content=b"<html>bad gateway</html>"))
+    error = await api.fails(
+        provider, Provider(content=b"<html>bad gateway</html>"), errors.ProviderProtocolError
+    )
 
-    assert isinstance(error, ProviderProtocolError)
     assert "'openai-test'" in error.message
     assert "not JSON" in error.message
 
 
 async def test_body_json_but_not_an_object(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(body=[1, 2]))
+    error = await api.fails(provider, Provider(body=[1, 2]), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "not an object" in error.message
 
 
 async def test_missing_choices_names_the_field(provider: ProviderConfig) -> None:
-    body = fixture("chat_completion.json")
+    body = api.fixture("chat_completion.json")
     del body["choices"]
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert error.message == "provider 'openai-test': response field choices: Field required"
 
 
 async def test_missing_nested_field_names_its_path(provider: ProviderConfig) -> None:
-    body = fixture("chat_completion.json")
+    body = api.fixture("chat_completion.json")
     del body["choices"][0]["message"]
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "provider 'openai-test': response field choices.0.message: Field required" in (
         error.message
     )
@@ -339,49 +242,56 @@ async def test_missing_nested_field_names_its_path(provider: ProviderConfig) -> 
 
 
 async def test_empty_choices(provider: ProviderConfig) -> None:
-    body = {**fixture("chat_completion.json"), "choices": []}
+    body = {**api.fixture("chat_completion.json"), "choices": []}
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "no choices" in error.message
 
 
 async def test_missing_usage(provider: ProviderConfig) -> None:
-    body = fixture("chat_completion.json")
+    body = api.fixture("chat_completion.json")
     del body["usage"]
 
-    error = await call_error(provider, Provider(body=body))
+    error = await api.fails(provider, Provider(body=body), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "no usage" in error.message
 
 
 # --- error statuses ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "body", "expected", "fragments"),
+test_status_maps_to_error = api.status_test(
     [
         (
             400,
-            fixture("error_400_context_length.json"),
-            ProviderInvalidRequest,
+            api.fixture("error_400_context_length.json"),
+            errors.ProviderInvalidRequest,
             ["HTTP 400, code context_length_exceeded", "maximum context length is 128000"],
         ),
         (
             404,
-            fixture("error_404_model_not_found.json"),
-            ProviderInvalidRequest,
+            api.fixture("error_404_model_not_found.json"),
+            errors.ProviderInvalidRequest,
             ["HTTP 404, code model_not_found", "does not exist"],
         ),
-        (409, {"error": {"message": "Conflict", "code": None}}, ProviderInvalidRequest, ["409"]),
-        (413, {"error": "Request too large"}, ProviderInvalidRequest, ["Request too large"]),
-        (422, {"message": "Unprocessable"}, ProviderInvalidRequest, ["422", "Unprocessable"]),
+        (
+            409,
+            {"error": {"message": "Conflict", "code": None}},
+            errors.ProviderInvalidRequest,
+            ["409"],
+        ),
+        (413, {"error": "Request too large"}, errors.ProviderInvalidRequest, ["Request too large"]),
+        (
+            422,
+            {"message": "Unprocessable"},
+            errors.ProviderInvalidRequest,
+            ["422", "Unprocessable"],
+        ),
         (
             400,
-            fixture("error_400_content_policy.json"),
-            ContentFiltered,
+            api.fixture("error_400_content_policy.json"),
+            errors.ContentFiltered,
             ["code content_policy_violation", "safety system"],
         ),
         (
@@ -394,41 +304,32 @@ async def test_missing_usage(provider: ProviderConfig) -> None:
                     "code": "content_filter",
                 }
             },
-            ContentFiltered,
+            errors.ContentFiltered,
             ["code content_filter"],
         ),
-        (408, {"error": {"message": "Request timeout"}}, ProviderTimeout, ["HTTP 408"]),
+        (408, {"error": {"message": "Request timeout"}}, errors.ProviderTimeout, ["HTTP 408"]),
         (
             500,
-            fixture("error_500_server.json"),
-            ProviderServerError,
+            api.fixture("error_500_server.json"),
+            errors.ProviderServerError,
             ["HTTP 500", "The server had an error"],
         ),
-        (503, None, ProviderServerError, ["HTTP 503"]),
-        (418, {"error": {"message": "teapot"}}, ProviderServerError, ["unexpected", "HTTP 418"]),
-    ],
+        (503, None, errors.ProviderServerError, ["HTTP 503"]),
+        (
+            418,
+            {"error": {"message": "teapot"}},
+            errors.ProviderServerError,
+            ["unexpected", "HTTP 418"],
+        ),
+    ]
 )
-async def test_status_maps_to_error(
-    provider: ProviderConfig,
-    status: int,
-    body: Any,
-    expected: type[ProviderError],
-    fragments: list[str],
-) -> None:
-    error = await call_error(provider, Provider(status, body))
-
-    assert type(error) is expected
-    assert error.message.startswith("provider 'openai-test'")
-    for fragment in fragments:
-        assert fragment in error.message
 
 
 async def test_error_body_not_json_is_tolerated(provider: ProviderConfig) -> None:
     stub = Provider(502, content=b"<html><body>502 Bad Gateway</body></html>")
 
-    error = await call_error(provider, stub)
+    error = await api.fails(provider, stub, errors.ProviderServerError)
 
-    assert isinstance(error, ProviderServerError)
     assert error.message == "provider 'openai-test' failed (HTTP 502)"
 
 
@@ -439,11 +340,10 @@ async def test_error_body_not_json_is_tolerated(provider: ProviderConfig) -> Non
 async def test_auth_error_never_repeats_the_provider_text(
     provider: ProviderConfig, status: int, fixture_name: str
 ) -> None:
-    body = fixture(fixture_name)
+    body = api.fixture(fixture_name)
 
-    error = await call_error(provider, Provider(status, body))
+    error = await api.fails(provider, Provider(status, body), errors.ProviderAuthentication)
 
-    assert isinstance(error, ProviderAuthentication)
     assert error.message.startswith(
         f"provider 'openai-test' refused our credentials (HTTP {status}"
     )
@@ -454,18 +354,16 @@ async def test_auth_error_never_repeats_the_provider_text(
 async def test_auth_error_with_the_whole_key_echoed(provider: ProviderConfig) -> None:
     body = {"error": {"message": f"Bad key {KEY}", "type": "auth", "param": None, "code": KEY}}
 
-    error = await call_error(provider, Provider(401, body))
+    error = await api.fails(provider, Provider(401, body), errors.ProviderAuthentication)
 
-    assert isinstance(error, ProviderAuthentication)
     assert error.message == "provider 'openai-test' refused our credentials (HTTP 401)"
 
 
 async def test_key_in_a_provider_message_is_redacted(provider: ProviderConfig) -> None:
     body = {"error": {"message": f"invalid header value Bearer {KEY}", "code": "bad_header"}}
 
-    error = await call_error(provider, Provider(400, body))
+    error = await api.fails(provider, Provider(400, body), errors.ProviderInvalidRequest)
 
-    assert isinstance(error, ProviderInvalidRequest)
     assert "Bearer [redacted]" in error.message
 
 
@@ -486,11 +384,10 @@ async def test_key_in_a_provider_message_is_redacted(provider: ProviderConfig) -
 async def test_rate_limited_carries_retry_after(
     provider: ProviderConfig, headers: dict[str, str], expected: float | None
 ) -> None:
-    stub = Provider(429, fixture("error_429_rate_limit.json"), headers=headers)
+    stub = Provider(429, api.fixture("error_429_rate_limit.json"), headers=headers)
 
-    error = await call_error(provider, stub)
+    error = await api.fails(provider, stub, errors.RateLimited)
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == expected
     assert "code rate_limit_exceeded" in error.message
     assert "Please try again in 20s" in error.message
@@ -502,28 +399,29 @@ async def test_an_account_out_of_quota_is_a_429_that_is_not_retried(
 ) -> None:
     """OpenAI answers 429 ``insufficient_quota`` when the account's credit or spend limit is
     used up; retrying cannot help, so it is not retryable, unlike a rate limit."""
-    stub = Provider(429, fixture("error_429_insufficient_quota.json"))
+    stub = Provider(429, api.fixture("error_429_insufficient_quota.json"))
 
-    error = await call_error(provider, stub)
+    error = await api.call_error(provider, stub)
 
-    assert isinstance(error, QuotaExhausted) and not error.retryable
+    assert isinstance(error, errors.QuotaExhausted) and not error.retryable
     assert error.to_job_error().code.value == "rate_limited"
     assert "code insufficient_quota" in error.message and "quota is used up" in error.message
-    rate_limited = await call_error(provider, Provider(429, fixture("error_429_rate_limit.json")))
-    assert type(rate_limited) is RateLimited and rate_limited.retryable
+    rate_limited = await api.call_error(
+        provider, Provider(429, api.fixture("error_429_rate_limit.json"))
+    )
+    assert type(rate_limited) is errors.RateLimited and rate_limited.retryable
 
 
 async def test_rate_limited_with_an_http_date(provider: ProviderConfig) -> None:
     when = datetime.now(UTC) + timedelta(seconds=30)
     stub = Provider(
         429,
-        fixture("error_429_rate_limit.json"),
+        api.fixture("error_429_rate_limit.json"),
         headers={"retry-after": format_datetime(when, usegmt=True)},
     )
 
-    error = await call_error(provider, stub)
+    error = await api.fails(provider, stub, errors.RateLimited)
 
-    assert isinstance(error, RateLimited)
     assert error.retry_after == pytest.approx(30, abs=2)
 
 
@@ -550,9 +448,8 @@ def test_parse_retry_after_http_dates(value: str, expected: float | None) -> Non
     [httpx.ReadTimeout("read timed out"), httpx.ConnectTimeout("connect timed out")],
 )
 async def test_timeout(provider: ProviderConfig, exc: Exception) -> None:
-    error = await call_error(provider, Provider(raises=exc))
+    error = await api.fails(provider, Provider(raises=exc), errors.ProviderTimeout)
 
-    assert isinstance(error, ProviderTimeout)
     assert type(exc).__name__ in error.message
 
 
@@ -561,16 +458,16 @@ async def test_timeout(provider: ProviderConfig, exc: Exception) -> None:
     [httpx.ConnectError("connection refused"), httpx.RemoteProtocolError("peer closed")],
 )
 async def test_connection_failure(provider: ProviderConfig, exc: Exception) -> None:
-    error = await call_error(provider, Provider(raises=exc))
+    error = await api.fails(provider, Provider(raises=exc), errors.ProviderServerError)
 
-    assert isinstance(error, ProviderServerError)
     assert error.message == (f"provider 'openai-test': connection failed: {type(exc).__name__}")
 
 
 async def test_no_other_exception_escapes(provider: ProviderConfig) -> None:
-    error = await call_error(provider, Provider(raises=RuntimeError(f"boom {KEY}")))
+    error = await api.fails(
+        provider, Provider(raises=RuntimeError(f"boom {KEY}")), errors.ProviderProtocolError
+    )
 
-    assert isinstance(error, ProviderProtocolError)
     assert "RuntimeError" in error.message
     assert "boom" not in error.message
 
@@ -579,13 +476,13 @@ async def test_no_other_exception_escapes(provider: ProviderConfig) -> None:
 
 
 async def test_make_http_client() -> None:
-    provider = make_provider(concurrency=32, timeout_s=5.0)
+    provider = api.make_provider(concurrency=32, timeout_s=5.0)
 
     async with make_http_client(provider) as http:
         assert http.timeout == httpx.Timeout(5.0, connect=5.0)
         assert http.base_url == httpx.URL("")
 
-    async with make_http_client(make_provider(timeout_s=120.0)) as http:
+    async with make_http_client(api.make_provider(timeout_s=120.0)) as http:
         assert http.timeout == httpx.Timeout(120.0, connect=10.0)
 
 
@@ -614,7 +511,7 @@ async def test_post_over_aiohttp_reads_plain_and_encoded_bodies_whole() -> None:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        async with make_http_client(make_provider(), "aiohttp") as http:
+        async with make_http_client(api.make_provider(), "aiohttp") as http:
             headers = httpx.Headers({"content-type": "application/json"})
             first = await post(http, f"http://127.0.0.1:{port}/plain", b"{}", headers)
             second = await post(http, f"http://127.0.0.1:{port}/gzip", b"{}", headers)
@@ -643,9 +540,8 @@ MALFORMED_ANSWERS = [
 async def test_a_malformed_answer_is_a_retried_server_error_on_either_transport(
     answer: bytes, transport: Any
 ) -> None:
-    """A server that breaks HTTP is a provider failing, retried like a dropped connection; on
-    the aiohttp transport aiohttp's parser error used to escape unmapped, and the adapter took
-    it for a protocol error, which is not retried."""
+    """A server that breaks HTTP is a provider failing, retried like a dropped connection, on
+    either transport."""
 
     async def answer_badly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -655,14 +551,14 @@ async def test_a_malformed_answer_is_a_retried_server_error_on_either_transport(
 
     server = await asyncio.start_server(answer_badly, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    provider = make_provider(base_url=f"http://127.0.0.1:{port}/v1")
+    provider = api.make_provider(base_url=f"http://127.0.0.1:{port}/v1")
     try:
         async with make_http_client(provider, transport) as http:
             headers = httpx.Headers({"content-type": "application/json"})
             with pytest.raises(httpx.RemoteProtocolError):
                 await post(http, f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", headers)
-            with pytest.raises(ProviderServerError) as failed:
-                await OpenAIAdapter(provider, http).complete(simple_request())
+            with pytest.raises(errors.ProviderServerError) as failed:
+                await OpenAIAdapter(provider, http).complete(api.simple_request())
     finally:
         server.close()
     assert failed.value.retryable
@@ -672,10 +568,10 @@ async def test_a_malformed_answer_is_a_retried_server_error_on_either_transport(
 
 
 async def test_stream_sends_stream_and_include_usage(provider: ProviderConfig) -> None:
-    stub = Provider(content=sse("stream_chunks.txt"), headers=SSE)
-    request = simple_request(max_tokens=20, stream_options={"include_obfuscation": False})
+    stub = api.streaming(api.sse("stream_chunks.txt"))
+    request = api.simple_request(max_tokens=20, stream_options={"include_obfuscation": False})
 
-    await collect(provider, stub, request)
+    await api.collect(provider, stub, request)
 
     [sent] = stub.requests
     assert str(sent.url) == URL
@@ -687,7 +583,7 @@ async def test_stream_sends_stream_and_include_usage(provider: ProviderConfig) -
 
 
 async def test_stream_yields_the_documented_chunks(provider: ProviderConfig) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream_chunks.txt"), headers=SSE))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream_chunks.txt")))
 
     assert len(chunks) == 5
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -708,8 +604,10 @@ async def test_stream_yields_the_documented_chunks(provider: ProviderConfig) -> 
 async def test_streamed_tool_call_folds_into_the_non_streamed_result(
     provider: ProviderConfig,
 ) -> None:
-    chunks = await collect(provider, Provider(content=sse("stream_tool_calls.txt"), headers=SSE))
-    completion = await call(provider, Provider(body=fixture("chat_completion_tool_calls.json")))
+    chunks = await api.collect(provider, api.streaming(api.sse("stream_tool_calls.txt")))
+    completion = await api.call(
+        provider, Provider(body=api.fixture("chat_completion_tool_calls.json"))
+    )
 
     result = folded(provider, chunks)
 
@@ -721,42 +619,39 @@ async def test_streamed_tool_call_folds_into_the_non_streamed_result(
 
 
 async def test_stream_that_ends_early(provider: ProviderConfig) -> None:
-    cut = b"\n\n".join(sse("stream_chunks.txt").split(b"\n\n")[:2]) + b"\n\n"
+    cut = b"\n\n".join(api.sse("stream_chunks.txt").split(b"\n\n")[:2]) + b"\n\n"
 
-    error, chunks = await collect_error(provider, Provider(content=cut, headers=SSE))
+    chunks = await api.ends_early(provider, cut)
 
-    assert isinstance(error, ProviderServerError)
-    assert error.message == "provider 'openai-test': stream ended early"
     assert [c.choices[0].delta.content for c in chunks] == ["", "Hello"]
 
 
 async def test_stream_without_done_but_finished_is_complete(provider: ProviderConfig) -> None:
-    body = sse("stream_chunks.txt").replace(b"data: [DONE]\n\n", b"")
+    body = api.sse("stream_chunks.txt").replace(b"data: [DONE]\n\n", b"")
 
-    chunks = await collect(provider, Provider(content=body, headers=SSE))
+    chunks = await api.collect(provider, api.streaming(body))
 
     assert folded(provider, chunks).choices[0].finish_reason == "stop"
 
 
 async def test_events_after_done_are_not_read(provider: ProviderConfig) -> None:
-    body = sse("stream_chunks.txt") + b"data: not json\n\n"
+    body = api.sse("stream_chunks.txt") + b"data: not json\n\n"
 
-    chunks = await collect(provider, Provider(content=body, headers=SSE))
+    chunks = await api.collect(provider, api.streaming(body))
 
     assert len(chunks) == 5
 
 
 def without_usage_chunk(name: str) -> bytes:
-    events = sse(name).split(b"\n\n")
+    events = api.sse(name).split(b"\n\n")
     return b"\n\n".join(e for e in events if b'"choices":[]' not in e)
 
 
 async def test_stream_without_usage_from_openai(provider: ProviderConfig) -> None:
-    stub = Provider(content=without_usage_chunk("stream_chunks.txt"), headers=SSE)
+    stub = api.streaming(without_usage_chunk("stream_chunks.txt"))
 
-    error, chunks = await collect_error(provider, stub)
+    error, chunks = await api.stream_fails(provider, stub, errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert error.message == "provider 'openai-test': stream has no usage"
     assert len(chunks) == 4
 
@@ -764,11 +659,11 @@ async def test_stream_without_usage_from_openai(provider: ProviderConfig) -> Non
 async def test_stream_without_usage_from_an_openai_compatible_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    provider = make_provider(id="vllm", type="openai_compatible")
-    stub = Provider(content=without_usage_chunk("stream_chunks.txt"), headers=SSE)
+    monkeypatch.setenv(api.key_env, KEY)
+    provider = api.make_provider(id="vllm", type="openai_compatible")
+    stub = api.streaming(without_usage_chunk("stream_chunks.txt"))
 
-    chunks = await collect(provider, stub)
+    chunks = await api.collect(provider, stub)
 
     result = folded(provider, chunks)
     assert result.usage is None
@@ -778,33 +673,31 @@ async def test_stream_without_usage_from_an_openai_compatible_server(
 async def test_missing_usage_tolerated_from_an_openai_compatible_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(KEY_ENV, KEY)
-    body = fixture("chat_completion.json")
+    monkeypatch.setenv(api.key_env, KEY)
+    body = api.fixture("chat_completion.json")
     del body["usage"]
 
-    completion = await call(make_provider(type="openai_compatible"), Provider(body=body))
+    completion = await api.call(api.make_provider(type="openai_compatible"), Provider(body=body))
 
     assert completion.usage is None
     assert completion.choices[0].message.content == "Hello! How can I assist you today?"
 
 
 async def test_missing_usage_from_the_mock_provider_type(monkeypatch: pytest.MonkeyPatch) -> None:
-    body = fixture("chat_completion.json")
+    body = api.fixture("chat_completion.json")
     del body["usage"]
-    provider = make_provider(id="mock", type="mock", api_key_env=None, headers={})
+    provider = api.make_provider(id="mock", type="mock", api_key_env=None, headers={})
 
-    error = await call_error(provider, Provider(body=body))
-
-    assert isinstance(error, ProviderProtocolError)
+    await api.fails(provider, Provider(body=body), errors.ProviderProtocolError)
 
 
 @pytest.mark.parametrize(
     ("status", "body", "headers", "expected"),
     [
-        (429, fixture("error_429_rate_limit.json"), {"retry-after": "20"}, RateLimited),
-        (401, fixture("error_401_invalid_api_key.json"), {}, ProviderAuthentication),
-        (400, fixture("error_400_context_length.json"), {}, ProviderInvalidRequest),
-        (500, fixture("error_500_server.json"), {}, ProviderServerError),
+        (429, api.fixture("error_429_rate_limit.json"), {"retry-after": "20"}, errors.RateLimited),
+        (401, api.fixture("error_401_invalid_api_key.json"), {}, errors.ProviderAuthentication),
+        (400, api.fixture("error_400_context_length.json"), {}, errors.ProviderInvalidRequest),
+        (500, api.fixture("error_500_server.json"), {}, errors.ProviderServerError),
     ],
 )
 async def test_stream_error_status_maps_like_complete(
@@ -812,96 +705,93 @@ async def test_stream_error_status_maps_like_complete(
     status: int,
     body: Any,
     headers: dict[str, str],
-    expected: type[ProviderError],
+    expected: type[errors.ProviderError],
 ) -> None:
     stub = Provider(status, body, headers=headers)
 
-    error, chunks = await collect_error(provider, stub)
-    same = await call_error(provider, stub)
+    error, chunks = await api.collect_error(provider, stub)
+    same = await api.call_error(provider, stub)
 
     assert chunks == []
     assert type(error) is type(same) is expected
     assert error.message == same.message
-    if isinstance(error, RateLimited):
+    if isinstance(error, errors.RateLimited):
         assert error.retry_after == 20.0
 
 
 async def test_stream_chunk_of_the_wrong_shape_names_the_field(provider: ProviderConfig) -> None:
     bad = b'data: {"object":"chat.completion.chunk","created":1,"model":"m","choices":[]}\n\n'
 
-    error, _ = await collect_error(provider, Provider(content=bad, headers=SSE))
+    error, _ = await api.stream_fails(provider, api.streaming(bad), errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert error.message == "provider 'openai-test': stream chunk field id: Field required"
 
 
 async def test_stream_data_not_json(provider: ProviderConfig) -> None:
-    error, _ = await collect_error(provider, Provider(content=b"data: {oops\n\n", headers=SSE))
+    error, _ = await api.stream_fails(
+        provider, api.streaming(b"data: {oops\n\n"), errors.ProviderProtocolError
+    )
 
-    assert isinstance(error, ProviderProtocolError)
     assert "stream event data is not JSON" in error.message
 
 
 async def test_stream_error_event(provider: ProviderConfig) -> None:
     event = b'data: {"error": {"message": "The server had an error", "type": "server_error"}}'
-    body = b"\n\n".join([*sse("stream_chunks.txt").split(b"\n\n")[:2], event]) + b"\n\n"
+    body = b"\n\n".join([*api.sse("stream_chunks.txt").split(b"\n\n")[:2], event]) + b"\n\n"
 
-    error, chunks = await collect_error(provider, Provider(content=body, headers=SSE))
+    error, chunks = await api.stream_fails(
+        provider, api.streaming(body), errors.ProviderServerError
+    )
 
-    assert isinstance(error, ProviderServerError)
     assert "mid-stream" in error.message
     assert "The server had an error" in error.message
     assert len(chunks) == 2
 
 
 async def test_stream_content_filtered_without_content(provider: ProviderConfig) -> None:
-    body = sse("stream_chunks.txt")
+    body = api.sse("stream_chunks.txt")
     body = body.replace(b'"Hello"', b'""').replace(b'"! How can I assist you today?"', b'""')
     body = body.replace(b'"finish_reason":"stop"', b'"finish_reason":"content_filter"')
 
-    error, _ = await collect_error(provider, Provider(content=body, headers=SSE))
-
-    assert isinstance(error, ContentFiltered)
+    await api.stream_fails(provider, api.streaming(body), errors.ContentFiltered)
 
 
 async def test_stream_answered_with_a_json_body(provider: ProviderConfig) -> None:
     json_headers = {"content-type": "application/json"}
-    stub = Provider(body=fixture("chat_completion.json"), headers=json_headers)
+    stub = Provider(body=api.fixture("chat_completion.json"), headers=json_headers)
 
-    error, _ = await collect_error(provider, stub)
+    error, _ = await api.stream_fails(provider, stub, errors.ProviderProtocolError)
 
-    assert isinstance(error, ProviderProtocolError)
     assert "not an event stream" in error.message
 
 
 async def test_stream_cut_by_the_connection(provider: ProviderConfig) -> None:
     async def body() -> AsyncIterator[bytes]:
-        yield sse("stream_chunks.txt").split(b"\n\n")[0] + b"\n\n"
+        yield api.sse("stream_chunks.txt").split(b"\n\n")[0] + b"\n\n"
         raise httpx.RemoteProtocolError("peer closed connection")
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body(), headers=SSE)
+        return httpx.Response(200, content=body(), headers={"content-type": api.event_stream})
 
-    error, chunks = await collect_error(provider, handler)
+    error, chunks = await api.stream_fails(provider, handler, errors.ProviderServerError)
 
-    assert isinstance(error, ProviderServerError)
     assert error.message == "provider 'openai-test': connection failed: RemoteProtocolError"
     assert len(chunks) == 1
 
 
 async def test_stream_read_timeout(provider: ProviderConfig) -> None:
-    error, _ = await collect_error(provider, Provider(raises=httpx.ReadTimeout("slow")))
-
-    assert isinstance(error, ProviderTimeout)
+    await api.stream_fails(
+        provider, Provider(raises=httpx.ReadTimeout("slow")), errors.ProviderTimeout
+    )
 
 
 async def test_cancellation_propagates(provider: ProviderConfig) -> None:
     stub = Provider(raises=asyncio.CancelledError())
 
     with pytest.raises(asyncio.CancelledError):
-        await call(provider, stub)
+        await api.call(provider, stub)
     with pytest.raises(asyncio.CancelledError):
-        await collect(provider, stub)
+        await api.collect(provider, stub)
 
 
 async def test_closing_a_stream_early_closes_the_response(provider: ProviderConfig) -> None:
@@ -909,17 +799,17 @@ async def test_closing_a_stream_early_closes_the_response(provider: ProviderConf
 
     class Body(httpx.AsyncByteStream):
         async def __aiter__(self) -> AsyncIterator[bytes]:
-            for event in sse("stream_chunks.txt").split(b"\n\n"):
+            for event in api.sse("stream_chunks.txt").split(b"\n\n"):
                 yield event + b"\n\n"
 
         async def aclose(self) -> None:
             closed.append(True)
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=Body(), headers=SSE)
+        return httpx.Response(200, stream=Body(), headers={"content-type": api.event_stream})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        stream = OpenAIAdapter(provider, http).stream(simple_request())
+        stream = OpenAIAdapter(provider, http).stream(api.simple_request())
         first = await anext(stream)
         await stream.aclose()  # type: ignore[attr-defined]
 

@@ -21,6 +21,7 @@ from broker.core.config import load_config
 from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, HEADER_TRACEPARENT, Names
 from mock_provider import expected_completion, prompt_tokens
 from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, queue_depth, write_config
+from workers.layers import GlobalLease
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -317,10 +318,10 @@ async def test_a_global_lease_is_renewed_for_as_long_as_its_call_runs(
     provider = {"id": "mock", "global_concurrency": 1, "timeout_s": 1, "max_attempts": 1}
     config = load_config(write_config(tmp_path / "p.yaml", mock, [provider]))
     pool = WorkerPool(AMQP_URL, config, names, "mock", redis_url=REDIS_URL)
-    leases = pool._client.leases
+    leases = pool._clients.current.leases
     assert leases is not None and leases.lease_s == 3
     try:
-        async with pool._global_slot(leases, None):
+        async with GlobalLease("test-holder", "test").hold(leases, None):
             await asyncio.sleep(4.5)  # a call outlasting its lease
             assert await leases.held() == 1
             assert await leases.acquire("another-worker") is None
@@ -390,14 +391,17 @@ async def test_every_provider_type_serves_jobs_through_the_pipeline_with_exact_u
 async def test_a_call_in_a_discount_window_is_priced_at_the_discount_in_its_result_and_row(
     names: Names, tmp_path: Path, pipeline: Any, pg: asyncpg.Connection, mock: MockProvider
 ) -> None:
-    """Routing chose by the discounted price; the result and the usage row used to charge the
-    list price. A window with start == end covers the whole day."""
+    """One price per call: routing chose by the discounted price, and the result and the usage
+    row carry the same figure even when the accountant writes the row after a reload that
+    changed the price (it used to price the row again by its own config). A window with start
+    == end covers the whole day."""
     half = {"start": "00:00", "end": "00:00", "multiplier": "0.5"}
     model = {"input": 1, "output": 2, "discounts": [half]}
     path = write_config(
         tmp_path / "providers.yaml", mock, [{"id": "mock", "models": {"gpt-4o-mini": model}}]
     )
-    async with pipeline(load_config(path)):
+    config = load_config(path)
+    async with pipeline(config, accountant=False):  # the usage waits in its queue
         client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
         async with client:
             result = await client.complete(
@@ -409,12 +413,20 @@ async def test_a_call_in_a_discount_window_is_priced_at_the_discount_in_its_resu
     ).quantize(Decimal("0.000000001"))
     assert result.cost_usd == half_price
 
+    dearer = {"gpt-4o-mini": {"input": 10, "output": 20}}
+    reloaded = load_config(
+        write_config(tmp_path / "dearer.yaml", mock, [{"id": "mock", "models": dearer}])
+    )
+    assert reloaded.version != config.version
+
     async def recorded() -> bool:
         return len(await usage_rows(pg, [result.job_id])) == 1
 
-    await eventually(recorded, 10, "the usage row")
+    async with pipeline(reloaded, scheduler=False, workers=[]):
+        await eventually(recorded, 10, "the usage row")
     [row] = await usage_rows(pg, [result.job_id])
-    assert row["cost_usd"] == half_price
+    assert row["cost_usd"] == result.cost_usd == half_price
+    assert row["price_version"] == config.version
 
 
 async def test_a_job_reaches_its_provider_queue_in_the_delivery_mode_its_producer_chose(

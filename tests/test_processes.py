@@ -144,7 +144,6 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
 ) -> None:
     from redis.asyncio import Redis
 
-    from broker.state.leases import lease_key
     from tests.conftest import REDIS_URL
 
     providers = [
@@ -159,7 +158,7 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
     config = write_config(tmp_path / "g.yaml", mock, providers)
     procs = Processes(process_env(names, database_url, config), tmp_path)
     redis = Redis.from_url(REDIS_URL)
-    leases = lease_key(names, "capped")
+    leases = names.lease("capped")
     try:
         procs.start("scheduler")
         first = procs.start("worker", "--provider", "capped")

@@ -29,7 +29,6 @@ from broker.state.quota import (
     Short,
     ThresholdCrossed,
     Unit,
-    bucket_key,
     micros_to_usd,
     usd_to_micros,
 )
@@ -92,7 +91,7 @@ def bucket(
     window_id: str = "w1",
 ) -> Bucket:
     return Bucket(
-        key=bucket_key(names, "key", "team-a", metric, window_id),
+        key=names.quota_bucket("key", "team-a", metric, window_id),
         unit=unit,
         amount=amount,
         limit=limit,

@@ -178,7 +178,7 @@ async def test_moving_a_model_between_providers_while_jobs_flow_loses_no_job(
         flow.start()
         await asyncio.sleep(1.0)
         # Both entries change too (timeout, prices): calls in flight finish on the old HTTP
-        # client, and the accountant prices the calls after the change by the new version.
+        # client, and the calls that start after the change are priced by the new version.
         write(path, mock, names, "beta", "alpha", "beta", timeout_s=20, models=NEW_PRICES)
         written_at = time.time()
         await asyncio.sleep(2.0)

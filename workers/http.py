@@ -5,12 +5,11 @@ Adapters see an ``httpx.AsyncClient``; ``SWITCHYARD_HTTP_TRANSPORT`` picks what 
 aiohttp's pool). httpcore 1.0.x does work that grows with requests x connections under
 concurrency (encode/httpx#3215; ``shared/MEASURED.md``), which is why the other exists.
 
-Even over aiohttp's pool, httpx's client layers (request building, URL merging, cookie
-extraction, auth and redirect hooks) cost as much CPU as aiohttp itself: measured here at 50
-concurrent calls, 0.69 ms per call through ``httpx.AsyncClient.post`` against 0.34 ms on
-aiohttp's session. So the call every completion makes, one JSON ``POST`` read whole, goes
-through ``post``: on the aiohttp transport it runs on aiohttp's session directly, with the same
-timeouts and the same httpx exceptions; streams and the ``httpx`` transport use httpx as is.
+Even over aiohttp's pool, httpx's client layers (request building, URL merging, cookie extraction,
+auth and redirect hooks) cost as much CPU as aiohttp itself (docs/architecture.md). So the call
+every completion makes, one JSON ``POST`` read whole, goes through ``post``: on the aiohttp
+transport it runs on aiohttp's session directly, with the same timeouts and the same httpx
+exceptions; streams and the ``httpx`` transport use httpx as is.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def _httpx_errors(request: Callable[[], httpx.Request]) -> Iterator[None]:
     ``ClientResponseError``) escape, and reports every connection failure, a refused connection
     and a dropped one included, as ``ConnectTimeout`` (a timeout, which adapters would report as
     one). ``request`` makes the exceptions' request, only when one is raised (building an
-    ``httpx.Request`` parses its URL: 6 % of a worker's CPU)."""
+    ``httpx.Request`` parses its URL, a cost on every call)."""
     try:
         with map_aiohttp_exceptions():
             yield
@@ -114,7 +113,7 @@ def _read_response(
     status: int, raw_headers: Sequence[tuple[bytes, bytes]], body: bytes
 ) -> httpx.Response:
     """An ``httpx.Response`` of a body already read. Given ``content=``, httpx's constructor runs
-    its whole streaming read (chunker, decoders, close: 20 µs here, 4 % of a worker's CPU); a
+    its whole streaming read (chunker, decoders, close), a cost on every call; a
     body with no content-encoding needs none of it, so it is handed over as read, where httpx
     keeps a read body. An encoded one is read through httpx's decoders, as before."""
     response = httpx.Response(status, headers=raw_headers, stream=httpx.ByteStream(body))

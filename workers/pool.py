@@ -14,15 +14,11 @@ the config is served on its last entry until its queue is empty, so no routed jo
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 
-import httpx
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -33,27 +29,28 @@ from redis.asyncio import Redis
 
 from broker.core.clock import elapsed_ms, utcnow
 from broker.core.config import Config, ProviderConfig
-from broker.core.errors import ConfigError, DeadlineExceeded, InvalidMessage, ProviderUnavailable
+from broker.core.errors import ConfigError, InvalidMessage
 from broker.core.names import Names
-from broker.core.pricing import cost_usd
-from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
+from broker.core.records import job_result
+from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
-from broker.state.leases import LeaseSemaphore, lease_key
 from broker.transport.amqp import Publisher, declare_topology
 from broker.transport.outcomes import Outcomes
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import (
-    Attempt,
-    ChatCompletionChunk,
-    CompletionJob,
-    ErrorCode,
-    JobResult,
-    JobStatus,
-    Timings,
+from schemas import CompletionJob, ErrorCode, JobResult, JobStatus, Timings
+from workers.clients import ProviderClients
+from workers.layers import (
+    Call,
+    CircuitBreaker,
+    GlobalLease,
+    Pricing,
+    PrioritySlot,
+    ProviderVersion,
+    call_provider,
+    chain,
+    deadline,
 )
-from workers.adapters import ProviderAdapter, adapter_for
-from workers.http import make_http_client
-from workers.retry import MAX_BACKOFF_S, CallOutcome, call_with_retries
+from workers.retry import CallOutcome
 
 __all__ = ["WorkerPool", "WorkerPools"]
 
@@ -61,30 +58,12 @@ log = logging.getLogger(__name__)
 
 PREFETCH_PER_CALL = 2
 """Deliveries in hand per call slot. A job whose call is done holds its delivery until its
-result and its accounting event are confirmed (RabbitMQ confirms a persistent message after its
-fsync: 40-130 ms at the median, 300 ms at p90, measured with 500 calls in flight). With the
-prefetch equal to the concurrency, those jobs kept the next calls from starting: 1 s calls at a
-cap of 500 ran 366/s; with twice the prefetch, 433-439/s (three times gave no more)."""
-LEASE_WAIT_S = 30.0
-"""How long one wait for a global lease lasts before it starts again (and looks at the
-job's deadline)."""
+result and its accounting event are confirmed (a persistent message waits for RabbitMQ's fsync);
+with the prefetch equal to the concurrency those jobs kept the next calls from starting."""
 DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
 """A replaced consumer's handlers finish on their own (each bounded by its provider timeouts)."""
-
-
-@dataclass(eq=False)
-class _Client:
-    """One version of the provider's entry: its adapter over its own HTTP client, and the global
-    leases. Calls hold it from start to end; once replaced it closes after its last call."""
-
-    provider: ProviderConfig
-    http: httpx.AsyncClient
-    adapter: ProviderAdapter
-    leases: LeaseSemaphore | None
-    calls: int = 0
-    retired: bool = False
 
 
 class WorkerPool(Service):
@@ -114,11 +93,22 @@ class WorkerPool(Service):
         self._slots = PrioritySlots(provider.concurrency)
         # Redis (when configured) holds the provider's circuit and its global leases.
         self._redis = Redis.from_url(redis_url) if redis_url is not None else None
-        self._circuits = Circuits(self._redis, names) if self._redis is not None else None
-        self._trial = False  # a half-open circuit's one trial call from this process runs
-        self._holder = f"{provider_id}-{secrets.token_hex(4)}"
-        self._client = self._build(provider)
-        self._open: set[_Client] = {self._client}
+        self._clients = ProviderClients(provider, names, self._redis)
+        self._pricing = Pricing(config)
+        circuits = Circuits(self._redis, names) if self._redis is not None else None
+        holder = f"{provider_id}-{secrets.token_hex(4)}"
+        # The concerns around each call, outermost first (``workers.layers``).
+        self._call = chain(
+            [
+                PrioritySlot(self._slots),
+                deadline,
+                ProviderVersion(self._clients),
+                self._pricing,
+                CircuitBreaker(circuits, self.name),
+                GlobalLease(holder, self.name),
+            ],
+            call_provider,
+        )
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queues: list[AbstractQueue] = []
@@ -129,28 +119,7 @@ class WorkerPool(Service):
     @property
     def provider(self) -> ProviderConfig:
         """The provider entry the next call uses."""
-        return self._client.provider
-
-    def _build(self, provider: ProviderConfig) -> _Client:
-        http = make_http_client(provider)
-        leases = None
-        if provider.global_concurrency is not None:
-            if self._redis is None:
-                raise ConfigError(f"provider {provider.id!r} sets global_concurrency: needs Redis")
-            # A lease outlives the worst case of one job (every attempt timing out, backoffs
-            # between), so it is never taken from a live call; a dead worker's expires.
-            lease_s = (
-                provider.timeout_s * provider.max_attempts
-                + MAX_BACKOFF_S * (provider.max_attempts - 1)
-                + 2
-            )
-            leases = LeaseSemaphore(
-                self._redis,
-                lease_key(self.names, provider.id),
-                provider.global_concurrency,
-                lease_s,
-            )
-        return _Client(provider, http, adapter_for(provider, http), leases)
+        return self._clients.current.provider
 
     async def start(self) -> None:
         self._connection = await connect_server(self.amqp_url, name=f"switchyard-{self.name}")
@@ -175,8 +144,7 @@ class WorkerPool(Service):
             await consumers.stop(grace_s)  # already cancelled: waits for its handlers, bounded
         if self._connection is not None:
             await self._connection.close()
-        for client in list(self._open):
-            await self._close(client)
+        await self._clients.close()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -228,14 +196,11 @@ class WorkerPool(Service):
             ]
             if self._consuming:
                 await self._consume()
-        current = self._client
-        if provider != current.provider:
-            self._client = self._build(provider)
-            self._open.add(self._client)
-            current.retired = True
-            if current.calls == 0:
-                await self._close(current)
-        if provider.concurrency != current.provider.concurrency:
+        current = self._clients.current.provider
+        self._pricing.apply(config)
+        if provider != current:
+            await self._clients.replace(provider)
+        if provider.concurrency != current.concurrency:
             self._slots.resize(provider.concurrency)
             if self._consuming:
                 await self._consume()
@@ -270,188 +235,58 @@ class WorkerPool(Service):
                 log.warning("%s is empty: %s stopped consuming it", self.queue_name, self.name)
                 return
 
-    async def _close(self, client: _Client) -> None:
-        self._open.discard(client)
-        await client.http.aclose()
-
-    @contextlib.asynccontextmanager
-    async def _use(self) -> AsyncIterator[_Client]:
-        """The client for one job's calls; a replaced one closes after its last call."""
-        client = self._client
-        client.calls += 1
-        try:
-            yield client
-        finally:
-            client.calls -= 1
-            if client.retired and client.calls == 0 and client in self._open:
-                await self._close(client)
-
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        async def call(job: CompletionJob) -> None:
-            if job.route is None or job.route.provider != self.provider_id:
-                raise InvalidMessage(
-                    f"job reached {self.queue_name} without a route to {self.provider_id!r}"
-                )
-            on_chunk = None
-            if job.params.stream:
+        await self.outcomes.settle(message, self.queue_name, self._serve)
 
-                async def on_chunk(attempt: int, sequence: int, chunk: ChatCompletionChunk) -> None:
-                    await self.outcomes.chunk(message, job, attempt, sequence, chunk)
-
-            # Only the provider call holds a slot: calls start by priority, then arrival,
-            # whichever lane the job came through, and the next one starts while this job's
-            # result and event wait for their confirms.
-            async with self._slots.slot(message.priority or 0):
-                started = utcnow()
-                if job.deadline is not None and job.deadline <= started:
-                    raise DeadlineExceeded("the job's deadline passed while it waited for a worker")
-                async with self._use() as client:
-                    refusal, trial = await self._gate(client.provider)
-                    try:
-                        if refusal is not None:
-                            outcome = CallOutcome(error=refusal, attempts=[_refused(job, refusal)])
-                        else:
-                            async with self._global_slot(client.leases, job.deadline):
-                                outcome = await call_with_retries(
-                                    client.adapter,
-                                    job,
-                                    max_attempts=client.provider.max_attempts,
-                                    on_chunk=on_chunk,
-                                )
-                            await self._count(client.provider, outcome)
-                    finally:
-                        if trial:
-                            self._trial = False
-                    provider = client.provider
-            if _fails_over(job, outcome):
-                await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
-            else:
-                result = self._result(job, outcome, started, provider)
-                await self.outcomes.finish(message, job, result, outcome.usage)
-
-        await self.outcomes.settle(message, self.queue_name, call)
-
-    async def _gate(self, provider: ProviderConfig) -> tuple[ProviderUnavailable | None, bool]:
-        """What the circuit says of the next call: ``(None, False)`` it may go; ``(None, True)``
-        it may go as the half-open circuit's one trial call from this process (the caller ends
-        the trial); ``(error, False)`` it may not, and the error answers the job."""
-        circuits = self._circuits
-        if circuits is None:
-            return None, False
-        view = circuits.fresh(provider.id) or await circuits.view(provider.id)
-        state = view.state(provider.circuit.failures)
-        if state is CircuitState.CLOSED:
-            return None, False
-        if state is CircuitState.HALF_OPEN and not self._trial:
-            self._trial = True
-            return None, True
-        wait = view.open_s_left() if state is CircuitState.OPEN else REFRESH_S
-        refusal = ProviderUnavailable(
-            f"provider {provider.id!r} is unavailable: its circuit is {state.value} after"
-            f" {view.failures} failed calls in a row; the job was not sent to it",
-            provider=provider.id,
-            retry_after=round(max(wait, 0.001), 3),
+    async def _serve(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
+        """Call the provider through the layers, then end the job or hand it to failover."""
+        if job.route is None or job.route.provider != self.provider_id:
+            raise InvalidMessage(
+                f"job reached {self.queue_name} without a route to {self.provider_id!r}"
+            )
+        on_chunk = (
+            functools.partial(self.outcomes.chunk, message, job) if job.params.stream else None
         )
-        return refusal, False
+        call = Call(job, message.priority or 0, on_chunk)
+        outcome = await self._call(call)
+        if _fails_over(job, outcome):
+            await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
+        else:
+            assert call.started is not None
+            result = _result(job, outcome, call.started)
+            await self.outcomes.finish(message, job, result, outcome.usage)
 
-    async def _count(self, provider: ProviderConfig, outcome: CallOutcome) -> None:
-        """Tell the circuit how the call went. Its Redis failing must not fail a paid call."""
-        if self._circuits is None:
-            return
-        try:
-            if outcome.completion is not None:
-                await self._circuits.succeeded(provider.id)
-            elif failures := failures_in(outcome.attempts):
-                await self._circuits.failed(provider.id, provider.circuit, failures)
-        except Exception:
-            log.warning("could not count a call in the circuit of %s", self.name, exc_info=True)
 
-    @contextlib.asynccontextmanager
-    async def _global_slot(
-        self, leases: LeaseSemaphore | None, deadline: datetime | None
-    ) -> AsyncIterator[None]:
-        """Hold one of the provider's global leases for the call (when a global cap is set),
-        waiting for one no later than the job's deadline."""
-        if leases is None:
-            yield
-            return
-        lease = None
-        while lease is None:
-            wait_s = LEASE_WAIT_S
-            if deadline is not None:
-                wait_s = min(wait_s, (deadline - utcnow()).total_seconds())
-                if wait_s <= 0:
-                    raise DeadlineExceeded(
-                        "the job's deadline passed while it waited for the provider's global"
-                        " concurrency"
-                    )
-            lease = await leases.acquire_wait(self._holder, timeout_s=wait_s)
-        keeping = asyncio.create_task(self._keep(leases, lease))
-        try:
-            yield
-        finally:
-            keeping.cancel()
-            try:
-                await leases.release(lease)
-            except Exception:
-                # The call is done (and paid for): its result must not turn into a failure.
-                # An unreturned lease expires on its own (``lease_s``).
-                log.warning("could not return a global lease of %s; it expires", self.name)
-
-    async def _keep(self, leases: LeaseSemaphore, lease: str) -> None:
-        """Renew a held lease at a third of its life: ``timeout_s`` bounds each read, not a
-        call, so a stream (or a slow answer) can outlast the lease, and another worker would
-        then take the slot while this call still runs."""
-        while True:
-            await asyncio.sleep(leases.lease_s / 3)
-            try:
-                if not await leases.renew(lease):
-                    log.warning("a global lease of %s expired during its call", self.name)
-                    return
-            except Exception:
-                log.warning("could not renew a global lease of %s", self.name, exc_info=True)
-
-    def _result(
-        self, job: CompletionJob, outcome: CallOutcome, started: datetime, provider: ProviderConfig
-    ) -> JobResult:
-        assert job.route is not None
-        route = job.route
-        now = utcnow()
-        timings = Timings(
-            queued_ms=elapsed_ms(job.submitted_at, route.scheduled_at),
-            scheduled_ms=elapsed_ms(route.scheduled_at, started),
-            provider_ms=outcome.provider_ms,
-            total_ms=elapsed_ms(job.submitted_at or route.scheduled_at, now),
+def _result(job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
+    assert job.route is not None
+    route = job.route
+    now = utcnow()
+    timings = Timings(
+        queued_ms=elapsed_ms(job.submitted_at, route.scheduled_at),
+        scheduled_ms=elapsed_ms(route.scheduled_at, started),
+        provider_ms=outcome.provider_ms,
+        total_ms=elapsed_ms(job.submitted_at or route.scheduled_at, now),
+    )
+    attempts = [*job.attempts, *outcome.attempts]
+    if outcome.completion is None:
+        assert outcome.error is not None
+        error = outcome.error.to_job_error()
+        return job_result(
+            job, job.job_id, JobStatus.FAILED, now, error=error, attempts=attempts, timings=timings
         )
-        common = {
-            "job_id": job.job_id,
-            "provider": route.provider,
-            "model": route.model,
-            "attempts": [*job.attempts, *outcome.attempts],
-            "timings": timings,
-            "metadata": job.metadata,
-        }
-        if outcome.completion is None:
-            assert outcome.error is not None
-            return JobResult(status=JobStatus.FAILED, error=outcome.error.to_job_error(), **common)
-        usage = outcome.completion.usage
-        cost = None
-        price = provider.models.get(route.model)
-        if usage is not None and route.free:
-            cost = Decimal(0)
-        elif usage is not None and price is not None:
-            multiplier = price.multiplier_at(now, self.config.zone)
-            cost = cost_usd(price, usage.prompt_tokens, usage.completion_tokens, multiplier)
-        elif usage is not None:
-            log.warning("no price for %s/%s; cost left empty", route.provider, route.model)
-        return JobResult(
-            status=JobStatus.SUCCEEDED,
-            response=outcome.completion,
-            usage=usage,
-            usage_estimated=outcome.usage_estimated,
-            cost_usd=cost,
-            **common,
-        )
+    # The answering attempt's usage event is the last one, priced by ``Pricing``.
+    answered = outcome.usage[-1]
+    return job_result(
+        job,
+        job.job_id,
+        JobStatus.SUCCEEDED,
+        now,
+        attempts=attempts,
+        timings=timings,
+        response=outcome.completion,
+        usage_estimated=outcome.usage_estimated,
+        cost_usd=answered.cost_usd,
+    )
 
 
 FAILOVER_CODES = frozenset(
@@ -477,19 +312,6 @@ def _fails_over(job: CompletionJob, outcome: CallOutcome) -> bool:
     if all(provider in tried for provider in job.route.alternatives):
         return False
     return job.deadline is None or job.deadline > utcnow()
-
-
-def _refused(job: CompletionJob, refusal: ProviderUnavailable) -> Attempt:
-    """The record of a call an open circuit did not make: failover skips the provider."""
-    assert job.route is not None
-    return Attempt(
-        number=len(job.attempts) + 1,
-        provider=job.route.provider,
-        model=job.route.model,
-        status="failed",
-        error_code=refusal.code,
-        duration_ms=0,
-    )
 
 
 class WorkerPools(Service):

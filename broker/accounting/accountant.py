@@ -6,10 +6,9 @@ messages acked after the commit. Writes are idempotent: a usage row is identifie
 ``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is replaced only by an
 event at least as recent as the one it holds, and a succeeded one by nothing but a success.
 
-A call is priced by the config version this accountant had in force when the call happened
-(``occurred_at``), whose digest is the row's ``price_version``; a new version (``apply``) prices
-the calls after it. A provider that a new version dropped keeps its last prices while its queue
-drains.
+A call's cost and price version come priced on its usage event (``broker.core.pricing``, by the
+worker at the call), so the row and the job's result carry one figure whatever config this
+process has loaded since.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -28,13 +26,11 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.core.clock import utcnow
 from broker.core.codec import decode_accounting_event
 from broker.core.config import Config
 from broker.core.db import jobs, make_engine, usage
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
-from broker.core.pricing import cost_usd
 from broker.state.quota import QuotaStore, usd_to_micros
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -75,7 +71,6 @@ class Accountant(Service):
         self._engine: AsyncEngine | None = None
         self._redis: Redis | None = None
         self._quota: QuotaStore | None = None
-        self._prices = _PriceBook(config)
         self._reconcile_with(config)
 
     def _reconcile_with(self, config: Config) -> None:
@@ -89,9 +84,8 @@ class Accountant(Service):
             self._quota.use_thresholds(config.alerts.percents)
 
     async def apply(self, config: Config) -> None:
-        """Price the calls made from now on by ``config``."""
+        """Take ``config``'s limits, budgets and alert thresholds."""
         self._reconcile_with(config)
-        self._prices.add(config, utcnow())
         self.config = config
 
     async def start(self) -> None:
@@ -229,7 +223,7 @@ class Accountant(Service):
                 await self._quota.release(event.reservation_id)
                 continue
             tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
-            micros = sum(usd_to_micros(self._prices.cost(u)[0] or Decimal(0)) for u in event.usage)
+            micros = sum(usd_to_micros(u.cost_usd or Decimal(0)) for u in event.usage)
             await self._quota.reconcile(
                 event.reservation_id, {"tokens": tokens, "usd_micros": micros}
             )
@@ -241,7 +235,7 @@ class Accountant(Service):
             # rows in the same order, where any other order can deadlock them.
             usage_rows = sorted(
                 (
-                    self._usage_row(u)
+                    _usage_row(u)
                     for e in events
                     for u in (e.usage if isinstance(e, JobEvent) else [e])
                 ),
@@ -262,23 +256,23 @@ class Accountant(Service):
             if job_rows:
                 await conn.execute(_UPSERT_JOB, job_rows)
 
-    def _usage_row(self, event: UsageEvent) -> dict[str, Any]:
-        cost, version = self._prices.cost(event)
-        return {
-            "job_id": event.job_id,
-            "attempt": event.attempt,
-            "provider": event.provider,
-            "model": event.model,
-            "public_model": event.public_model,
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens,
-            "estimated": event.estimated,
-            "cost_usd": cost,
-            "price_version": version,
-            "key_id": event.key_id,
-            "occurred_at": event.occurred_at,
-        }
+
+def _usage_row(event: UsageEvent) -> dict[str, Any]:
+    return {
+        "job_id": event.job_id,
+        "attempt": event.attempt,
+        "provider": event.provider,
+        "model": event.model,
+        "public_model": event.public_model,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+        "estimated": event.estimated,
+        "cost_usd": event.cost_usd,
+        "price_version": event.price_version,
+        "key_id": event.key_id,
+        "occurred_at": event.occurred_at,
+    }
 
 
 class _BadEvent(Exception):
@@ -311,41 +305,6 @@ def _refusal(exc: Exception) -> str | None:
     if isinstance(cause, asyncpg.exceptions.DataError):
         return type(cause).__name__
     return None
-
-
-MAX_PRICE_VERSIONS = 16
-
-
-class _PriceBook:
-    """The last config versions applied here, each with when it was applied and its digest
-    (computed once: it hashes the whole config)."""
-
-    def __init__(self, config: Config) -> None:
-        self._versions = [(datetime.min.replace(tzinfo=UTC), config, config.version)]
-
-    def add(self, config: Config, at: datetime) -> None:
-        self._versions.append((at, config, config.version))
-        del self._versions[:-MAX_PRICE_VERSIONS]
-
-    def cost(self, event: UsageEvent) -> tuple[Decimal | None, str | None]:
-        """The call's cost (nothing on a free tier; the discount window in force at
-        ``occurred_at`` applied) and the version priced by: the one in force at
-        ``occurred_at``, else the latest one that prices this provider's model."""
-        in_force = next(
-            (v for v in reversed(self._versions) if v[0] <= event.occurred_at), self._versions[0]
-        )
-        for _, config, digest in [in_force, *reversed(self._versions)]:
-            if event.free:
-                return Decimal(0), digest
-            try:
-                price, multiplier = config.effective_price(
-                    event.provider, event.model, event.occurred_at
-                )
-            except ConfigError:
-                continue
-            return cost_usd(price, event.prompt_tokens, event.completion_tokens, multiplier), digest
-        log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
-        return None, None
 
 
 _SUCCEEDED = JobStatus.SUCCEEDED.value

@@ -1,6 +1,6 @@
-"""The providers file: providers, their models, prices and limits, public model names, task
-routes, virtual keys and budgets, and routing rules (the smaller parts are in
-``broker.core.limits`` and re-exported here).
+"""The providers file: providers and their models, public model names, task routes, virtual
+keys and budgets, and routing rules, as one validated ``Config`` (its parts are in
+``broker.core.providers`` and ``broker.core.limits``, re-exported here).
 
 YAML or JSON, validated by pydantic. Errors name the file, the path inside it and the reason;
 a rule's CEL expression is compiled at load, so a broken rule refuses the whole file.
@@ -14,15 +14,15 @@ import os
 import re
 from datetime import datetime
 from decimal import Decimal
-from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from broker.core.config_checks import check_references
 from broker.core.errors import ConfigError, ModelUnavailable
 from broker.core.limits import (
     Alerts,
@@ -37,7 +37,9 @@ from broker.core.limits import (
     TimeZoneName,
     zone,
 )
+from broker.core.providers import CircuitConfig, ModelSpec, ProviderConfig, ProviderType
 from broker.core.rules import CompiledRules, Rule
+from broker.core.strict import StrictModel
 
 __all__ = [
     "Alerts",
@@ -61,92 +63,7 @@ __all__ = [
 ]
 
 
-class ProviderType(StrEnum):
-    OPENAI = "openai"
-    ANTHROPIC = "anthropic"
-    GEMINI = "gemini"
-    OPENAI_COMPATIBLE = "openai_compatible"
-    MOCK = "mock"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
-    """One model of a provider: prices in USD per million tokens, and its defaults."""
-
-    input: Decimal = Field(ge=0, description="USD per million prompt tokens.")
-    output: Decimal = Field(ge=0, description="USD per million completion tokens.")
-    max_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Output cap sent when a job sets none (Anthropic requires one).",
-    )
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute, this model.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute, this model.")
-    discounts: list[Discount] = Field(
-        default_factory=list, description="Off-peak windows; the lowest multiplier applies."
-    )
-
-    def discount_at(self, at: datetime, default_zone: ZoneInfo) -> Discount | None:
-        """The window containing ``at`` with the lowest multiplier (the first among equals)."""
-        active = [d for d in self.discounts if d.contains(at, default_zone)]
-        return min(active, key=lambda d: d.multiplier) if active else None
-
-    def multiplier_at(self, at: datetime, default_zone: ZoneInfo) -> Decimal:
-        """The price factor in force at ``at``: the window's, 1 outside every window."""
-        discount = self.discount_at(at, default_zone)
-        return discount.multiplier if discount is not None else Decimal(1)
-
-
-class CircuitConfig(_Strict):
-    """When a provider's circuit breaker opens (``broker.state.circuits``)."""
-
-    failures: int = Field(
-        default=5, ge=1, description="Failed calls in a row (timeouts, 5xx) that open it."
-    )
-    open_s: float = Field(
-        default=30.0, gt=0, description="How long it stays open before a call may try again."
-    )
-
-
-class ProviderConfig(_Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    type: ProviderType
-    base_url: HttpUrl
-    api_key_env: str | None = Field(
-        default=None, description="Name of the environment variable holding the provider key."
-    )
-    headers: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelSpec] = Field(min_length=1)
-    concurrency: int = Field(default=8, ge=1, le=10_000)
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, le=10)
-    global_concurrency: int | None = Field(
-        default=None,
-        ge=1,
-        description="Calls in flight across all worker processes (Redis leases); "
-        "`concurrency` is each process's own cap.",
-    )
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute, all models.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute, all models.")
-    weight: float = Field(default=1.0, gt=0, description="Share of jobs under `weighted`.")
-    priority: int = Field(default=0, description="Order under `priority`: lower is tried first.")
-    tags: list[str] = Field(default_factory=list)
-    task_types: list[str] = Field(
-        default_factory=list,
-        description="If set, jobs routed by task type reach this provider only for these types.",
-    )
-    free_tier: FreeTier | None = None
-    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
-
-    def api_key(self) -> str | None:
-        """The key from the environment, read at call time so a rotated key is picked up."""
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-
-class ModelTarget(_Strict):
+class ModelTarget(StrictModel):
     provider: str
     model: str | None = Field(default=None, description="The provider's name; default: same.")
 
@@ -159,7 +76,7 @@ class Serving(NamedTuple):
     public_model: str
 
 
-class Config(_Strict):
+class Config(StrictModel):
     timezone: TimeZoneName = Field(
         default="UTC", description="For discount windows, `now` in rules and budget periods."
     )
@@ -198,69 +115,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
-        ids = [p.id for p in self.providers]
-        if len(ids) != len(set(ids)):
-            raise ValueError(f"provider ids must be unique, got {ids}")
-        for name, targets in self.models.items():
-            if not targets:
-                raise ValueError(f"models.{name}: needs at least one provider")
-            for target in targets:
-                provider = self.provider(target.provider)
-                if provider is None:
-                    raise ValueError(f"models.{name}: unknown provider {target.provider!r}")
-                upstream = target.model or name
-                if upstream not in provider.models:
-                    raise ValueError(
-                        f"models.{name}: provider {provider.id!r} has no model {upstream!r}"
-                    )
-        if self.default_model is not None and self.default_model not in self.public_models():
-            raise ValueError(f"default_model {self.default_model!r} is not a known model")
-        self._check_routes_and_keys()
-        self._check_rules()
+        check_references(self)
         return self
-
-    def _check_routes_and_keys(self) -> None:
-        public = self.public_models()
-        for task_type, route in self.routes.items():
-            for model in route.models:
-                if model not in public:
-                    raise ValueError(
-                        f"routes.{task_type}.models: unknown model {model!r};"
-                        f" available: {', '.join(public)}"
-                    )
-        key_ids: dict[str, int] = {}
-        digests: dict[str, int] = {}
-        for index, key in enumerate(self.keys):
-            where = f"keys.{index} ({key.id})"
-            if key.id in key_ids:
-                raise ValueError(f"{where}: duplicate id (see keys.{key_ids[key.id]})")
-            if key.key_sha256 in digests:
-                raise ValueError(f"{where}: same key_sha256 as keys.{digests[key.key_sha256]}")
-            key_ids[key.id] = digests[key.key_sha256] = index
-            if self.consumers and key.consumer is not None and key.consumer not in self.consumers:
-                raise ValueError(
-                    f"{where}.consumer: unknown consumer {key.consumer!r};"
-                    f" known: {', '.join(self.consumers)}"
-                )
-            unknown = key.unknown_scopes(public)
-            if unknown:
-                raise ValueError(
-                    f"{where}.scopes: not a known model: {', '.join(map(repr, unknown))}"
-                    " (use a pattern like 'claude-*' for families)"
-                )
-
-    def _check_rules(self) -> None:
-        known = {p.id for p in self.providers}
-        for index, rule in enumerate(self.rules):
-            for provider_id in rule.providers or []:
-                if provider_id not in known:
-                    raise ValueError(
-                        f"rules.{index} ({rule.name}).providers: unknown provider {provider_id!r}"
-                    )
-        try:
-            _ = self.compiled_rules  # compiled here, once, and cached: a broken rule refuses
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
 
     @cached_property
     def compiled_rules(self) -> CompiledRules:
@@ -315,21 +171,20 @@ class Config(_Strict):
             return pairs
         pairs = [(p, public_model) for p in self.providers if public_model in p.models]
         if not pairs:
-            raise ModelUnavailable(
-                f"unknown model {public_model!r}; available: {', '.join(self.public_models())}"
-            )
+            raise self._unknown_model(public_model)
         return pairs
 
-    def resolve(self, model: str | None, task_type: str | None) -> tuple[list[str], Policy]:
-        """The public models a job may go to, and the policy ordering their providers.
+    def _unknown_model(self, name: str) -> ModelUnavailable:
+        return ModelUnavailable(
+            f"unknown model {name!r}; available: {', '.join(self.public_models())}"
+        )
 
-        An explicit ``model`` wins over ``task_type``; with neither, ``default_model``.
-        """
+    def resolve(self, model: str | None, task_type: str | None) -> tuple[list[str], Policy]:
+        """The public models a job may go to, and the policy ordering their providers: an
+        explicit ``model`` wins over ``task_type``; with neither, ``default_model``."""
         if model is not None:
             if model not in self.public_models():
-                raise ModelUnavailable(
-                    f"unknown model {model!r}; available: {', '.join(self.public_models())}"
-                )
+                raise self._unknown_model(model)
             return [model], self.default_policy
         if task_type is not None:
             route = self.routes.get(task_type)

@@ -24,6 +24,8 @@ HTTP status::
 
 from __future__ import annotations
 
+from typing import Any
+
 from schemas import ErrorCode, JobError
 
 __all__ = [
@@ -51,12 +53,28 @@ __all__ = [
 
 
 class SwitchyardError(Exception):
-    """Root of every error Switchyard raises on purpose."""
+    """Root of every error Switchyard raises on purpose. A subclass names what it changes in its
+    class line (``code=``, ``http_status=``, ...), so each error's wire mapping is one line."""
 
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
     family: str = "internal"
     http_status: int = 500
     retryable: bool = False
+
+    def __init_subclass__(
+        cls,
+        *,
+        code: ErrorCode | None = None,
+        family: str | None = None,
+        http_status: int | None = None,
+        retryable: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        given = {"code": code, "family": family, "http_status": http_status, "retryable": retryable}
+        for name, value in given.items():
+            if value is not None:
+                setattr(cls, name, value)
 
     def __init__(
         self, message: str, *, provider: str | None = None, retry_after: float | None = None
@@ -89,91 +107,57 @@ class ConfigError(SwitchyardError):
     """The config file or the environment is invalid; the message names the path and reason."""
 
 
-class JobRejected(SwitchyardError):
-    family = "invalid_request"
-    http_status = 400
+class JobRejected(SwitchyardError, family="invalid_request", http_status=400): ...
 
 
-class InvalidMessage(JobRejected):
-    code = ErrorCode.INVALID_MESSAGE
+class InvalidMessage(JobRejected, code=ErrorCode.INVALID_MESSAGE): ...
 
 
-class UnsupportedSchemaVersion(JobRejected):
-    code = ErrorCode.UNSUPPORTED_SCHEMA_VERSION
+class UnsupportedSchemaVersion(JobRejected, code=ErrorCode.UNSUPPORTED_SCHEMA_VERSION): ...
 
 
-class Unauthorized(JobRejected):
-    code = ErrorCode.UNAUTHORIZED
-    http_status = 401
+class Unauthorized(JobRejected, code=ErrorCode.UNAUTHORIZED, http_status=401): ...
 
 
-class QuotaExceeded(JobRejected):
+class QuotaExceeded(JobRejected, code=ErrorCode.RATE_LIMITED, http_status=429):
     """No candidate's limits or budgets can take the job now."""
 
-    code = ErrorCode.RATE_LIMITED
-    http_status = 429
+
+class ModelUnavailable(JobRejected, code=ErrorCode.MODEL_UNAVAILABLE, http_status=404): ...
 
 
-class ModelUnavailable(JobRejected):
-    code = ErrorCode.MODEL_UNAVAILABLE
-    http_status = 404
+class DeadlineExceeded(JobRejected, code=ErrorCode.DEADLINE_EXCEEDED, http_status=504): ...
 
 
-class DeadlineExceeded(JobRejected):
-    code = ErrorCode.DEADLINE_EXCEEDED
-    http_status = 504
+class ProviderError(SwitchyardError, family="provider_error", http_status=502): ...
 
 
-class ProviderError(SwitchyardError):
-    family = "provider_error"
-    http_status = 502
+class RateLimited(ProviderError, code=ErrorCode.RATE_LIMITED, http_status=429, retryable=True): ...
 
 
-class RateLimited(ProviderError):
-    code = ErrorCode.RATE_LIMITED
-    http_status = 429
-    retryable = True
-
-
-class QuotaExhausted(RateLimited):
+class QuotaExhausted(RateLimited, retryable=False):
     """The provider account's credit or spend limit is used up (OpenAI's 429
     ``insufficient_quota``): a 429, but no retry helps until its billing changes."""
 
-    retryable = False
+
+class ProviderTimeout(ProviderError, code=ErrorCode.TIMEOUT, http_status=504, retryable=True): ...
 
 
-class ProviderTimeout(ProviderError):
-    code = ErrorCode.TIMEOUT
-    http_status = 504
-    retryable = True
+class ProviderServerError(ProviderError, code=ErrorCode.SERVER_ERROR, retryable=True): ...
 
 
-class ProviderServerError(ProviderError):
-    code = ErrorCode.SERVER_ERROR
-    retryable = True
-
-
-class ProviderUnavailable(ProviderError):
+class ProviderUnavailable(ProviderError, code=ErrorCode.PROVIDER_UNAVAILABLE, http_status=503):
     """The provider's circuit breaker is open (``broker.state.circuits``): the job was not sent
     to it. ``retry_after`` is when the circuit lets a call try again."""
 
-    code = ErrorCode.PROVIDER_UNAVAILABLE
-    http_status = 503
+
+class ProviderInvalidRequest(ProviderError, code=ErrorCode.INVALID_REQUEST, http_status=400): ...
 
 
-class ProviderInvalidRequest(ProviderError):
-    code = ErrorCode.INVALID_REQUEST
-    http_status = 400
+class ProviderAuthentication(ProviderError, code=ErrorCode.AUTHENTICATION): ...
 
 
-class ProviderAuthentication(ProviderError):
-    code = ErrorCode.AUTHENTICATION
+class ContentFiltered(ProviderError, code=ErrorCode.CONTENT_FILTER, http_status=422): ...
 
 
-class ContentFiltered(ProviderError):
-    code = ErrorCode.CONTENT_FILTER
-    http_status = 422
-
-
-class ProviderProtocolError(ProviderError):
-    code = ErrorCode.PROVIDER_PROTOCOL_ERROR
+class ProviderProtocolError(ProviderError, code=ErrorCode.PROVIDER_PROTOCOL_ERROR): ...

@@ -15,7 +15,9 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from broker.core.strict import StrictModel
 
 __all__ = [
     "Alerts",
@@ -33,10 +35,6 @@ __all__ = [
 
 Policy = Literal["free_first", "cheapest", "fastest", "weighted", "round_robin", "priority"]
 """How a job's candidates are ordered (see ``broker.scheduler.routing``)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def zone(name: str) -> ZoneInfo:
@@ -69,19 +67,17 @@ def _clock_time(text: str) -> str:
 ClockTime = Annotated[str, AfterValidator(_clock_time)]
 
 
-class Discount(_Strict):
-    """A price multiplier during a daily window ``[start, end)`` in ``timezone``.
-
-    ``end`` before ``start`` wraps midnight (22:00-06:00); ``start == end`` is the whole day.
-    ``weekdays`` (0 = Monday) name the day a window *starts*: with ``[4]``, 22:00-06:00 covers
-    Friday 22:00 to Saturday 06:00.
-    """
+class Discount(StrictModel):
+    """A price multiplier during a daily window ``[start, end)`` in ``timezone``, for off-peak
+    prices; ``end`` before ``start`` wraps midnight, ``start == end`` is the whole day."""
 
     start: ClockTime
     end: ClockTime
     timezone: TimeZoneName | None = Field(
         default=None, description="Default: the file's top-level timezone."
     )
+    # 0 = Monday; the day a window *starts*: with [4], 22:00-06:00 covers Friday 22:00 to
+    # Saturday 06:00.
     weekdays: list[Annotated[int, Field(ge=0, le=6)]] | None = Field(default=None, min_length=1)
     multiplier: Decimal = Field(gt=0, le=1, description="Price factor, 0.5 = half price.")
 
@@ -110,14 +106,14 @@ class Discount(_Strict):
         return f"{self.multiplier.normalize()} until {self.end} {self.timezone or default_zone}"
 
 
-class Reset(_Strict):
+class Reset(StrictModel):
     """When day and month windows of a free tier begin (minute and hour windows are UTC-aligned)."""
 
     timezone: TimeZoneName = "UTC"
     hour: int = Field(default=0, ge=0, le=23)
 
 
-class FreeTier(_Strict):
+class FreeTier(StrictModel):
     """A provider's free quota; calls within it cost nothing. At least one limit is set."""
 
     requests_per_minute: int | None = Field(default=None, ge=1)
@@ -135,7 +131,7 @@ class FreeTier(_Strict):
         return self
 
 
-class Budgets(_Strict):
+class Budgets(StrictModel):
     """Spending caps per calendar period (in the file's timezone); unset means unlimited."""
 
     tokens_per_day: int | None = Field(default=None, ge=0)
@@ -146,7 +142,7 @@ class Budgets(_Strict):
     usd_per_month: Decimal | None = Field(default=None, ge=0)
 
 
-class ConsumerConfig(_Strict):
+class ConsumerConfig(StrictModel):
     """A team or application; its budgets are shared by all of its keys."""
 
     budgets: Budgets = Field(default_factory=Budgets)
@@ -156,7 +152,7 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _GLOB = re.compile(r"[*?\[]")
 
 
-class KeyConfig(_Strict):
+class KeyConfig(StrictModel):
     """A virtual key. Only its SHA-256 is stored: ``printf %s "$KEY" | sha256sum``."""
 
     id: str = Field(min_length=1, max_length=128)
@@ -192,7 +188,7 @@ class KeyConfig(_Strict):
         return [s for s in self.scopes if not _GLOB.search(s) and s not in public_models]
 
 
-class TaskRoute(_Strict):
+class TaskRoute(StrictModel):
     """The public models that serve a task type, tried together under one policy."""
 
     models: list[str] = Field(min_length=1)
@@ -205,7 +201,7 @@ class TaskRoute(_Strict):
         return {"models": data} if isinstance(data, list) else data
 
 
-class Alerts(_Strict):
+class Alerts(StrictModel):
     """Fractions of a limit or budget at which an alert fires (once per window)."""
 
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(

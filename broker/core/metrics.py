@@ -1,19 +1,27 @@
-"""Prometheus metrics, one home for every name (exposed on /metrics by the gateway's issue)."""
+"""Prometheus metrics, built from the names and label sets in ``broker.core.names`` (exposed on
+/metrics by the gateway's issue)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter
 
+from broker.core.names import (
+    METRIC_CIRCUIT_OPENED,
+    METRIC_CIRCUIT_OPENED_LABELS,
+    METRIC_QUOTA_ALERTS,
+    METRIC_QUOTA_ALERTS_LABELS,
+)
+
 __all__ = ["CIRCUIT_OPENED", "QUOTA_ALERTS"]
 
 QUOTA_ALERTS = Counter(
-    "switchyard_quota_alerts_total",
+    METRIC_QUOTA_ALERTS,
     "Limits and budgets that crossed an alert threshold (once per window).",
-    ["label", "threshold_percent"],
+    METRIC_QUOTA_ALERTS_LABELS,
 )
 
 CIRCUIT_OPENED = Counter(
-    "switchyard_circuit_opened_total",
+    METRIC_CIRCUIT_OPENED,
     "Times a provider's circuit breaker opened (counted by the process whose call opened it).",
-    ["provider"],
+    METRIC_CIRCUIT_OPENED_LABELS,
 )

@@ -1,10 +1,26 @@
-"""The one place that names queues, exchanges and Redis keys. Nobody else builds these strings."""
+"""The one place that names queues, exchanges, headers, Redis keys and Prometheus metrics: no
+other module spells these strings, so two spellings of one name cannot drift apart."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Names"]
+__all__ = [
+    "DIRECT_REPLY_TO",
+    "HEADER_DEAD_CODE",
+    "HEADER_DEAD_QUEUE",
+    "HEADER_DEAD_REASON",
+    "HEADER_KEY",
+    "HEADER_TRACEPARENT",
+    "METRIC_CIRCUIT_OPENED",
+    "METRIC_CIRCUIT_OPENED_LABELS",
+    "METRIC_QUOTA_ALERTS",
+    "METRIC_QUOTA_ALERTS_LABELS",
+    "QUOTA_ALERT_INFIX",
+    "TYPE_CHUNK",
+    "TYPE_RESULT",
+    "Names",
+]
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -19,12 +35,24 @@ HEADER_DEAD_REASON = "x-switchyard-dead-reason"
 HEADER_DEAD_CODE = "x-switchyard-dead-code"
 HEADER_DEAD_QUEUE = "x-switchyard-dead-queue"
 
+# Prometheus metrics (``broker.core.metrics`` builds them): each name with its label names.
+METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"
+METRIC_QUOTA_ALERTS_LABELS = ("label", "threshold_percent")
+METRIC_CIRCUIT_OPENED = "switchyard_circuit_opened_total"
+METRIC_CIRCUIT_OPENED_LABELS = ("provider",)
+
+QUOTA_ALERT_INFIX = ":alert:"
+"""A quota bucket's threshold marker is ``<bucket key>:alert:<percent>``; the quota scripts build
+it from the bucket's key, so that it expires with its counter."""
+
 
 @dataclass(frozen=True, slots=True)
 class Names:
     """Names for one namespace (``switchyard`` in production, a random one per test session)."""
 
     namespace: str = "switchyard"
+
+    # --- AMQP queues and exchanges -----------------------------------------------------------
 
     @property
     def jobs(self) -> str:
@@ -51,7 +79,7 @@ class Names:
 
     @property
     def alerts(self) -> str:
-        """Budget and limit threshold alerts (80 %, 95 %), one message each per window."""
+        """Budget and limit threshold alerts (the config's ``alerts``), one each per window."""
         return f"{self.namespace}.alerts"
 
     def park(self, delay_s: int) -> str:
@@ -76,5 +104,29 @@ class Names:
         """A durable results queue for batch producers."""
         return f"{self.namespace}.results.{name}"
 
+    # --- Redis keys --------------------------------------------------------------------------
+
     def redis_key(self, *parts: str) -> str:
+        """``<namespace>:<part>:...``, the form of every key below."""
         return ":".join((self.namespace, *parts))
+
+    def quota_bucket(self, scope: str, scope_id: str, metric: str, window_id: str) -> str:
+        """The counter of one limit in one window, e.g. ``("key", "team-a", "rpm", w.id)``."""
+        return self.redis_key("quota", scope, scope_id, metric, window_id)
+
+    @property
+    def quota_holds(self) -> str:
+        """A sorted set of held reservations by the end of their hold, for the expiry sweep."""
+        return self.redis_key("quota-holds")
+
+    def reservation(self, reservation_id: str) -> str:
+        """A reservation's record (a hash); ``""`` gives the prefix the sweep appends ids to."""
+        return self.redis_key("reservation", reservation_id)
+
+    def circuit(self, provider_id: str) -> str:
+        """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""
+        return self.redis_key("circuit", provider_id)
+
+    def lease(self, provider_id: str) -> str:
+        """A sorted set of one provider's concurrency leases (lease id -> expiry)."""
+        return self.redis_key("lease", provider_id)

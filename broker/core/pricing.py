@@ -1,12 +1,15 @@
-"""Cost of tokens at configured prices; one function used by the worker and the accountant."""
+"""What a call costs: the one price function, used by the worker when a call ends (its result and
+its usage events carry the figure; the accountant records it as it came)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from broker.core.config import ModelSpec
 
-__all__ = ["cost_usd"]
+__all__ = ["call_cost", "cost_usd"]
 
 _PER_MILLION = Decimal(1_000_000)
 _QUANTUM = Decimal("0.000000001")  # numeric(18, 9) in Postgres
@@ -18,3 +21,21 @@ def cost_usd(
     """List price times the tokens, times the discount ``multiplier`` in force (1: none)."""
     raw = (price.input * prompt_tokens + price.output * completion_tokens) / _PER_MILLION
     return (raw * multiplier).quantize(_QUANTUM)
+
+
+def call_cost(
+    price: ModelSpec | None,
+    zone: ZoneInfo,
+    at: datetime,
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    free: bool = False,
+) -> Decimal | None:
+    """A call's cost at ``at``: nothing on a free tier, the discount window in force applied;
+    None without a price."""
+    if free:
+        return Decimal(0)
+    if price is None:
+        return None
+    return cost_usd(price, prompt_tokens, completion_tokens, price.multiplier_at(at, zone))

@@ -27,8 +27,7 @@ class Settings(BaseSettings):
     config: Path = Path("ops/config.example.yaml")
     namespace: str = Field(default="switchyard", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: str = "INFO"
-    # Measured in ops/bench (README): aiohttp under httpx's API and uvloop moved the pipeline
-    # from ~190 to ~300-400 jobs/s on this 2-core machine.
+    # The faster pair by ops/bench's measure (docs/architecture.md).
     http_transport: Literal["httpx", "aiohttp"] = "aiohttp"
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
     # Server processes install ``broker.transport.fastpath`` unless this is off; the client

@@ -9,17 +9,17 @@ reconciles the reservation to what the call really used.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from broker.core.config import Config, ProviderConfig
-from broker.core.limits import Budgets, KeyConfig
+from broker.core.limits import Budgets, FreeTier, KeyConfig
 from broker.core.names import Names
 from broker.core.windows import Period, window
 from broker.scheduler.routing import Candidate, ProviderState
-from broker.state.quota import Bucket, QuotaStore, Reserved, Short, Unit, bucket_key, usd_to_micros
+from broker.state.quota import Bucket, QuotaStore, Reserved, Short, Unit, usd_to_micros
 
 __all__ = ["Admission"]
 
@@ -41,7 +41,24 @@ class _Limit:
     reset_hour: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One kind of per-period limit: ``<prefix>_per_<period>`` in the file, counted in ``unit``,
+    ``words`` in its label."""
+
+    prefix: str
+    unit: Unit
+    words: str
+
+
+_TOKENS = _Kind("tokens", "tokens", "tokens")
+_USD = _Kind("usd", "usd_micros", "USD")
+_REQUESTS = _Kind("requests", "requests", "requests")
+
+
 class Admission:
+    """The buckets of a (key, candidate) pair under one config version, and their reservation."""
+
     def __init__(self, config: Config, store: QuotaStore, names: Names) -> None:
         self.config = config
         self.store = store
@@ -54,7 +71,7 @@ class Admission:
         spec = provider.models[model]
         limits: list[_Limit] = []
         if key is not None:
-            limits += _rate("key", key.id, key.rpm, key.tpm, f"key {key.id}", Period.MINUTE)
+            limits += _rate("key", key.id, key.rpm, key.tpm, f"key {key.id}")
             limits += _budgets("key", key.id, key.budgets, f"key {key.id}")
             consumer = self.config.consumers.get(key.consumer) if key.consumer else None
             if consumer is not None and key.consumer is not None:
@@ -68,25 +85,7 @@ class Admission:
             _Limit("provider", provider.id, "tokens_day", "tokens", _UNCAPPED, Period.DAY, "")
         )
         if candidate.free and provider.free_tier is not None:
-            tier = provider.free_tier
-            zone = ZoneInfo(tier.reset.timezone)
-            for unit, prefix in (("requests", "requests"), ("tokens", "tokens")):
-                for period in (Period.MINUTE, Period.DAY, Period.MONTH):
-                    value = getattr(tier, f"{prefix}_per_{period.value}")
-                    if value is not None:
-                        limits.append(
-                            _Limit(
-                                "free",
-                                provider.id,
-                                f"{prefix}_{period.value}",
-                                unit,  # type: ignore[arg-type]
-                                value,
-                                period,
-                                f"free tier of {provider.id}: {prefix} per {period.value}",
-                                zone,
-                                tier.reset.hour,
-                            )
-                        )
+            limits += _free_tier(provider.id, provider.free_tier)
         return limits
 
     def buckets(self, key: KeyConfig | None, candidate: Candidate, now: datetime) -> list[Bucket]:
@@ -95,12 +94,17 @@ class Admission:
             "tokens": candidate.est_tokens,
             "usd_micros": 0 if candidate.free else usd_to_micros(candidate.est_cost_usd),
         }
+        return self._buckets(self._limits(key, candidate), amounts, now)
+
+    def _buckets(
+        self, limits: Iterable[_Limit], amounts: dict[Unit, int], now: datetime
+    ) -> list[Bucket]:
         buckets = []
-        for limit in self._limits(key, candidate):
+        for limit in limits:
             w = window(limit.period, now, limit.zone or self.config.zone, limit.reset_hour)
             buckets.append(
                 Bucket(
-                    key=bucket_key(self.names, limit.scope, limit.scope_id, limit.metric, w.id),
+                    key=self.names.quota_bucket(limit.scope, limit.scope_id, limit.metric, w.id),
                     unit=limit.unit,
                     amount=amounts[limit.unit],
                     limit=limit.limit,
@@ -118,24 +122,16 @@ class Admission:
         """The quota part of a provider's routing state: tokens used today, free tier left."""
         day = window(Period.DAY, now, self.config.zone)
         used = await self.store.usage(
-            bucket_key(self.names, "provider", provider.id, "tokens_day", day.id)
+            self.names.quota_bucket("provider", provider.id, "tokens_day", day.id)
         )
         free = False
         if provider.free_tier is not None:
-            probe = Candidate(
-                provider=provider,
-                model=next(iter(provider.models)),
-                public_model="",
-                free=True,
-                est_cost_usd=Decimal(0),
-                est_prompt_tokens=est_tokens,
-                est_output_tokens=0,
-            )
+            # What a free call would charge: one request and the tokens, no money.
+            probe: dict[Unit, int] = {"requests": 1, "tokens": est_tokens, "usd_micros": 0}
             free = True
-            for bucket in self.buckets(None, probe, now):
-                if ":free:" in bucket.key:
-                    current = await self.store.usage(bucket.key)
-                    free = free and current + bucket.amount <= bucket.limit
+            for bucket in self._buckets(_free_tier(provider.id, provider.free_tier), probe, now):
+                current = await self.store.usage(bucket.key)
+                free = free and current + bucket.amount <= bucket.limit
         return ProviderState(day_tokens_used=used, free_remaining=free)
 
     async def reserve(
@@ -149,55 +145,68 @@ class Admission:
         return await self.store.reserve(reservation_id, self.buckets(key, candidate, now), hold_s)
 
 
-def _rate(
-    scope: str,
-    scope_id: str,
-    rpm: int | None,
-    tpm: int | None,
-    label: str,
-    period: Period = Period.MINUTE,
-) -> list[_Limit]:
-    limits = []
-    if rpm:
-        limits.append(
-            _Limit(scope, scope_id, "rpm", "requests", rpm, period, f"{label} requests/minute")
+def _rate(scope: str, scope_id: str, rpm: int | None, tpm: int | None, label: str) -> list[_Limit]:
+    """Per-minute request and token limits (``rpm``, ``tpm``), where set."""
+    rates = (("rpm", _REQUESTS, rpm), ("tpm", _TOKENS, tpm))
+    return [
+        _Limit(
+            scope, scope_id, metric, kind.unit, value, Period.MINUTE, f"{label} {kind.words}/minute"
         )
-    if tpm:
-        limits.append(
-            _Limit(scope, scope_id, "tpm", "tokens", tpm, period, f"{label} tokens/minute")
-        )
-    return limits
+        for metric, kind, value in rates
+        if value
+    ]
 
 
 def _budgets(scope: str, scope_id: str, budgets: Budgets | None, label: str) -> list[_Limit]:
+    """Token and USD budgets per day, week and month, where set."""
     if budgets is None:
         return []
+    periods = (Period.DAY, Period.WEEK, Period.MONTH)
+    return _per_period(
+        scope, scope_id, budgets, label, [(p, k) for p in periods for k in (_TOKENS, _USD)]
+    )
+
+
+def _free_tier(provider_id: str, tier: FreeTier) -> list[_Limit]:
+    """A free tier's request and token limits per minute, day and month, in its reset zone."""
+    periods = (Period.MINUTE, Period.DAY, Period.MONTH)
+    return _per_period(
+        "free",
+        provider_id,
+        tier,
+        f"free tier of {provider_id}:",
+        [(p, k) for k in (_REQUESTS, _TOKENS) for p in periods],
+        ZoneInfo(tier.reset.timezone),
+        tier.reset.hour,
+    )
+
+
+def _per_period(
+    scope: str,
+    scope_id: str,
+    settings: Budgets | FreeTier,
+    label: str,
+    wanted: Iterable[tuple[Period, _Kind]],
+    zone: ZoneInfo | None = None,
+    reset_hour: int = 0,
+) -> list[_Limit]:
+    """The limits ``settings`` sets among ``wanted``, in that order (the reservation's order)."""
     limits = []
-    for period in (Period.DAY, Period.WEEK, Period.MONTH):
-        tokens = getattr(budgets, f"tokens_per_{period.value}")
-        if tokens is not None:
+    for period, kind in wanted:
+        value = getattr(settings, f"{kind.prefix}_per_{period.value}")
+        if value is not None:
+            amount = usd_to_micros(value) if kind is _USD else value
             limits.append(
                 _Limit(
                     scope,
                     scope_id,
-                    f"tokens_{period.value}",
-                    "tokens",
-                    tokens,
+                    f"{kind.prefix}_{period.value}",
+                    kind.unit,
+                    amount,
                     period,
-                    f"{label} tokens per {period.value}",
-                )
-            )
-        usd = getattr(budgets, f"usd_per_{period.value}")
-        if usd is not None:
-            limits.append(
-                _Limit(
-                    scope,
-                    scope_id,
-                    f"usd_{period.value}",
-                    "usd_micros",
-                    usd_to_micros(usd),
-                    period,
-                    f"{label} USD per {period.value}",
+                    f"{label} {kind.words} per {period.value}",
+                    zone,
+                    reset_hour,
                 )
             )
     return limits

@@ -10,11 +10,12 @@ that time is up the circuit is half-open: each worker process lets one trial job
 time; any success closes the circuit (a late one from a call begun before it opened too), and a
 failure of the kinds above opens it for another ``open_s``.
 
-One hash per provider (``failures``, ``open_until`` in ms of Redis's clock). A process reads it
-at most every ``REFRESH_S`` and works from that view in between, so routing and calls wait for
-Redis at most once a second, and never longer than ``READ_WAIT_S``; writes go on failures, and on
-a success only while the count is above 0. Open and half-open are judged by Redis's clock,
-carried forward by this process's monotonic one, so the processes' wall clocks never matter.
+One hash per provider (``Names.circuit``: ``failures``, ``open_until`` in ms of Redis's clock).
+A process reads it at most every ``REFRESH_S`` and works from that view in between, so routing and
+calls wait for Redis at most once per ``REFRESH_S``, and never longer than ``READ_WAIT_S``; writes
+go on failures, and on a success only while the count is above 0. Open and half-open are judged
+by Redis's clock, carried forward by this process's monotonic one, so the processes' wall clocks
+never matter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from redis.asyncio import Redis
 from broker.core.config import CircuitConfig
 from broker.core.metrics import CIRCUIT_OPENED
 from broker.core.names import Names
+from broker.state.lua import NOW_MS
 from schemas import Attempt, ErrorCode
 
 __all__ = ["CircuitState", "CircuitView", "Circuits", "failures_in"]
@@ -42,15 +44,15 @@ REFRESH_S = 1.0
 """How stale a process's view of a circuit may be: a circuit opened by another process is seen
 here within this long."""
 READ_WAIT_S = 0.05
-"""The longest a job waits for a circuit's read (a healthy Redis answers in well under 1 ms)."""
+"""The longest a job waits for a circuit's read: a slow Redis must not hold up every job."""
 KEEP_S = 24 * 3600
 """A circuit left alone this long is forgotten (closed, count 0)."""
 
 # KEYS: circuit.  ARGV: failures to add, threshold, open_ms, keep_ms.
 # -> {failures, open_until, now, opened (1 if this call opened it)}
-_FAIL = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_FAIL = (
+    NOW_MS
+    + """
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', ARGV[1])
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local opened = 0
@@ -62,14 +64,16 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {failures, open_until, now, opened}
 """
+)
 
 # KEYS: circuit.  -> {failures, open_until, now}
-_READ = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_READ = (
+    NOW_MS
+    + """
 local v = redis.call('HMGET', KEYS[1], 'failures', 'open_until')
 return {tonumber(v[1] or '0'), tonumber(v[2] or '0'), now}
 """
+)
 
 
 UNWELL = frozenset({ErrorCode.TIMEOUT, ErrorCode.SERVER_ERROR, ErrorCode.PROVIDER_PROTOCOL_ERROR})
@@ -79,12 +83,6 @@ UNWELL = frozenset({ErrorCode.TIMEOUT, ErrorCode.SERVER_ERROR, ErrorCode.PROVIDE
 def failures_in(attempts: list[Attempt]) -> int:
     """How many of a job's calls failed for the provider's own reasons."""
     return sum(1 for a in attempts if a.error_code in UNWELL)
-
-
-class CircuitState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +105,15 @@ class CircuitView:
         return CircuitState.HALF_OPEN if self.failures >= threshold else CircuitState.CLOSED
 
 
+class CircuitState(StrEnum):
+    """Closed: calls go. Open: none go until it is half-open. Half-open: one trial call at a
+    time per process, whose outcome closes or reopens it."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
 _CLOSED = CircuitView(0, 0, 0.0)
 
 
@@ -121,9 +128,6 @@ class Circuits:
         self._views: dict[str, CircuitView] = {}
         self._reading: dict[str, asyncio.Task[None]] = {}
 
-    def key(self, provider_id: str) -> str:
-        return self._names.redis_key("circuit", provider_id)
-
     def cached(self, provider_id: str) -> CircuitView:
         """The last view read or written here, without going to Redis."""
         return self._views.get(provider_id, _CLOSED)
@@ -136,14 +140,13 @@ class Circuits:
         return None
 
     async def view(self, provider_id: str) -> CircuitView:
-        """The circuit as of at most ``REFRESH_S`` ago. One read per provider at a time, which
-        the jobs that need it share, each waiting at most ``READ_WAIT_S`` (a slow Redis finishes
-        it in the background; until then the last view stands). A read that fails is not tried
-        again for ``REFRESH_S``, and its view lapses to closed once its open time has passed: a
-        breaker must not stop the calls it guards, and without Redis nothing can close it."""
+        """The circuit as of at most ``REFRESH_S`` ago, waiting at most ``READ_WAIT_S`` for Redis:
+        a breaker must not stop the calls it guards."""
         view = self.fresh(provider_id)
         if view is not None:
             return view
+        # One read per provider at a time, shared by the jobs that need it; a slow Redis finishes
+        # it in the background, and until then the last view stands.
         reading = self._reading.get(provider_id)
         if reading is None:
             reading = asyncio.create_task(self._read_into_view(provider_id))
@@ -156,7 +159,7 @@ class Circuits:
     async def read(self, provider_id: str) -> CircuitView:
         """Read the circuit from Redis now (it becomes this process's view); raises if Redis
         does not answer."""
-        values: Any = await self._read(keys=[self.key(provider_id)])
+        values: Any = await self._read(keys=[self._names.circuit(provider_id)])
         failures, open_until, now = (int(v) for v in values)
         view = CircuitView(failures, max(0, open_until - now), time.monotonic())
         self._views[provider_id] = view
@@ -166,6 +169,8 @@ class Circuits:
         try:
             await self.read(provider_id)
         except Exception:
+            # Not tried again for REFRESH_S; the view lapses to closed once its open time has
+            # passed, since without Redis nothing could close it.
             log.warning("could not read the circuit of %r", provider_id, exc_info=True)
             last = self._views.get(provider_id, _CLOSED)
             open_ms = round(last.open_s_left() * 1000)
@@ -176,7 +181,7 @@ class Circuits:
     async def failed(self, provider_id: str, config: CircuitConfig, failures: int = 1) -> bool:
         """Count ``failures`` failed calls; True if they opened the circuit."""
         values: Any = await self._fail(
-            keys=[self.key(provider_id)],
+            keys=[self._names.circuit(provider_id)],
             args=[failures, config.failures, round(config.open_s * 1000), KEEP_S * 1000],
         )
         count, open_until, now, opened = (int(v) for v in values)
@@ -203,4 +208,4 @@ class Circuits:
         """Close the circuit, its count back to 0 (a success, or an operator after a fix). Here
         first: a Redis that fails the write must not keep this process refusing."""
         self._views[provider_id] = CircuitView(0, 0, time.monotonic())
-        await self._redis.delete(self.key(provider_id))
+        await self._redis.delete(self._names.circuit(provider_id))

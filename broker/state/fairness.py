@@ -9,8 +9,8 @@ every lane then take the worker's call slots in priority order, first come first
 a priority (``PrioritySlots``). A key that sends 10 jobs after another sent 1,000 so waits behind
 at most one prefetch window of the flood, not behind the flood.
 
-Chosen over weighted fair queueing in the scheduler because the scheduler moves jobs on at once
-(a few ms each): a flood would sit in the provider queue before any fair choice could be made.
+Chosen over weighted fair queueing in the scheduler because the scheduler moves jobs on at once:
+a flood would sit in the provider queue before any fair choice could be made.
 """
 
 from __future__ import annotations

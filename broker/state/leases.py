@@ -16,27 +16,23 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from broker.core.names import Names
+from broker.state.lua import NOW_MS
 
-__all__ = ["LeaseSemaphore", "lease_key"]
+__all__ = ["LeaseSemaphore"]
 
 log = logging.getLogger(__name__)
 
 
-def lease_key(names: Names, provider_id: str) -> str:
-    """The sorted set of one provider's concurrency leases."""
-    return names.redis_key("lease", provider_id)
-
-
-# Every script starts from Redis's clock, in whole milliseconds.
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# Every script starts from Redis's clock; the set lives as long as its last lease.
+_NOW = (
+    NOW_MS
+    + """
 local function keep_until_last(key)
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   if last[2] then redis.call('PEXPIREAT', key, last[2]) end
 end
 """
+)
 
 # KEYS: leases.  ARGV: capacity, lease_ms, lease id.  -> 1 granted, 0 full
 _ACQUIRE = (

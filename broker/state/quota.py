@@ -1,24 +1,13 @@
 """All-or-nothing quota reservations in Redis, made before any provider is called.
 
 A job's limits are a list of buckets (one counter per scope, metric and window). ``reserve``
-charges every bucket or none, in one Lua script, so any number of scheduler processes can never
-overshoot a limit; the accountant later ``reconcile``s the reservation to what the call really
-used. A reservation whose holder died is returned by ``expire_holds``; if the job turns out to have
-run after all, its late ``reconcile`` still charges what it used.
-
-Redis layout (``ns`` = ``Names.namespace``)::
-
-    ns:quota:<scope>:<scope_id>:<metric>:<window_id>  counter (int); expires at window end + margin
-    ns:quota:<...>:<window_id>:alert:<pct>             threshold marker; expires with its counter
-    ns:reservation:<id>                                hash: state, buckets (JSON), hold_until, ...
-    ns:quota-holds                                     sorted set: reservation id -> hold_until
-
-Reservation states: ``held`` -> ``reconciled`` | ``released`` | ``expired``; an expired one may
-still become ``reconciled`` (late charge). Finished reservations stay as tombstones for
-``tombstone_s`` so a redelivered job or a second reconcile changes nothing. Clocks: unless a
-caller passes ``now``, the scripts read Redis's own clock, so holds do not depend on which host
-looks. Money is integer micro-USD so Lua's arithmetic stays exact. One Redis, not Cluster: the
-reconcile and sweep scripts touch the keys named in the reservation record.
+charges every bucket or none, in one Lua script (``broker.state.quota_scripts``), so any number of
+scheduler processes can never overshoot a limit; the accountant later ``reconcile``s the
+reservation to what the call really used. A reservation whose holder died is returned by
+``expire_holds``; if the job turns out to have run after all, its late ``reconcile`` still charges
+what it used. Finished reservations stay as tombstones for ``tombstone_s`` so a redelivered job or
+a second reconcile changes nothing. The keys are ``Names.quota_bucket``, ``Names.reservation`` and
+``Names.quota_holds``. Money is integer micro-USD so that the scripts' arithmetic stays exact.
 """
 
 from __future__ import annotations
@@ -33,6 +22,7 @@ from typing import Any, Literal, get_args
 from redis.asyncio import Redis
 
 from broker.core.names import Names
+from broker.state import quota_scripts
 
 __all__ = [
     "Bucket",
@@ -43,7 +33,6 @@ __all__ = [
     "Short",
     "ThresholdCrossed",
     "Unit",
-    "bucket_key",
     "micros_to_usd",
     "usd_to_micros",
 ]
@@ -62,25 +51,10 @@ def micros_to_usd(micros: int) -> Decimal:
     return Decimal(micros) / _MICROS
 
 
-def bucket_key(names: Names, scope: str, scope_id: str, metric: str, window_id: str) -> str:
-    """The counter of one limit in one window, e.g. ``(names, "key", "team-a", "rpm", w.id)``."""
-    return names.redis_key("quota", scope, scope_id, metric, window_id)
-
-
-class ReservationState(StrEnum):
-    HELD = "held"
-    RECONCILED = "reconciled"
-    RELEASED = "released"
-    EXPIRED = "expired"
-
-
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """Charge ``amount`` to the counter ``key`` unless it would pass ``limit``.
-
-    ``expires_at`` is the Unix time the window ends; ``label`` names the limit for people
-    ("key team-a requests/minute").
-    """
+    """Charge ``amount`` to the counter ``key`` unless it would pass ``limit``; ``expires_at``
+    is the Unix time its window ends, ``label`` names the limit for people."""
 
     key: str
     unit: Unit
@@ -145,145 +119,14 @@ class Settled:
     crossed: tuple[ThresholdCrossed, ...] = ()
 
 
-# Shared Lua: number formatting (tostring would give "1e+15" or 14 digits), the clock, and
-# threshold markers.
-_PRELUDE = """
-local function int(n) return string.format('%d', n) end
-local function num(x) return string.format('%.6f', x) end
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function cross(out, thresholds, key, label, used, limit, exp_ms)
-  if limit <= 0 then return end
-  for _, pct in ipairs(thresholds) do
-    if used * 100 >= limit * pct
-      and redis.call('SET', key .. ':alert:' .. pct, '1', 'NX', 'PXAT', int(exp_ms)) then
-      table.insert(out, {key, label, pct, used, limit})
-    end
-  end
-end
-"""
+class ReservationState(StrEnum):
+    """``held``, then ``reconciled``, ``released`` or ``expired``; an expired reservation may
+    still become ``reconciled`` (a late charge for a job that ran after all)."""
 
-# KEYS: record, holds, counters...  ARGV: id, now, hold_s, tombstone_s, thresholds, buckets.
-# -> {'replayed', state, hold_until} | {'short', index, current, now}
-#  | {'held', hold_until, crossed}
-_RESERVE = (
-    _PRELUDE
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state then return {'replayed', state, redis.call('HGET', KEYS[1], 'hold_until')} end
-local now = clock(ARGV[2])
-local buckets = cjson.decode(ARGV[6])
-for i, b in ipairs(buckets) do
-  local current = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
-  if current + b.amount > b.limit then return {'short', i, int(current), num(now)} end
-end
-local thresholds = cjson.decode(ARGV[5])
-local out = {}
-for i, b in ipairs(buckets) do
-  local used = redis.call('INCRBY', KEYS[i + 2], int(b.amount))
-  redis.call('PEXPIREAT', KEYS[i + 2], int(b.exp_ms))
-  cross(out, thresholds, KEYS[i + 2], b.label, used, b.limit, b.exp_ms)
-end
-local hold_until = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'held', 'buckets', ARGV[6],
-  'hold_until', num(hold_until), 'created', num(now))
-redis.call('PEXPIREAT', KEYS[1], int((hold_until + tonumber(ARGV[4])) * 1000))
-redis.call('ZADD', KEYS[2], hold_until, ARGV[1])
-return {'held', num(hold_until), out}
-"""
-)
-
-# KEYS: record, holds.  ARGV: id, actual (JSON unit -> int), final state, tombstone_s, now,
-# thresholds.  A unit the actuals do not name keeps its reserved amount. Only live counters move.
-# -> {previous state or '', crossed}
-_RECONCILE = (
-    _PRELUDE
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'', {}} end
-if state ~= 'held' and state ~= 'expired' then return {state, {}} end
-local actual = cjson.decode(ARGV[2])
-local thresholds = cjson.decode(ARGV[6])
-local out = {}
-for _, b in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'buckets'))) do
-  local spent = actual[b.unit]
-  if spent == nil then spent = b.amount end
-  local delta = spent
-  if state == 'held' then delta = spent - b.amount end
-  if delta ~= 0 and redis.call('EXISTS', b.key) == 1 then
-    local used = redis.call('INCRBY', b.key, int(delta))
-    if used < 0 then
-      redis.call('SET', b.key, '0', 'KEEPTTL')
-      used = 0
-    end
-    if delta > 0 then cross(out, thresholds, b.key, b.label, used, b.limit, b.exp_ms) end
-  end
-end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'actual', ARGV[2],
-  'settled', num(clock(ARGV[5])))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {state, out}
-"""
-)
-
-# KEYS: holds.  ARGV: now, batch size, record key prefix, tombstone_s.
-# Each due hold is popped by exactly one caller (the script is atomic). -> {popped, refunded}
-_EXPIRE = (
-    _PRELUDE
-    + """
-local now = clock(ARGV[1])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', num(now), 'LIMIT', 0, ARGV[2])
-local refunded = 0
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local record = ARGV[3] .. id
-  if redis.call('HGET', record, 'state') == 'held' then
-    for _, b in ipairs(cjson.decode(redis.call('HGET', record, 'buckets'))) do
-      if b.amount > 0 and redis.call('EXISTS', b.key) == 1 then
-        if redis.call('DECRBY', b.key, int(b.amount)) < 0 then
-          redis.call('SET', b.key, '0', 'KEEPTTL')
-        end
-      end
-    end
-    redis.call('HSET', record, 'state', 'expired', 'expired_at', num(now))
-    redis.call('EXPIRE', record, ARGV[4])
-    refunded = refunded + 1
-  end
-end
-return {#ids, refunded}
-"""
-)
-
-# KEYS: record, holds.  ARGV: id, now, hold_s, tombstone_s.  -> hold_until or false
-_EXTEND = (
-    _PRELUDE
-    + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'held' then return false end
-local hold_until = clock(ARGV[2]) + tonumber(ARGV[3])
-redis.call('ZADD', KEYS[2], 'XX', hold_until, ARGV[1])
-redis.call('HSET', KEYS[1], 'hold_until', num(hold_until))
-redis.call('PEXPIREAT', KEYS[1], int((hold_until + tonumber(ARGV[4])) * 1000))
-return num(hold_until)
-"""
-)
-
-# KEYS: counters.  ARGV: thresholds, buckets.  -> crossed
-_CROSSED = (
-    _PRELUDE
-    + """
-local thresholds = cjson.decode(ARGV[1])
-local out = {}
-for i, b in ipairs(cjson.decode(ARGV[2])) do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  cross(out, thresholds, KEYS[i], b.label, used, b.limit, b.exp_ms)
-end
-return out
-"""
-)
+    HELD = "held"
+    RECONCILED = "reconciled"
+    RELEASED = "released"
+    EXPIRED = "expired"
 
 
 class QuotaStore:
@@ -308,12 +151,12 @@ class QuotaStore:
         self._thresholds = ""
         self.use_thresholds(thresholds)
         self._sweep_batch = sweep_batch
-        self._holds = names.redis_key("quota-holds")
-        self._reserve = redis.register_script(_RESERVE)
-        self._reconcile = redis.register_script(_RECONCILE)
-        self._expire = redis.register_script(_EXPIRE)
-        self._extend = redis.register_script(_EXTEND)
-        self._crossed = redis.register_script(_CROSSED)
+        self._holds = names.quota_holds
+        self._reserve = redis.register_script(quota_scripts.RESERVE)
+        self._reconcile = redis.register_script(quota_scripts.RECONCILE)
+        self._expire = redis.register_script(quota_scripts.EXPIRE)
+        self._extend = redis.register_script(quota_scripts.EXTEND)
+        self._crossed = redis.register_script(quota_scripts.CROSSED)
 
     def use_thresholds(self, thresholds: Sequence[int]) -> None:
         """Report crossings of these percents of a limit from now on (a config's alerts)."""
@@ -322,7 +165,7 @@ class QuotaStore:
         self._thresholds = json.dumps(sorted(thresholds))
 
     def _record(self, reservation_id: str) -> str:
-        return self._names.redis_key("reservation", reservation_id)
+        return self._names.reservation(reservation_id)
 
     def _encode(self, buckets: Sequence[Bucket]) -> str:
         keys = [b.key for b in buckets]
@@ -392,11 +235,8 @@ class QuotaStore:
     async def reconcile(
         self, reservation_id: str, actual: Mapping[Unit, int], *, now: float | None = None
     ) -> Settled:
-        """Replace the reserved amounts by ``actual`` (a unit not named keeps its reservation).
-
-        After expiry the actuals are charged afresh; a second reconcile, or an unknown id,
-        changes nothing. Counters whose window has ended are never recreated.
-        """
+        """Replace the reserved amounts by ``actual`` (a unit not named keeps its reservation);
+        after expiry they are charged afresh, and a second reconcile changes nothing."""
         return await self._settle(reservation_id, actual, ReservationState.RECONCILED, now)
 
     async def release(self, reservation_id: str, *, now: float | None = None) -> Settled:

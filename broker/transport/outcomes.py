@@ -21,28 +21,25 @@ from broker.core.clock import elapsed_ms, utcnow
 from broker.core.codec import decode_job, encode, job_id_hint
 from broker.core.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
 from broker.core.names import TYPE_CHUNK, Names
+from broker.core.records import calls, job_event, job_result
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
+from broker.transport.job_events import JobEvents
 from broker.transport.runtime import Unsettled
 from schemas import (
     Attempt,
     ChatCompletionChunk,
     CompletionJob,
-    ErrorCode,
     JobChunk,
     JobError,
-    JobEvent,
-    JobEventBatch,
     JobResult,
     JobStatus,
     Timings,
     UsageEvent,
 )
 
-__all__ = ["JobEvents", "Outcomes", "reply_target"]
+__all__ = ["Outcomes", "reply_target"]
 
 log = logging.getLogger(__name__)
-
-MAX_EVENTS_PER_MESSAGE = 200
 
 
 def reply_target(message: AbstractIncomingMessage, job: CompletionJob | None) -> str | None:
@@ -50,70 +47,6 @@ def reply_target(message: AbstractIncomingMessage, job: CompletionJob | None) ->
     if message.reply_to:
         return message.reply_to
     return job.reply.queue if job is not None else None
-
-
-class JobEvents:
-    """Group commit of job events to the accountant's queue: one message carries every event
-    added while the previous message awaited its confirm. No timer, so a lone event goes at once
-    and a busy process sends fewer, larger messages (each AMQP message costs RabbitMQ and both
-    ends far more than its bytes). ``send`` resolves once the event's message is confirmed."""
-
-    def __init__(
-        self, publisher: Publisher, queue: str, *, max_events: int = MAX_EVENTS_PER_MESSAGE
-    ) -> None:
-        self.publisher = publisher
-        self.queue = queue
-        self.max_events = max_events
-        self._waiting: list[tuple[JobEvent, asyncio.Future[None]]] = []
-        self._sender: asyncio.Task[None] | None = None
-
-    def send(self, event: JobEvent) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Whoever gave up on the event (a cancelled handler) must not leave an error unread.
-        future.add_done_callback(_read_error)
-        self._waiting.append((event, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_waiting())
-        return future
-
-    async def _send_waiting(self) -> None:
-        batch: list[tuple[JobEvent, asyncio.Future[None]]] = []
-        try:
-            while self._waiting:
-                batch = self._waiting[: self.max_events]
-                del self._waiting[: len(batch)]
-                events = [event for event, _ in batch]
-                try:
-                    await self.publisher.publish(
-                        self.queue, encode(JobEventBatch.model_construct(events=events))
-                    )
-                except Exception as exc:  # each job's handler sees the broker failure
-                    _settle(batch, exc)
-                else:
-                    _settle(batch, None)
-                batch = []
-        except asyncio.CancelledError:
-            # Stopping: each waiting handler sees a broker failure and returns its message.
-            _settle([*batch, *self._waiting], ConnectionError("job events were not sent"))
-            self._waiting.clear()
-            raise
-        finally:
-            self._sender = None
-
-
-def _settle(batch: list[tuple[JobEvent, asyncio.Future[None]]], error: Exception | None) -> None:
-    for _, future in batch:
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-
-def _read_error(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class Outcomes:
@@ -130,26 +63,17 @@ class Outcomes:
         usage: list[UsageEvent],
     ) -> None:
         """Publish the result and the job event (carrying the usage), both confirmed."""
-        finished_at = utcnow()
-        event = JobEvent(
-            job_id=job.job_id,
-            status=result.status,
-            priority=job.priority,
-            public_model=job.route.public_model if job.route else job.model,
-            provider=result.provider,
-            model=job.route.model if job.route else None,
+        event = job_event(
+            job,
+            job.job_id,
+            result.status,
+            utcnow(),
             error_code=result.error.code if result.error else None,
-            attempts=calls(result.attempts),
+            attempts=result.attempts,
             reservation_calls=_calls_here(job, result.attempts),
-            prompt_tokens=result.usage.prompt_tokens if result.usage else 0,
-            completion_tokens=result.usage.completion_tokens if result.usage else 0,
-            timings=result.timings,
-            batch_id=_batch_id(job),
-            submitted_at=job.submitted_at,
-            finished_at=finished_at,
-            reservation_id=job.route.reservation_id if job.route else None,
-            key_id=job.route.key_id if job.route else None,
             usage=usage,
+            answered=result.usage,
+            timings=result.timings,
         )
         target = reply_target(message, job)
         if target:
@@ -168,24 +92,15 @@ class Outcomes:
         """Hand a job its provider failed back to the scheduler for the next candidate, its
         ``attempts`` added to the job's; and tell the accountant, which settles this provider's
         reservation (the scheduler reserves again for the next one). Both confirmed."""
-        assert job.route is not None
-        route = job.route
         moved = job.model_copy(update={"attempts": [*job.attempts, *attempts]})
-        event = JobEvent(
-            job_id=job.job_id,
-            status=JobStatus.REROUTED,
-            priority=job.priority,
-            public_model=route.public_model,
-            provider=route.provider,
-            model=route.model,
+        event = job_event(
+            job,
+            job.job_id,
+            JobStatus.REROUTED,
+            utcnow(),
             error_code=attempts[-1].error_code,
-            attempts=calls(moved.attempts),
+            attempts=moved.attempts,
             reservation_calls=calls(attempts),
-            batch_id=_batch_id(job),
-            submitted_at=job.submitted_at,
-            finished_at=utcnow(),
-            reservation_id=route.reservation_id,
-            key_id=route.key_id,
             usage=usage,
         )
         await self.pass_on(message, moved, self.names.reroute)
@@ -241,7 +156,7 @@ class Outcomes:
         self,
         message: AbstractIncomingMessage,
         source_queue: str,
-        serve: Callable[[CompletionJob], Awaitable[None]],
+        serve: Callable[[AbstractIncomingMessage, CompletionJob], Awaitable[None]],
     ) -> None:
         """Decode the job and let ``serve`` do its work; returning means the consumer may ack
         (``ConsumerSet(ack=True)``). A job that is wrong is rejected; a bug ends the job as
@@ -251,7 +166,7 @@ class Outcomes:
         job: CompletionJob | None = None
         try:
             job = decode_job(message.body)
-            await serve(job)
+            await serve(message, job)
         except JobRejected as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
             await self._reject_or_give_up(message, source_queue, exc, job, status)
@@ -308,43 +223,25 @@ class Outcomes:
             )
         ]
         now = utcnow()
-        submitted = job.submitted_at if job else None
-        timings = Timings(total_ms=elapsed_ms(submitted, now))
         target = reply_target(message, job)
         if job_id is not None and target:
-            result = JobResult(
-                job_id=job_id,
-                status=status,
-                error=job_error,
-                timings=timings,
-                metadata=job.metadata if job else {},
-            )
+            result = job_result(job, job_id, status, now, error=job_error)
             publishes.append(
                 self.publisher.reply(
                     target, encode(result), correlation_id=message.correlation_id or job_id
                 )
             )
         if job_id is not None:
-            event = JobEvent(
-                job_id=job_id,
-                status=status,
-                priority=job.priority if job else 0,
-                public_model=job.model if job else None,
+            event = job_event(
+                job,
+                job_id,
+                status,
+                now,
                 error_code=job_error.code,
-                timings=timings,
-                batch_id=_batch_id(job) if job else None,
-                submitted_at=submitted,
-                finished_at=now,
-                reservation_id=job.route.reservation_id if job and job.route else None,
-                key_id=job.route.key_id if job and job.route else None,
+                timings=Timings(total_ms=elapsed_ms(job.submitted_at if job else None, now)),
             )
             publishes.append(self.events.send(event))
         await asyncio.gather(*publishes)
-
-
-def calls(attempts: list[Attempt]) -> int:
-    """The provider calls among a job's attempts: one an open circuit refused was not made."""
-    return sum(1 for a in attempts if a.error_code is not ErrorCode.PROVIDER_UNAVAILABLE)
 
 
 def _calls_here(job: CompletionJob, attempts: list[Attempt]) -> int | None:
@@ -353,8 +250,3 @@ def _calls_here(job: CompletionJob, attempts: list[Attempt]) -> int | None:
     if not job.attempts:
         return None
     return calls(attempts[len(job.attempts) :])
-
-
-def _batch_id(job: CompletionJob) -> str | None:
-    value = job.metadata.get("batch_id")
-    return str(value) if value is not None else None

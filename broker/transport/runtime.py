@@ -58,15 +58,11 @@ def run_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
 
 
 GC_THRESHOLDS = (50_000, 20, 100)
-"""The cycle collector's thresholds in Switchyard's processes (CPython's are 700, 10, 10).
-
-With 500 one-second calls in flight, a worker's objects live long enough to reach the oldest
-generation, so at the defaults it ran a full collection every second or two, each walking every
-live object for 100-130 ms (a stalled event loop, too). Measured here, 10,000 calls: 3.5 of the
-worker's 14.3 CPU seconds went to the collector (gen0 0.66, gen1 1.01, gen2 1.86) against 0.11 s
-at these thresholds; the scheduler's 0.36 s and the accountant's 0.19 s fell to 0.05 and 0.07.
-Peak RSS stayed at 103-112 MiB a process. Reference counting frees most garbage; the collector
-only finds cycles, now in larger and rarer passes."""
+"""The cycle collector's thresholds in Switchyard's processes (CPython's are 700, 10, 10): with
+hundreds of calls in flight, a worker's objects reach the oldest generation and the defaults
+walked every live object every second or two, stalling the loop. Reference counting frees most
+garbage; the collector only finds cycles, now in larger and rarer passes (figures:
+docs/architecture.md)."""
 
 
 def tune_gc() -> None:

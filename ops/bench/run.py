@@ -48,6 +48,7 @@ from broker.core.config import ProviderConfig
 from broker.core.migrate import upgrade
 from broker.core.names import Names
 from broker.core.settings import Settings
+from broker.transport import fastpath
 from broker.transport.amqp import PARK_DELAYS_S
 from broker.transport.runtime import run_loop, tune_gc
 from workers.http import make_http_client, post
@@ -490,6 +491,7 @@ async def main(
         "settings": {
             "http_transport": Settings().http_transport,
             "event_loop": Settings().event_loop,
+            "amqp_fast_path": Settings().amqp_fast_path,
         },
         "runs": [r.summary() for r in runs],
     }
@@ -525,9 +527,11 @@ if __name__ == "__main__":
             },
         )
     profile = frozenset(kind for kind in args.profile.split(",") if kind)
-    # The producers (both sides') run on the event loop and with the collector settings of
-    # Switchyard's processes.
+    # The producers (both sides') run on the event loop, the collector settings and the AMQP
+    # path (fast unless SWITCHYARD_AMQP_FAST_PATH is off) of Switchyard's processes.
     tune_gc()
+    if Settings().amqp_fast_path:
+        fastpath.install()
     results = run_loop(
         main(sizes, args.out, args.scenarios.split(","), profile), Settings().event_loop
     )

@@ -38,16 +38,7 @@ from typing import Any
 from broker.core.config import ModelSpec
 from broker.core.errors import ProviderInvalidRequest
 from schemas import ChatMessage
-from workers.adapters._errors import safe_code
-from workers.adapters._wire import (
-    arguments_object,
-    data_url,
-    image_url,
-    max_tokens,
-    stop_list,
-    text_of,
-    unsupported_part,
-)
+from workers.adapters import _canonical as canonical
 from workers.adapters.base import ProviderRequest
 
 __all__ = ["DEFAULT_MAX_TOKENS", "messages_body"]
@@ -64,28 +55,16 @@ def messages_body(
     """The Messages API body for ``request``; ``spec`` is the model's config, if any."""
     params = request.params
     extra = params.model_extra or {}
-    if extra.get("n") not in (None, 1):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: n > 1 is not supported (Anthropic returns one completion)",
-            provider=pid,
-        )
+    canonical.one_choice(params, pid, "Anthropic returns one completion")
     system, messages = _messages(request.messages, pid)
     body: dict[str, Any] = {
         "model": request.model,
-        "max_tokens": max_tokens(params)
-        or (spec.max_tokens if spec is not None else None)
-        or DEFAULT_MAX_TOKENS,
+        "max_tokens": canonical.output_cap(params, spec) or DEFAULT_MAX_TOKENS,
         "messages": messages,
     }
     if system:
         body["system"] = system
-    if params.temperature is not None:
-        body["temperature"] = params.temperature
-    if params.top_p is not None:
-        body["top_p"] = params.top_p
-    stop = stop_list(params.stop)
-    if stop:
-        body["stop_sequences"] = stop
+    body.update(canonical.sampling(params, top_p="top_p", stop="stop_sequences"))
     if params.tools:
         body["tools"] = [_tool(tool, index, pid) for index, tool in enumerate(params.tools)]
         choice = _tool_choice(params.tool_choice, extra.get("parallel_tool_calls"), pid)
@@ -104,14 +83,10 @@ def messages_body(
 
 def _messages(messages: list[ChatMessage], pid: str) -> tuple[str, list[dict[str, Any]]]:
     """The top-level system text and the alternating user/assistant turns."""
-    system: list[str] = []
+    system, rest = canonical.split_system(messages, pid)
     turns: list[dict[str, Any]] = []
     merging = False  # the last turn is a user turn holding tool results: later user input joins it
-    for number, message in enumerate(messages):
-        where = f"message {number}"
-        if message.role in ("system", "developer"):
-            system.append(text_of(message, where, pid))
-            continue
+    for where, message in rest:
         if message.role == "assistant":
             turns.append({"role": "assistant", "content": _assistant_content(message, where, pid)})
             merging = False
@@ -125,7 +100,7 @@ def _messages(messages: list[ChatMessage], pid: str) -> tuple[str, list[dict[str
                 {
                     "type": "tool_result",
                     "tool_use_id": message.tool_call_id,
-                    "content": text_of(message, where, pid),
+                    "content": canonical.text_of(message, where, pid),
                 }
             ]
         else:
@@ -133,33 +108,28 @@ def _messages(messages: list[ChatMessage], pid: str) -> tuple[str, list[dict[str
             if not merging:
                 turns.append({"role": "user", "content": content})
                 continue
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            blocks = [_text(content)] if isinstance(content, str) else content
         if merging:
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": "user", "content": blocks})
             merging = True
-    return "\n\n".join(system), turns
+    return system, turns
 
 
 def _user_content(message: ChatMessage, where: str, pid: str) -> str | list[dict[str, Any]]:
     content = message.content
     if content is None or isinstance(content, str):
         return content or ""
-    blocks = []
-    for part in content:
-        kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            blocks.append(_image(image_url(part, where, pid)))
-        else:
-            raise unsupported_part(part, where, pid)
-    return blocks
+    return canonical.content_parts(content, where, pid, text=_text, image=_image)
+
+
+def _text(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
 
 
 def _image(url: str) -> dict[str, Any]:
-    inline = data_url(url)
+    inline = canonical.data_url(url)
     if inline is not None:
         source = {"type": "base64", "media_type": inline.mime, "data": inline.data}
     else:
@@ -168,32 +138,24 @@ def _image(url: str) -> dict[str, Any]:
 
 
 def _assistant_content(message: ChatMessage, where: str, pid: str) -> str | list[dict[str, Any]]:
-    text = text_of(message, where, pid)
+    text = canonical.text_of(message, where, pid)
     if not message.tool_calls:
         return text
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    blocks: list[dict[str, Any]] = [_text(text)] if text else []
     for call in message.tool_calls:
         blocks.append(
             {
                 "type": "tool_use",
                 "id": call.id,
                 "name": call.function.name,
-                "input": arguments_object(call.function.arguments, where, pid),
+                "input": canonical.arguments_object(call.function.arguments, where, pid),
             }
         )
     return blocks
 
 
 def _tool(tool: dict[str, Any], index: int, pid: str) -> dict[str, Any]:
-    function = tool.get("function")
-    if (
-        tool.get("type") != "function"
-        or not isinstance(function, dict)
-        or not isinstance(function.get("name"), str)
-    ):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: tool {index} is not a function tool with a name", provider=pid
-        )
+    function = canonical.function_of(tool, index, pid)
     entry: dict[str, Any] = {
         "name": function["name"],
         # Anthropic requires an input schema; a function without parameters takes none.
@@ -207,22 +169,11 @@ def _tool(tool: dict[str, Any], index: int, pid: str) -> dict[str, Any]:
 
 
 def _tool_choice(choice: object, parallel: object, pid: str) -> dict[str, Any] | None:
-    mapped: dict[str, Any] | None
-    if choice is None:
-        mapped = None
-    elif isinstance(choice, str) and choice in _TOOL_CHOICE:
-        mapped = {"type": _TOOL_CHOICE[choice]}
-    elif (
-        isinstance(choice, dict)
-        and choice.get("type") == "function"
-        and isinstance(choice.get("function"), dict)
-        and isinstance(choice["function"].get("name"), str)
-    ):
-        mapped = {"type": "tool", "name": choice["function"]["name"]}
-    else:
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: tool_choice must be auto, required, none or a function",
-            provider=pid,
+    mapped: dict[str, Any] | None = None
+    if choice is not None:
+        mode, name = canonical.forced_tool(choice, pid)
+        mapped = (
+            {"type": "tool", "name": name} if name is not None else {"type": _TOOL_CHOICE[mode]}
         )
     if parallel is False and (mapped is None or mapped["type"] != "none"):
         mapped = {**(mapped or {"type": "auto"}), "disable_parallel_tool_use": True}
@@ -230,23 +181,10 @@ def _tool_choice(choice: object, parallel: object, pid: str) -> dict[str, Any] |
 
 
 def _output_config(response_format: dict[str, Any] | None, pid: str) -> dict[str, Any] | None:
-    if response_format is None or response_format.get("type") == "text":
+    wanted = canonical.json_output(response_format, pid)
+    if wanted is None:
         return None
-    kind = response_format.get("type")
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ProviderInvalidRequest(
-                f"provider {pid!r}: response_format json_schema has no schema object",
-                provider=pid,
-            )
-        return {"format": {"type": "json_schema", "schema": schema}}
-    if kind == "json_object":
-        # Anthropic has no schema-less JSON mode: structured outputs always take a schema, and
-        # "any object" is the schema that says what json_object promises.
-        return {"format": {"type": "json_schema", "schema": {"type": "object"}}}
-    raise ProviderInvalidRequest(
-        f"provider {pid!r}: response_format type {safe_code(kind, None)!r} is not supported",
-        provider=pid,
-    )
+    # Anthropic has no schema-less JSON mode: structured outputs always take a schema, and
+    # "any object" is the schema that says what json_object promises.
+    schema = wanted.schema if wanted.schema is not None else {"type": "object"}
+    return {"format": {"type": "json_schema", "schema": schema}}

@@ -11,9 +11,21 @@ Only the exception's class is named: its text may carry a header, the key or the
 ``BaseException``s that are not ``Exception`` (``CancelledError``, ``GeneratorExit``) pass
 untouched, so cancelling a call or closing a stream early is never reported as a failure.
 
-The rest are small helpers for the status mappings each adapter keeps: the provider's message
-made safe to log (``clean``), an error code kept only when it looks like one (``safe_code``),
-and ``retry-after`` headers (``parse_retry_after``).
+``status_error`` is the one status → error ladder. Each adapter reads its provider's error body
+into a ``Failure`` and names its ``Statuses``; the ladder is the same for all::
+
+    429                          RateLimited (retry_after from the body, else the headers);
+                                 QuotaExhausted when the provider says the quota is used up
+    Statuses.auth                ProviderAuthentication (never repeats the provider's text);
+                                 also a 400 whose body says the key was refused
+    400, 404, 409, 413, 422      ProviderInvalidRequest; ContentFiltered when the provider says
+                                 the request was filtered
+    Statuses.timeout             ProviderTimeout
+    5xx, any other status        ProviderServerError
+
+The rest are small helpers: the provider's message made safe to log (``clean``), an error code
+kept only when it looks like one (``safe_code``) and ``retry-after`` headers
+(``parse_retry_after``).
 """
 
 from __future__ import annotations
@@ -21,19 +33,35 @@ from __future__ import annotations
 import email.utils
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Any
 
 import httpx
 
 from broker.core.errors import (
+    ContentFiltered,
+    ProviderAuthentication,
     ProviderError,
+    ProviderInvalidRequest,
     ProviderProtocolError,
     ProviderServerError,
     ProviderTimeout,
+    QuotaExhausted,
+    RateLimited,
 )
 
-__all__ = ["Guard", "clean", "parse_retry_after", "safe_code"]
+__all__ = [
+    "Failure",
+    "Guard",
+    "Statuses",
+    "clean",
+    "error_object",
+    "parse_retry_after",
+    "safe_code",
+    "status_error",
+]
 
 _MAX_PROVIDER_MESSAGE = 500
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -72,6 +100,87 @@ def translate(exc: Exception, pid: str) -> ProviderError:
     return ProviderProtocolError(
         f"provider {pid!r}: unexpected {name} while handling the call", provider=pid
     )
+
+
+# --- the status ladder ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Statuses:
+    """The statuses a provider documents for refused credentials, rejected requests and
+    timeouts (its error guide); the defaults are OpenAI's."""
+
+    auth: frozenset[int] = frozenset({401, 403})
+    invalid: frozenset[int] = frozenset({400, 404, 409, 413, 422})
+    timeout: frozenset[int] = frozenset({408})
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a provider said about a failed call, already safe to repeat in our message."""
+
+    status: int | None  # the HTTP status; None for an error event inside a 200 stream
+    name: str | None = None  # the provider's error code or type, as the message labels it
+    message: str | None = None  # the provider's message, ``clean``ed
+    implied: int = 500  # an error event's status, from its code or type
+    retry_after: float | None = None  # from the body; None falls back to the headers
+    out_of_quota: bool = False  # a 429 that no retry helps (OpenAI's insufficient_quota)
+    filtered: bool = False  # a rejected request that was content-filtered
+    key_rejected: bool = False  # the body says our key was refused, whatever the status
+
+    @property
+    def effective(self) -> int:
+        return self.status if self.status is not None else self.implied
+
+    @property
+    def label(self) -> str:
+        where = f"HTTP {self.status}" if self.status is not None else "error event"
+        return f"{where}, {self.name}" if self.name else where
+
+
+def status_error(
+    pid: str, failure: Failure, statuses: Statuses, headers: httpx.Headers | None = None
+) -> ProviderError:
+    """The typed error for a failed call to provider ``pid``; ``headers`` are the response's."""
+    status, label = failure.effective, failure.label
+    said = f" ({label}): {failure.message}" if failure.message else f" ({label})"
+    if status == 429:
+        if failure.out_of_quota:
+            return QuotaExhausted(
+                f"provider {pid!r} refused the call: the account's quota is used up{said}",
+                provider=pid,
+            )
+        retry_after = failure.retry_after
+        if retry_after is None and headers is not None:
+            retry_after = parse_retry_after(headers)
+        return RateLimited(
+            f"provider {pid!r} rate limited the call{said}", provider=pid, retry_after=retry_after
+        )
+    if status in statuses.auth or failure.key_rejected:
+        # The provider's text may echo part of the key; the label's name is code-shaped.
+        return ProviderAuthentication(
+            f"provider {pid!r} refused our credentials ({label})", provider=pid
+        )
+    if status in statuses.invalid:
+        if failure.filtered:
+            return ContentFiltered(f"provider {pid!r} filtered the request{said}", provider=pid)
+        return ProviderInvalidRequest(f"provider {pid!r} rejected the request{said}", provider=pid)
+    if status in statuses.timeout:
+        return ProviderTimeout(f"provider {pid!r} timed out{said}", provider=pid)
+    if status >= 500:
+        return ProviderServerError(f"provider {pid!r} failed{said}", provider=pid)
+    return ProviderServerError(
+        f"provider {pid!r} answered with unexpected status{said}", provider=pid
+    )
+
+
+def error_object(data: object) -> dict[str, Any]:
+    """The ``error`` object of a parsed error body; ``{}`` when there is none."""
+    error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+# --- the provider's words ------------------------------------------------------------------
 
 
 def clean(message: object, key: str | None) -> str | None:

@@ -38,16 +38,7 @@ from urllib.parse import urlparse
 from broker.core.config import ModelSpec
 from broker.core.errors import ProviderInvalidRequest
 from schemas import ChatMessage
-from workers.adapters._errors import safe_code
-from workers.adapters._wire import (
-    arguments_object,
-    data_url,
-    image_url,
-    max_tokens,
-    stop_list,
-    text_of,
-    unsupported_part,
-)
+from workers.adapters import _canonical as canonical
 from workers.adapters.base import ProviderRequest
 
 __all__ = ["generate_content_body"]
@@ -66,25 +57,16 @@ def generate_content_body(
     """The generateContent body for ``request``; ``spec`` is the model's config, if any."""
     params = request.params
     extra = params.model_extra or {}
-    if extra.get("n") not in (None, 1):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: n > 1 is not supported (one candidate is read)", provider=pid
-        )
+    canonical.one_choice(params, pid, "one candidate is read")
     system, contents = _contents(request.messages, pid)
     body: dict[str, Any] = {"contents": contents}
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
     config: dict[str, Any] = {}
-    limit = max_tokens(params) or (spec.max_tokens if spec is not None else None)
+    limit = canonical.output_cap(params, spec)
     if limit is not None:
         config["maxOutputTokens"] = limit
-    if params.temperature is not None:
-        config["temperature"] = params.temperature
-    if params.top_p is not None:
-        config["topP"] = params.top_p
-    stop = stop_list(params.stop)
-    if stop:
-        config["stopSequences"] = stop
+    config.update(canonical.sampling(params, top_p="topP", stop="stopSequences"))
     if params.seed is not None:
         config["seed"] = params.seed
     for name, gemini_name in _CONFIG_PARAMS.items():
@@ -103,15 +85,11 @@ def generate_content_body(
 
 def _contents(messages: list[ChatMessage], pid: str) -> tuple[str, list[dict[str, Any]]]:
     """The system instruction's text and the conversation's ``contents``."""
-    system: list[str] = []
+    system, rest = canonical.split_system(messages, pid)
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id → function name, for the functionResponse
     answering = False  # the last content is a user turn of function responses
-    for number, message in enumerate(messages):
-        where = f"message {number}"
-        if message.role in ("system", "developer"):
-            system.append(text_of(message, where, pid))
-            continue
+    for where, message in rest:
         if message.role == "tool":
             part = _function_response(message, names, where, pid)
             if answering:
@@ -127,27 +105,20 @@ def _contents(messages: list[ChatMessage], pid: str) -> tuple[str, list[dict[str
                 contents.append({"role": "model", "parts": parts})
         else:
             contents.append({"role": "user", "parts": _user_parts(message, where, pid)})
-    return "\n\n".join(system), contents
+    return system, contents
 
 
 def _user_parts(message: ChatMessage, where: str, pid: str) -> list[dict[str, Any]]:
     content = message.content
     if content is None or isinstance(content, str):
         return [{"text": content or ""}]
-    parts: list[dict[str, Any]] = []
-    for part in content:
-        kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"text": part["text"]})
-        elif kind == "image_url":
-            parts.append(_image(image_url(part, where, pid)))
-        else:
-            raise unsupported_part(part, where, pid)
-    return parts
+    return canonical.content_parts(
+        content, where, pid, text=lambda text: {"text": text}, image=_image
+    )
 
 
 def _image(url: str) -> dict[str, Any]:
-    inline = data_url(url)
+    inline = canonical.data_url(url)
     if inline is not None:
         return {"inlineData": {"mimeType": inline.mime, "data": inline.data}}
     mime = mimetypes.guess_type(urlparse(url).path)[0] or "image/jpeg"
@@ -157,11 +128,11 @@ def _image(url: str) -> dict[str, Any]:
 def _model_parts(
     message: ChatMessage, names: dict[str, str], where: str, pid: str
 ) -> list[dict[str, Any]]:
-    text = text_of(message, where, pid)
+    text = canonical.text_of(message, where, pid)
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
     for call in message.tool_calls or []:
         names[call.id] = call.function.name
-        args = arguments_object(call.function.arguments, where, pid)
+        args = canonical.arguments_object(call.function.arguments, where, pid)
         parts.append({"functionCall": {"name": call.function.name, "args": args}})
     return parts
 
@@ -174,7 +145,7 @@ def _function_response(
         raise ProviderInvalidRequest(
             f"provider {pid!r}: {where} (tool) answers no earlier tool call", provider=pid
         )
-    text = text_of(message, where, pid)
+    text = canonical.text_of(message, where, pid)
     try:
         parsed = json.loads(text)
     except ValueError:
@@ -184,39 +155,19 @@ def _function_response(
 
 
 def _response_format(response_format: dict[str, Any] | None, pid: str) -> dict[str, Any]:
-    if response_format is None or response_format.get("type") == "text":
+    wanted = canonical.json_output(response_format, pid)
+    if wanted is None:
         return {}
-    kind = response_format.get("type")
-    if kind == "json_object":
+    if wanted.schema is None:
         return {"responseMimeType": "application/json"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ProviderInvalidRequest(
-                f"provider {pid!r}: response_format json_schema has no schema object",
-                provider=pid,
-            )
-        # responseJsonSchema takes JSON Schema as OpenAI clients write it (lower-case types,
-        # additionalProperties, $defs/$ref, anyOf); responseSchema takes only the OpenAPI 3.0
-        # subset (upper-case types, no additionalProperties), which would reject many of them.
-        return {"responseMimeType": "application/json", "responseJsonSchema": schema}
-    raise ProviderInvalidRequest(
-        f"provider {pid!r}: response_format type {safe_code(kind, None)!r} is not supported",
-        provider=pid,
-    )
+    # responseJsonSchema takes JSON Schema as OpenAI clients write it (lower-case types,
+    # additionalProperties, $defs/$ref, anyOf); responseSchema takes only the OpenAPI 3.0
+    # subset (upper-case types, no additionalProperties), which would reject many of them.
+    return {"responseMimeType": "application/json", "responseJsonSchema": wanted.schema}
 
 
 def _declaration(tool: dict[str, Any], index: int, pid: str) -> dict[str, Any]:
-    function = tool.get("function")
-    if (
-        tool.get("type") != "function"
-        or not isinstance(function, dict)
-        or not isinstance(function.get("name"), str)
-    ):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: tool {index} is not a function tool with a name", provider=pid
-        )
+    function = canonical.function_of(tool, index, pid)
     declaration: dict[str, Any] = {"name": function["name"]}
     if isinstance(function.get("description"), str):
         declaration["description"] = function["description"]
@@ -226,12 +177,7 @@ def _declaration(tool: dict[str, Any], index: int, pid: str) -> dict[str, Any]:
 
 
 def _calling(choice: str | dict[str, Any], pid: str) -> dict[str, Any]:
-    if isinstance(choice, str) and choice in _MODES:
-        return {"mode": _MODES[choice]}
-    function = choice.get("function") if isinstance(choice, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str):
+    mode, name = canonical.forced_tool(choice, pid)
+    if name is not None:
         return {"mode": "ANY", "allowedFunctionNames": [name]}
-    raise ProviderInvalidRequest(
-        f"provider {pid!r}: tool_choice must be auto, required, none or a function", provider=pid
-    )
+    return {"mode": _MODES[mode]}

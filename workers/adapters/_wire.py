@@ -1,51 +1,57 @@
-"""Reading provider bodies and canonical messages: the small conversions every adapter repeats.
+"""Reading provider bodies and building canonical results: what every adapter's response side
+repeats, and the errors it raises in the same words.
 
-Every check here fails with a ``ProviderError`` whose message names the provider and the field
-(a response field, or the request message by position), never the prompt's or the response's text.
+Every check here fails with a ``ProviderError`` whose message names the provider and the field,
+never the response's text.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from broker.core.errors import ProviderInvalidRequest, ProviderProtocolError
+from broker.core.errors import ContentFiltered, ProviderProtocolError, ProviderServerError
 from schemas import (
+    ChatCompletion,
     ChatCompletionChunk,
     ChatMessage,
+    Choice,
     ChunkChoice,
     ChunkDelta,
-    CompletionParams,
+    ToolCall,
     ToolCallDelta,
+    ToolCallFunction,
     ToolCallFunctionDelta,
     Usage,
 )
 
 __all__ = [
     "Chunks",
-    "DataURL",
-    "arguments_object",
-    "data_url",
+    "Open",
+    "completion",
     "dumps",
-    "image_url",
+    "ended_early",
+    "filtered_finish",
     "json_object",
-    "max_tokens",
     "now",
-    "stop_list",
-    "text_of",
-    "unsupported_part",
+    "protocol_error",
+    "tool_call",
     "validated",
+    "withheld",
 ]
 
 Model = TypeVar("Model", bound=BaseModel)
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^,;]*)*;base64,(?P<data>.*)$", re.S)
+
+class Open(BaseModel):
+    """A provider object: fields the adapter does not read are kept, never refused."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def now() -> int:
@@ -58,14 +64,9 @@ def json_object(raw: bytes | str, pid: str, what: str) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ProviderProtocolError(
-            f"provider {pid!r}: {what} is not JSON ({len(raw)} bytes)", provider=pid
-        ) from None
+        raise protocol_error(pid, f"{what} is not JSON ({len(raw)} bytes)") from None
     if not isinstance(data, dict):
-        raise ProviderProtocolError(
-            f"provider {pid!r}: {what} is a JSON {type(data).__name__}, not an object",
-            provider=pid,
-        )
+        raise protocol_error(pid, f"{what} is a JSON {type(data).__name__}, not an object")
     return data
 
 
@@ -78,112 +79,69 @@ def validated(model: type[Model], data: dict[str, Any], pid: str, what: str) -> 
         problems = "; ".join(
             f"{what} field {_loc(err['loc'])}: {err['msg']}" for err in exc.errors()[:3]
         )
-        raise ProviderProtocolError(f"provider {pid!r}: {problems}", provider=pid) from None
+        raise protocol_error(pid, problems) from None
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def max_tokens(params: CompletionParams) -> int | None:
-    """The job's output cap: ``max_tokens``, else the newer ``max_completion_tokens``."""
-    if params.max_tokens is not None:
-        return params.max_tokens
-    extra = (params.model_extra or {}).get("max_completion_tokens")
-    return extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else None
-
-
-def stop_list(stop: str | list[str] | None) -> list[str] | None:
-    if stop is None:
-        return None
-    return [stop] if isinstance(stop, str) else list(stop)
-
-
-def text_of(message: ChatMessage, where: str, pid: str) -> str:
-    """A message's text: its string content, or its text parts joined by newlines."""
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts: list[str] = []
-    for index, part in enumerate(content):
-        text = part.get("text") if part.get("type") == "text" else part.get("refusal")
-        if part.get("type") not in ("text", "refusal") or not isinstance(text, str):
-            raise ProviderInvalidRequest(
-                f"provider {pid!r}: {where} content part {index} "
-                f"(type {_type_name(part)}) is not text",
-                provider=pid,
-            )
-        texts.append(text)
-    return "\n".join(texts)
-
-
-def _type_name(part: dict[str, Any]) -> str:
-    kind = part.get("type")
-    return repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class DataURL:
-    mime: str
-    data: str
-
-
-def data_url(url: str) -> DataURL | None:
-    """``data:<mime>;base64,<data>`` split into its parts; ``None`` for any other URL."""
-    match = _DATA_URL.match(url)
-    return DataURL(mime=match["mime"], data=match["data"]) if match else None
-
-
-def image_url(part: dict[str, Any], where: str, pid: str) -> str:
-    """The URL of an ``image_url`` content part."""
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str) or not url:
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: {where} image_url part has no url", provider=pid
-        )
-    if url.startswith("data:") and data_url(url) is None:
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: {where} image data URL is not base64 data:<mime>;base64,<data>",
-            provider=pid,
-        )
-    if not url.startswith(("data:", "http://", "https://")):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: {where} image URL must be https, http or a data URL",
-            provider=pid,
-        )
-    return url
-
-
-def unsupported_part(part: dict[str, Any], where: str, pid: str) -> ProviderInvalidRequest:
-    return ProviderInvalidRequest(
-        f"provider {pid!r}: {where} content part type {_type_name(part)} is not supported",
-        provider=pid,
-    )
-
-
-def arguments_object(arguments: str, where: str, pid: str) -> dict[str, Any]:
-    """A tool call's JSON-encoded arguments as the object providers that take structured
-    arguments want; an empty string counts as ``{}``."""
-    if not arguments.strip():
-        return {}
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ProviderInvalidRequest(
-            f"provider {pid!r}: {where} tool call arguments are not a JSON object", provider=pid
-        )
-    return value
-
-
 def dumps(value: Any) -> str:
     """JSON text for tool call arguments: ``json.dumps`` spacing, UTF-8 left unescaped as the
     providers stream it."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def tool_call(id: str, name: str, arguments: Any) -> ToolCall:
+    """A canonical tool call from a provider's structured arguments."""
+    return ToolCall(id=id, function=ToolCallFunction(name=name, arguments=dumps(arguments)))
+
+
+def completion(
+    *,
+    id: str,
+    model: str,
+    text: str,
+    calls: list[ToolCall],
+    finish: str | None,
+    usage: Usage,
+) -> ChatCompletion:
+    """A one-choice ``chat.completion``, shaped as the same answer streamed folds."""
+    # As a stream folds: content is None only when there are tool calls and no text.
+    reply = ChatMessage(
+        role="assistant", content=text if text or not calls else None, tool_calls=calls or None
+    )
+    return ChatCompletion(
+        id=id,
+        created=now(),
+        model=model,
+        choices=[Choice(index=0, message=reply, finish_reason=finish)],
+        usage=usage,
+    )
+
+
+# --- the errors every adapter raises in the same words--------------------------------------
+
+
+def protocol_error(pid: str, problem: str) -> ProviderProtocolError:
+    return ProviderProtocolError(f"provider {pid!r}: {problem}", provider=pid)
+
+
+def ended_early(pid: str) -> ProviderServerError:
+    """A stream that stopped before its end marker: a dropped call, worth retrying."""
+    return ProviderServerError(f"provider {pid!r}: stream ended early", provider=pid)
+
+
+def withheld(pid: str, why: str) -> ContentFiltered:
+    return ContentFiltered(f"provider {pid!r} withheld the completion ({why})", provider=pid)
+
+
+def filtered_finish(pid: str, produced: bool, why: str) -> str:
+    """The finish reason for a safety stop: ``content_filter`` after some output; with none,
+    the completion was withheld, which is ContentFiltered."""
+    if not produced:
+        raise withheld(pid, why)
+    return "content_filter"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ Response::
                                     input); completion = output; cache numbers kept in
                                     usage.prompt_tokens_details
 
-Status (or stream ``error`` event type) → error::
+Status (or stream ``error`` event type) → error, by the ladder in ``_errors.py``::
 
     429 rate_limit_error            RateLimited (retry_after from retry-after)
     401, 402, 403                   ProviderAuthentication (never repeats the provider's text)
@@ -44,33 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from broker.core.config import ProviderConfig
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    RateLimited,
-)
-from schemas import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatMessage,
-    Choice,
-    ToolCall,
-    ToolCallFunction,
-    Usage,
-)
+from schemas import ChatCompletion, ChatCompletionChunk, ToolCall, Usage
+from workers.adapters import _wire as wire
 from workers.adapters._anthropic_request import messages_body
-from workers.adapters._errors import clean, parse_retry_after, safe_code
+from workers.adapters._errors import Failure, Statuses, error_object
 from workers.adapters._http import HTTPAdapter
-from workers.adapters._wire import Chunks, dumps, json_object, now, validated
 from workers.adapters.base import ProviderRequest
 from workers.streaming import sse_events
 
@@ -102,16 +82,9 @@ _TYPE_STATUS = {
 _CONTENT_EVENTS = frozenset(
     {"content_block_start", "content_block_delta", "content_block_stop", "message_delta"}
 )
-_AUTH_STATUSES = frozenset({401, 402, 403})
-_INVALID_REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
-_TIMEOUT_STATUSES = frozenset({408, 504})
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class _Block(_Open):
+class _Block(wire.Open):
     type: str
     text: str | None = None
     id: str | None = None
@@ -119,14 +92,14 @@ class _Block(_Open):
     input: Any = None
 
 
-class _Usage(_Open):
+class _Usage(wire.Open):
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
     cache_creation_input_tokens: int | None = Field(default=None, ge=0)
     cache_read_input_tokens: int | None = Field(default=None, ge=0)
 
 
-class _Message(_Open):
+class _Message(wire.Open):
     id: str
     model: str
     content: list[_Block]
@@ -134,41 +107,41 @@ class _Message(_Open):
     usage: _Usage
 
 
-class _StartedMessage(_Open):
+class _StartedMessage(wire.Open):
     id: str
     model: str
     usage: dict[str, Any] = Field(default_factory=dict)
 
 
-class _MessageStart(_Open):
+class _MessageStart(wire.Open):
     message: _StartedMessage
 
 
-class _BlockStart(_Open):
+class _BlockStart(wire.Open):
     index: int
     content_block: _Block
 
 
-class _Delta(_Open):
+class _Delta(wire.Open):
     type: str
     text: str | None = None
     partial_json: str | None = None
 
 
-class _BlockDelta(_Open):
+class _BlockDelta(wire.Open):
     index: int
     delta: _Delta
 
 
-class _BlockStop(_Open):
+class _BlockStop(wire.Open):
     index: int
 
 
-class _StopDelta(_Open):
+class _StopDelta(wire.Open):
     stop_reason: str | None = None
 
 
-class _MessageDelta(_Open):
+class _MessageDelta(wire.Open):
     delta: _StopDelta = Field(default_factory=_StopDelta)
     usage: dict[str, Any] | None = None
 
@@ -185,7 +158,7 @@ class _OpenBlock:
 
 @dataclass
 class _StreamState:
-    chunks: Chunks | None = None
+    chunks: wire.Chunks | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     blocks: dict[int, _OpenBlock] = field(default_factory=dict)
     tool_calls: int = 0
@@ -196,73 +169,59 @@ class _StreamState:
 class AnthropicAdapter(HTTPAdapter):
     """``POST {base_url}/messages``; ``base_url`` includes ``/v1`` (``https://api.anthropic.com/v1``)."""
 
-    def __init__(self, provider: ProviderConfig, http: httpx.AsyncClient) -> None:
-        super().__init__(provider, http)
-        self.url = str(provider.base_url).rstrip("/") + "/messages"
+    path = "/messages"
+    statuses = Statuses(auth=frozenset({401, 402, 403}), timeout=frozenset({408, 504}))
 
-    def _url(self, request: ProviderRequest, *, stream: bool) -> str:
-        return self.url
+    def _key_headers(self, key: str) -> dict[str, str]:
+        return {"x-api-key": key}
 
     def _headers(self) -> httpx.Headers:
-        headers = httpx.Headers(self.provider.headers)
-        headers["Content-Type"] = "application/json"
-        if "anthropic-version" not in headers:
-            headers["anthropic-version"] = API_VERSION
-        key = self.provider.api_key()
-        if key:
-            headers["x-api-key"] = key
+        headers = super()._headers()
+        headers.setdefault("anthropic-version", API_VERSION)  # a configured version wins
         return headers
 
     def _body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
         spec = self.model_spec(request.model)
         return messages_body(request, spec, self.provider.id, stream=stream)
 
+    def _failure(self, data: object, status: int | None) -> Failure:
+        kind, message = self._said(error_object(data), "type")
+        return Failure(status, kind, message, implied=_TYPE_STATUS.get(kind or "", 500))
+
     # --- the response --------------------------------------------------------------------
 
     def _completion(self, data: dict[str, Any], request: ProviderRequest) -> ChatCompletion:
         pid = self.provider.id
-        message = validated(_Message, data, pid, "response")
+        message = wire.validated(_Message, data, pid, "response")
         texts: list[str] = []
         calls: list[ToolCall] = []
         for index, block in enumerate(message.content):
             if block.type == "text":
                 if block.text is None:
-                    raise _protocol(pid, f"response field content.{index}.text: missing")
+                    raise wire.protocol_error(pid, f"response field content.{index}.text: missing")
                 texts.append(block.text)
             elif block.type == "tool_use":
                 if block.id is None or block.name is None or not isinstance(block.input, dict):
-                    raise _protocol(
+                    raise wire.protocol_error(
                         pid,
                         f"response field content.{index}: a tool_use block needs id, name "
                         "and an input object",
                     )
-                function = ToolCallFunction(name=block.name, arguments=dumps(block.input))
-                calls.append(ToolCall(id=block.id, function=function))
+                calls.append(wire.tool_call(block.id, block.name, block.input))
             # thinking, redacted_thinking and server tool blocks have no canonical place
         text = "".join(texts)
-        produced = bool(text or calls)
-        # As a stream folds: content is None only when there are tool calls and no text.
-        reply = ChatMessage(
-            role="assistant", content=text if text or not calls else None, tool_calls=calls or None
-        )
-        finish = self._finish(message.stop_reason, produced)
-        return ChatCompletion(
+        return wire.completion(
             id=message.id,
-            created=now(),
             model=message.model,
-            choices=[Choice(index=0, message=reply, finish_reason=finish)],
+            text=text,
+            calls=calls,
+            finish=self._finish(message.stop_reason, bool(text or calls)),
             usage=_usage(message.usage),
         )
 
     def _finish(self, stop_reason: str | None, produced: bool) -> str | None:
         if stop_reason == "refusal":
-            if not produced:
-                pid = self.provider.id
-                raise ContentFiltered(
-                    f"provider {pid!r} withheld the completion (stop_reason refusal)",
-                    provider=pid,
-                )
-            return "content_filter"
+            return wire.filtered_finish(self.provider.id, produced, "stop_reason refusal")
         if stop_reason is None:
             return None
         return _FINISH.get(stop_reason, stop_reason)
@@ -273,17 +232,17 @@ class AnthropicAdapter(HTTPAdapter):
         pid = self.provider.id
         state = _StreamState()
         async for event in sse_events(response):
-            data = json_object(event.data, pid, "stream event data")
+            data = wire.json_object(event.data, pid, "stream event data")
             kind = data.get("type", event.event)
             if kind == "message_stop":
                 break
             if kind == "error":
-                raise self._error(None, data.get("error"), None)
+                raise self._error(data)
             for chunk in self._on_event(kind, data, state):
                 yield chunk
         if state.chunks is None or not state.stop_reason_seen:
-            raise ProviderServerError(f"provider {pid!r}: stream ended early", provider=pid)
-        yield state.chunks.usage(_usage(validated(_Usage, state.usage, pid, "stream usage")))
+            raise wire.ended_early(pid)
+        yield state.chunks.usage(_usage(wire.validated(_Usage, state.usage, pid, "stream usage")))
 
     def _on_event(
         self, kind: object, data: dict[str, Any], state: _StreamState
@@ -292,36 +251,40 @@ class AnthropicAdapter(HTTPAdapter):
         pid = self.provider.id
         what = f"stream event {kind}"
         if kind == "message_start":
-            started = validated(_MessageStart, data, pid, what).message
-            state.chunks = Chunks(started.id, started.model, now())
+            started = wire.validated(_MessageStart, data, pid, what).message
+            state.chunks = wire.Chunks(started.id, started.model, wire.now())
             state.usage.update(started.usage)
             return [state.chunks.role()]
         if kind not in _CONTENT_EVENTS:
             return []  # ping, and event types added after this was written
         out = state.chunks
         if out is None:
-            raise _protocol(pid, f"{what} came before message_start")
+            raise wire.protocol_error(pid, f"{what} came before message_start")
         if kind == "message_delta":
-            return self._on_message_delta(validated(_MessageDelta, data, pid, what), out, state)
+            return self._on_message_delta(
+                wire.validated(_MessageDelta, data, pid, what), out, state
+            )
         if kind == "content_block_start":
-            start = validated(_BlockStart, data, pid, what)
+            start = wire.validated(_BlockStart, data, pid, what)
             return self._on_block_start(start, out, state)
         if kind == "content_block_delta":
-            delta = validated(_BlockDelta, data, pid, what)
+            delta = wire.validated(_BlockDelta, data, pid, what)
             block = state.blocks.get(delta.index)
             if block is None:
-                raise _protocol(pid, f"{what} for block {delta.index}, which never started")
+                raise wire.protocol_error(
+                    pid, f"{what} for block {delta.index}, which never started"
+                )
             return self._on_block_delta(delta.delta, block, out, state)
-        stop = validated(_BlockStop, data, pid, what)
+        stop = wire.validated(_BlockStop, data, pid, what)
         block = state.blocks.get(stop.index)
         if block is not None and block.kind == "tool" and not block.arguments_sent:
             # A tool without arguments may stream no input_json_delta at all.
             start_input = block.start_input if isinstance(block.start_input, dict) else {}
-            return [out.tool_call(block.ordinal, arguments=dumps(start_input))]
+            return [out.tool_call(block.ordinal, arguments=wire.dumps(start_input))]
         return []
 
     def _on_block_start(
-        self, start: _BlockStart, out: Chunks, state: _StreamState
+        self, start: _BlockStart, out: wire.Chunks, state: _StreamState
     ) -> list[ChatCompletionChunk]:
         block = start.content_block
         if block.type == "text":
@@ -332,7 +295,7 @@ class AnthropicAdapter(HTTPAdapter):
             return []
         if block.type == "tool_use":
             if block.id is None or block.name is None:
-                raise _protocol(
+                raise wire.protocol_error(
                     self.provider.id,
                     "stream event content_block_start field content_block: a tool_use block "
                     "needs id and name",
@@ -346,29 +309,28 @@ class AnthropicAdapter(HTTPAdapter):
         return []
 
     def _on_block_delta(
-        self, delta: _Delta, block: _OpenBlock, out: Chunks, state: _StreamState
+        self, delta: _Delta, block: _OpenBlock, out: wire.Chunks, state: _StreamState
     ) -> list[ChatCompletionChunk]:
-        pid = self.provider.id
         if delta.type == "text_delta" and block.kind == "text":
-            if delta.text is None:
-                raise _protocol(pid, "stream event content_block_delta field delta.text: missing")
-            if not delta.text:
-                return []
-            state.produced = True
-            return [out.text(delta.text)]
-        if delta.type == "input_json_delta" and block.kind == "tool":
-            if delta.partial_json is None:
-                raise _protocol(
-                    pid, "stream event content_block_delta field delta.partial_json: missing"
-                )
-            if not delta.partial_json:
-                return []
-            block.arguments_sent = True
-            return [out.tool_call(block.ordinal, arguments=delta.partial_json)]
-        return []  # thinking, signature and citation deltas have no canonical place
+            text = self._required(delta.text, "text")
+            if text:
+                state.produced = True
+                return [out.text(text)]
+        elif delta.type == "input_json_delta" and block.kind == "tool":
+            partial = self._required(delta.partial_json, "partial_json")
+            if partial:
+                block.arguments_sent = True
+                return [out.tool_call(block.ordinal, arguments=partial)]
+        return []  # empty, or thinking, signature and citation deltas, which have no place
+
+    def _required(self, value: str | None, name: str) -> str:
+        if value is None:
+            problem = f"stream event content_block_delta field delta.{name}: missing"
+            raise wire.protocol_error(self.provider.id, problem)
+        return value
 
     def _on_message_delta(
-        self, delta: _MessageDelta, out: Chunks, state: _StreamState
+        self, delta: _MessageDelta, out: wire.Chunks, state: _StreamState
     ) -> list[ChatCompletionChunk]:
         if delta.usage:
             state.usage.update(delta.usage)  # cumulative counts: the latest wins
@@ -376,50 +338,6 @@ class AnthropicAdapter(HTTPAdapter):
             return []
         state.stop_reason_seen = True
         return [out.finish(self._finish(delta.delta.stop_reason, state.produced))]
-
-    # --- errors --------------------------------------------------------------------------
-
-    def _status_error(self, response: httpx.Response) -> ProviderError:
-        try:
-            data: object = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            data = None
-        error = data.get("error") if isinstance(data, dict) else None
-        retry_after = parse_retry_after(response.headers)
-        return self._error(response.status_code, error, retry_after)
-
-    def _error(self, status: int | None, error: object, retry_after: float | None) -> ProviderError:
-        """The error for an HTTP status, or (``status`` None) for a stream's ``error`` event."""
-        pid = self.provider.id
-        key = self.provider.api_key()
-        body = error if isinstance(error, dict) else {}
-        kind = safe_code(body.get("type"), key)
-        message = clean(body.get("message"), key)
-        where = f"HTTP {status}" if status is not None else "error event"
-        label = f"{where}, {kind}" if kind else where
-        detail = f": {message}" if message else ""
-        effective = status if status is not None else _TYPE_STATUS.get(kind or "", 500)
-        if effective == 429:
-            return RateLimited(
-                f"provider {pid!r} rate limited the call ({label}){detail}",
-                provider=pid,
-                retry_after=retry_after,
-            )
-        if effective in _AUTH_STATUSES:
-            return ProviderAuthentication(
-                f"provider {pid!r} refused our credentials ({label})", provider=pid
-            )
-        if effective in _INVALID_REQUEST_STATUSES:
-            return ProviderInvalidRequest(
-                f"provider {pid!r} rejected the request ({label}){detail}", provider=pid
-            )
-        if effective in _TIMEOUT_STATUSES:
-            return ProviderTimeout(f"provider {pid!r} timed out ({label}){detail}", provider=pid)
-        if effective >= 500:
-            return ProviderServerError(f"provider {pid!r} failed ({label}){detail}", provider=pid)
-        return ProviderServerError(
-            f"provider {pid!r} answered with unexpected status ({label}){detail}", provider=pid
-        )
 
 
 # --- response translation ----------------------------------------------------------------
@@ -440,7 +358,3 @@ def _usage(usage: _Usage) -> Usage:
             "cache_creation_tokens": cache_write,
         }
     return Usage.model_validate(fields)
-
-
-def _protocol(pid: str, problem: str) -> ProviderProtocolError:
-    return ProviderProtocolError(f"provider {pid!r}: {problem}", provider=pid)

@@ -36,7 +36,7 @@ Response::
                                    are billed as output); total = totalTokenCount
     id / model                     responseId (else generated) / modelVersion (else the request's)
 
-Status → error::
+Status → error, by the ladder in ``_errors.py``::
 
     429 RESOURCE_EXHAUSTED         RateLimited (retry_after from RetryInfo.retryDelay, else the
                                    retry-after header)
@@ -50,6 +50,7 @@ Status → error::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -57,33 +58,14 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from broker.core.config import ProviderConfig
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    RateLimited,
-)
-from schemas import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatMessage,
-    Choice,
-    ToolCall,
-    ToolCallFunction,
-    Usage,
-)
-from workers.adapters._errors import clean, parse_retry_after, safe_code
+from broker.core.errors import ContentFiltered, ProviderError
+from schemas import ChatCompletion, ChatCompletionChunk, ToolCall, Usage
+from workers.adapters import _wire as wire
+from workers.adapters._errors import Failure, Statuses, error_object, safe_code
 from workers.adapters._gemini_request import generate_content_body
 from workers.adapters._http import HTTPAdapter
-from workers.adapters._wire import Chunks, dumps, json_object, now, validated
 from workers.adapters.base import ProviderRequest
 from workers.streaming import sse_events
 
@@ -105,42 +87,35 @@ _FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
-_AUTH_STATUSES = frozenset({401, 403})
-_INVALID_REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
-_TIMEOUT_STATUSES = frozenset({408, 504})
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class _FunctionCall(_Open):
+class _FunctionCall(wire.Open):
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
     id: str | None = None
 
 
-class _Part(_Open):
+class _Part(wire.Open):
     text: str | None = None
     thought: bool | None = None
     functionCall: _FunctionCall | None = None
 
 
-class _Content(_Open):
+class _Content(wire.Open):
     parts: list[_Part] = Field(default_factory=list)
     role: str | None = None
 
 
-class _Candidate(_Open):
+class _Candidate(wire.Open):
     content: _Content | None = None
     finishReason: str | None = None
 
 
-class _PromptFeedback(_Open):
+class _PromptFeedback(wire.Open):
     blockReason: str | None = None
 
 
-class _UsageMetadata(_Open):
+class _UsageMetadata(wire.Open):
     promptTokenCount: int = Field(default=0, ge=0)
     candidatesTokenCount: int = Field(default=0, ge=0)
     thoughtsTokenCount: int = Field(default=0, ge=0)
@@ -149,7 +124,7 @@ class _UsageMetadata(_Open):
     totalTokenCount: int | None = Field(default=None, ge=0)
 
 
-class _Response(_Open):
+class _Response(wire.Open):
     candidates: list[_Candidate] = Field(default_factory=list)
     promptFeedback: _PromptFeedback | None = None
     usageMetadata: _UsageMetadata | None = None
@@ -161,9 +136,7 @@ class GeminiAdapter(HTTPAdapter):
     """``POST {base_url}/models/{model}:generateContent`` (``:streamGenerateContent?alt=sse``);
     ``base_url`` includes the version (``https://generativelanguage.googleapis.com/v1beta``)."""
 
-    def __init__(self, provider: ProviderConfig, http: httpx.AsyncClient) -> None:
-        super().__init__(provider, http)
-        self.base = str(provider.base_url).rstrip("/")
+    statuses = Statuses(timeout=frozenset({408, 504}))
 
     def _url(self, request: ProviderRequest, *, stream: bool) -> str:
         model = quote(request.model.removeprefix("models/"), safe="")
@@ -171,23 +144,36 @@ class GeminiAdapter(HTTPAdapter):
             return f"{self.base}/models/{model}:streamGenerateContent?alt=sse"
         return f"{self.base}/models/{model}:generateContent"
 
-    def _headers(self) -> httpx.Headers:
-        headers = httpx.Headers(self.provider.headers)
-        headers["Content-Type"] = "application/json"
-        key = self.provider.api_key()
-        if key:
-            headers["x-goog-api-key"] = key
-        return headers
+    def _key_headers(self, key: str) -> dict[str, str]:
+        return {"x-goog-api-key": key}
 
     def _body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
         spec = self.model_spec(request.model)
         return generate_content_body(request, spec, self.provider.id)
 
+    def _failure(self, data: object, status: int | None) -> Failure:
+        if isinstance(data, list) and data:  # streamGenerateContent without alt=sse wraps it
+            data = data[0]
+        error = error_object(data)
+        details = [d for d in error.get("details") or [] if isinstance(d, dict)]
+        name, message = self._said(error, "status")
+        code = error.get("code")
+        failure = Failure(
+            status,
+            name,
+            message,
+            implied=code if isinstance(code, int) else 500,
+            retry_after=_retry_delay(details),
+        )
+        if failure.effective == 400 and _key_rejected(details):
+            return dataclasses.replace(failure, key_rejected=True)
+        return failure
+
     # --- the response --------------------------------------------------------------------
 
     def _completion(self, data: dict[str, Any], request: ProviderRequest) -> ChatCompletion:
         pid = self.provider.id
-        response = validated(_Response, data, pid, "response")
+        response = wire.validated(_Response, data, pid, "response")
         if not response.candidates:
             raise self._no_candidates(response)
         candidate = response.candidates[0]
@@ -195,16 +181,13 @@ class GeminiAdapter(HTTPAdapter):
         text = "".join(texts)
         finish = self._finish(candidate.finishReason, bool(text or calls), bool(calls))
         if response.usageMetadata is None:
-            raise _protocol(pid, "response has no usageMetadata")
-        # As a stream folds: content is None only when there are function calls and no text.
-        reply = ChatMessage(
-            role="assistant", content=text if text or not calls else None, tool_calls=calls or None
-        )
-        return ChatCompletion(
+            raise wire.protocol_error(pid, "response has no usageMetadata")
+        return wire.completion(
             id=response.responseId or _new_id(),
-            created=now(),
             model=response.modelVersion or request.model,
-            choices=[Choice(index=0, message=reply, finish_reason=finish)],
+            text=text,
+            calls=calls,
+            finish=finish,
             usage=_usage(response.usageMetadata),
         )
 
@@ -216,17 +199,11 @@ class GeminiAdapter(HTTPAdapter):
             return ContentFiltered(
                 f"provider {pid!r} blocked the prompt (blockReason {reason})", provider=pid
             )
-        return _protocol(pid, "response has no candidates")
+        return wire.protocol_error(pid, "response has no candidates")
 
     def _finish(self, reason: str | None, produced: bool, called: bool) -> str | None:
         if reason in _FILTERED:
-            if not produced:
-                pid = self.provider.id
-                raise ContentFiltered(
-                    f"provider {pid!r} withheld the completion (finishReason {reason})",
-                    provider=pid,
-                )
-            return "content_filter"
+            return wire.filtered_finish(self.provider.id, produced, f"finishReason {reason}")
         if reason is None:
             return None
         if reason == "STOP" and called:
@@ -237,18 +214,18 @@ class GeminiAdapter(HTTPAdapter):
         self, response: httpx.Response, request: ProviderRequest
     ) -> AsyncIterator[ChatCompletionChunk]:
         pid = self.provider.id
-        out: Chunks | None = None
+        out: wire.Chunks | None = None
         usage: _UsageMetadata | None = None
         calls = 0
         produced = finished = False
         async for event in sse_events(response):
-            data = json_object(event.data, pid, "stream event data")
+            data = wire.json_object(event.data, pid, "stream event data")
             if "error" in data and "candidates" not in data:
-                raise self._error(None, data["error"], None)
-            piece = validated(_Response, data, pid, "stream chunk")
+                raise self._error(data)
+            piece = wire.validated(_Response, data, pid, "stream chunk")
             if out is None:
-                out = Chunks(
-                    piece.responseId or _new_id(), piece.modelVersion or request.model, now()
+                out = wire.Chunks(
+                    piece.responseId or _new_id(), piece.modelVersion or request.model, wire.now()
                 )
                 yield out.role()
             usage = piece.usageMetadata or usage
@@ -265,7 +242,7 @@ class GeminiAdapter(HTTPAdapter):
                         calls,
                         id=call.id or f"call_{calls}",
                         name=call.name,
-                        arguments=dumps(call.args),
+                        arguments=wire.dumps(call.args),
                     )
                     calls += 1
                 elif part.text and not part.thought:
@@ -275,62 +252,10 @@ class GeminiAdapter(HTTPAdapter):
                 finished = True
                 yield out.finish(self._finish(candidate.finishReason, produced, calls > 0))
         if out is None or not finished:
-            raise ProviderServerError(f"provider {pid!r}: stream ended early", provider=pid)
+            raise wire.ended_early(pid)
         if usage is None:
-            raise _protocol(pid, "stream has no usageMetadata")
+            raise wire.protocol_error(pid, "stream has no usageMetadata")
         yield out.usage(_usage(usage))
-
-    # --- errors --------------------------------------------------------------------------
-
-    def _status_error(self, response: httpx.Response) -> ProviderError:
-        try:
-            data: object = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            data = None
-        if isinstance(data, list) and data:  # streamGenerateContent without alt=sse wraps it
-            data = data[0]
-        error = data.get("error") if isinstance(data, dict) else None
-        return self._error(response.status_code, error, response.headers)
-
-    def _error(
-        self, status: int | None, error: object, headers: httpx.Headers | None
-    ) -> ProviderError:
-        """The error for an HTTP status, or (``status`` None) for an error sent mid-stream."""
-        pid = self.provider.id
-        key = self.provider.api_key()
-        body = error if isinstance(error, dict) else {}
-        details = [d for d in body.get("details") or [] if isinstance(d, dict)]
-        name = safe_code(body.get("status"), key)
-        message = clean(body.get("message"), key)
-        code = body.get("code")
-        effective = status if status is not None else code if isinstance(code, int) else 500
-        where = f"HTTP {status}" if status is not None else "error event"
-        label = f"{where}, {name}" if name else where
-        detail = f": {message}" if message else ""
-        if effective == 429:
-            retry_after = _retry_delay(details)
-            if retry_after is None and headers is not None:
-                retry_after = parse_retry_after(headers)
-            return RateLimited(
-                f"provider {pid!r} rate limited the call ({label}){detail}",
-                provider=pid,
-                retry_after=retry_after,
-            )
-        if effective in _AUTH_STATUSES or (effective == 400 and _key_rejected(details)):
-            return ProviderAuthentication(
-                f"provider {pid!r} refused our credentials ({label})", provider=pid
-            )
-        if effective in _INVALID_REQUEST_STATUSES:
-            return ProviderInvalidRequest(
-                f"provider {pid!r} rejected the request ({label}){detail}", provider=pid
-            )
-        if effective in _TIMEOUT_STATUSES:
-            return ProviderTimeout(f"provider {pid!r} timed out ({label}){detail}", provider=pid)
-        if effective >= 500:
-            return ProviderServerError(f"provider {pid!r} failed ({label}){detail}", provider=pid)
-        return ProviderServerError(
-            f"provider {pid!r} answered with unexpected status ({label}){detail}", provider=pid
-        )
 
 
 # --- response translation ----------------------------------------------------------------
@@ -342,8 +267,7 @@ def _read_parts(candidate: _Candidate) -> tuple[list[str], list[ToolCall]]:
     for part in candidate.content.parts if candidate.content is not None else []:
         if part.functionCall is not None:
             call = part.functionCall
-            function = ToolCallFunction(name=call.name, arguments=dumps(call.args))
-            calls.append(ToolCall(id=call.id or f"call_{len(calls)}", function=function))
+            calls.append(wire.tool_call(call.id or f"call_{len(calls)}", call.name, call.args))
         elif part.text is not None and not part.thought:
             texts.append(part.text)
     return texts, calls
@@ -351,13 +275,13 @@ def _read_parts(candidate: _Candidate) -> tuple[list[str], list[ToolCall]]:
 
 def _usage(meta: _UsageMetadata) -> Usage:
     prompt = meta.promptTokenCount + meta.toolUsePromptTokenCount
-    completion = meta.candidatesTokenCount + meta.thoughtsTokenCount
+    output = meta.candidatesTokenCount + meta.thoughtsTokenCount
     fields: dict[str, Any] = {
         "prompt_tokens": prompt,
-        "completion_tokens": completion,
+        "completion_tokens": output,
         "total_tokens": meta.totalTokenCount
         if meta.totalTokenCount is not None
-        else prompt + completion,
+        else prompt + output,
     }
     if meta.cachedContentTokenCount is not None:
         fields["prompt_tokens_details"] = {"cached_tokens": meta.cachedContentTokenCount}
@@ -386,7 +310,3 @@ def _key_rejected(details: list[dict[str, Any]]) -> bool:
 
 def _new_id() -> str:
     return f"gemini-{uuid.uuid4().hex}"
-
-
-def _protocol(pid: str, problem: str) -> ProviderProtocolError:
-    return ProviderProtocolError(f"provider {pid!r}: {problem}", provider=pid)

@@ -16,7 +16,7 @@ flag); ``stream()`` always does. ``openai_compatible`` servers may report no usa
 then has ``usage=None`` and the worker estimates it. From ``openai`` and ``mock`` a missing usage
 is a ProviderProtocolError.
 
-Status → error::
+Status → error, by the ladder in ``_errors.py``::
 
     2xx                      parsed and validated as ``ChatCompletion`` (or, streaming, each
                              ``data:`` as ``ChatCompletionChunk``); not JSON, wrong shape or no
@@ -38,55 +38,37 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 
 from broker.core.config import ProviderConfig, ProviderType
-from broker.core.errors import (
-    ContentFiltered,
-    ProviderAuthentication,
-    ProviderError,
-    ProviderInvalidRequest,
-    ProviderProtocolError,
-    ProviderServerError,
-    ProviderTimeout,
-    QuotaExhausted,
-    RateLimited,
-)
+from broker.core.errors import ContentFiltered, ProviderError, ProviderServerError, RateLimited
 from schemas import ChatCompletion, ChatCompletionChunk, Choice
-from workers.adapters._errors import clean, parse_retry_after, safe_code
+from workers.adapters import _wire as wire
+from workers.adapters._errors import Failure, error_object, parse_retry_after
 from workers.adapters._http import HTTPAdapter
-from workers.adapters._wire import json_object, validated
 from workers.adapters.base import ProviderRequest
 from workers.streaming import sse_events
 
 __all__ = ["OpenAIAdapter", "parse_retry_after"]
 
-_INVALID_REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
-_AUTH_STATUSES = frozenset({401, 403})
 _CONTENT_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
 _DONE = "[DONE]"
+_INSUFFICIENT_QUOTA = "insufficient_quota"
+"""OpenAI's 429 for an account out of credit or over its spend limit (the error-codes guide:
+"You exceeded your current quota, please check your plan and billing details")."""
 
 
 class OpenAIAdapter(HTTPAdapter):
     """``POST {base_url}/chat/completions``; ``base_url`` includes ``/v1``, as in OpenAI's SDK."""
 
+    path = "/chat/completions"
+
     def __init__(self, provider: ProviderConfig, http: httpx.AsyncClient) -> None:
         super().__init__(provider, http)
-        self.url = str(provider.base_url).rstrip("/") + "/chat/completions"
         # Some OpenAI-compatible servers (older vLLM, llama.cpp builds) omit usage.
         self.usage_optional = provider.type is ProviderType.OPENAI_COMPATIBLE
 
-    def _url(self, request: ProviderRequest, *, stream: bool) -> str:
-        return self.url
-
-    def _headers(self) -> httpx.Headers:
-        # httpx.Headers is case-insensitive, so a configured "content-type" cannot duplicate ours.
-        headers = httpx.Headers(self.provider.headers)
-        headers["Content-Type"] = "application/json"
-        key = self.provider.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    def _key_headers(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
 
     def _body(self, request: ProviderRequest, *, stream: bool) -> dict[str, Any]:
         params = request.params.model_dump(mode="json", exclude_none=True)
@@ -108,16 +90,13 @@ class OpenAIAdapter(HTTPAdapter):
 
     def _completion(self, data: dict[str, Any], request: ProviderRequest) -> ChatCompletion:
         pid = self.provider.id
-        completion = validated(ChatCompletion, data, pid, "response")
+        completion = wire.validated(ChatCompletion, data, pid, "response")
         if not completion.choices:
-            raise ProviderProtocolError(f"provider {pid!r}: response has no choices", provider=pid)
+            raise wire.protocol_error(pid, "response has no choices")
         if all(_filtered_empty(choice) for choice in completion.choices):
-            raise ContentFiltered(
-                f"provider {pid!r} withheld the completion (finish_reason content_filter)",
-                provider=pid,
-            )
+            raise wire.withheld(pid, "finish_reason content_filter")
         if completion.usage is None and not self.usage_optional:
-            raise ProviderProtocolError(f"provider {pid!r}: response has no usage", provider=pid)
+            raise wire.protocol_error(pid, "response has no usage")
         return completion
 
     async def _chunks(
@@ -132,10 +111,10 @@ class OpenAIAdapter(HTTPAdapter):
             if event.data.strip() == _DONE:
                 done = True
                 break
-            data = json_object(event.data, pid, "stream event data")
+            data = wire.json_object(event.data, pid, "stream event data")
             if "error" in data and "choices" not in data:
                 raise self._stream_error(data["error"])
-            chunk = validated(ChatCompletionChunk, data, pid, "stream chunk")
+            chunk = wire.validated(ChatCompletionChunk, data, pid, "stream chunk")
             usage_seen = usage_seen or chunk.usage is not None
             for choice in chunk.choices:
                 if choice.delta.content or choice.delta.tool_calls or choice.delta.refusal:
@@ -144,22 +123,20 @@ class OpenAIAdapter(HTTPAdapter):
                     finished[choice.index] = choice.finish_reason
             yield chunk
         if not done and not finished:
-            raise ProviderServerError(f"provider {pid!r}: stream ended early", provider=pid)
+            raise wire.ended_early(pid)
         if finished and all(
             reason == "content_filter" and index not in produced
             for index, reason in finished.items()
         ):
-            raise ContentFiltered(
-                f"provider {pid!r} withheld the completion (finish_reason content_filter)",
-                provider=pid,
-            )
+            raise wire.withheld(pid, "finish_reason content_filter")
         if not usage_seen and not self.usage_optional:
-            raise ProviderProtocolError(f"provider {pid!r}: stream has no usage", provider=pid)
+            raise wire.protocol_error(pid, "stream has no usage")
 
     def _stream_error(self, error: object) -> ProviderError:
-        """An error the provider sent as a ``data:`` event after answering 200."""
+        """An error the provider sent as a ``data:`` event after answering 200: its code, not a
+        status, says what it is."""
         pid = self.provider.id
-        message, code = self._detail(error)
+        code, message = self._detail(error)
         label = f"code {code}" if code else "no code"
         detail = f": {message}" if message else ""
         if code in _CONTENT_FILTER_CODES:
@@ -174,67 +151,23 @@ class OpenAIAdapter(HTTPAdapter):
             f"provider {pid!r} failed mid-stream ({label}){detail}", provider=pid
         )
 
-    def _status_error(self, response: httpx.Response) -> ProviderError:
-        pid = self.provider.id
-        status = response.status_code
-        try:
-            data: object = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            data = None
-        message, code = self._detail(data.get("error", data) if isinstance(data, dict) else None)
-        label = f"HTTP {status}, code {code}" if code else f"HTTP {status}"
-        detail = f": {message}" if message else ""
-        if status == 429 and _INSUFFICIENT_QUOTA in (code, _error_type(data)):
-            return QuotaExhausted(
-                f"provider {pid!r} refused the call: the account's quota is used up"
-                f" ({label}){detail}",
-                provider=pid,
-            )
-        if status == 429:
-            return RateLimited(
-                f"provider {pid!r} rate limited the call ({label}){detail}",
-                provider=pid,
-                retry_after=parse_retry_after(response.headers),
-            )
-        if status in _AUTH_STATUSES:
-            # The provider's message may echo part of the key; only a code-shaped code is kept.
-            return ProviderAuthentication(
-                f"provider {pid!r} refused our credentials ({label})", provider=pid
-            )
-        if status in _INVALID_REQUEST_STATUSES:
-            if code in _CONTENT_FILTER_CODES:
-                return ContentFiltered(
-                    f"provider {pid!r} filtered the request ({label}){detail}", provider=pid
-                )
-            return ProviderInvalidRequest(
-                f"provider {pid!r} rejected the request ({label}){detail}", provider=pid
-            )
-        if status == 408:
-            return ProviderTimeout(f"provider {pid!r} timed out ({label}){detail}", provider=pid)
-        if status >= 500:
-            return ProviderServerError(f"provider {pid!r} failed ({label}){detail}", provider=pid)
-        return ProviderServerError(
-            f"provider {pid!r} answered with unexpected status ({label}){detail}", provider=pid
+    def _failure(self, data: object, status: int | None) -> Failure:
+        code, message = self._detail(data.get("error", data) if isinstance(data, dict) else None)
+        return Failure(
+            status,
+            f"code {code}" if code else None,
+            message,
+            out_of_quota=_INSUFFICIENT_QUOTA in (code, error_object(data).get("type")),
+            filtered=code in _CONTENT_FILTER_CODES,
         )
 
     def _detail(self, error: object) -> tuple[str | None, str | None]:
-        """The provider's error message (trimmed, key redacted) and code, when it has them."""
+        """The error's code and message, when it has them; a bare string is the message."""
         if isinstance(error, str):
             error = {"message": error}
         if not isinstance(error, dict):
             return None, None
-        key = self.provider.api_key()
-        return clean(error.get("message"), key), safe_code(error.get("code"), key)
-
-
-_INSUFFICIENT_QUOTA = "insufficient_quota"
-"""OpenAI's 429 for an account out of credit or over its spend limit (the error-codes guide:
-"You exceeded your current quota, please check your plan and billing details")."""
-
-
-def _error_type(data: object) -> object:
-    error = data.get("error") if isinstance(data, dict) else None
-    return error.get("type") if isinstance(error, dict) else None
+        return self._said(error, "code")
 
 
 def _filtered_empty(choice: Choice) -> bool:

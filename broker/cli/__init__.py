@@ -1,0 +1,172 @@
+"""The ``switchyard`` command: every process, the migrations, batch submission, the circuit
+breakers, and config versions (history, rollback, check).
+
+The commands that run Switchyard's processes are here; each other area is a module of its own,
+registered at the end in the order ``--help`` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from broker.cli.apps import app, build, config_app, console, fail, load
+from broker.cli.batch import submit, usage
+from broker.cli.circuits import circuits
+from broker.cli.versions import config_check, config_history, config_rollback
+from broker.core.config import Config
+from broker.core.errors import SwitchyardError
+from broker.core.names import Names
+from broker.core.settings import Settings, get_settings
+from broker.transport.runtime import Service, configure_logging, run_loop, run_services, tune_gc
+
+if TYPE_CHECKING:
+    from broker.transport.reload import Reloadable
+
+__all__ = ["app"]
+
+
+def _serve(
+    settings: Settings, config: Config, services: list[Reloadable], *, records: bool = False
+) -> None:
+    """Run the services with a config reloader (started last, stopped first), so every new config
+    version reaches them; only processes on Postgres anyway (``records``) record the versions."""
+    from broker.transport.reload import ConfigReloader
+
+    reloader = ConfigReloader(
+        settings.config,
+        settings.amqp_url,
+        Names(settings.namespace),
+        config,
+        database_url=settings.database_url if records else None,
+    )
+    running: list[Service] = []
+    for service in services:
+        assert isinstance(service, Service)
+        reloader.subscribe(service.apply)
+        running.append(service)
+    tune_gc()
+    try:
+        run_loop(run_services([*running, reloader]), settings.event_loop)
+    except SwitchyardError as exc:
+        raise fail(exc.message) from None
+
+
+def _scheduler(settings: Settings, config: Config) -> Reloadable:
+    from broker.scheduler.service import Scheduler
+
+    return build(
+        lambda: Scheduler(
+            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+        )
+    )
+
+
+def _accountant(settings: Settings, config: Config) -> Reloadable:
+    from broker.accounting.accountant import Accountant
+
+    return build(
+        lambda: Accountant(
+            settings.amqp_url,
+            settings.database_url,
+            config,
+            Names(settings.namespace),
+            redis_url=settings.redis_url,
+        )
+    )
+
+
+@app.command()
+def up() -> None:
+    """Run the scheduler, one worker pool per provider and the accountant in one process."""
+    from workers.pool import WorkerPools
+
+    settings, config = load()
+    pools = build(
+        lambda: WorkerPools(
+            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+        )
+    )
+    services = [_scheduler(settings, config), _accountant(settings, config), pools]
+    _serve(settings, config, services, records=True)
+
+
+@app.command()
+def scheduler() -> None:
+    """Consume jobs, route them, hand them to provider queues."""
+    settings, config = load()
+    _serve(settings, config, [_scheduler(settings, config)])
+
+
+@app.command()
+def worker(provider: Annotated[str, typer.Option(help="Provider id from the config.")]) -> None:
+    """Serve one provider's queue."""
+    from workers.pool import WorkerPool
+
+    settings, config = load()
+    pool = build(
+        lambda: WorkerPool(
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            provider,
+            redis_url=settings.redis_url,
+        )
+    )
+    _serve(settings, config, [pool])
+
+
+@app.command()
+def accountant() -> None:
+    """Record usage and job outcomes in Postgres."""
+    settings, config = load()
+    _serve(settings, config, [_accountant(settings, config)], records=True)
+
+
+@app.command("mock-provider")
+def mock_provider(
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = 8900,
+    host: str = "127.0.0.1",
+    latency_ms: float = 0.0,
+    jitter_ms: float = 0.0,
+    error_rate: float = 0.0,
+    rate_limit_rate: float = 0.0,
+    retry_after_s: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """Serve the mock provider (OpenAI wire format); its knobs change at run time: /_mock/config."""
+    from mock_provider import MockSettings, run
+
+    tune_gc()  # it holds many slow calls at once, as a worker does
+    run(
+        host,
+        port,
+        MockSettings(
+            latency_ms=latency_ms,
+            jitter_ms=jitter_ms,
+            error_rate=error_rate,
+            rate_limit_rate=rate_limit_rate,
+            retry_after_s=retry_after_s,
+            seed=seed,
+        ),
+    )
+
+
+@app.command()
+def migrate(revision: str = "head") -> None:
+    """Apply the database migrations (Alembic) to SWITCHYARD_DATABASE_URL."""
+    from broker.core.migrate import upgrade
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    upgrade(settings.database_url, revision)
+    console.print(f"database migrated to {revision}")
+
+
+app.command()(submit)
+app.command()(usage)
+app.command()(circuits)
+config_app.command("history")(config_history)
+config_app.command("rollback")(config_rollback)
+config_app.command("check")(config_check)

@@ -1,0 +1,124 @@
+"""``switchyard submit`` and ``switchyard usage``: a JSONL batch through the broker, and the
+usage and cost Postgres recorded for it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from broker.cli.apps import console, fail, load, new_table, output
+from broker.core.errors import SwitchyardError
+from broker.core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from broker.client.batch import BatchSummary
+
+__all__ = ["submit", "usage"]
+
+
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Jobs, one per line.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Results JSONL; default FILE.results.jsonl")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for all results.")] = 600.0,
+    report: Annotated[bool, typer.Option(help="Print usage and cost read back from Postgres.")] = (
+        False
+    ),
+) -> None:
+    """Submit a JSONL batch, show progress, write the results and print a summary."""
+    settings, _ = load()
+    out = out or file.with_suffix(".results.jsonl")
+    batch_id = str(uuid.uuid4())
+    sys.exit(asyncio.run(_submit(settings, file, out, batch_id, timeout, report)))
+
+
+def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")] = None) -> None:
+    """Print usage and cost per provider and model, read from Postgres."""
+    settings = get_settings()
+    asyncio.run(_print_report(settings, batch, 0))
+
+
+async def _submit(
+    settings: Settings, file: Path, out: Path, batch_id: str, timeout_s: float, report: bool
+) -> int:
+    from broker.client import SwitchyardClient
+    from broker.client.batch import read_jobs, run_batch
+
+    try:
+        jobs = read_jobs(file, batch_id)
+    except SwitchyardError as exc:
+        return fail(exc.message).exit_code
+    client = await SwitchyardClient.connect(settings.amqp_url, namespace=settings.namespace)
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("jobs", total=len(jobs))
+            summary = await run_batch(
+                client,
+                jobs,
+                out,
+                batch_id=batch_id,
+                timeout_s=timeout_s,
+                on_result=lambda _: progress.advance(task),
+            )
+    finally:
+        await client.close()
+    _print_summary(batch_id, summary)
+    console.print(f"results written to {out}")
+    if report:
+        await _print_report(settings, batch_id, summary.received)
+    return 0 if summary.received == summary.submitted else 1
+
+
+def _print_summary(batch_id: str, summary: BatchSummary) -> None:
+    statuses = sorted(summary.by_status)
+    table = new_table(f"batch {batch_id}", "submitted", "received", *statuses, "tokens", "cost USD")
+    table.add_row(
+        str(summary.submitted),
+        str(summary.received),
+        *(str(summary.by_status[s]) for s in statuses),
+        f"{summary.prompt_tokens} + {summary.completion_tokens}",
+        f"{summary.cost_usd:.6f}",
+    )
+    output.print(table)
+
+
+async def _print_report(settings: Settings, batch_id: str | None, expected: int) -> None:
+    from broker.accounting.reports import usage_by_provider, wait_for_jobs
+    from broker.core.db import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        if batch_id is not None:
+            recorded = await wait_for_jobs(engine, batch_id, expected, timeout_s=30)
+            console.print(f"{recorded} of {expected} jobs recorded in Postgres")
+        rows = await usage_by_provider(engine, batch_id)
+    finally:
+        await engine.dispose()
+    table = new_table(
+        "usage and cost by provider (from Postgres)",
+        *("provider", "model", "jobs", "prompt tokens", "completion tokens", "cost USD"),
+        left=("provider", "model"),
+    )
+    for r in rows:
+        table.add_row(
+            r.provider,
+            r.model,
+            str(r.jobs),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.cost_usd:.6f}",
+        )
+    output.print(table)

@@ -1,0 +1,104 @@
+"""The one home of what a job's outcome is recorded as: its ``JobResult`` (for the producer) and
+its ``JobEvent`` (for the accountant), whichever process ends the job."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+
+from broker.core.clock import elapsed_ms
+from schemas import (
+    Attempt,
+    ChatCompletion,
+    CompletionJob,
+    ErrorCode,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobStatus,
+    Timings,
+    Usage,
+    UsageEvent,
+)
+
+__all__ = ["calls", "job_event", "job_result"]
+
+
+def calls(attempts: Sequence[Attempt]) -> int:
+    """The provider calls among a job's attempts: one an open circuit refused was not made."""
+    return sum(1 for a in attempts if a.error_code is not ErrorCode.PROVIDER_UNAVAILABLE)
+
+
+def job_result(
+    job: CompletionJob | None,
+    job_id: str,
+    status: JobStatus,
+    now: datetime,
+    *,
+    error: JobError | None = None,
+    attempts: list[Attempt] | None = None,
+    timings: Timings | None = None,
+    response: ChatCompletion | None = None,
+    usage_estimated: bool = False,
+    cost_usd: Decimal | None = None,
+) -> JobResult:
+    """A job's result: served by the provider of its last attempt (none if it made none), the
+    job's metadata, and its total time when no finer ``timings`` are known."""
+    attempts = attempts or []
+    last = attempts[-1] if attempts else None
+    submitted = job.submitted_at if job is not None else None
+    return JobResult(
+        job_id=job_id,
+        status=status,
+        response=response,
+        error=error,
+        provider=last.provider if last else None,
+        model=last.model if last else None,
+        usage=response.usage if response is not None else None,
+        usage_estimated=usage_estimated,
+        cost_usd=cost_usd,
+        attempts=attempts,
+        timings=timings or Timings(total_ms=elapsed_ms(submitted, now)),
+        metadata=job.metadata if job is not None else {},
+    )
+
+
+def job_event(
+    job: CompletionJob | None,
+    job_id: str,
+    status: JobStatus,
+    finished_at: datetime,
+    *,
+    error_code: ErrorCode | None = None,
+    attempts: Sequence[Attempt] = (),
+    reservation_calls: int | None = None,
+    usage: Sequence[UsageEvent] = (),
+    answered: Usage | None = None,
+    timings: Timings | None = None,
+) -> JobEvent:
+    """A job's event for the accountant: its end, or a failover hop (``rerouted``). Provider and
+    model are the route's (the reservation it settles); ``answered`` is the answer's usage."""
+    route = job.route if job is not None else None
+    public_model = route.public_model if route else (job.model if job is not None else None)
+    batch_id = job.metadata.get("batch_id") if job is not None else None
+    return JobEvent(
+        job_id=job_id,
+        status=status,
+        priority=job.priority if job is not None else 0,
+        public_model=public_model,
+        provider=attempts[-1].provider if attempts else None,
+        model=attempts[-1].model if attempts else None,
+        error_code=error_code,
+        attempts=calls(attempts),
+        reservation_calls=reservation_calls,
+        prompt_tokens=answered.prompt_tokens if answered else 0,
+        completion_tokens=answered.completion_tokens if answered else 0,
+        timings=timings or Timings(),
+        batch_id=str(batch_id) if batch_id is not None else None,
+        submitted_at=job.submitted_at if job is not None else None,
+        finished_at=finished_at,
+        reservation_id=route.reservation_id if route else None,
+        key_id=route.key_id if route else None,
+        usage=list(usage),
+    )

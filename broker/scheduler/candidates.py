@@ -1,0 +1,137 @@
+"""Steps 4 and 5 of "Routing, in order" up to the rules: which (provider, upstream model) pairs
+may take a job, and what each would cost.
+
+Estimated cost = prompt tokens (estimated for the provider's tokenizer family, tools included)
+at the input price + output tokens (the job's ``max_tokens``, else the model's, else
+``DEFAULT_OUTPUT_TOKENS``) at the output price, times the discount multiplier. It is the list
+price even where a free tier will make the call free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from broker.core.config import Discount, ProviderConfig, ProviderType, Serving
+from broker.core.pricing import cost_usd
+from broker.core.tokens import estimate_prompt_tokens
+from schemas import CompletionJob
+
+__all__ = [
+    "CIRCUIT_OPEN",
+    "DEFAULT_OUTPUT_TOKENS",
+    "UNKNOWN_STATE",
+    "Candidate",
+    "Dropped",
+    "ProviderState",
+    "make_candidate",
+    "unusable",
+]
+
+DEFAULT_OUTPUT_TOKENS = 1024
+"""Output tokens assumed when neither the job nor the model sets ``max_tokens``."""
+
+CIRCUIT_OPEN = "circuit open"
+"""Why an open circuit's provider was dropped (the router looks for it to say when to retry)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderState:
+    """What the scheduler knows of one provider right now (a snapshot built from Redis)."""
+
+    status: str = "up"  # up | degraded | down
+    circuit: str = "closed"  # closed | open | half_open
+    open_s: float = 0.0  # while the circuit is open: seconds until a call may try again
+    day_tokens_used: int = 0
+    day_requests: int = 0
+    error_rate: float = 0.0
+    p50_latency_ms: float | None = None
+    free_remaining: bool = True  # the free tier (if any) still has quota for this job
+
+
+UNKNOWN_STATE = ProviderState()
+"""The state of a provider the scheduler has no snapshot of: healthy."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One (provider, upstream model) a job may go to, with what routing estimated for it."""
+
+    provider: ProviderConfig
+    model: str
+    public_model: str
+    free: bool
+    est_cost_usd: Decimal
+    est_prompt_tokens: int
+    est_output_tokens: int
+    multiplier: Decimal = Decimal(1)
+    discount: Discount | None = None
+    p50_latency_ms: float | None = None
+    score: tuple[int, ...] = ()  # the rules' prefer/avoid slots (``Decision.score``)
+
+    @property
+    def est_tokens(self) -> int:
+        return self.est_prompt_tokens + self.est_output_tokens
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.id}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A (provider, model) routing did not keep, and why."""
+
+    provider: str
+    model: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}: {self.reason}"
+
+
+def unusable(job: CompletionJob, provider: ProviderConfig, state: ProviderState) -> str | None:
+    """Step 4 (health) and the provider's task types: why it cannot take the job, or None."""
+    routed_by_task = job.model is None and job.task_type is not None
+    if routed_by_task and provider.task_types and job.task_type not in provider.task_types:
+        return f"serves task types {', '.join(provider.task_types)} only"
+    if state.circuit == "open":
+        return CIRCUIT_OPEN
+    if state.status == "down":
+        return "down"
+    return None
+
+
+def make_candidate(
+    job: CompletionJob,
+    serving: Serving,
+    state: ProviderState,
+    now: datetime,
+    zone: ZoneInfo,
+    prompt_tokens: dict[ProviderType, int],
+) -> Candidate:
+    """``serving`` with its estimates at ``now``; ``prompt_tokens`` caches one estimate per
+    tokenizer family across a job's candidates."""
+    provider = serving.provider
+    family = provider.type
+    if family not in prompt_tokens:
+        prompt_tokens[family] = estimate_prompt_tokens(job.messages, family, job.params.tools)
+    prompt = prompt_tokens[family]
+    spec = provider.models[serving.model]
+    output = job.params.max_tokens or spec.max_tokens or DEFAULT_OUTPUT_TOKENS
+    discount = spec.discount_at(now, zone)
+    multiplier = discount.multiplier if discount is not None else Decimal(1)
+    return Candidate(
+        provider=provider,
+        model=serving.model,
+        public_model=serving.public_model,
+        free=provider.free_tier is not None and state.free_remaining,
+        est_cost_usd=cost_usd(spec, prompt, output, multiplier),
+        est_prompt_tokens=prompt,
+        est_output_tokens=output,
+        multiplier=multiplier,
+        discount=discount,
+        p50_latency_ms=state.p50_latency_ms,
+    )

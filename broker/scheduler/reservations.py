@@ -1,0 +1,172 @@
+"""Quota for routed jobs: a reservation on the first candidate whose every bucket fits, held for
+as long as the job may wait; threshold alerts; and the sweeper that returns the reservations of
+holders that died."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from redis.asyncio import Redis
+
+from broker.core.clock import utcnow
+from broker.core.config import Config
+from broker.core.errors import ConfigError, QuotaExceeded
+from broker.core.limits import KeyConfig
+from broker.core.metrics import QUOTA_ALERTS
+from broker.core.names import Names
+from broker.scheduler.admission import Admission
+from broker.scheduler.routing import Candidate, RouteDecision
+from broker.state.quota import QuotaStore, Reserved, Short, ThresholdCrossed
+from broker.transport.amqp import Publisher, came_persistent
+from schemas import CompletionJob
+
+__all__ = ["Admitted", "Reservations", "queued_s"]
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 600.0
+"""How long an ``on_quota: wait`` job without a deadline may wait for quota."""
+SWEEP_EVERY_S = 1.0
+QUEUED_HOLD_S = 24 * 3600.0
+"""How long a persistent job without a deadline may wait in its provider's queue with its quota
+still held (a batch's backlog): its hold lasts this much longer than its call's worst case."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    chosen: Candidate
+    alternatives: list[Candidate]
+    reservation_id: str | None
+
+
+class Reservations:
+    def __init__(self, redis: Redis | None, names: Names, hold_margin_s: float) -> None:
+        self._redis = redis
+        self._names = names
+        # A reservation is held for the provider's worst case (every attempt timing out), the
+        # time the job may wait in the provider's queue (``queued_s``) and this margin; a
+        # holder that died returns it when the hold passes.
+        self.hold_margin_s = hold_margin_s
+        self.store: QuotaStore | None = None
+        self._publisher: Publisher | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def admission_for(self, config: Config) -> Admission | None:
+        """What admits jobs under ``config``'s limits and budgets (None: it sets none)."""
+        if not config.needs_quota:
+            return None
+        if self.store is None:
+            if self._redis is None:
+                raise ConfigError("this config sets limits or budgets: the scheduler needs Redis")
+            self.store = QuotaStore(self._redis, self._names)
+        self.store.use_thresholds(config.alerts.percents)
+        return Admission(config, self.store, self._names)
+
+    def start(self, publisher: Publisher) -> None:
+        """Publish alerts with ``publisher``; sweep once a config has needed the store."""
+        self._publisher = publisher
+        if self.store is not None and self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def admit(
+        self,
+        job: CompletionJob,
+        key: KeyConfig | None,
+        decision: RouteDecision,
+        now: datetime,
+        admission: Admission | None,
+        *,
+        queued_s: float,
+        wait: bool = True,
+    ) -> Admitted | None:
+        """Reserve quota on the first candidate that fits, held for the call's worst case, the
+        margin, and ``queued_s``, the time the job may wait in the provider's queue. ``None``:
+        park the job (only if it may ``wait``)."""
+        if admission is None:
+            return Admitted(decision.chosen, decision.alternatives, None)
+        ordered = [decision.chosen, *decision.alternatives]
+        # A provider's free tier running out leaves its paid tier: try that after the rest.
+        ordered += [replace(c, free=False) for c in ordered if c.free]
+        # One per scheduling pass, not per job id: the producer chooses job ids, and a known
+        # reservation id is taken as an idempotent replay. A job scheduled again after a crash
+        # between its reserve and its forward holds twice until the first hold passes.
+        reservation_id = f"{job.job_id}:{len(job.attempts)}:{secrets.token_hex(4)}"
+        shorts: list[Short] = []
+        for index, candidate in enumerate(ordered):
+            provider = candidate.provider
+            hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s + queued_s
+            outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
+            if isinstance(outcome, Reserved):
+                await self._alert(outcome.crossed)
+                return Admitted(candidate, ordered[index + 1 :], reservation_id)
+            shorts.append(outcome)
+        # The soonest a candidate could take the job; one whose limit is smaller than the job
+        # never will, so it neither decides nor stops a wait while another could.
+        can_fit = [s for s in shorts if not s.never_fits]
+        short = min(can_fit or shorts, key=lambda s: s.retry_after_s)
+        waited_from = job.submitted_at or now
+        give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
+        if wait and job.on_quota == "wait" and can_fit and give_up > now:
+            return None
+        raise QuotaExceeded(
+            f"quota short for every candidate: {short.bucket_label} has {short.current} of "
+            f"{short.limit} used",
+            retry_after=round(short.retry_after_s, 3),
+        )
+
+    async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
+        assert self._publisher is not None
+        for alert in crossed:
+            log.warning(
+                "%s reached %d%% (%d of %d)", alert.label, alert.threshold, alert.used, alert.limit
+            )
+            QUOTA_ALERTS.labels(alert.label, str(alert.threshold)).inc()
+            body = orjson.dumps(
+                {
+                    "label": alert.label,
+                    "threshold_percent": alert.threshold,
+                    "used": alert.used,
+                    "limit": alert.limit,
+                    "at": utcnow().isoformat(),
+                }
+            )
+            await self._publisher.publish(self._names.alerts, body)
+
+    async def _sweep(self) -> None:
+        """Return reservations whose holder died (the job never reached the accountant)."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            try:
+                returned = await self.store.expire_holds()
+            except Exception:
+                log.warning("quota sweep failed", exc_info=True)
+                continue
+            if returned:
+                log.info("returned %d expired quota reservations", returned)
+
+
+def queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime) -> float:
+    """How long the job may wait in its provider's queue before its call, so its reservation
+    is held that long too. The sweeper refunds a hold that passes, as if its holder had died: a
+    reservation whose job is only queued (a batch's backlog) was refunded, later jobs were
+    admitted past the limits, and the accountant then charged the queued ones afresh. A job
+    with a deadline waits at most until it (RabbitMQ drops it then); a persistent one without
+    waits for a worker however long; a transient one, an RPC whose caller waits for the
+    answer, may be lost with the broker, so it gets no more than the margin."""
+    if job.deadline is not None:
+        return max(0.0, (job.deadline - now).total_seconds())
+    return QUEUED_HOLD_S if came_persistent(message) else 0.0
