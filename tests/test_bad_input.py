@@ -148,8 +148,6 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
         "public_model": "gpt-4o-mini",
         "prompt_tokens": 1000,
         "completion_tokens": 2000,
-        "cost_usd": "0.001350000",  # priced by the worker: 1000 * 0.15/M + 2000 * 0.60/M
-        "price_version": "v-test",
         "occurred_at": "2026-11-23T10:00:00Z",
     }
     channel = await amqp.channel()
@@ -157,10 +155,12 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
         # The sentinel follows the duplicate on the same queue, so once it is recorded the
         # duplicate has been through the accountant too.
         sentinel = {**good, "job_id": f"{job_id}-sentinel"}
+        # A worker's event comes priced; an older worker's (``good``) is priced here.
+        priced = {**good, "job_id": f"{job_id}-priced", "cost_usd": "0.5", "price_version": "v1"}
         # A time without its zone is refused at the door; it used to stop all accounting (its
         # pricing compared it with aware times and the batch was retried for ever).
         naive = {**good, "job_id": f"{job_id}-naive", "occurred_at": "2026-11-23T10:00:00"}
-        for event in (b"[1, 2", good, naive, good, sentinel):
+        for event in (b"[1, 2", good, naive, good, priced, sentinel):
             body = event if isinstance(event, bytes) else json.dumps(event).encode()
             await channel.default_exchange.publish(aio_pika.Message(body), routing_key=names.usage)
 
@@ -172,7 +172,10 @@ async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(
     sql = "SELECT attempt, cost_usd, price_version FROM usage WHERE job_id = $1"
     rows = await pg.fetch(sql, job_id)
     assert len(rows) == 1  # the redelivered duplicate inserted nothing
-    assert (str(rows[0]["cost_usd"]), rows[0]["price_version"]) == ("0.001350000", "v-test")
+    version = load_config(config_file).version
+    assert (str(rows[0]["cost_usd"]), rows[0]["price_version"]) == ("0.001350000", version)
+    [row] = await pg.fetch(sql, priced["job_id"])
+    assert (str(row["cost_usd"]), row["price_version"]) == ("0.500000000", "v1")
     dead_queue = await channel.declare_queue(names.dead, passive=True)
     dead = [await dead_queue.get(timeout=5), await dead_queue.get(timeout=5)]
     assert [d.body for d in dead] == [b"[1, 2", json.dumps(naive).encode()]

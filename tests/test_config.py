@@ -12,7 +12,7 @@ import pytest
 
 from broker.core.config import load_config, parse_config
 from broker.core.errors import ConfigError, ModelUnavailable
-from broker.core.pricing import cost_usd
+from broker.core.pricing import call_cost, cost_usd
 
 VALID = """
 providers:
@@ -302,7 +302,7 @@ alerts: {thresholds: [0.5, 0.9]}
     assert config.version == parse_config(text).version
 
 
-def test_effective_price_applies_the_lowest_window_in_force() -> None:
+def test_the_price_in_force_is_the_lowest_window_at_the_time() -> None:
     windows = [
         {"start": "22:00", "end": "06:00", "weekdays": [4], "multiplier": "0.5"},  # Fri night
         {"start": "00:00", "end": "00:00", "weekdays": [5], "multiplier": "0.8"},  # all Saturday
@@ -313,9 +313,14 @@ def test_effective_price_applies_the_lowest_window_in_force() -> None:
         ' "America/New_York"}'
     )
 
+    price = config.price("a", "m")
+
     def multiplier(at: datetime) -> Decimal:
-        price, factor = config.effective_price("a", "m", at)
-        assert price == config.price("a", "m")
+        factor = price.multiplier_at(at, config.zone)
+        # The one price function applies it: 1M input tokens at 1 USD, times the factor.
+        assert call_cost(price, config.zone, at, 1_000_000, 0) == (price.input * factor).quantize(
+            Decimal("0.000000001")
+        )
         return factor
 
     ny = ZoneInfo("America/New_York")
@@ -326,7 +331,7 @@ def test_effective_price_applies_the_lowest_window_in_force() -> None:
     assert multiplier(datetime(2026, 1, 17, 23, 59, tzinfo=ny)) == Decimal("0.8")  # Sat 23:59
     assert multiplier(datetime(2026, 1, 18, 0, 0, tzinfo=ny)) == 1  # Sunday: the day is over
     assert multiplier(datetime(2026, 1, 20, 0, 30, tzinfo=UTC)) == Decimal("0.9")  # 09:30 Tokyo
-    discount = config.discount_at("a", "m", datetime(2026, 1, 17, 2, 0, tzinfo=ny))
+    discount = price.discount_at(datetime(2026, 1, 17, 2, 0, tzinfo=ny), config.zone)
     assert discount is not None and discount.describe(config.timezone) == (
         "0.5 until 06:00 America/New_York"
     )

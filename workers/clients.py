@@ -62,14 +62,19 @@ class ProviderClients:
             )
         return ProviderClient(provider, http, adapter_for(provider, http), leases)
 
-    async def replace(self, provider: ProviderConfig) -> None:
-        """Serve the next calls with ``provider``'s entry; the calls in flight keep theirs."""
-        replaced = self.current
-        self.current = self._build(provider)
+    def replace(self, provider: ProviderConfig) -> ProviderClient:
+        """Serve the next calls with ``provider``'s entry (raising, if it cannot be built,
+        before anything changes); the calls in flight keep theirs. Returns the replaced one,
+        for ``retire``."""
+        replaced, self.current = self.current, self._build(provider)
         self._open.add(self.current)
         replaced.retired = True
-        if replaced.calls == 0:
-            await self._close(replaced)
+        return replaced
+
+    async def retire(self, client: ProviderClient) -> None:
+        """Close a replaced client now if no call holds it (else its last call closes it)."""
+        if client.calls == 0 and client in self._open:
+            await self._close(client)
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[ProviderClient]:

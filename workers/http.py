@@ -3,7 +3,7 @@
 Adapters see an ``httpx.AsyncClient``; ``SWITCHYARD_HTTP_TRANSPORT`` picks what carries it:
 ``httpx`` (httpcore's pool) or ``aiohttp`` (the ``httpx-aiohttp`` transport: httpx's API over
 aiohttp's pool). httpcore 1.0.x does work that grows with requests x connections under
-concurrency (encode/httpx#3215; ``shared/MEASURED.md``), which is why the other exists.
+concurrency (encode/httpx#3215; docs/architecture.md), which is why the other exists.
 
 Even over aiohttp's pool, httpx's client layers (request building, URL merging, cookie extraction,
 auth and redirect hooks) cost as much CPU as aiohttp itself (docs/architecture.md). So the call

@@ -57,9 +57,9 @@ __all__ = ["WorkerPool", "WorkerPools"]
 log = logging.getLogger(__name__)
 
 PREFETCH_PER_CALL = 2
-"""Deliveries in hand per call slot. A job whose call is done holds its delivery until its
-result and its accounting event are confirmed (a persistent message waits for RabbitMQ's fsync);
-with the prefetch equal to the concurrency those jobs kept the next calls from starting."""
+"""Deliveries in hand per call slot: a job whose call is done holds its delivery until its
+result and its accounting event are confirmed (a persistent message waits for RabbitMQ's fsync),
+and the next calls must not wait for those confirms."""
 DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
@@ -197,9 +197,11 @@ class WorkerPool(Service):
             if self._consuming:
                 await self._consume()
         current = self._clients.current.provider
+        # The new entry and the new prices together, with no pause between (``Pricing``).
+        replaced = self._clients.replace(provider) if provider != current else None
         self._pricing.apply(config)
-        if provider != current:
-            await self._clients.replace(provider)
+        if replaced is not None:
+            await self._clients.retire(replaced)
         if provider.concurrency != current.concurrency:
             self._slots.resize(provider.concurrency)
             if self._consuming:
@@ -274,8 +276,9 @@ def _result(job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobR
         return job_result(
             job, job.job_id, JobStatus.FAILED, now, error=error, attempts=attempts, timings=timings
         )
-    # The answering attempt's usage event is the last one, priced by ``Pricing``.
-    answered = outcome.usage[-1]
+    # The answering attempt's usage event, priced by ``Pricing``.
+    number = outcome.attempts[-1].number
+    answered = next((u for u in reversed(outcome.usage) if u.attempt == number), None)
     return job_result(
         job,
         job.job_id,
@@ -285,7 +288,7 @@ def _result(job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobR
         timings=timings,
         response=outcome.completion,
         usage_estimated=outcome.usage_estimated,
-        cost_usd=answered.cost_usd,
+        cost_usd=answered.cost_usd if answered is not None else None,
     )
 
 

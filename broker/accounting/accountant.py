@@ -8,7 +8,8 @@ event at least as recent as the one it holds, and a succeeded one by nothing but
 
 A call's cost and price version come priced on its usage event (``broker.core.pricing``, by the
 worker at the call), so the row and the job's result carry one figure whatever config this
-process has loaded since.
+process has loaded since. An event from a worker older than that carries neither: it is priced
+here, once, by the same function and this process's config.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from broker.core.config import Config
 from broker.core.db import jobs, make_engine, usage
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
+from broker.core.pricing import call_cost
 from broker.state.quota import QuotaStore, usd_to_micros
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -72,6 +74,7 @@ class Accountant(Service):
         self._redis: Redis | None = None
         self._quota: QuotaStore | None = None
         self._reconcile_with(config)
+        self._version = config.version
 
     def _reconcile_with(self, config: Config) -> None:
         """Open Redis when ``config`` sets limits or budgets (their reservations reconcile here)."""
@@ -86,7 +89,7 @@ class Accountant(Service):
     async def apply(self, config: Config) -> None:
         """Take ``config``'s limits, budgets and alert thresholds."""
         self._reconcile_with(config)
-        self.config = config
+        self.config, self._version = config, config.version
 
     async def start(self) -> None:
         self._engine = make_engine(self.database_url)
@@ -131,10 +134,29 @@ class Accountant(Service):
         events: list[UsageEvent | JobEvent] = (
             list(event.events) if isinstance(event, JobEventBatch) else [event]
         )
+        self._price_unpriced(events)
         self._pending.append((message, events))
         self._pending_events += len(events)
         if self._pending_events >= self.batch_size:
             self._wake.set()
+
+    def _price_unpriced(self, events: list[UsageEvent | JobEvent]) -> None:
+        """Price the usage an older worker sent without a price (a rolling upgrade)."""
+        for event in events:
+            for u in event.usage if isinstance(event, JobEvent) else [event]:
+                if u.cost_usd is not None or u.price_version is not None:
+                    continue
+                provider = self.config.provider(u.provider)
+                price = provider.models.get(u.model) if provider is not None else None
+                u.cost_usd = call_cost(
+                    price,
+                    self.config.zone,
+                    u.occurred_at,
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    free=u.free,
+                )
+                u.price_version = self._version
 
     async def _flush_loop(self) -> None:
         while True:

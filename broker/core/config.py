@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-from datetime import datetime
-from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -225,17 +223,6 @@ class Config(StrictModel):
         if provider is None or model not in provider.models:
             raise ConfigError(f"no price for provider {provider_id!r} model {model!r}")
         return provider.models[model]
-
-    def discount_at(self, provider_id: str, model: str, at: datetime) -> Discount | None:
-        """The discount window in force at ``at`` (aware), if any: the lowest multiplier."""
-        return self.price(provider_id, model).discount_at(at, self.zone)
-
-    def effective_price(
-        self, provider_id: str, model: str, at: datetime
-    ) -> tuple[ModelSpec, Decimal]:
-        """The list prices and the multiplier in force at ``at`` (1 outside every window)."""
-        price = self.price(provider_id, model)
-        return price, price.multiplier_at(at, self.zone)
 
     @property
     def version(self) -> str:

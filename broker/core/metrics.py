@@ -1,5 +1,5 @@
-"""Prometheus metrics, built from the names and label sets in ``broker.core.names`` (exposed on
-/metrics by the gateway's issue)."""
+"""Prometheus metrics, built from the names and label sets in ``broker.core.names`` (counted,
+not yet served on /metrics: the operators' issue)."""
 
 from __future__ import annotations
 

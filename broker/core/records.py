@@ -76,11 +76,15 @@ def job_event(
     usage: Sequence[UsageEvent] = (),
     answered: Usage | None = None,
     timings: Timings | None = None,
+    as_asked: bool = False,
 ) -> JobEvent:
     """A job's event for the accountant: its end, or a failover hop (``rerouted``). Provider and
-    model are the route's (the reservation it settles); ``answered`` is the answer's usage."""
+    model are its last attempt's; ``answered`` is the answer's usage. The public model is the
+    route's, or the one the job asked for ``as_asked`` (a job refused before it was served)."""
     route = job.route if job is not None else None
-    public_model = route.public_model if route else (job.model if job is not None else None)
+    public_model = job.model if job is not None else None
+    if route is not None and not as_asked:
+        public_model = route.public_model
     batch_id = job.metadata.get("batch_id") if job is not None else None
     return JobEvent(
         job_id=job_id,

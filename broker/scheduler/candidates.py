@@ -1,5 +1,5 @@
-"""Steps 4 and 5 of "Routing, in order" up to the rules: which (provider, upstream model) pairs
-may take a job, and what each would cost.
+"""Steps 3 and 4 of "Routing, in order" (docs/architecture.md), up to the rules: which (provider,
+upstream model) pairs may take a job, and what each would cost.
 
 Estimated cost = prompt tokens (estimated for the provider's tokenizer family, tools included)
 at the input price + output tokens (the job's ``max_tokens``, else the model's, else

@@ -160,13 +160,11 @@ class Reservations:
 
 
 def queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime) -> float:
-    """How long the job may wait in its provider's queue before its call, so its reservation
-    is held that long too. The sweeper refunds a hold that passes, as if its holder had died: a
-    reservation whose job is only queued (a batch's backlog) was refunded, later jobs were
-    admitted past the limits, and the accountant then charged the queued ones afresh. A job
+    """How long the job may wait in its provider's queue before its call, so its reservation is
+    held that long too (the sweeper refunds a hold that passes, as if its holder had died). A job
     with a deadline waits at most until it (RabbitMQ drops it then); a persistent one without
-    waits for a worker however long; a transient one, an RPC whose caller waits for the
-    answer, may be lost with the broker, so it gets no more than the margin."""
+    waits for a worker however long; a transient one, an RPC whose caller waits for the answer,
+    may be lost with the broker, so it gets no more than the margin."""
     if job.deadline is not None:
         return max(0.0, (job.deadline - now).total_seconds())
     return QUEUED_HOLD_S if came_persistent(message) else 0.0

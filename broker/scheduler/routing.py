@@ -1,4 +1,4 @@
-"""Which provider a job goes to: steps 1-7 of "Routing, in order" (ARCHITECTURE.md) as a pure
+"""Which provider a job goes to: steps 1-6 of "Routing, in order" (docs/architecture.md) as a pure
 function of the job, the config, a snapshot of provider state and the time.
 
 No Redis, no AMQP, no wall clock: the scheduler builds ``ProviderState`` from Redis, passes

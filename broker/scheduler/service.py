@@ -2,9 +2,9 @@
 each, and hands it to its provider's queue. It acks a job only after the provider queue (or a
 parking queue) has confirmed the hand-off.
 
-Order per job (docs/architecture.md, "Routing order"): the key and its scopes, the router (explicit
-model or task route, health, CEL rules, policy), then quota: the candidates are tried in the
-router's order and the first whose every bucket can be reserved wins; the rest ride along as the
+Order per job (docs/architecture.md, "Routing, in order"): the key and its scopes, the router
+(explicit model or task route, health, CEL rules, policy), then quota: the candidates are tried in
+the router's order and the first whose every bucket can be reserved wins; the rest ride along as the
 job's failover list. When none can, the job's ``on_quota`` says: ``reject`` (a ``rate_limited``
 result with ``retry_after``) or ``wait`` (parked in a TTL queue that returns it to the jobs queue,
 keeping its priority, until its deadline).
@@ -43,8 +43,9 @@ from broker.core.names import HEADER_KEY, Names
 from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
+from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
 from broker.scheduler.reservations import Admitted, Reservations, queued_s
-from broker.scheduler.routing import ProviderState, RouteDecision, Router
+from broker.scheduler.routing import RouteDecision, Router
 from broker.state.circuits import Circuits, CircuitState
 from broker.state.fairness import lane_for
 from broker.transport.amqp import (
@@ -68,9 +69,6 @@ class _Version:
     config: Config
     router: Router
     admission: Admission | None
-
-
-_NOTHING_KNOWN = ProviderState()  # frozen: one for every job that has no quota state
 
 
 class Scheduler(Service):
@@ -302,7 +300,7 @@ class Scheduler(Service):
             now = utcnow()
         states = {}
         for provider in version.config.providers:
-            state = _NOTHING_KNOWN
+            state = UNKNOWN_STATE
             if admission is not None and now is not None:
                 state = await admission.state(provider, tokens, now)
             if circuits is not None:

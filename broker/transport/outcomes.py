@@ -239,6 +239,7 @@ class Outcomes:
                 now,
                 error_code=job_error.code,
                 timings=Timings(total_ms=elapsed_ms(job.submitted_at if job else None, now)),
+                as_asked=True,
             )
             publishes.append(self.events.send(event))
         await asyncio.gather(*publishes)

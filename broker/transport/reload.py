@@ -196,8 +196,8 @@ class ConfigReloader(Service):
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._poller is not None:
-            # A version being applied is recorded (and published) before the watcher stops:
-            # cancelling mid-way left an applied version out of config_versions.
+            # A version being applied is recorded (and published) before the watcher stops, so
+            # no applied version is missing from config_versions.
             held = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lock.acquire(), grace_s)

@@ -21,7 +21,6 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from broker.core.settings import get_settings
-from broker.transport import fastpath
 from broker.transport.amqp import BROKER_FAILURES, connect
 
 __all__ = [
@@ -43,6 +42,9 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 async def connect_server(amqp_url: str, *, name: str) -> AbstractRobustConnection:
     """A server process's connection: on the AMQP fast path unless the setting turns it off."""
     if get_settings().amqp_fast_path:
+        # Imported only when on: with it off, nothing reads aiormq's or pamqp's internals.
+        from broker.transport import fastpath
+
         fastpath.install()
     return await connect(amqp_url, name=name)
 
@@ -140,10 +142,8 @@ class _ChannelAcks:
             acks = [(tag, False) for tag in settled[len(covered) :]]
             if covered:
                 acks.insert(0, (covered[-1], True))
-            # Queued together; only the last waits for its write. Each waiting for its own took
-            # one writer pass apiece: behind a delivery in hand (a job waiting for a call slot)
-            # 200 acks took 200 sends, and a busy worker's prefetch window filled with deliveries
-            # already done while its queue backed up and its call slots stood empty.
+            # Queued together; only the last waits for its write, so acks behind a delivery in
+            # hand leave in one writer pass, not one each.
             for i, (tag, multiple) in enumerate(acks, start=1):
                 await channel.basic_ack(tag, multiple=multiple, wait=i == len(acks))
         except BROKER_FAILURES:

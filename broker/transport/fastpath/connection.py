@@ -140,8 +140,8 @@ class FastFrameReceiver(aiormq.connection.FrameReceiver):
 
 class LeanDelivery(aio_pika.IncomingMessage):
     """aio-pika's incoming message without the check, on each attribute it sets, that the
-    message is not locked: a guard for messages being built to publish, which a delivery is not
-    (the check was three quarters of building one)."""
+    message is not locked: a guard for messages being built to publish, which a delivery is
+    not."""
 
     __slots__ = ()
     __setattr__ = object.__setattr__  # type: ignore[assignment]
