@@ -27,7 +27,8 @@ def test_the_profiler_writes_the_stacks_and_the_collector_passes_of_a_command(
     assert "Usage" in ran.stdout  # the command itself ran
     stacks = [line.rpartition(" ") for line in out.read_text().splitlines()]
     assert stacks and all(count.isdigit() for _, _, count in stacks)
-    assert any("<module> (cli.py:" in stack for stack, _, _ in stacks)  # importing the CLI
+    # running the CLI package (python -m broker.cli runs its __main__)
+    assert any("<module> (__main__.py:" in stack for stack, _, _ in stacks)
     collector = json.loads(Path(f"{out}.gc.json").read_text())
     assert set(collector) == {"gen0", "gen1", "gen2", "process_cpu_s"}
     assert collector["gen0"]["passes"] > 0 and collector["process_cpu_s"] > 0

@@ -743,9 +743,74 @@ async def test_stream_error_event(provider: ProviderConfig) -> None:
         provider, api.streaming(body), errors.ProviderServerError
     )
 
-    assert "mid-stream" in error.message
-    assert "The server had an error" in error.message
+    assert error.message == "provider 'openai-test' failed (error event): The server had an error"
     assert len(chunks) == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "said"),
+    [
+        (
+            {"message": "m", "code": "content_filter"},
+            errors.ContentFiltered,
+            "filtered the request (error event, code content_filter): m",
+        ),
+        (
+            {"message": "m", "code": "content_policy_violation"},
+            errors.ContentFiltered,
+            "filtered the request (error event, code content_policy_violation): m",
+        ),
+        (
+            {"message": "m", "type": "requests", "code": "rate_limit_exceeded"},
+            errors.RateLimited,
+            "rate limited the call (error event, code rate_limit_exceeded): m",
+        ),
+        (
+            {"message": "m", "code": "rate_limit_error"},
+            errors.RateLimited,
+            "rate limited the call (error event, code rate_limit_error): m",
+        ),
+        (
+            # An error event's type does not make it a quota error: only its code is read.
+            {"message": "m", "type": "insufficient_quota", "code": "rate_limit_exceeded"},
+            errors.RateLimited,
+            "rate limited the call (error event, code rate_limit_exceeded): m",
+        ),
+        (
+            {"message": "m", "type": "insufficient_quota", "code": "insufficient_quota"},
+            errors.ProviderServerError,
+            "failed (error event, code insufficient_quota): m",
+        ),
+        (
+            {"message": "m", "code": "context_length_exceeded"},
+            errors.ProviderServerError,
+            "failed (error event, code context_length_exceeded): m",
+        ),
+        ("a bare string", errors.ProviderServerError, "failed (error event): a bare string"),
+        (
+            {"code": "rate_limit_exceeded"},
+            errors.RateLimited,
+            "rate limited the call (error event, code rate_limit_exceeded)",
+        ),
+    ],
+)
+async def test_stream_error_event_codes(
+    provider: ProviderConfig, error: object, expected: type[errors.ProviderError], said: str
+) -> None:
+    """An error event inside a 200 stream has no status: its code chooses the error, by the
+    same ladder as a status, and it never carries a retry_after (there are no headers)."""
+    event = b"data: " + orjson.dumps({"error": error})
+    body = b"\n\n".join([*api.sse("stream_chunks.txt").split(b"\n\n")[:1], event]) + b"\n\n"
+    headers = {"content-type": api.event_stream, "retry-after": "9"}
+
+    raised, chunks = await api.collect_error(provider, Provider(content=body, headers=headers))
+
+    assert type(raised) is expected
+    assert raised.retryable is (expected is not errors.ContentFiltered)
+    assert raised.message == f"provider 'openai-test' {said}"
+    if isinstance(raised, errors.RateLimited):
+        assert raised.retry_after is None
+    assert len(chunks) == 1
 
 
 async def test_stream_content_filtered_without_content(provider: ProviderConfig) -> None:

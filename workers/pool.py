@@ -1,9 +1,10 @@
 """A worker pool: serves one provider's queue with at most ``concurrency`` calls in flight.
 
-For each job: call the adapter (through the retry layer) unless the provider's circuit is open
-(``broker.state.circuits``), publish the result to the job's reply queue and the usage and job
-events to the accountant, and ack only after all are confirmed. A job the provider failed for its
-own reasons, with a candidate it has not tried, goes back to the scheduler instead (failover).
+For each job: call the provider through the ordered layers of ``workers.layers`` (call slot,
+deadline, provider entry, pricing, circuit breaker, global lease, retries), publish the result
+to the job's reply queue and the usage and job events to the accountant, and ack only after all
+are confirmed. A job the provider failed for its own reasons, with a candidate it has not tried,
+goes back to the scheduler instead (failover).
 
 A new config version (``apply``) takes effect between calls: a changed provider entry gets a new
 adapter and HTTP client for the next calls while the calls in flight finish on the old one (closed

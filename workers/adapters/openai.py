@@ -23,13 +23,19 @@ Status → error, by the ladder in ``_errors.py``::
                              ``choices`` → ProviderProtocolError; every choice content-filtered
                              and empty → ContentFiltered; a stream that ends with neither
                              ``[DONE]`` nor a finish_reason → ProviderServerError
-    429                      RateLimited (retry_after from ``retry-after-ms`` or ``retry-after``)
+    429                      RateLimited (retry_after from ``retry-after-ms`` or ``retry-after``);
+                             code or type ``insufficient_quota`` → QuotaExhausted
     401, 403                 ProviderAuthentication (never repeats the provider's text)
     400, 404, 409, 413, 422  ProviderInvalidRequest; error code ``content_filter`` or
                              ``content_policy_violation`` → ContentFiltered
     408                      ProviderTimeout
     anything else            ProviderServerError (5xx, and statuses the API does not document)
     transport failures       see ``workers/adapters/_errors.py``
+
+An ``{"error": ...}`` event inside a 200 stream has no status: its code implies one
+(``_CODE_STATUS``) for the same ladder, so ``content_filter`` and ``content_policy_violation`` →
+ContentFiltered, ``rate_limit_exceeded`` and ``rate_limit_error`` → RateLimited (no
+retry_after), any other code (``insufficient_quota`` too) or none → ProviderServerError.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ from typing import Any
 import httpx
 
 from broker.core.config import ProviderConfig, ProviderType
-from broker.core.errors import ContentFiltered, ProviderError, ProviderServerError, RateLimited
 from schemas import ChatCompletion, ChatCompletionChunk, Choice
 from workers.adapters import _wire as wire
 from workers.adapters._errors import Failure, error_object, parse_retry_after
@@ -51,6 +56,12 @@ from workers.streaming import sse_events
 __all__ = ["OpenAIAdapter", "parse_retry_after"]
 
 _CONTENT_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
+# The status each error code comes with, for error events inside a 200 stream (others: 500).
+_CODE_STATUS = {
+    **dict.fromkeys(_CONTENT_FILTER_CODES, 400),
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+}
 _DONE = "[DONE]"
 _INSUFFICIENT_QUOTA = "insufficient_quota"
 """OpenAI's 429 for an account out of credit or over its spend limit (the error-codes guide:
@@ -113,7 +124,7 @@ class OpenAIAdapter(HTTPAdapter):
                 break
             data = wire.json_object(event.data, pid, "stream event data")
             if "error" in data and "choices" not in data:
-                raise self._stream_error(data["error"])
+                raise self._error(data)
             chunk = wire.validated(ChatCompletionChunk, data, pid, "stream chunk")
             usage_seen = usage_seen or chunk.usage is not None
             for choice in chunk.choices:
@@ -132,32 +143,16 @@ class OpenAIAdapter(HTTPAdapter):
         if not usage_seen and not self.usage_optional:
             raise wire.protocol_error(pid, "stream has no usage")
 
-    def _stream_error(self, error: object) -> ProviderError:
-        """An error the provider sent as a ``data:`` event after answering 200: its code, not a
-        status, says what it is."""
-        pid = self.provider.id
-        code, message = self._detail(error)
-        label = f"code {code}" if code else "no code"
-        detail = f": {message}" if message else ""
-        if code in _CONTENT_FILTER_CODES:
-            return ContentFiltered(
-                f"provider {pid!r} filtered the stream ({label}){detail}", provider=pid
-            )
-        if code in ("rate_limit_exceeded", "rate_limit_error"):
-            return RateLimited(
-                f"provider {pid!r} rate limited the stream ({label}){detail}", provider=pid
-            )
-        return ProviderServerError(
-            f"provider {pid!r} failed mid-stream ({label}){detail}", provider=pid
-        )
-
     def _failure(self, data: object, status: int | None) -> Failure:
         code, message = self._detail(data.get("error", data) if isinstance(data, dict) else None)
+        # An error event is read by its code alone; an error body's type also names a quota.
+        kind = error_object(data).get("type") if status is not None else None
         return Failure(
             status,
             f"code {code}" if code else None,
             message,
-            out_of_quota=_INSUFFICIENT_QUOTA in (code, error_object(data).get("type")),
+            implied=_CODE_STATUS.get(code or "", 500),
+            out_of_quota=_INSUFFICIENT_QUOTA in (code, kind),
             filtered=code in _CONTENT_FILTER_CODES,
         )
 
