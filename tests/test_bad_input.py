@@ -14,6 +14,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from pamqp import commands
 
 from broker.accounting.accountant import Accountant
 from broker.core.config import load_config
@@ -28,6 +29,7 @@ from broker.core.names import (
 from broker.transport.outcomes import Outcomes
 from schemas import JobEvent, JobStatus
 from tests.conftest import MockProvider, eventually, queue_depth
+from tests.raw_amqp import publish_raw
 
 GOOD_MESSAGES = [{"role": "user", "content": "still serving?"}]
 
@@ -127,6 +129,35 @@ async def test_a_bad_job_is_rejected_dead_lettered_and_the_scheduler_goes_on(
     row = await pg.fetchrow("SELECT status, error_code FROM jobs WHERE job_id = $1", job_id)
     assert row is not None
     assert (row["status"], row["error_code"]) == ("rejected", code)
+
+
+async def test_a_body_that_is_not_json_is_answered_by_its_correlation_id(
+    amqp: AbstractRobustConnection, names: Names, config_file: Path, pipeline: Any
+) -> None:
+    """No job id anywhere (no body to read it from, no message_id): the caller, who matches
+    replies by correlation id, still gets its rejection instead of waiting out its timeout."""
+    channel = await amqp.channel()
+    replies = await channel.declare_queue(f"{names.namespace}.replies", exclusive=True)
+    correlation_id = f"corr-{uuid.uuid4()}"
+    async with pipeline(load_config(config_file), workers=[], accountant=False):
+        # A bare producer: aiormq would give the message an id, other clients often do not.
+        properties = commands.Basic.Properties(correlation_id=correlation_id, reply_to=replies.name)
+        await publish_raw("127.0.0.1", 5672, names.jobs, b"not json at all", properties)
+        message = None
+        deadline = asyncio.get_running_loop().time() + 10
+        while message is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            message = await replies.get(timeout=10, fail=False)
+    assert message is not None, "no reply to a message without a job id"
+    await message.ack()
+    result = json.loads(message.body)
+    assert message.correlation_id == correlation_id
+    assert (result["job_id"], result["status"]) == (correlation_id, "rejected")
+    assert result["error"]["code"] == "invalid_message"
+    dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
+    assert dead is not None and dead.body == b"not json at all"
+    await dead.ack()
+    await channel.close()
 
 
 async def test_a_bad_usage_event_is_dead_lettered_and_the_accountant_goes_on(

@@ -224,11 +224,14 @@ class Outcomes:
         ]
         now = utcnow()
         target = reply_target(message, job)
-        if job_id is not None and target:
-            result = job_result(job, job_id, status, now, error=job_error)
+        # Without a job id (a body that is not even JSON), the caller still gets its answer:
+        # it matches replies by correlation id, which then names the result too.
+        answer_id = job_id or message.correlation_id
+        if answer_id and target:
+            result = job_result(job, answer_id, status, now, error=job_error)
             publishes.append(
                 self.publisher.reply(
-                    target, encode(result), correlation_id=message.correlation_id or job_id
+                    target, encode(result), correlation_id=message.correlation_id or answer_id
                 )
             )
         if job_id is not None:
