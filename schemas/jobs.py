@@ -75,6 +75,7 @@ class ErrorCode(StrEnum):
     CONTENT_FILTER = "content_filter"
     PROVIDER_PROTOCOL_ERROR = "provider_protocol_error"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
+    UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal_error"
 
 

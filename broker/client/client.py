@@ -7,11 +7,16 @@ reply-to is at-most-once (nothing is buffered if this connection drops); batch p
 
 A job can be delivered twice (a worker killed after its reply was confirmed but before its ack);
 the client hands each job id back once.
+
+The connection is robust: after RabbitMQ restarts, the client reconnects, and the next call opens
+a new reply consumer (direct reply-to lives only as long as its channel). A call made while the
+broker is away, or whose answer the lost connection took, raises ``Unavailable`` (retryable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,13 +32,22 @@ from aio_pika.abc import (
 
 from broker.core.clock import utcnow
 from broker.core.codec import encode
+from broker.core.errors import Unavailable
 from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, Names
-from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
+from broker.transport.amqp import (
+    BROKER_FAILURES,
+    Publisher,
+    connect,
+    declare_results_queue,
+    declare_topology,
+)
 from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobResult
 
 __all__ = ["SwitchyardClient", "make_job"]
 
 _SEEN_LIMIT = 100_000
+RECONNECT_RETRY_S = 1.0
+"""The ``retry_after`` of a call refused while the broker is away (about a reconnect attempt)."""
 
 
 def make_job(
@@ -95,6 +109,7 @@ class SwitchyardClient:
         self._rpc_publisher: Publisher | None = None
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
+        connection.close_callbacks.add(self._on_connection_lost)
 
     @classmethod
     async def connect(cls, amqp_url: str, *, namespace: str = "switchyard") -> SwitchyardClient:
@@ -112,11 +127,27 @@ class SwitchyardClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _on_connection_lost(self, _sender: object, _exc: BaseException | None = None) -> None:
+        """Direct replies die with the connection: every call waiting for one is answered
+        ``Unavailable``, and the next call opens a new reply channel."""
+        for replies in self._pending.values():
+            replies.put_nowait(
+                Unavailable(
+                    "the connection to RabbitMQ was lost before the answer came; the job may or"
+                    " may not have run",
+                    retry_after=RECONNECT_RETRY_S,
+                )
+            )
+        self._rpc_publisher = None
+
     async def _rpc(self) -> Publisher:
         """The channel that publishes RPC jobs and consumes their direct replies: one channel,
         as direct reply-to requires."""
         async with self._lock:
             if self._rpc_publisher is None:
+                if self._rpc_channel is not None:  # the lost connection's: its consumer is gone
+                    with contextlib.suppress(Exception):
+                        await self._rpc_channel.close()
                 channel = await self._connection.channel(publisher_confirms=True)
                 await declare_topology(channel, self.names, [])
                 replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
@@ -151,7 +182,18 @@ class SwitchyardClient:
     async def _call(
         self, job: CompletionJob, api_key: str | None
     ) -> tuple[str, asyncio.Queue[JobChunk | JobResult | Exception]]:
-        publisher = await self._rpc()
+        if not self._connection.connected.is_set():
+            raise Unavailable(
+                "RabbitMQ is not reachable now (reconnecting); the job was not sent",
+                retry_after=RECONNECT_RETRY_S,
+            )
+        try:
+            publisher = await self._rpc()
+        except BROKER_FAILURES as exc:
+            raise Unavailable(
+                f"RabbitMQ refused the reply channel ({type(exc).__name__}); the job was not sent",
+                retry_after=RECONNECT_RETRY_S,
+            ) from exc
         replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
         # Each call its own: a caller may send the same job again (after a timeout, say), and
         # each call gets the answer to its own message.
@@ -170,6 +212,12 @@ class SwitchyardClient:
                 # would call the provider (and bill) for a caller that has already given up.
                 persistent=False,
             )
+        except BROKER_FAILURES as exc:
+            self._pending.pop(correlation_id, None)
+            raise Unavailable(
+                f"the job could not be published ({type(exc).__name__}); it was not sent",
+                retry_after=RECONNECT_RETRY_S,
+            ) from exc
         except BaseException:
             self._pending.pop(correlation_id, None)
             raise

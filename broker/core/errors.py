@@ -3,6 +3,8 @@ HTTP status::
 
     SwitchyardError
     ├── ConfigError                    (a config file or setting is invalid; never reaches a job)
+    ├── Unavailable                    unavailable       503  (RabbitMQ or Redis unreachable now;
+    │                                                          retryable, carries retry_after)
     ├── JobRejected                    status "rejected": the job itself is wrong
     │   ├── InvalidMessage             invalid_message            400
     │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
@@ -47,6 +49,7 @@ __all__ = [
     "RateLimited",
     "SwitchyardError",
     "Unauthorized",
+    "Unavailable",
     "UnsupportedSchemaVersion",
     "internal_error",
 ]
@@ -105,6 +108,17 @@ def internal_error(exc: BaseException) -> JobError:
 
 class ConfigError(SwitchyardError):
     """The config file or the environment is invalid; the message names the path and reason."""
+
+
+class Unavailable(
+    SwitchyardError,
+    code=ErrorCode.UNAVAILABLE,
+    family="unavailable",
+    http_status=503,
+    retryable=True,
+):
+    """A server Switchyard needs is unreachable now; trying again after ``retry_after`` may
+    succeed. Whether the job ran is said in the message (a call cut off may have)."""
 
 
 class JobRejected(SwitchyardError, family="invalid_request", http_status=400): ...
