@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -148,14 +148,15 @@ async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles
         rejected = results[first_rejected]
         assert rejected.error is not None
         assert rejected.error.code.value == "rate_limited"
-        assert "key team-a USD per day" in rejected.error.message
+        assert "key team-a USD per day has $" in rejected.error.message
+        assert rejected.error.message.endswith(" of $0.25 used")  # money in dollars, not units
         succeeded = [r for r in results if r.status.value == "succeeded"]
         spent = sum((r.cost_usd or Decimal(0) for r in succeeded), Decimal(0))
         assert spent <= budget
         assert mock.stats()["calls"] == len(succeeded)
 
         day = window(Period.DAY, datetime.now(UTC), ZoneInfo("UTC")).id
-        usd_key = names.quota_bucket("key", "team-a", "usd_day", day)
+        usd_key = names.quota_bucket("key", "team-a", "usd_nanos_day", day)
         tokens_key = names.quota_bucket("provider", "p", "tokens_day", day)
         ids = [r.job_id for r in succeeded]
 
@@ -163,15 +164,13 @@ async def test_a_usd_day_budget_stops_the_job_that_would_cross_it_and_reconciles
             rows = await pg.fetch(
                 "SELECT cost_usd, total_tokens FROM usage WHERE job_id = ANY($1::text[])", ids
             )
-            micros = sum(
-                int((r["cost_usd"] * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
-                for r in rows
-            )
+            # Exactly the ledger, to the nano-dollar: no call rounded up on its way into Redis.
+            nanos = int(sum((r["cost_usd"] for r in rows), Decimal(0)) * 1_000_000_000)
             counter = int(await redis.get(usd_key) or 0)
             tokens = int(await redis.get(tokens_key) or 0)
             return (
                 len(rows) == len(ids)
-                and counter == micros
+                and counter == nanos
                 and tokens == sum(r["total_tokens"] for r in rows)
             )
 

@@ -29,8 +29,8 @@ from broker.state.quota import (
     Short,
     ThresholdCrossed,
     Unit,
-    micros_to_usd,
-    usd_to_micros,
+    nanos_to_usd,
+    usd_to_nanos,
 )
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
@@ -114,7 +114,7 @@ async def holds(redis: Redis, names: Names) -> set[str]:
 async def test_all_or_nothing(store: QuotaStore, names: Names, redis: Redis) -> None:
     rpm = bucket(names, "rpm", 1, 10)
     tpm = bucket(names, "tpm", 200, 1000, "tokens", expires_in=42)
-    usd = bucket(names, "usd-day", 1_000, 500_000, "usd_micros")
+    usd = bucket(names, "usd-day", 1_000, 500_000, "usd_nanos")
     assert isinstance(
         await store.reserve("pre", [bucket(names, "tpm", 900, 1000, "tokens")], 30), Reserved
     )
@@ -243,11 +243,11 @@ async def test_reconcile_charges_the_difference_once(
     rpm = bucket(names, "rpm", 1, 10)
     tpm = bucket(names, "tpm", 500, 10_000, "tokens")
     tpd = bucket(names, "tpd", 500, 100_000, "tokens")
-    usd = bucket(names, "usd-day", usd_to_micros(Decimal("0.02")), 10_000_000, "usd_micros")
+    usd = bucket(names, "usd-day", usd_to_nanos(Decimal("0.00002")), 10_000_000, "usd_nanos")
     assert isinstance(await store.reserve("job-1", [rpm, tpm, tpd, usd], 30), Reserved)
     assert await counters(store, rpm, tpm, tpd, usd) == [1, 500, 500, 20_000]
 
-    settled = await store.reconcile("job-1", {"tokens": 320, "usd_micros": 12_345})
+    settled = await store.reconcile("job-1", {"tokens": 320, "usd_nanos": 12_345})
     assert settled.previous is ReservationState.HELD
     # Requests were not named: the reserved request stands.
     assert await counters(store, rpm, tpm, tpd, usd) == [1, 320, 320, 12_345]
@@ -256,13 +256,13 @@ async def test_reconcile_charges_the_difference_once(
     ttl = await redis.ttl(names.redis_key("reservation", "job-1"))
     assert 0 < ttl <= 86_400
 
-    again = await store.reconcile("job-1", {"tokens": 9_000, "usd_micros": 1})
+    again = await store.reconcile("job-1", {"tokens": 9_000, "usd_nanos": 1})
     assert again.previous is ReservationState.RECONCILED
     assert await counters(store, rpm, tpm, tpd, usd) == [1, 320, 320, 12_345]
 
     # An underestimate is charged up to the actual use.
     assert isinstance(await store.reserve("job-2", [tpm, usd], 30), Reserved)
-    await store.reconcile("job-2", {"tokens": 1_250, "usd_micros": 31_000})
+    await store.reconcile("job-2", {"tokens": 1_250, "usd_nanos": 31_000})
     assert await counters(store, tpm, usd) == [320 + 1_250, 12_345 + 31_000]
 
     unknown = await store.reconcile("nobody", {"tokens": 5})
@@ -274,7 +274,7 @@ async def test_reconcile_charges_the_difference_once(
 
 async def test_release_returns_everything(store: QuotaStore, names: Names, redis: Redis) -> None:
     rpm = bucket(names, "rpm", 1, 10)
-    usd = bucket(names, "usd", 7_000, 100_000, "usd_micros")
+    usd = bucket(names, "usd", 7_000, 100_000, "usd_nanos")
     assert isinstance(await store.reserve("keep", [rpm], 30), Reserved)
     assert isinstance(await store.reserve("job-1", [rpm, usd], 30), Reserved)
     assert await counters(store, rpm, usd) == [2, 7_000]
@@ -418,9 +418,12 @@ async def test_thresholds_from_reconcile_and_concurrent_reservers(
     assert await a.usage(rpm.key) == 100
 
 
-def test_money_in_micros() -> None:
-    assert usd_to_micros(Decimal("0.0000015")) == 2  # reservations round up
-    assert usd_to_micros(Decimal("0.0000015"), rounding="ROUND_HALF_EVEN") == 2
-    assert usd_to_micros(Decimal("0.0000014"), rounding="ROUND_HALF_EVEN") == 1
-    assert usd_to_micros(Decimal("12.5")) == 12_500_000
-    assert micros_to_usd(12_345) == Decimal("0.012345")
+def test_money_in_nanos_is_the_ledgers_precision() -> None:
+    # A priced call (numeric(18, 9) in the ledger) converts exactly: no per-call rounding up.
+    assert usd_to_nanos(Decimal("0.000001350")) == 1_350
+    assert usd_to_nanos(Decimal("0.000000001")) == 1
+    assert usd_to_nanos(Decimal("0.0000000015")) == 2  # an estimate's extra digits round up
+    assert usd_to_nanos(Decimal("0.0000000015"), rounding="ROUND_HALF_EVEN") == 2
+    assert usd_to_nanos(Decimal("0.0000000014"), rounding="ROUND_HALF_EVEN") == 1
+    assert usd_to_nanos(Decimal("12.5")) == 12_500_000_000
+    assert nanos_to_usd(12_345) == Decimal("0.000012345")

@@ -33,7 +33,7 @@ from broker.core.db import jobs, make_engine, usage
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
 from broker.core.pricing import call_cost
-from broker.state.quota import QuotaStore, usd_to_micros
+from broker.state.quota import QuotaStore, usd_to_nanos
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import JobEvent, JobEventBatch, JobStatus, UsageEvent
@@ -245,9 +245,9 @@ class Accountant(Service):
                 await self._quota.release(event.reservation_id)
                 continue
             tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
-            micros = sum(usd_to_micros(u.cost_usd or Decimal(0)) for u in event.usage)
+            nanos = sum(usd_to_nanos(u.cost_usd or Decimal(0)) for u in event.usage)
             await self._quota.reconcile(
-                event.reservation_id, {"tokens": tokens, "usd_micros": micros}
+                event.reservation_id, {"tokens": tokens, "usd_nanos": nanos}
             )
 
     async def _write(self, events: list[UsageEvent | JobEvent]) -> None:

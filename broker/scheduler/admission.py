@@ -19,7 +19,7 @@ from broker.core.limits import Budgets, FreeTier, KeyConfig
 from broker.core.names import Names
 from broker.core.windows import Period, window
 from broker.scheduler.routing import Candidate, ProviderState
-from broker.state.quota import Bucket, QuotaStore, Reserved, Short, Unit, usd_to_micros
+from broker.state.quota import Bucket, QuotaStore, Reserved, Short, Unit, usd_to_nanos
 
 __all__ = ["Admission"]
 
@@ -52,7 +52,7 @@ class _Kind:
 
 
 _TOKENS = _Kind("tokens", "tokens", "tokens")
-_USD = _Kind("usd", "usd_micros", "USD")
+_USD = _Kind("usd", "usd_nanos", "USD")
 _REQUESTS = _Kind("requests", "requests", "requests")
 
 
@@ -92,7 +92,7 @@ class Admission:
         amounts: dict[Unit, int] = {
             "requests": 1,
             "tokens": candidate.est_tokens,
-            "usd_micros": 0 if candidate.free else usd_to_micros(candidate.est_cost_usd),
+            "usd_nanos": 0 if candidate.free else usd_to_nanos(candidate.est_cost_usd),
         }
         return self._buckets(self._limits(key, candidate), amounts, now)
 
@@ -127,7 +127,7 @@ class Admission:
         free = False
         if provider.free_tier is not None:
             # What a free call would charge: one request and the tokens, no money.
-            probe: dict[Unit, int] = {"requests": 1, "tokens": est_tokens, "usd_micros": 0}
+            probe: dict[Unit, int] = {"requests": 1, "tokens": est_tokens, "usd_nanos": 0}
             free = True
             for bucket in self._buckets(_free_tier(provider.id, provider.free_tier), probe, now):
                 current = await self.store.usage(bucket.key)
@@ -195,12 +195,13 @@ def _per_period(
     for period, kind in wanted:
         value = getattr(settings, f"{kind.prefix}_per_{period.value}")
         if value is not None:
-            amount = usd_to_micros(value) if kind is _USD else value
+            amount = usd_to_nanos(value) if kind is _USD else value
             limits.append(
                 _Limit(
                     scope,
                     scope_id,
-                    f"{kind.prefix}_{period.value}",
+                    # The unit names the counter (usd_nanos_day), so one never mixes units.
+                    f"{kind.unit}_{period.value}",
                     kind.unit,
                     amount,
                     period,

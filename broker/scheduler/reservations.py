@@ -122,8 +122,7 @@ class Reservations:
         if wait and job.on_quota == "wait" and can_fit and give_up > now:
             return None
         raise QuotaExceeded(
-            f"quota short for every candidate: {short.bucket_label} has {short.current} of "
-            f"{short.limit} used",
+            f"quota short for every candidate: {short.describe()}",
             retry_after=round(short.retry_after_s, 3),
         )
 

@@ -7,7 +7,8 @@ reservation to what the call really used. A reservation whose holder died is ret
 ``expire_holds``; if the job turns out to have run after all, its late ``reconcile`` still charges
 what it used. Finished reservations stay as tombstones for ``tombstone_s`` so a redelivered job or
 a second reconcile changes nothing. The keys are ``Names.quota_bucket``, ``Names.reservation`` and
-``Names.quota_holds``. Money is integer micro-USD so that the scripts' arithmetic stays exact.
+``Names.quota_holds``. Money is integer nano-USD, the ledger's own precision (``numeric(18, 9)``):
+the scripts' arithmetic stays exact and a settled counter equals the ledger to the nano-dollar.
 """
 
 from __future__ import annotations
@@ -33,22 +34,23 @@ __all__ = [
     "Short",
     "ThresholdCrossed",
     "Unit",
-    "micros_to_usd",
-    "usd_to_micros",
+    "nanos_to_usd",
+    "usd_to_nanos",
 ]
 
-Unit = Literal["requests", "tokens", "usd_micros"]
+Unit = Literal["requests", "tokens", "usd_nanos"]
 UNITS: frozenset[str] = frozenset(get_args(Unit))
-_MICROS = Decimal(1_000_000)
+_NANOS = Decimal(1_000_000_000)
 
 
-def usd_to_micros(usd: Decimal, rounding: str = ROUND_CEILING) -> int:
-    """Whole micro-dollars; rounds up by default, so a reservation never under-holds."""
-    return int((usd * _MICROS).to_integral_value(rounding=rounding))
+def usd_to_nanos(usd: Decimal, rounding: str = ROUND_CEILING) -> int:
+    """Whole nano-dollars: exact for a priced call (the ledger's precision); an estimate with
+    more digits rounds up by default, so a reservation never under-holds."""
+    return int((usd * _NANOS).to_integral_value(rounding=rounding))
 
 
-def micros_to_usd(micros: int) -> Decimal:
-    return Decimal(micros) / _MICROS
+def nanos_to_usd(nanos: int) -> Decimal:
+    return Decimal(nanos) / _NANOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,15 @@ class Short:
     retry_after_s: float
     bucket_key: str
     amount: int
+    unit: Unit = "requests"
+
+    def describe(self) -> str:
+        """``<label> has <current> of <limit> used``, money in dollars."""
+        if self.unit == "usd_nanos":
+            used, limit = f"${nanos_to_usd(self.current)}", f"${nanos_to_usd(self.limit)}"
+        else:
+            used, limit = str(self.current), str(self.limit)
+        return f"{self.bucket_label} has {used} of {limit} used"
 
     @property
     def never_fits(self) -> bool:
@@ -211,6 +222,7 @@ class QuotaStore:
         if kind == "short":
             bucket = buckets[int(reply[1]) - 1]
             return Short(
+                unit=bucket.unit,
                 bucket_label=bucket.label,
                 limit=bucket.limit,
                 current=int(reply[2]),
@@ -241,7 +253,7 @@ class QuotaStore:
 
     async def release(self, reservation_id: str, *, now: float | None = None) -> Settled:
         """Give everything back: the job was rejected or cancelled before any call."""
-        zero: dict[Unit, int] = {"requests": 0, "tokens": 0, "usd_micros": 0}
+        zero: dict[Unit, int] = {"requests": 0, "tokens": 0, "usd_nanos": 0}
         return await self._settle(reservation_id, zero, ReservationState.RELEASED, now)
 
     async def _settle(
