@@ -26,6 +26,7 @@ from broker.core.config import ProviderType, load_config
 from broker.core.names import HEADER_KEY, Names
 from broker.core.tokens import estimate_prompt_tokens
 from broker.core.windows import Period, window
+from broker.scheduler.service import Scheduler
 from schemas import ChatMessage, JobResult
 from tests.conftest import (
     AMQP_URL,
@@ -228,6 +229,53 @@ async def test_a_job_that_waits_for_quota_is_parked_and_served_later(
     assert [r.status.value for r in results] == ["succeeded"] * 3
     waited = [r for r in results if (r.timings.queued_ms or 0) >= 900]
     assert waited  # at least one went through a parking queue (1 s)
+
+
+async def test_a_job_waiting_for_a_request_limit_sleeps_until_its_window_frees(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key's RPM of 1: the second job cannot go before the next minute. It used to come back
+    from a 1 s parking queue every second (about 60 reschedules for one wait); it now sleeps in
+    the longer parking queues, a few hops at most, and is served once the window frees."""
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            [{"id": "p", "models": {"m": PRICE}}],
+            keys=[key_entry(rpm=1)],
+        )
+    )
+    parks: list[float] = []
+    async with pipeline(config, hold_margin_s=0.5) as services:
+        [scheduler] = [s for s in services if isinstance(s, Scheduler)]
+        park = scheduler._park
+
+        async def counted(*args: Any) -> None:
+            parks.append(time.monotonic())
+            await park(*args)
+
+        monkeypatch.setattr(scheduler, "_park", counted)
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            now = datetime.now(UTC)
+            if now.second >= 55:  # both jobs in one minute, or the second need not wait
+                await asyncio.sleep(61 - now.second - now.microsecond / 1e6)
+            first = await client.complete(
+                job=make_job([{"role": "user", "content": "one"}], model="m"), api_key=SECRET
+            )
+            waited = make_job([{"role": "user", "content": "two"}], model="m", on_quota="wait")
+            sent = datetime.now(UTC)
+            second = await client.complete(job=waited, api_key=SECRET, timeout_s=120)
+    assert (first.status.value, second.status.value) == ("succeeded", "succeeded")
+    assert 1 <= len(parks) <= 4, f"parked {len(parks)} times"
+    # Not served before the minute the first one used was over.
+    window_end = (sent.replace(second=0, microsecond=0) + timedelta(minutes=1)).timestamp()
+    assert second.timings.total_ms is not None
+    assert sent.timestamp() + second.timings.total_ms / 1000 >= window_end - 0.5
 
 
 async def test_a_waiting_job_waits_for_the_candidate_that_can_fit_it_not_the_one_that_never_will(

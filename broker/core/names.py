@@ -11,6 +11,7 @@ __all__ = [
     "HEADER_DEAD_QUEUE",
     "HEADER_DEAD_REASON",
     "HEADER_KEY",
+    "HEADER_PARKED",
     "HEADER_TRACEPARENT",
     "METRIC_CIRCUIT_OPENED",
     "METRIC_CIRCUIT_OPENED_LABELS",
@@ -34,6 +35,7 @@ HEADER_TRACEPARENT = "traceparent"
 HEADER_DEAD_REASON = "x-switchyard-dead-reason"
 HEADER_DEAD_CODE = "x-switchyard-dead-code"
 HEADER_DEAD_QUEUE = "x-switchyard-dead-queue"
+HEADER_PARKED = "x-switchyard-parked"  # how many times a job waiting for quota was parked
 
 # Prometheus metrics (``broker.core.metrics`` builds them): each name with its label names.
 METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"

@@ -27,7 +27,7 @@ from broker.state.quota import QuotaStore, Reserved, Short, ThresholdCrossed
 from broker.transport.amqp import Publisher, came_persistent
 from schemas import CompletionJob
 
-__all__ = ["Admitted", "Reservations", "queued_s"]
+__all__ = ["Admitted", "Reservations", "Wait", "queued_s"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,17 @@ class Admitted:
     chosen: Candidate
     alternatives: list[Candidate]
     reservation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """No candidate fits now; the job may wait up to ``wait_s`` (until the soonest window ends,
+    no later than its deadline or the wait's end) and try again. Only a request count is sure
+    to stay short until then (``at_window_end``); tokens and money come back sooner when a
+    reservation is reconciled down to what its call used."""
+
+    wait_s: float
+    at_window_end: bool
 
 
 class Reservations:
@@ -91,10 +102,10 @@ class Reservations:
         *,
         queued_s: float,
         wait: bool = True,
-    ) -> Admitted | None:
+    ) -> Admitted | Wait:
         """Reserve quota on the first candidate that fits, held for the call's worst case, the
-        margin, and ``queued_s``, the time the job may wait in the provider's queue. ``None``:
-        park the job (only if it may ``wait``)."""
+        margin, and ``queued_s``, the time the job may wait in the provider's queue. ``Wait``:
+        park the job that long (only if it may ``wait``)."""
         if admission is None:
             return Admitted(decision.chosen, decision.alternatives, None)
         ordered = [decision.chosen, *decision.alternatives]
@@ -120,7 +131,8 @@ class Reservations:
         waited_from = job.submitted_at or now
         give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
         if wait and job.on_quota == "wait" and can_fit and give_up > now:
-            return None
+            wait_s = min(short.retry_after_s, (give_up - now).total_seconds())
+            return Wait(wait_s, at_window_end=short.unit == "requests")
         raise QuotaExceeded(
             f"quota short for every candidate: {short.describe()}",
             retry_after=round(short.retry_after_s, 3),

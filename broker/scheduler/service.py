@@ -39,19 +39,19 @@ from broker.core.errors import (
     Unauthorized,
 )
 from broker.core.limits import KeyConfig
-from broker.core.names import HEADER_KEY, Names
+from broker.core.names import HEADER_KEY, HEADER_PARKED, Names
 from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
 from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
-from broker.scheduler.reservations import Admitted, Reservations, queued_s
+from broker.scheduler.reservations import Admitted, Reservations, Wait, queued_s
 from broker.scheduler.routing import RouteDecision, Router
 from broker.state.circuits import Circuits, CircuitState
 from broker.state.fairness import lane_for
 from broker.transport.amqp import (
-    PARK_DELAYS_S,
     Publisher,
     declare_topology,
+    park_delay,
 )
 from broker.transport.outcomes import Outcomes
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -168,8 +168,8 @@ class Scheduler(Service):
         admitted = await self._reservations.admit(
             job, key, decision, now, version.admission, queued_s=queued_s(message, job, now)
         )
-        if admitted is None:
-            await self._park(message, job, now)
+        if isinstance(admitted, Wait):
+            await self._park(message, job, now, admitted)
             return
         await self._dispatch(message, job, key, decision, admitted, now, version)
 
@@ -207,7 +207,7 @@ class Scheduler(Service):
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
             await self._end_rerouted(message, job, status, exc.to_job_error())
             return
-        assert admitted is not None
+        assert isinstance(admitted, Admitted)  # a failover does not wait
         await self._dispatch(message, job, key, decision, admitted, now, version)
 
     async def _route(
@@ -312,12 +312,15 @@ class Scheduler(Service):
         return states
 
     async def _park(
-        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime
+        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, wait: Wait
     ) -> None:
-        """Hold the job in the shortest parking queue, then it comes back to the jobs queue. A
-        job that came without ``submitted_at`` (an AMQP producer's) gets it now, so its wait
-        is counted from here and ends (``MAX_WAIT_S``) instead of starting again each time."""
-        delay = PARK_DELAYS_S[0]
+        """Hold the job in a parking queue until its limit may have freed, then it comes back
+        to the jobs queue. A job that came without ``submitted_at`` (an AMQP
+        producer's) gets it now, so its wait is counted from here and ends (``MAX_WAIT_S``)
+        instead of starting again each time."""
+        # Tokens and money may come back before the window ends: look again after 1, 2, 4 ... s.
+        parked = _parked_times(message)
+        delay = park_delay(wait.wait_s if wait.at_window_end else min(wait.wait_s, 2.0**parked))
         log.info("job %s waits for quota (%d s)", job.job_id, delay)
         stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
         await self.outcomes.pass_on(
@@ -326,6 +329,7 @@ class Scheduler(Service):
             self.names.park(delay),
             body=None if stamped else message.body,
             with_key=True,
+            headers={HEADER_PARKED: parked + 1},
         )
 
     async def _forward(
@@ -338,6 +342,12 @@ class Scheduler(Service):
             self.names.provider(job.route.provider, lane),
             expiration=(job.deadline - now) if job.deadline is not None else None,
         )
+
+
+def _parked_times(message: AbstractIncomingMessage) -> int:
+    """How many times this job was parked before (a header the scheduler sets)."""
+    value = (message.headers or {}).get(HEADER_PARKED, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:

@@ -37,6 +37,7 @@ __all__ = [
     "declare_config_exchange",
     "declare_results_queue",
     "declare_topology",
+    "park_delay",
     "passthrough_headers",
     "use_connection_class",
 ]
@@ -44,9 +45,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_PRIORITY = 10
-PARK_DELAYS_S = (1, 5, 30)
+PARK_DELAYS_S = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Parking queues: one per delay, so a queue-wide TTL expires its head first (a per-message
-expiration would wait behind longer ones at the head)."""
+expiration would wait behind longer ones at the head). Doubling, so a wait of any length takes a
+few hops (``park_delay``)."""
+
+
+def park_delay(wait_s: float) -> int:
+    """The parking queue for a job that should wait ``wait_s``: the longest delay not past it,
+    or the next one up when that is at most a quarter later (one hop instead of several)."""
+    longer = [d for d in PARK_DELAYS_S if d >= wait_s]
+    if longer and longer[0] <= wait_s * 1.25:
+        return longer[0]
+    fitting = [d for d in PARK_DELAYS_S if d <= wait_s]
+    return fitting[-1] if fitting else PARK_DELAYS_S[0]
+
+
 JSON = "application/json"
 
 

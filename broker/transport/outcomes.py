@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -115,9 +116,14 @@ class Outcomes:
         body: bytes | None = None,
         expiration: timedelta | None = None,
         with_key: bool = False,
+        headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Hand a job on to its next queue as its message came: its ids, reply-to, priority,
-        trace context (and the key only ``with_key``) and delivery mode. Confirmed."""
+        trace context (and the key only ``with_key``), ``headers`` added, and delivery mode.
+        Confirmed."""
+        forwarded = passthrough_headers(message, with_key=with_key)
+        if headers:
+            forwarded.update(headers)
         await self.publisher.publish(
             queue,
             encode(job) if body is None else body,
@@ -125,7 +131,7 @@ class Outcomes:
             correlation_id=message.correlation_id or job.job_id,
             reply_to=message.reply_to,
             priority=job.priority,
-            headers=passthrough_headers(message, with_key=with_key),
+            headers=forwarded,
             expiration=expiration,
             persistent=came_persistent(message),
         )
