@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from broker.core.clock import utcnow
 from broker.core.config import Config
-from broker.core.errors import ConfigError, QuotaExceeded
+from broker.core.errors import ConfigError, QuotaExceeded, Unavailable
 from broker.core.limits import KeyConfig
 from broker.core.metrics import QUOTA_ALERTS
 from broker.core.names import Names
@@ -27,7 +27,14 @@ from broker.state.quota import QuotaStore, Reserved, Short, ThresholdCrossed
 from broker.transport.amqp import Publisher, came_persistent
 from schemas import CompletionJob
 
-__all__ = ["Admitted", "Reservations", "Wait", "queued_s"]
+__all__ = [
+    "REDIS_RETRY_S",
+    "Admitted",
+    "Reservations",
+    "Wait",
+    "queued_s",
+    "while_redis_is_away",
+]
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +186,24 @@ def queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime
     if job.deadline is not None:
         return max(0.0, (job.deadline - now).total_seconds())
     return QUEUED_HOLD_S if came_persistent(message) else 0.0
+
+
+REDIS_RETRY_S = 5.0
+"""How long a job waits (or its caller is told to wait) while Redis is unreachable."""
+
+
+def while_redis_is_away(
+    message: AbstractIncomingMessage, job: CompletionJob, now: datetime, exc: BaseException
+) -> Wait:
+    """No quota can be reserved without Redis. A persistent job waits (parked, looking again
+    every few seconds, no later than its deadline or the wait's end); a transient RPC job, whose
+    caller is waiting, is answered ``unavailable`` at once, with when to try again."""
+    give_up = job.deadline or (job.submitted_at or now) + timedelta(seconds=MAX_WAIT_S)
+    if came_persistent(message) and give_up > now:
+        log.info("job %s waits: Redis is unreachable (%s)", job.job_id, type(exc).__name__)
+        return Wait(min(REDIS_RETRY_S, (give_up - now).total_seconds()), at_window_end=True)
+    raise Unavailable(
+        f"Redis is unreachable ({type(exc).__name__}), so no quota can be reserved; the job was"
+        " not run",
+        retry_after=REDIS_RETRY_S,
+    )

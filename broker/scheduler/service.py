@@ -37,6 +37,7 @@ from broker.core.errors import (
     ModelUnavailable,
     QuotaExceeded,
     Unauthorized,
+    Unavailable,
 )
 from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_KEY, HEADER_PARKED, Names
@@ -44,10 +45,18 @@ from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
 from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
-from broker.scheduler.reservations import Admitted, Reservations, Wait, queued_s
+from broker.scheduler.reservations import (
+    REDIS_RETRY_S,
+    Admitted,
+    Reservations,
+    Wait,
+    queued_s,
+    while_redis_is_away,
+)
 from broker.scheduler.routing import RouteDecision, Router
 from broker.state.circuits import Circuits, CircuitState
 from broker.state.fairness import lane_for
+from broker.state.quota import REDIS_FAILURES
 from broker.transport.amqp import (
     Publisher,
     declare_topology,
@@ -164,10 +173,13 @@ class Scheduler(Service):
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
         key = self._authenticate(message, version.config)
-        decision = await self._route(job, key, version, now)
-        admitted = await self._reservations.admit(
-            job, key, decision, now, version.admission, queued_s=queued_s(message, job, now)
-        )
+        try:
+            decision = await self._route(job, key, version, now)
+            admitted = await self._reservations.admit(
+                job, key, decision, now, version.admission, queued_s=queued_s(message, job, now)
+            )
+        except REDIS_FAILURES as exc:
+            admitted = while_redis_is_away(message, job, now, exc)
         if isinstance(admitted, Wait):
             await self._park(message, job, now, admitted)
             return
@@ -206,6 +218,14 @@ class Scheduler(Service):
         except (DeadlineExceeded, Unauthorized) as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
             await self._end_rerouted(message, job, status, exc.to_job_error())
+            return
+        except REDIS_FAILURES as exc:
+            away = Unavailable(
+                f"Redis is unreachable ({type(exc).__name__}), so no quota could be reserved for"
+                " a failover; the job was not run again",
+                retry_after=REDIS_RETRY_S,
+            )
+            await self._end_rerouted(message, job, JobStatus.FAILED, away.to_job_error())
             return
         assert isinstance(admitted, Admitted)  # a failover does not wait
         await self._dispatch(message, job, key, decision, admitted, now, version)

@@ -20,12 +20,14 @@ from decimal import ROUND_CEILING, Decimal
 from enum import StrEnum
 from typing import Any, Literal, get_args
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from broker.core.names import Names
 from broker.state import quota_scripts
 
 __all__ = [
+    "REDIS_FAILURES",
     "Bucket",
     "QuotaStore",
     "ReservationState",
@@ -37,6 +39,12 @@ __all__ = [
     "nanos_to_usd",
     "usd_to_nanos",
 ]
+
+REDIS_FAILURES: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+"""Redis being away (refused, dropped, timed out, loading), not a bad request: what may wait."""
 
 Unit = Literal["requests", "tokens", "usd_nanos"]
 UNITS: frozenset[str] = frozenset(get_args(Unit))

@@ -20,7 +20,13 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from broker.core.clock import elapsed_ms, utcnow
 from broker.core.codec import decode_job, encode, job_id_hint
-from broker.core.errors import DeadlineExceeded, JobRejected, SwitchyardError, internal_error
+from broker.core.errors import (
+    DeadlineExceeded,
+    JobRejected,
+    SwitchyardError,
+    Unavailable,
+    internal_error,
+)
 from broker.core.names import TYPE_CHUNK, Names
 from broker.core.records import calls, job_event, job_result
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
@@ -30,6 +36,7 @@ from schemas import (
     Attempt,
     ChatCompletionChunk,
     CompletionJob,
+    ErrorCode,
     JobChunk,
     JobError,
     JobResult,
@@ -176,6 +183,9 @@ class Outcomes:
         except JobRejected as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
             await self._reject_or_give_up(message, source_queue, exc, job, status)
+        except Unavailable as exc:
+            # Nothing is wrong with the message: it is answered, not dead-lettered.
+            await self._reject_or_give_up(message, source_queue, exc, job, JobStatus.FAILED)
         except BROKER_FAILURES:
             raise
         except Exception as exc:
@@ -213,21 +223,24 @@ class Outcomes:
         status: JobStatus = JobStatus.REJECTED,
     ) -> None:
         """End a job we will not serve: typed result to its reply queue (if any), the message's
-        body to the dead-letter queue with the reason, and its final state to the accountant."""
+        body to the dead-letter queue with the reason (not for ``unavailable``: the message was
+        fine), and its final state to the accountant."""
         job_error = error.to_job_error() if isinstance(error, SwitchyardError) else error
         job_id = job.job_id if job else job_id_hint(message.body, message.message_id)
         log.info(
             "job %s %s: %s (%s)", job_id, status.value, job_error.code.value, job_error.message
         )
-        publishes: list[Awaitable[object]] = [
-            self.publisher.dead_letter(
-                self.names,
-                message,
-                source_queue=source_queue,
-                code=job_error.code.value,
-                reason=job_error.message,
+        publishes: list[Awaitable[object]] = []
+        if job_error.code is not ErrorCode.UNAVAILABLE:
+            publishes.append(
+                self.publisher.dead_letter(
+                    self.names,
+                    message,
+                    source_queue=source_queue,
+                    code=job_error.code.value,
+                    reason=job_error.message,
+                )
             )
-        ]
         now = utcnow()
         target = reply_target(message, job)
         # Without a job id (a body that is not even JSON), the caller still gets its answer:

@@ -1,0 +1,107 @@
+"""Redis stopped under a running pipeline whose config sets limits: persistent (batch) jobs wait
+and are all served once it returns; RPC jobs are answered ``unavailable`` with ``retry_after`` at
+once. Neither is an ``internal_error`` or a dead letter. Redis is always started again."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
+
+from broker.client import SwitchyardClient, make_job
+from broker.core.config import load_config
+from broker.core.names import Names
+from schemas import ErrorCode, JobResult, JobStatus
+from tests.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    MockProvider,
+    eventually,
+    queue_depth,
+    write_config,
+)
+
+MESSAGES = [{"role": "user", "content": "wait for Redis"}]
+REDIS_SERVER = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1"]
+REDIS_SERVER += ["--port", "6379", "--save", "", "--appendonly", "no"]
+
+
+async def _answers(redis: Redis) -> bool:
+    try:
+        return bool(await redis.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture
+async def redis_outage() -> AsyncIterator[list[str]]:
+    """Append "stopped" once the test stops Redis; it is started again at the end, and waited
+    for, whatever happened."""
+    stopped: list[str] = []
+    probe = Redis.from_url(REDIS_URL)
+    try:
+        yield stopped
+    finally:
+        if stopped or not await _answers(probe):
+            await asyncio.to_thread(subprocess.run, REDIS_SERVER, check=True, timeout=30)
+        await eventually(lambda: _answers(probe), 30, "Redis to answer again")
+        await probe.aclose()
+
+
+async def test_while_redis_is_away_batch_jobs_wait_and_rpc_jobs_are_told_to_retry(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    redis_outage: list[str],
+) -> None:
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [{"id": "mock", "rpm": 100_000}]))
+    assert config.needs_quota
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            queue = await client.open_results("redis-outage")
+            before = await client.complete(MESSAGES, model="gpt-4o-mini", timeout_s=30)
+            assert before.status is JobStatus.SUCCEEDED
+
+            redis_outage.append("stopped")
+            await asyncio.to_thread(
+                subprocess.run, ["redis-cli", "-p", "6379", "shutdown", "nosave"], timeout=30
+            )
+            probe = Redis.from_url(REDIS_URL)
+            assert not await _answers(probe)
+            batch = [make_job(MESSAGES, model="gpt-4o-mini") for _ in range(40)]
+            for job in batch:
+                await client.submit(job, results_queue=queue)
+            rpc = await asyncio.gather(
+                *(client.complete(MESSAGES, model="gpt-4o-mini", timeout_s=20) for _ in range(5))
+            )
+            for result in rpc:
+                assert result.status is JobStatus.FAILED
+                assert result.error is not None and result.error.code is ErrorCode.UNAVAILABLE
+                assert result.error.retry_after is not None and result.error.retry_after > 0
+            await asyncio.sleep(2)  # the batch waits meanwhile; nothing of it has run
+            assert mock.stats()["calls"] == 1
+
+            await asyncio.to_thread(subprocess.run, REDIS_SERVER, check=True, timeout=30)
+            await eventually(lambda: _answers(probe), 30, "Redis to answer again")
+            await probe.aclose()
+
+            got: dict[str, JobResult] = {}
+            async with asyncio.timeout(90):
+                async for result in client.results(queue):
+                    got[result.job_id] = result
+                    if len(got) == len(batch):
+                        break
+            await client.delete_results(queue)
+    assert {j.job_id for j in batch} == set(got)
+    assert {r.status for r in got.values()} == {JobStatus.SUCCEEDED}
+    # A job that waited for Redis was never a bad message: nothing was dead-lettered.
+    assert await queue_depth(amqp, names.dead) == 0
