@@ -159,7 +159,9 @@ class Route(BaseModel):
 
 class JobError(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: str = Field(description="Error family: invalid_request, provider_error, internal.")
+    type: str = Field(
+        description="Error family: invalid_request, provider_error, unavailable, internal."
+    )
     code: ErrorCode
     message: str
     retry_after: float | None = Field(default=None, ge=0)

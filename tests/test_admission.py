@@ -240,7 +240,8 @@ async def test_a_job_waiting_for_a_request_limit_sleeps_until_its_window_frees(
 ) -> None:
     """A key's RPM of 1: the second job cannot go before the next minute. It used to come back
     from a 1 s parking queue every second (about 60 reschedules for one wait); it now sleeps in
-    the longer parking queues, a few hops at most, and is served once the window frees."""
+    the longer parking queues (32 s a hop at most), a few hops in all, and is served once the
+    window frees."""
     config = load_config(
         write_config(
             tmp_path / "p.yaml",
@@ -271,7 +272,7 @@ async def test_a_job_waiting_for_a_request_limit_sleeps_until_its_window_frees(
             sent = datetime.now(UTC)
             second = await client.complete(job=waited, api_key=SECRET, timeout_s=120)
     assert (first.status.value, second.status.value) == ("succeeded", "succeeded")
-    assert 1 <= len(parks) <= 4, f"parked {len(parks)} times"
+    assert 1 <= len(parks) <= 5, f"parked {len(parks)} times"
     # Not served before the minute the first one used was over.
     window_end = (sent.replace(second=0, microsecond=0) + timedelta(minutes=1)).timestamp()
     assert second.timings.total_ms is not None

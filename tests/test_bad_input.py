@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -28,7 +29,7 @@ from broker.core.names import (
 )
 from broker.transport.outcomes import Outcomes
 from schemas import JobEvent, JobStatus
-from tests.conftest import MockProvider, eventually, queue_depth
+from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth
 from tests.raw_amqp import publish_raw
 
 GOOD_MESSAGES = [{"role": "user", "content": "still serving?"}]
@@ -142,7 +143,9 @@ async def test_a_body_that_is_not_json_is_answered_by_its_correlation_id(
     async with pipeline(load_config(config_file), workers=[], accountant=False):
         # A bare producer: aiormq would give the message an id, other clients often do not.
         properties = commands.Basic.Properties(correlation_id=correlation_id, reply_to=replies.name)
-        await publish_raw("127.0.0.1", 5672, names.jobs, b"not json at all", properties)
+        url = urlsplit(AMQP_URL)
+        host, port = url.hostname or "127.0.0.1", url.port or 5672
+        await publish_raw(host, port, names.jobs, b"not json at all", properties)
         message = None
         deadline = asyncio.get_running_loop().time() + 10
         while message is None and asyncio.get_running_loop().time() < deadline:

@@ -46,8 +46,9 @@ from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobR
 __all__ = ["SwitchyardClient", "make_job"]
 
 _SEEN_LIMIT = 100_000
-RECONNECT_RETRY_S = 1.0
-"""The ``retry_after`` of a call refused while the broker is away (about a reconnect attempt)."""
+RECONNECT_RETRY_S = 5.0
+"""The ``retry_after`` of a call refused while the broker is away, when the connection does not
+say its reconnect interval (aio-pika's default is 5 s)."""
 
 
 def make_job(
@@ -110,6 +111,8 @@ class SwitchyardClient:
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
         connection.close_callbacks.add(self._on_connection_lost)
+        # When to try again while the connection is down: its next reconnect attempt.
+        self._retry_after = float(getattr(connection, "reconnect_interval", RECONNECT_RETRY_S))
 
     @classmethod
     async def connect(cls, amqp_url: str, *, namespace: str = "switchyard") -> SwitchyardClient:
@@ -135,7 +138,7 @@ class SwitchyardClient:
                 Unavailable(
                     "the connection to RabbitMQ was lost before the answer came; the job may or"
                     " may not have run",
-                    retry_after=RECONNECT_RETRY_S,
+                    retry_after=self._retry_after,
                 )
             )
         self._rpc_publisher = None
@@ -152,6 +155,8 @@ class SwitchyardClient:
                 await declare_topology(channel, self.names, [])
                 replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
                 await replies.consume(self._on_reply, no_ack=True)
+                # The reply channel alone can close (a refused publish): its calls end too.
+                channel.close_callbacks.add(self._on_connection_lost)
                 self._rpc_channel = channel
                 self._rpc_publisher = Publisher(channel)
             return self._rpc_publisher
@@ -185,14 +190,14 @@ class SwitchyardClient:
         if not self._connection.connected.is_set():
             raise Unavailable(
                 "RabbitMQ is not reachable now (reconnecting); the job was not sent",
-                retry_after=RECONNECT_RETRY_S,
+                retry_after=self._retry_after,
             )
         try:
             publisher = await self._rpc()
         except BROKER_FAILURES as exc:
             raise Unavailable(
                 f"RabbitMQ refused the reply channel ({type(exc).__name__}); the job was not sent",
-                retry_after=RECONNECT_RETRY_S,
+                retry_after=self._retry_after,
             ) from exc
         replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
         # Each call its own: a caller may send the same job again (after a timeout, say), and
@@ -214,9 +219,10 @@ class SwitchyardClient:
             )
         except BROKER_FAILURES as exc:
             self._pending.pop(correlation_id, None)
+            self._rpc_publisher = None  # the next call opens a new reply channel
             raise Unavailable(
                 f"the job could not be published ({type(exc).__name__}); it was not sent",
-                retry_after=RECONNECT_RETRY_S,
+                retry_after=self._retry_after,
             ) from exc
         except BaseException:
             self._pending.pop(correlation_id, None)

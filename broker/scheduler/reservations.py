@@ -20,18 +20,20 @@ from broker.core.config import Config
 from broker.core.errors import ConfigError, QuotaExceeded, Unavailable
 from broker.core.limits import KeyConfig
 from broker.core.metrics import QUOTA_ALERTS
-from broker.core.names import Names
+from broker.core.names import HEADER_PARKED, Names
 from broker.scheduler.admission import Admission
 from broker.scheduler.routing import Candidate, RouteDecision
-from broker.state.quota import QuotaStore, Reserved, Short, ThresholdCrossed
-from broker.transport.amqp import Publisher, came_persistent
+from broker.state.quota import REDIS_REFUSES_US, QuotaStore, Reserved, Short, ThresholdCrossed
+from broker.transport.amqp import Publisher, came_persistent, park_delay
 from schemas import CompletionJob
 
 __all__ = [
+    "LONGEST_SLEEP_S",
     "REDIS_RETRY_S",
     "Admitted",
     "Reservations",
     "Wait",
+    "parking",
     "queued_s",
     "while_redis_is_away",
 ]
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_WAIT_S = 600.0
 """How long an ``on_quota: wait`` job without a deadline may wait for quota."""
 SWEEP_EVERY_S = 1.0
+LONGEST_SLEEP_S = 32.0
+"""The longest a waiting job sleeps in one hop before it looks at its limits again."""
 QUEUED_HOLD_S = 24 * 3600.0
 """How long a persistent job without a deadline may wait in its provider's queue with its quota
 still held (a batch's backlog): its hold lasts this much longer than its call's worst case."""
@@ -56,9 +60,10 @@ class Admitted:
 @dataclass(frozen=True, slots=True)
 class Wait:
     """No candidate fits now; the job may wait up to ``wait_s`` (until the soonest window ends,
-    no later than its deadline or the wait's end) and try again. Only a request count is sure
-    to stay short until then (``at_window_end``); tokens and money come back sooner when a
-    reservation is reconciled down to what its call used."""
+    no later than its deadline or the wait's end) and try again. ``at_window_end``: every
+    shortfall is a request count, which a reconcile never gives back, so the job sleeps (up to
+    ``LONGEST_SLEEP_S`` a hop, since a released request can free one sooner); tokens and money
+    come back when a reservation is reconciled down, so the job looks again sooner."""
 
     wait_s: float
     at_window_end: bool
@@ -139,7 +144,7 @@ class Reservations:
         give_up = job.deadline or (waited_from + timedelta(seconds=MAX_WAIT_S))
         if wait and job.on_quota == "wait" and can_fit and give_up > now:
             wait_s = min(short.retry_after_s, (give_up - now).total_seconds())
-            return Wait(wait_s, at_window_end=short.unit == "requests")
+            return Wait(wait_s, at_window_end=all(s.unit == "requests" for s in can_fit))
         raise QuotaExceeded(
             f"quota short for every candidate: {short.describe()}",
             retry_after=round(short.retry_after_s, 3),
@@ -197,7 +202,10 @@ def while_redis_is_away(
 ) -> Wait:
     """No quota can be reserved without Redis. A persistent job waits (parked, looking again
     every few seconds, no later than its deadline or the wait's end); a transient RPC job, whose
-    caller is waiting, is answered ``unavailable`` at once, with when to try again."""
+    caller is waiting, is answered ``unavailable`` at once, with when to try again. Refused
+    credentials are not an outage: they raise as they are (an ``internal_error``, logged)."""
+    if isinstance(exc, REDIS_REFUSES_US):
+        raise exc
     give_up = job.deadline or (job.submitted_at or now) + timedelta(seconds=MAX_WAIT_S)
     if came_persistent(message) and give_up > now:
         log.info("job %s waits: Redis is unreachable (%s)", job.job_id, type(exc).__name__)
@@ -207,3 +215,15 @@ def while_redis_is_away(
         " not run",
         retry_after=REDIS_RETRY_S,
     )
+
+
+def parking(message: AbstractIncomingMessage, wait: Wait) -> tuple[int, int]:
+    """Which parking queue a waiting job goes to, and its park count to carry on. Tokens and
+    money may come back before the window ends, so the job looks again after 1, 2, 4 ... s (the
+    count, a header, says how far along); a request count sleeps toward its window's end."""
+    value = (message.headers or {}).get(HEADER_PARKED, 0)
+    parked = 0 if isinstance(value, bool) or not isinstance(value, int) else max(0, value)
+    if wait.at_window_end:
+        return park_delay(min(wait.wait_s, LONGEST_SLEEP_S)), parked
+    backoff = 2.0 ** min(parked, 5)
+    return park_delay(min(wait.wait_s, backoff)), min(parked + 1, 1_000)

@@ -50,17 +50,17 @@ from broker.scheduler.reservations import (
     Admitted,
     Reservations,
     Wait,
+    parking,
     queued_s,
     while_redis_is_away,
 )
 from broker.scheduler.routing import RouteDecision, Router
 from broker.state.circuits import Circuits, CircuitState
 from broker.state.fairness import lane_for
-from broker.state.quota import REDIS_FAILURES
+from broker.state.quota import REDIS_FAILURES, REDIS_REFUSES_US
 from broker.transport.amqp import (
     Publisher,
     declare_topology,
-    park_delay,
 )
 from broker.transport.outcomes import Outcomes
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -69,6 +69,9 @@ from schemas import CompletionJob, ErrorCode, JobError, JobStatus
 __all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 2.0
+"""How long the scheduler waits for Redis to connect or answer before it counts as away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,15 @@ class Scheduler(Service):
         self.consumers = ConsumerSet()
         # Redis (when configured) holds the providers' circuits and the quota buckets.
         self._redis = (
-            Redis(connection_pool=BlockingConnectionPool.from_url(redis_url))
+            Redis(
+                connection_pool=BlockingConnectionPool.from_url(
+                    # A partitioned Redis must not hold every prefetched job for the OS's TCP
+                    # timeout: a stuck call counts as Redis away (REDIS_FAILURES).
+                    redis_url,
+                    socket_connect_timeout=REDIS_TIMEOUT_S,
+                    socket_timeout=REDIS_TIMEOUT_S,
+                )
+            )
             if redis_url is not None
             else None
         )
@@ -220,6 +231,8 @@ class Scheduler(Service):
             await self._end_rerouted(message, job, status, exc.to_job_error())
             return
         except REDIS_FAILURES as exc:
+            if isinstance(exc, REDIS_REFUSES_US):
+                raise
             away = Unavailable(
                 f"Redis is unreachable ({type(exc).__name__}), so no quota could be reserved for"
                 " a failover; the job was not run again",
@@ -338,9 +351,7 @@ class Scheduler(Service):
         to the jobs queue. A job that came without ``submitted_at`` (an AMQP
         producer's) gets it now, so its wait is counted from here and ends (``MAX_WAIT_S``)
         instead of starting again each time."""
-        # Tokens and money may come back before the window ends: look again after 1, 2, 4 ... s.
-        parked = _parked_times(message)
-        delay = park_delay(wait.wait_s if wait.at_window_end else min(wait.wait_s, 2.0**parked))
+        delay, parked = parking(message, wait)
         log.info("job %s waits for quota (%d s)", job.job_id, delay)
         stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
         await self.outcomes.pass_on(
@@ -349,7 +360,7 @@ class Scheduler(Service):
             self.names.park(delay),
             body=None if stamped else message.body,
             with_key=True,
-            headers={HEADER_PARKED: parked + 1},
+            headers={HEADER_PARKED: parked},
         )
 
     async def _forward(
@@ -362,12 +373,6 @@ class Scheduler(Service):
             self.names.provider(job.route.provider, lane),
             expiration=(job.deadline - now) if job.deadline is not None else None,
         )
-
-
-def _parked_times(message: AbstractIncomingMessage) -> int:
-    """How many times this job was parked before (a header the scheduler sets)."""
-    value = (message.headers or {}).get(HEADER_PARKED, 0)
-    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:

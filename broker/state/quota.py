@@ -28,6 +28,7 @@ from broker.state import quota_scripts
 
 __all__ = [
     "REDIS_FAILURES",
+    "REDIS_REFUSES_US",
     "Bucket",
     "QuotaStore",
     "ReservationState",
@@ -44,7 +45,12 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )
-"""Redis being away (refused, dropped, timed out, loading), not a bad request: what may wait."""
+"""Redis being away (refused, dropped, timed out, loading), not a bad request: what may wait.
+Except ``REDIS_REFUSES_US``: wrong credentials are a configuration to fix, not an outage."""
+REDIS_REFUSES_US: tuple[type[BaseException], ...] = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+)
 
 Unit = Literal["requests", "tokens", "usd_nanos"]
 UNITS: frozenset[str] = frozenset(get_args(Unit))
@@ -119,7 +125,7 @@ class Short:
     def describe(self) -> str:
         """``<label> has <current> of <limit> used``, money in dollars."""
         if self.unit == "usd_nanos":
-            used, limit = f"${nanos_to_usd(self.current)}", f"${nanos_to_usd(self.limit)}"
+            used, limit = f"${nanos_to_usd(self.current):f}", f"${nanos_to_usd(self.limit):f}"
         else:
             used, limit = str(self.current), str(self.limit)
         return f"{self.bucket_label} has {used} of {limit} used"
