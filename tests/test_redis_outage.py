@@ -11,13 +11,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
 from broker.client import SwitchyardClient, make_job
+from broker.core.codec import encode
 from broker.core.config import load_config
-from broker.core.names import Names
+from broker.core.names import HEADER_DEAD_CODE, Names
 from schemas import ErrorCode, JobResult, JobStatus
 from tests.conftest import (
     AMQP_URL,
@@ -84,6 +86,12 @@ async def test_while_redis_is_away_batch_jobs_wait_and_rpc_jobs_are_told_to_retr
             batch = [make_job(MESSAGES, model="gpt-4o-mini") for _ in range(40)]
             for job in batch:
                 await client.submit(job, results_queue=queue)
+            # A transient job no one waits for (no reply_to): its answer has nowhere to go.
+            orphan = make_job(MESSAGES, model="gpt-4o-mini")
+            channel = await amqp.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(encode(orphan), message_id=orphan.job_id), routing_key=names.jobs
+            )
             rpc = await asyncio.gather(
                 *(client.complete(MESSAGES, model="gpt-4o-mini", timeout_s=20) for _ in range(5))
             )
@@ -108,5 +116,11 @@ async def test_while_redis_is_away_batch_jobs_wait_and_rpc_jobs_are_told_to_retr
             await client.delete_results(queue)
     assert {j.job_id for j in batch} == set(got)
     assert {r.status for r in got.values()} == {JobStatus.SUCCEEDED}
-    # A job that waited for Redis was never a bad message: nothing was dead-lettered.
+    # A job told to retry was never a bad message: only the one with no caller to tell is
+    # dead-lettered, so its body is not lost.
+    dead = await (await channel.declare_queue(names.dead, passive=True)).get(timeout=5)
+    assert dead is not None and dead.message_id == orphan.job_id
+    assert dead.headers[HEADER_DEAD_CODE] == "unavailable"
+    await dead.ack()
     assert await queue_depth(amqp, names.dead) == 0
+    await channel.close()

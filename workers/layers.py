@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import DeadlineExceeded, ProviderUnavailable
-from broker.core.pricing import call_cost
+from broker.core.pricing import price_usage
 from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.state.fairness import PrioritySlots
 from broker.state.leases import LeaseSemaphore
@@ -135,15 +135,7 @@ class Pricing:
             price = models.get(event.model)
             if price is None and not event.free:
                 log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
-            event.cost_usd = call_cost(
-                price,
-                zone,
-                event.occurred_at,
-                event.prompt_tokens,
-                event.completion_tokens,
-                free=event.free,
-            )
-            event.price_version = version
+            price_usage(event, price, zone, version)
         return outcome
 
 

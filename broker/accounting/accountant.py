@@ -32,7 +32,7 @@ from broker.core.config import Config
 from broker.core.db import jobs, make_engine, usage
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
-from broker.core.pricing import call_cost
+from broker.core.pricing import price_usage
 from broker.state.quota import QuotaStore, usd_to_nanos
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -148,15 +148,7 @@ class Accountant(Service):
                     continue
                 provider = self.config.provider(u.provider)
                 price = provider.models.get(u.model) if provider is not None else None
-                u.cost_usd = call_cost(
-                    price,
-                    self.config.zone,
-                    u.occurred_at,
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    free=u.free,
-                )
-                u.price_version = self._version
+                price_usage(u, price, self.config.zone, self._version)
 
     async def _flush_loop(self) -> None:
         while True:

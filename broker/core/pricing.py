@@ -8,8 +8,9 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from broker.core.config import ModelSpec
+from schemas import UsageEvent
 
-__all__ = ["call_cost", "cost_usd"]
+__all__ = ["call_cost", "cost_usd", "price_usage"]
 
 _PER_MILLION = Decimal(1_000_000)
 _QUANTUM = Decimal("0.000000001")  # numeric(18, 9) in Postgres
@@ -39,3 +40,17 @@ def call_cost(
     if price is None:
         return None
     return cost_usd(price, prompt_tokens, completion_tokens, price.multiplier_at(at, zone))
+
+
+def price_usage(event: UsageEvent, price: ModelSpec | None, zone: ZoneInfo, version: str) -> None:
+    """Put the call's cost (``call_cost`` at ``occurred_at``) and the pricing config's digest on
+    its usage event: done once per call, by whoever first knows the price."""
+    event.cost_usd = call_cost(
+        price,
+        zone,
+        event.occurred_at,
+        event.prompt_tokens,
+        event.completion_tokens,
+        free=event.free,
+    )
+    event.price_version = version

@@ -114,13 +114,13 @@ class Short:
     """Nothing was charged: ``bucket_label`` has ``current`` of ``limit`` used, too much for
     ``amount`` until its window ends in ``retry_after_s``."""
 
+    unit: Unit
     bucket_label: str
     limit: int
     current: int
     retry_after_s: float
     bucket_key: str
     amount: int
-    unit: Unit = "requests"
 
     def describe(self) -> str:
         """``<label> has <current> of <limit> used``, money in dollars."""

@@ -223,15 +223,18 @@ class Outcomes:
         status: JobStatus = JobStatus.REJECTED,
     ) -> None:
         """End a job we will not serve: typed result to its reply queue (if any), the message's
-        body to the dead-letter queue with the reason (not for ``unavailable``: the message was
-        fine), and its final state to the accountant."""
+        body to the dead-letter queue with the reason (not for ``unavailable`` answered to its
+        caller: the message was fine), and its final state to the accountant."""
         job_error = error.to_job_error() if isinstance(error, SwitchyardError) else error
         job_id = job.job_id if job else job_id_hint(message.body, message.message_id)
         log.info(
             "job %s %s: %s (%s)", job_id, status.value, job_error.code.value, job_error.message
         )
+        target = reply_target(message, job)
         publishes: list[Awaitable[object]] = []
-        if job_error.code is not ErrorCode.UNAVAILABLE:
+        # An ``unavailable`` job was fine: its answer goes to its caller. With no one to answer,
+        # its body goes to the dead-letter queue all the same, so nothing is lost.
+        if job_error.code is not ErrorCode.UNAVAILABLE or not target:
             publishes.append(
                 self.publisher.dead_letter(
                     self.names,
@@ -242,7 +245,6 @@ class Outcomes:
                 )
             )
         now = utcnow()
-        target = reply_target(message, job)
         # Without a job id (a body that is not even JSON), the caller still gets its answer:
         # it matches replies by correlation id, which then names the result too.
         answer_id = job_id or message.correlation_id
