@@ -23,15 +23,16 @@ from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatMessage, Compl
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AccountingBatch",
     "AccountingEvent",
     "Attempt",
     "CachePolicy",
+    "CallStarted",
     "CompletionJob",
     "ErrorCode",
     "JobChunk",
     "JobError",
     "JobEvent",
-    "JobEventBatch",
     "JobResult",
     "JobStatus",
     "ReplyTo",
@@ -111,6 +112,10 @@ class Attempt(BaseModel):
     status: Literal["succeeded", "failed"]
     error_code: ErrorCode | None = None
     duration_ms: float = Field(ge=0)
+    call_id: str | None = Field(
+        default=None,
+        description="The call's id in the ledger (usage.call_id); none for a call not made.",
+    )
 
 
 class CompletionJob(_Message):
@@ -155,6 +160,24 @@ class Route(BaseModel):
         default=None, description="The quota reservation the accountant reconciles."
     )
     key_id: str | None = None
+    output_cap: int | None = Field(
+        default=None,
+        ge=1,
+        description="The output cap the scheduler chose for a job that set none, under a token"
+        " or USD limit: its reservation holds exactly this many output tokens, and the adapter"
+        " sends it as the provider's cap. None: the job's own cap, or the model's, applies.",
+    )
+    est_prompt_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Prompt tokens estimated for each call (what its reservation holds).",
+    )
+    est_completion_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Output tokens reserved for each call: a call whose worker died is counted"
+        " at these two.",
+    )
 
 
 class JobError(BaseModel):
@@ -223,9 +246,15 @@ class JobChunk(_Message):
 
 
 class UsageEvent(_Message):
-    """Tokens consumed by one provider attempt; ``(job_id, attempt)`` is its identity."""
+    """Tokens consumed by one provider call; ``call_id`` is its identity."""
 
     kind: Literal["usage"] = "usage"
+    call_id: str | None = Field(
+        default=None,
+        max_length=160,
+        description="The call's id; an event from an older worker has none and is identified as"
+        " ``<job_id>:<attempt>``.",
+    )
     job_id: str
     attempt: int = Field(ge=1)
     provider: str
@@ -278,16 +307,49 @@ class JobEvent(_Message):
         "failed-over job: its last provider's calls); 0 gives the reservation back whole.",
     )
     usage: list[UsageEvent] = Field(default_factory=list)
+    call_ids: list[str] = Field(
+        default_factory=list,
+        description="The calls this event settles: every call made in this pass, billed or not.",
+    )
 
 
-class JobEventBatch(_Message):
-    """Several jobs' final states in one accounting message: a process sends together the events
-    that finished while its previous accounting message awaited the broker's confirm."""
+class CallStarted(_Message):
+    """A provider call about to be made, recorded (confirmed) before its request leaves: if its
+    worker dies, the accountant's sweeper settles it at ``reserved_*`` after ``settle_by``."""
+
+    kind: Literal["call"] = "call"
+    call_id: str = Field(min_length=1, max_length=160)
+    job_id: str
+    attempt: int = Field(ge=1)
+    provider: str
+    model: str
+    public_model: str
+    key_id: str | None = None
+    reservation_id: str | None = None
+    reserved_prompt_tokens: int = Field(ge=0)
+    reserved_completion_tokens: int = Field(ge=0)
+    reserved_cost_usd: Decimal | None = Field(
+        default=None, description="What the reserved tokens cost; None with no price."
+    )
+    price_version: str | None = None
+    started_at: AwareDatetime
+    settle_by: AwareDatetime = Field(
+        description="When the call, unsettled, is taken for lost with its worker."
+    )
+
+
+class AccountingBatch(_Message):
+    """Several accounting events in one message: a process sends together the events (job ends,
+    call starts) added while its previous accounting message awaited the broker's confirm."""
 
     kind: Literal["batch"] = "batch"
-    events: list[JobEvent] = Field(min_length=1)
+    events: list[Annotated[JobEvent | CallStarted, Field(discriminator="kind")]] = Field(
+        min_length=1
+    )
 
 
-AccountingEvent = Annotated[UsageEvent | JobEvent | JobEventBatch, Field(discriminator="kind")]
+AccountingEvent = Annotated[
+    UsageEvent | JobEvent | CallStarted | AccountingBatch, Field(discriminator="kind")
+]
 
 CompletionJob.model_rebuild()

@@ -193,11 +193,11 @@ async def test_the_next_call_starts_while_a_finished_job_waits_for_its_confirms(
         held: list[str] = []
         release = asyncio.Event()
 
-        async def slow_finish(message: Any, job: Any, result: Any, usage: Any) -> None:
+        async def slow_finish(message: Any, job: Any, result: Any, usage: Any, **kw: Any) -> None:
             if not held:  # the first job to finish waits, as for a slow fsync
                 held.append(job.job_id)
                 await release.wait()
-            await finish(message, job, result, usage)
+            await finish(message, job, result, usage, **kw)
 
         pool.outcomes.finish = slow_finish  # type: ignore[method-assign]
         client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)

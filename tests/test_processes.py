@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from broker.client import SwitchyardClient
+from broker.client import SwitchyardClient, make_job
 from broker.core.names import Names
 from mock_provider import expected_completion
 from tests.conftest import (
@@ -24,6 +25,7 @@ from tests.conftest import (
     consumer_count,
     eventually,
     process_env,
+    queue_depth,
     write_config,
 )
 
@@ -64,13 +66,25 @@ class Processes:
 def processes(
     names: Names, database_url: str, tmp_path: Path, mock: MockProvider
 ) -> Iterator[Processes]:
-    config = write_config(tmp_path / "p.yaml", mock, [{"id": "slow", "concurrency": 4}])
-    procs = Processes(process_env(names, database_url, config), tmp_path)
+    providers = [{"id": "slow", "concurrency": 4, "timeout_s": 5}]
+    config = write_config(tmp_path / "p.yaml", mock, providers)
+    env = process_env(names, database_url, config)
+    # A killed worker's calls are swept 5 s (timeout) + 1 s after they started.
+    env["SWITCHYARD_CALL_SETTLE_MARGIN_S"] = "1"
+    procs = Processes(env, tmp_path)
     yield procs
     procs.stop_all()
 
 
-async def test_a_worker_killed_mid_call_loses_no_job_and_records_each_call_once(
+async def ledger_matches_the_provider(
+    pg: asyncpg.Connection, mock: MockProvider, job_ids: list[str]
+) -> bool:
+    """Every call the provider served is one usage row, settled or swept, and no more."""
+    sql = "SELECT count(*) FROM usage WHERE job_id = ANY($1::text[])"
+    return bool(await pg.fetchval(sql, job_ids) == mock.stats()["calls"])
+
+
+async def test_a_worker_killed_mid_call_loses_no_job_and_its_calls_are_swept_into_the_ledger(
     amqp: AbstractRobustConnection,
     names: Names,
     processes: Processes,
@@ -114,25 +128,113 @@ async def test_a_worker_killed_mid_call_loses_no_job_and_records_each_call_once(
     job_ids = [r.job_id for r in results]
     assert len(set(job_ids)) == 8
     # The 4 calls the killed worker made were never completed for it; all 8 were re-made.
-    assert mock.stats()["calls"] >= 12
+    assert mock.stats()["calls"] == 12
 
-    async def all_recorded() -> bool:
-        sql = "SELECT count(*) FROM jobs WHERE job_id = ANY($1::text[])"
-        return bool(await pg.fetchval(sql, job_ids) == 8)
-
-    await eventually(all_recorded, 20, "8 job rows")
+    await eventually(
+        lambda: ledger_matches_the_provider(pg, mock, job_ids), 30, "the 4 lost calls to be swept"
+    )
     rows = await pg.fetch(
-        "SELECT job_id, attempt, prompt_tokens, completion_tokens FROM usage"
-        " WHERE job_id = ANY($1::text[])",
+        "SELECT u.job_id, u.prompt_tokens, u.completion_tokens, u.estimated, u.swept,"
+        " c.reserved_prompt_tokens, c.reserved_completion_tokens, c.settled_at"
+        " FROM usage u JOIN calls c USING (call_id) WHERE u.job_id = ANY($1::text[])",
         job_ids,
     )
-    assert sorted(r["job_id"] for r in rows) == sorted(job_ids)  # one row per completed call
-    by_job = {r["job_id"]: r for r in rows}
+    assert len(rows) == 12  # every call was recorded as started before its request left
+    swept = [r for r in rows if r["swept"]]
+    assert len(swept) == 4 and all(r["estimated"] for r in swept)
+    for row in swept:  # counted at what was reserved for the call
+        assert row["prompt_tokens"] == row["reserved_prompt_tokens"] > 0
+        assert row["completion_tokens"] == row["reserved_completion_tokens"] > 0
+    settled = {r["job_id"]: r for r in rows if not r["swept"]}
+    assert sorted(settled) == sorted(job_ids)  # one settled call per job: its answer
     for result in results:
         assert result.usage is not None
-        row = by_job[result.job_id]
-        assert row["prompt_tokens"] == result.usage.prompt_tokens
-        assert row["completion_tokens"] == result.usage.completion_tokens
+        row = settled[result.job_id]
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+        )
+    assert all(r["settled_at"] is not None for r in rows)
+
+
+async def test_a_scheduler_killed_mid_run_gives_each_job_one_result_and_the_ledger_every_call(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    processes: Processes,
+    pg: asyncpg.Connection,
+    mock: MockProvider,
+) -> None:
+    """A scheduler killed between forwarding jobs and acking them: RabbitMQ delivers those jobs
+    again and the next scheduler forwards them a second time. Both twins may be called (each
+    call is in the ledger), but the durable results queue gets one result per job."""
+    mock.configure(latency_ms=20)
+    processes.start("accountant")
+    processes.start("worker", "--provider", "slow")
+
+    async def consumers_up() -> bool:
+        return (
+            await consumer_count(amqp, names.usage) == 1
+            and await consumer_count(amqp, names.provider("slow")) == 1
+        )
+
+    await eventually(consumers_up, 30, "accountant and worker to consume")
+    count = 2000
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        results_queue = await client.open_results("crash")
+        jobs = [
+            make_job([{"role": "user", "content": f"batch {i}"}], model="gpt-4o-mini")
+            for i in range(count)
+        ]
+        await asyncio.gather(*(client.submit(j, results_queue=results_queue) for j in jobs))
+        # Killed while it works through the backlog, with forwarded jobs not yet acked.
+        doomed = processes.start("scheduler")
+
+        async def forwarding() -> bool:
+            return await queue_depth(amqp, names.provider("slow")) >= 50
+
+        await eventually(forwarding, 30, "the scheduler to forward jobs", interval_s=0.005)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        processes.start("scheduler")
+        answers = await read_results(amqp, results_queue, count, timeout_s=90)
+
+    # The raw queue, not the client's de-duplicating reader: no job id twice.
+    assert sorted(answers) == sorted(j.job_id for j in jobs)
+    assert set(answers.values()) == {"succeeded"}
+    job_ids = [j.job_id for j in jobs]
+    await eventually(
+        lambda: ledger_matches_the_provider(pg, mock, job_ids), 30, "every call's usage row"
+    )
+    print(f"\n{count} jobs, {mock.stats()['calls']} calls after the scheduler was killed")
+    assert mock.stats()["calls"] >= count
+
+
+async def read_results(
+    amqp: AbstractRobustConnection, queue_name: str, count: int, timeout_s: float
+) -> dict[str, str]:
+    """Job id -> status of the results in ``queue_name``, read raw until ``count`` arrived and
+    the queue stayed empty for a second; fails if a job id comes twice."""
+    seen: dict[str, str] = {}
+    channel = await amqp.channel()
+    try:
+        queue = await channel.get_queue(queue_name)
+        deadline = time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                if len(seen) >= count and time.monotonic() - quiet_since > 1.0:
+                    return seen
+                await asyncio.sleep(0.02)
+                continue
+            quiet_since = time.monotonic()
+            result = orjson.loads(message.body)
+            assert result["job_id"] not in seen, f"a second result for {result['job_id']}"
+            seen[result["job_id"]] = result["status"]
+    finally:
+        await channel.close()
+    raise AssertionError(f"{len(seen)} of {count} results within {timeout_s} s")
 
 
 async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_leases_expire(

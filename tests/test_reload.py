@@ -39,7 +39,7 @@ from tests.conftest import (
 )
 from tests.test_cli import run_cli
 from tests.test_processes import Processes
-from workers.pool import WorkerPools
+from workers.pools import WorkerPools
 
 MODEL = "gpt-4o-mini"
 NEW_PRICES = {MODEL: {"input": 1, "output": 2}}

@@ -8,6 +8,7 @@ A worker pool chains them outermost first (``WorkerPool`` lists them in one plac
     Pricing         each usage event priced once, at the call
     CircuitBreaker  an open circuit refuses the call; each call's outcome is counted
     GlobalLease     one of the provider's global leases held for the call
+    CallLedger      each call recorded (confirmed) in the ledger before its request leaves
     call_provider   the adapter, through the retry layer (``workers.retry``)
 
 Each layer is ``async (proceed, call) -> CallOutcome``; it may act before and after ``proceed``
@@ -22,22 +23,25 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import DeadlineExceeded, ProviderUnavailable
-from broker.core.pricing import price_usage
+from broker.core.pricing import call_cost, price_usage
+from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
 from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.state.fairness import PrioritySlots
 from broker.state.leases import LeaseSemaphore
-from schemas import Attempt, CompletionJob
+from schemas import Attempt, CallStarted, CompletionJob
 from workers.clients import ProviderClient, ProviderClients
-from workers.retry import CallOutcome, OnChunk, call_with_retries
+from workers.retry import CallOutcome, OnChunk, OnStart, call_with_retries
 
 __all__ = [
     "Call",
+    "CallLedger",
     "CircuitBreaker",
     "GlobalLease",
     "Layer",
@@ -65,6 +69,7 @@ class Call:
     on_chunk: OnChunk | None = None
     started: datetime | None = None
     client: ProviderClient | None = None
+    on_start: OnStart | None = None
 
     @property
     def provider(self) -> ProviderConfig:
@@ -137,6 +142,73 @@ class Pricing:
                 log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
             price_usage(event, price, zone, version)
         return outcome
+
+    def quote(
+        self, provider: ProviderConfig, model: str, prompt: int, completion: int, *, free: bool
+    ) -> tuple[Decimal | None, str]:
+        """What these tokens cost now on ``provider``, and the version that priced them."""
+        price = provider.models.get(model)
+        return call_cost(price, self._zone, utcnow(), prompt, completion, free=free), self._version
+
+
+class CallLedger:
+    """Each call is recorded as started, confirmed by the broker, before its request leaves: a
+    worker that dies mid-call leaves the record, and the accountant's sweeper counts the call at
+    its reservation (``CallStarted``), so every call a provider may bill is in the ledger."""
+
+    def __init__(
+        self, send: Callable[[CallStarted], Awaitable[None]], pricing: Pricing, margin_s: float
+    ) -> None:
+        self.send = send
+        self.pricing = pricing
+        self.margin_s = margin_s
+
+    async def __call__(self, proceed: Proceed, call: Call) -> CallOutcome:
+        call.on_start = functools.partial(self._record, call)
+        return await proceed(call)
+
+    async def _record(self, call: Call, call_id: str, number: int) -> None:
+        job, provider = call.job, call.provider
+        assert job.route is not None
+        route = job.route
+        prompt, completion = reserved_tokens(job, provider)
+        cost, version = self.pricing.quote(
+            provider, route.model, prompt, completion, free=route.free
+        )
+        now = utcnow()
+        await self.send(
+            CallStarted(
+                call_id=call_id,
+                job_id=job.job_id,
+                attempt=number,
+                provider=route.provider,
+                model=route.model,
+                public_model=route.public_model,
+                key_id=route.key_id,
+                reservation_id=route.reservation_id,
+                reserved_prompt_tokens=prompt,
+                reserved_completion_tokens=completion,
+                reserved_cost_usd=cost,
+                price_version=version,
+                started_at=now,
+                settle_by=now + timedelta(seconds=provider.timeout_s + self.margin_s),
+            )
+        )
+
+
+def reserved_tokens(job: CompletionJob, provider: ProviderConfig) -> tuple[int, int]:
+    """A call's reserved prompt and output tokens, as the scheduler estimated them (on the
+    route); a route from an older scheduler has none: they are estimated here as it did."""
+    assert job.route is not None
+    route = job.route
+    prompt = route.est_prompt_tokens
+    if prompt is None:
+        prompt = estimate_prompt_tokens(job.messages, provider.type, job.params.tools)
+    completion = route.est_completion_tokens
+    if completion is None:
+        spec = provider.models.get(route.model)
+        completion = job.params.max_tokens or (spec and spec.max_tokens) or DEFAULT_OUTPUT_TOKENS
+    return prompt, completion
 
 
 class CircuitBreaker:
@@ -268,5 +340,9 @@ async def call_provider(call: Call) -> CallOutcome:
     provider = call.provider
     assert call.client is not None
     return await call_with_retries(
-        call.client.adapter, call.job, max_attempts=provider.max_attempts, on_chunk=call.on_chunk
+        call.client.adapter,
+        call.job,
+        max_attempts=provider.max_attempts,
+        on_chunk=call.on_chunk,
+        on_start=call.on_start,
     )

@@ -31,17 +31,20 @@ from redis.asyncio import Redis
 from broker.core.clock import elapsed_ms, utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import ConfigError, InvalidMessage
-from broker.core.names import Names
+from broker.core.names import HEADER_REDELIVERED, Names
 from broker.core.records import job_result
+from broker.core.settings import CALL_SETTLE_MARGIN_S
+from broker.state.answers import Answers
 from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
-from broker.transport.amqp import Publisher, declare_topology
-from broker.transport.outcomes import Outcomes
+from broker.transport.amqp import Publisher, came_persistent, declare_topology
+from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import CompletionJob, ErrorCode, JobResult, JobStatus, Timings
+from schemas import CallStarted, CompletionJob, ErrorCode, JobResult, JobStatus, Timings
 from workers.clients import ProviderClients
 from workers.layers import (
     Call,
+    CallLedger,
     CircuitBreaker,
     GlobalLease,
     Pricing,
@@ -53,7 +56,7 @@ from workers.layers import (
 )
 from workers.retry import CallOutcome
 
-__all__ = ["WorkerPool", "WorkerPools"]
+__all__ = ["WorkerPool"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class WorkerPool(Service):
         provider_id: str,
         *,
         redis_url: str | None = None,
+        settle_margin_s: float = CALL_SETTLE_MARGIN_S,
     ) -> None:
         provider = config.provider(provider_id)
         if provider is None:
@@ -97,6 +101,7 @@ class WorkerPool(Service):
         self._clients = ProviderClients(provider, names, self._redis)
         self._pricing = Pricing(config)
         circuits = Circuits(self._redis, names) if self._redis is not None else None
+        self._answers = Answers(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
@@ -107,6 +112,7 @@ class WorkerPool(Service):
                 self._pricing,
                 CircuitBreaker(circuits, self.name),
                 GlobalLease(holder, self.name),
+                CallLedger(self._record_call, self._pricing, settle_margin_s),
             ],
             call_provider,
         )
@@ -241,6 +247,9 @@ class WorkerPool(Service):
     async def handle(self, message: AbstractIncomingMessage) -> None:
         await self.outcomes.settle(message, self.queue_name, self._serve)
 
+    async def _record_call(self, started: CallStarted) -> None:
+        await self.outcomes.events.send(started)
+
     async def _serve(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
         """Call the provider through the layers, then end the job or hand it to failover."""
         if job.route is None or job.route.provider != self.provider_id:
@@ -250,14 +259,36 @@ class WorkerPool(Service):
         on_chunk = (
             functools.partial(self.outcomes.chunk, message, job) if job.params.stream else None
         )
+        durable = self._answers is not None and came_persistent(message)
+        if durable and _may_have_twin(message) and await self._answered(job):
+            return
         call = Call(job, message.priority or 0, on_chunk)
         outcome = await self._call(call)
         if _fails_over(job, outcome):
             await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
-        else:
-            assert call.started is not None
-            result = _result(job, outcome, call.started)
-            await self.outcomes.finish(message, job, result, outcome.usage)
+            return
+        assert call.started is not None
+        result = _result(job, outcome, call.started)
+        answer = True
+        if durable and reply_target(message, job) is not None:
+            assert self._answers is not None
+            answer = await self._answers.claim(job.job_id)
+            if not answer:
+                log.warning("job %s: a twin was answered first; no second result", job.job_id)
+        await self.outcomes.finish(message, job, result, outcome.usage, answer=answer)
+
+    async def _answered(self, job: CompletionJob) -> bool:
+        """A job that came again after its result went out is not run again."""
+        assert self._answers is not None
+        if not await self._answers.answered(job.job_id):
+            return False
+        log.warning("job %s came again after it was answered: not run again", job.job_id)
+        return True
+
+
+def _may_have_twin(message: AbstractIncomingMessage) -> bool:
+    """Delivered again, or forwarded by a scheduler that got it again (``HEADER_REDELIVERED``)."""
+    return bool(message.redelivered) or HEADER_REDELIVERED in (message.headers or {})
 
 
 def _result(job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
@@ -316,50 +347,3 @@ def _fails_over(job: CompletionJob, outcome: CallOutcome) -> bool:
     if all(provider in tried for provider in job.route.alternatives):
         return False
     return job.deadline is None or job.deadline > utcnow()
-
-
-class WorkerPools(Service):
-    """One worker pool per provider of the config (``switchyard up``). A provider a new config
-    version adds gets a pool; one it drops drains its queue (``WorkerPool.apply``)."""
-
-    name = "workers"
-
-    def __init__(
-        self, amqp_url: str, config: Config, names: Names, *, redis_url: str | None = None
-    ) -> None:
-        self.amqp_url = amqp_url
-        self.names = names
-        self.redis_url = redis_url
-        self.pools = {p.id: self._pool(config, p.id) for p in config.providers}
-        self._started = False
-
-    def _pool(self, config: Config, provider_id: str) -> WorkerPool:
-        return WorkerPool(self.amqp_url, config, self.names, provider_id, redis_url=self.redis_url)
-
-    async def start(self) -> None:
-        for pool in self.pools.values():
-            await pool.start()
-            log.info("%s started", pool.name)
-        self._started = True
-
-    async def stop(self, grace_s: float = 10.0) -> None:
-        results = await asyncio.gather(
-            *(pool.stop(grace_s) for pool in self.pools.values()), return_exceptions=True
-        )
-        for pool, result in zip(self.pools.values(), results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("%s did not stop cleanly: %r", pool.name, result)
-
-    async def apply(self, config: Config) -> None:
-        for pool in list(self.pools.values()):
-            try:
-                await pool.apply(config)
-            except Exception:
-                log.exception("%s could not take config version %s", pool.name, config.version)
-        for provider in config.providers:
-            if provider.id not in self.pools:
-                pool = self._pool(config, provider.id)
-                self.pools[provider.id] = pool
-                if self._started:
-                    await pool.start()
-                    log.info("%s started (provider added to the config)", pool.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,19 @@ from datetime import datetime
 from broker.core.clock import utcnow
 from broker.core.errors import ProviderError
 from broker.core.tokens import estimate_prompt_tokens, estimate_text_tokens
-from schemas import Attempt, ChatCompletion, ChatCompletionChunk, CompletionJob, Usage, UsageEvent
+from schemas import (
+    Attempt,
+    ChatCompletion,
+    ChatCompletionChunk,
+    CompletionJob,
+    Route,
+    Usage,
+    UsageEvent,
+)
 from workers.adapters import ProviderAdapter, ProviderRequest
 from workers.streaming import ChunkAccumulator
 
-__all__ = ["CallOutcome", "OnChunk", "backoff_s", "call_with_retries"]
+__all__ = ["CallOutcome", "OnChunk", "OnStart", "backoff_s", "call_with_retries", "new_call_id"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,9 @@ MAX_BACKOFF_S = 10.0
 
 OnChunk = Callable[[int, int, ChatCompletionChunk], Awaitable[None]]
 """Called with (attempt number, sequence, chunk) for each chunk of a streamed attempt, in order."""
+OnStart = Callable[[str, int], Awaitable[None]]
+"""Called with (call id, attempt number) before each attempt's request leaves; the attempt waits
+for it (the ledger records the call first)."""
 
 
 @dataclass
@@ -109,25 +121,30 @@ async def call_with_retries(
     *,
     max_attempts: int,
     on_chunk: OnChunk | None = None,
+    on_start: OnStart | None = None,
 ) -> CallOutcome:
     """Call the job's routed provider until it succeeds, fails for good, or the deadline nears.
-    With ``on_chunk`` the call streams and each chunk is handed over as it arrives."""
+    With ``on_chunk`` the call streams and each chunk is handed over as it arrives; each attempt
+    is a call with its own id, announced to ``on_start`` before it is made."""
     assert job.route is not None
     route = job.route
     request = ProviderRequest(model=route.model, messages=job.messages, params=job.params)
     outcome = CallOutcome()
     first = len(job.attempts) + 1
     for number in range(first, first + max_attempts):
+        call_id = new_call_id(job.job_id, number)
+        if on_start is not None:
+            await on_start(call_id, number)
         started = time.perf_counter()
         accumulator = ChunkAccumulator(adapter.provider.id) if on_chunk is not None else None
         try:
             completion = await _attempt_once(adapter, request, number, on_chunk, accumulator)
         except ProviderError as exc:
-            outcome.attempts.append(_attempt(number, route.provider, route.model, started, exc))
+            outcome.attempts.append(_attempt(call_id, number, route, started, exc))
             outcome.error = exc
             consumed = _broken_stream_usage(adapter, job, accumulator) if accumulator else None
             if consumed is not None:
-                outcome.usage.append(_usage_event(job, number, *consumed))
+                outcome.usage.append(_usage_event(job, call_id, number, *consumed))
             if not exc.retryable or number == first + max_attempts - 1:
                 return outcome
             if exc.retry_after is not None and exc.retry_after > MAX_BACKOFF_S:
@@ -140,7 +157,7 @@ async def call_with_retries(
             log.info("job %s attempt %d: %s; retrying in %.2fs", job.job_id, number, exc.code, wait)
             await asyncio.sleep(wait)
             continue
-        outcome.attempts.append(_attempt(number, route.provider, route.model, started, None))
+        outcome.attempts.append(_attempt(call_id, number, route, started, None))
         if completion.usage is None:
             completion = completion.model_copy(
                 update={"usage": _estimated_usage(adapter, job, completion)}
@@ -148,15 +165,25 @@ async def call_with_retries(
             outcome.usage_estimated = True
         assert completion.usage is not None
         outcome.completion, outcome.error = completion, None
-        outcome.usage.append(_usage_event(job, number, completion.usage, outcome.usage_estimated))
+        outcome.usage.append(
+            _usage_event(job, call_id, number, completion.usage, outcome.usage_estimated)
+        )
         return outcome
     return outcome
 
 
-def _usage_event(job: CompletionJob, number: int, usage: Usage, estimated: bool) -> UsageEvent:
+def new_call_id(job_id: str, number: int) -> str:
+    """Unique per call, readable in the ledger: a job run twice (its worker died) makes two."""
+    return f"{job_id}:{number}:{secrets.token_hex(6)}"
+
+
+def _usage_event(
+    job: CompletionJob, call_id: str, number: int, usage: Usage, estimated: bool
+) -> UsageEvent:
     assert job.route is not None
     route = job.route
     return UsageEvent(
+        call_id=call_id,
         job_id=job.job_id,
         attempt=number,
         provider=route.provider,
@@ -172,12 +199,13 @@ def _usage_event(job: CompletionJob, number: int, usage: Usage, estimated: bool)
 
 
 def _attempt(
-    number: int, provider: str, model: str, started: float, error: ProviderError | None
+    call_id: str, number: int, route: Route, started: float, error: ProviderError | None
 ) -> Attempt:
     return Attempt(
+        call_id=call_id,
         number=number,
-        provider=provider,
-        model=model,
+        provider=route.provider,
+        model=route.model,
         status="failed" if error else "succeeded",
         error_code=error.code if error else None,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),

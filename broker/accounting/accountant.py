@@ -1,10 +1,11 @@
 """The accountant: consumes usage and job events and records them in Postgres in batches.
 
-A message carries one event or a ``JobEventBatch`` of them. A batch of messages (up to
+A message carries one event or an ``AccountingBatch`` of them. A batch of messages (up to
 ``batch_size`` events, or what ``max_delay_s`` gathered) is written in one transaction and its
-messages acked after the commit. Writes are idempotent: a usage row is identified by
-``(job_id, attempt)`` and a redelivered event inserts nothing; a job row is replaced only by an
-event at least as recent as the one it holds, and a succeeded one by nothing but a success.
+messages acked after the commit. Writes are idempotent (``broker.accounting.rows``): a call is
+identified by its ``call_id`` from its start to its usage row; a job row is replaced only by an
+event at least as recent as the one it holds, and a succeeded one by nothing but a success. A
+call whose worker died is settled by the sweeper (``broker.accounting.sweeper``).
 
 A call's cost and price version come priced on its usage event (``broker.core.pricing``, by the
 worker at the call), so the row and the job's result carry one figure whatever config this
@@ -18,25 +19,37 @@ import asyncio
 import contextlib
 import logging
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.accounting.rows import (
+    INSERT_CALL,
+    INSERT_USAGE,
+    SETTLE_CALLS,
+    UPSERT_JOB,
+    call_row,
+    latest_per_job,
+    settle_params,
+    settled_call_ids,
+    usage_row,
+)
+from broker.accounting.sweeper import CallSweeper
 from broker.core.codec import decode_accounting_event
 from broker.core.config import Config
-from broker.core.db import jobs, make_engine, usage
+from broker.core.db import make_engine
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
 from broker.core.pricing import price_usage
 from broker.state.quota import QuotaStore, usd_to_nanos
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import JobEvent, JobEventBatch, JobStatus, UsageEvent
+from schemas import AccountingBatch, CallStarted, JobEvent, UsageEvent
+
+Event = UsageEvent | JobEvent | CallStarted
 
 __all__ = ["Accountant"]
 
@@ -65,10 +78,11 @@ class Accountant(Service):
         self.batch_size = batch_size
         self.max_delay_s = max_delay_s
         self.consumers = ConsumerSet()
-        self._pending: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
+        self._pending: list[tuple[AbstractIncomingMessage, list[Event]]] = []
         self._pending_events = 0
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._engine: AsyncEngine | None = None
         self._redis: Redis | None = None
@@ -101,10 +115,13 @@ class Accountant(Service):
         )
         self.publisher = Publisher(channel)
         self._flusher = asyncio.create_task(self._flush_loop())
+        self._sweeper = asyncio.create_task(CallSweeper(self._engine, self._quota).run())
         await self.consumers.consume(queues[self.names.usage], self.handle)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -131,18 +148,18 @@ class Accountant(Service):
             )
             await message.ack()
             return
-        events: list[UsageEvent | JobEvent] = (
-            list(event.events) if isinstance(event, JobEventBatch) else [event]
-        )
+        events: list[Event] = list(event.events) if isinstance(event, AccountingBatch) else [event]
         self._price_unpriced(events)
         self._pending.append((message, events))
         self._pending_events += len(events)
         if self._pending_events >= self.batch_size:
             self._wake.set()
 
-    def _price_unpriced(self, events: list[UsageEvent | JobEvent]) -> None:
+    def _price_unpriced(self, events: list[Event]) -> None:
         """Price the usage an older worker sent without a price (a rolling upgrade)."""
         for event in events:
+            if isinstance(event, CallStarted):
+                continue
             for u in event.usage if isinstance(event, JobEvent) else [event]:
                 if u.cost_usd is not None or u.price_version is not None:
                     continue
@@ -168,8 +185,8 @@ class Accountant(Service):
 
     async def _flush(self) -> None:
         # Messages in arrival order, up to ``batch_size`` events (at least one message).
-        batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]] = []
-        events: list[UsageEvent | JobEvent] = []
+        batch: list[tuple[AbstractIncomingMessage, list[Event]]] = []
+        events: list[Event] = []
         for message, carried in self._pending:
             if batch and len(events) + len(carried) > self.batch_size:
                 break
@@ -189,8 +206,8 @@ class Accountant(Service):
             await _ack(message)
 
     async def _write_one_by_one(
-        self, batch: list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]
-    ) -> list[tuple[AbstractIncomingMessage, list[UsageEvent | JobEvent]]]:
+        self, batch: list[tuple[AbstractIncomingMessage, list[Event]]]
+    ) -> list[tuple[AbstractIncomingMessage, list[Event]]]:
         """One bad event must not block the rest: write them one by one; a message with a
         refused event is parked whole (replaying it is harmless: writes are idempotent), acked
         and dropped from the pending ones at once, so a later failure of this flush (Redis, an
@@ -222,7 +239,7 @@ class Accountant(Service):
             await _ack(message)
         return kept
 
-    async def _reconcile(self, events: list[UsageEvent | JobEvent]) -> None:
+    async def _reconcile(self, events: list[Event]) -> None:
         """Settle each finished job's quota reservation to what it used (after the commit, so a
         crash between the two repeats both, and both are idempotent). A job that never reached
         its provider (expired or rejected in the worker) gives its reservation back whole,
@@ -242,21 +259,27 @@ class Accountant(Service):
                 event.reservation_id, {"tokens": tokens, "usd_nanos": nanos}
             )
 
-    async def _write(self, events: list[UsageEvent | JobEvent]) -> None:
+    async def _write(self, events: list[Event]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
         try:
             # Rows in key order: two accountants writing overlapping batches then lock the same
             # rows in the same order, where any other order can deadlock them.
+            call_rows = sorted(
+                (call_row(e) for e in events if isinstance(e, CallStarted)),
+                key=lambda row: str(row["call_id"]),
+            )
             usage_rows = sorted(
                 (
-                    _usage_row(u)
+                    usage_row(u)
                     for e in events
+                    if not isinstance(e, CallStarted)
                     for u in (e.usage if isinstance(e, JobEvent) else [e])
                 ),
-                key=lambda row: (row["job_id"], row["attempt"]),
+                key=lambda row: str(row["call_id"]),
             )
+            settled = settled_call_ids(events)
             job_rows = sorted(
-                _latest_per_job([e for e in events if isinstance(e, JobEvent)]),
+                latest_per_job([e for e in events if isinstance(e, JobEvent)]),
                 key=lambda row: str(row["job_id"]),
             )
         except Exception as exc:  # values no row can be made of: retrying cannot help either
@@ -265,28 +288,14 @@ class Accountant(Service):
         async with self._engine.begin() as conn:
             # Rows go as parameters of one cached statement (executemany), not as a VALUES
             # list: compiling a new multi-row statement per batch cost more than the insert.
+            if call_rows:
+                await conn.execute(INSERT_CALL, call_rows)
             if usage_rows:
-                await conn.execute(_INSERT_USAGE, usage_rows)
+                await conn.execute(INSERT_USAGE, usage_rows)
+            if settled:
+                await conn.execute(SETTLE_CALLS, settle_params(settled))
             if job_rows:
-                await conn.execute(_UPSERT_JOB, job_rows)
-
-
-def _usage_row(event: UsageEvent) -> dict[str, Any]:
-    return {
-        "job_id": event.job_id,
-        "attempt": event.attempt,
-        "provider": event.provider,
-        "model": event.model,
-        "public_model": event.public_model,
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": event.prompt_tokens + event.completion_tokens,
-        "estimated": event.estimated,
-        "cost_usd": event.cost_usd,
-        "price_version": event.price_version,
-        "key_id": event.key_id,
-        "occurred_at": event.occurred_at,
-    }
+                await conn.execute(UPSERT_JOB, job_rows)
 
 
 class _BadEvent(Exception):
@@ -319,66 +328,3 @@ def _refusal(exc: Exception) -> str | None:
     if isinstance(cause, asyncpg.exceptions.DataError):
         return type(cause).__name__
     return None
-
-
-_SUCCEEDED = JobStatus.SUCCEEDED.value
-_REROUTED = JobStatus.REROUTED.value
-_INSERT_USAGE = insert(usage).on_conflict_do_nothing(constraint="usage_job_attempt_key")
-_job_insert = insert(jobs)
-_UPSERT_JOB = _job_insert.on_conflict_do_update(
-    index_elements=[jobs.c.job_id],
-    set_={
-        c.name: _job_insert.excluded[c.name]
-        for c in jobs.c
-        if c.name not in ("job_id", "recorded_at")
-    },
-    # A later event replaces the row, except that nothing replaces a success: a job delivered
-    # again after it succeeded (its ack lost) may end expired or failed the second time. A
-    # failover's "rerouted" is a passing state: the job's end replaces it whatever the two
-    # hosts' clocks say, and it never replaces an end.
-    where=((jobs.c.finished_at <= _job_insert.excluded.finished_at) | (jobs.c.status == _REROUTED))
-    & ((jobs.c.status == _REROUTED) | (_job_insert.excluded.status != _REROUTED))
-    & ((jobs.c.status != _SUCCEEDED) | (_job_insert.excluded.status == _SUCCEEDED)),
-)
-
-
-def _replaces(event: JobEvent, held: JobEvent) -> bool:
-    """``_UPSERT_JOB``'s rule, for two events of one job in one batch."""
-    rerouted = JobStatus.REROUTED
-    if event.status is rerouted and held.status is not rerouted:
-        return False
-    if held.status is JobStatus.SUCCEEDED and event.status is not JobStatus.SUCCEEDED:
-        return False
-    return held.status is rerouted or held.finished_at <= event.finished_at
-
-
-def _latest_per_job(events: list[JobEvent]) -> list[dict[str, Any]]:
-    """One row per job (Postgres refuses two conflicting rows in one upsert): the latest."""
-    latest: dict[str, JobEvent] = {}
-    for event in events:
-        held = latest.get(event.job_id)
-        if held is None or _replaces(event, held):
-            latest[event.job_id] = event
-    return [
-        {
-            "job_id": e.job_id,
-            "status": e.status.value,
-            "priority": e.priority,
-            "public_model": e.public_model,
-            "provider": e.provider,
-            "model": e.model,
-            "error_code": e.error_code.value if e.error_code else None,
-            "attempts": e.attempts,
-            "prompt_tokens": e.prompt_tokens,
-            "completion_tokens": e.completion_tokens,
-            "queued_ms": e.timings.queued_ms,
-            "scheduled_ms": e.timings.scheduled_ms,
-            "provider_ms": e.timings.provider_ms,
-            "total_ms": e.timings.total_ms,
-            "batch_id": e.batch_id,
-            "key_id": e.key_id,
-            "submitted_at": e.submitted_at,
-            "finished_at": e.finished_at,
-        }
-        for e in latest.values()
-    ]

@@ -80,12 +80,16 @@ def _accountant(settings: Settings, config: Config) -> Reloadable:
 @app.command()
 def up() -> None:
     """Run the scheduler, one worker pool per provider and the accountant in one process."""
-    from workers.pool import WorkerPools
+    from workers.pools import WorkerPools
 
     settings, config = load()
     pools = build(
         lambda: WorkerPools(
-            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            redis_url=settings.redis_url,
+            settle_margin_s=settings.call_settle_margin_s,
         )
     )
     services = [_scheduler(settings, config), _accountant(settings, config), pools]
@@ -112,6 +116,7 @@ def worker(provider: Annotated[str, typer.Option(help="Provider id from the conf
             Names(settings.namespace),
             provider,
             redis_url=settings.redis_url,
+            settle_margin_s=settings.call_settle_margin_s,
         )
     )
     _serve(settings, config, [pool])

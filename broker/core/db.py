@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Identity,
+    Index,
     Integer,
     MetaData,
     Numeric,
@@ -21,10 +22,11 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["config_versions", "jobs", "make_engine", "metadata", "usage"]
+__all__ = ["calls", "config_versions", "jobs", "make_engine", "metadata", "usage"]
 
 metadata = MetaData()
 
@@ -56,7 +58,7 @@ usage = Table(
     "usage",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("job_id", String(128), nullable=False),
+    Column("job_id", String(128), nullable=False, index=True),
     Column("attempt", Integer, nullable=False),
     Column("provider", String(100), nullable=False),
     Column("model", String(200), nullable=False),
@@ -76,7 +78,48 @@ usage = Table(
     Column("key_id", String(128)),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    UniqueConstraint("job_id", "attempt", name="usage_job_attempt_key"),
+    Column("call_id", String(160), nullable=False),
+    Column(
+        "swept",
+        Boolean,
+        nullable=False,
+        server_default=false(),
+        comment="Counted at the call's reservation: its worker died before settling it.",
+    ),
+    UniqueConstraint("call_id", name="usage_call_id_key"),
+)
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_id", String(160), primary_key=True),
+    Column("job_id", String(128), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("provider", String(100), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("public_model", String(200), nullable=False),
+    Column("key_id", String(128)),
+    Column("reservation_id", String(200)),
+    Column("reserved_prompt_tokens", Integer, nullable=False),
+    Column("reserved_completion_tokens", Integer, nullable=False),
+    Column("reserved_cost_usd", Numeric(18, 9)),
+    Column("price_version", String(32)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column(
+        "settle_by",
+        DateTime(timezone=True),
+        nullable=False,
+        comment="Unsettled past this, the call is taken for lost with its worker.",
+    ),
+    Column("settled_at", DateTime(timezone=True)),
+    Column(
+        "swept",
+        Boolean,
+        nullable=False,
+        server_default=false(),
+        comment="Settled by the sweeper at its reserved amount: its worker died.",
+    ),
+    Index("ix_calls_unsettled", "settle_by", postgresql_where=text("settled_at IS NULL")),
 )
 
 config_versions = Table(

@@ -12,6 +12,7 @@ __all__ = [
     "HEADER_DEAD_REASON",
     "HEADER_KEY",
     "HEADER_PARKED",
+    "HEADER_REDELIVERED",
     "HEADER_TRACEPARENT",
     "METRIC_CIRCUIT_OPENED",
     "METRIC_CIRCUIT_OPENED_LABELS",
@@ -36,6 +37,7 @@ HEADER_DEAD_REASON = "x-switchyard-dead-reason"
 HEADER_DEAD_CODE = "x-switchyard-dead-code"
 HEADER_DEAD_QUEUE = "x-switchyard-dead-queue"
 HEADER_PARKED = "x-switchyard-parked"  # how many times a job waiting for quota was parked
+HEADER_REDELIVERED = "x-switchyard-redelivered"  # came again: a twin may have been served
 
 # Prometheus metrics (``broker.core.metrics`` builds them): each name with its label names.
 METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"
@@ -124,6 +126,11 @@ class Names:
     def reservation(self, reservation_id: str) -> str:
         """A reservation's record (a hash); ``""`` gives the prefix the sweep appends ids to."""
         return self.redis_key("reservation", reservation_id)
+
+    def answered(self, job_id: str) -> str:
+        """Set when a job's durable result is published, so a twin of the job (run again after
+        a process died) publishes none."""
+        return self.redis_key("answered", job_id)
 
     def circuit(self, provider_id: str) -> str:
         """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""

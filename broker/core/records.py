@@ -80,7 +80,8 @@ def job_event(
 ) -> JobEvent:
     """A job's event for the accountant: its end, or a failover hop (``rerouted``). Provider and
     model are its last attempt's; ``answered`` is the answer's usage. The public model is the
-    route's, or the one the job asked for ``as_asked`` (a job refused before it was served)."""
+    route's, or the one the job asked for ``as_asked`` (a job refused before it was served).
+    It settles every call among ``attempts`` in the ledger."""
     route = job.route if job is not None else None
     public_model = job.model if job is not None else None
     if route is not None and not as_asked:
@@ -105,4 +106,5 @@ def job_event(
         reservation_id=route.reservation_id if route else None,
         key_id=route.key_id if route else None,
         usage=list(usage),
+        call_ids=[a.call_id for a in attempts if a.call_id is not None],
     )

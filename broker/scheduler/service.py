@@ -40,7 +40,7 @@ from broker.core.errors import (
     Unavailable,
 )
 from broker.core.limits import KeyConfig
-from broker.core.names import HEADER_KEY, HEADER_PARKED, Names
+from broker.core.names import HEADER_KEY, HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
@@ -360,7 +360,7 @@ class Scheduler(Service):
             self.names.park(delay),
             body=None if stamped else message.body,
             with_key=True,
-            headers={HEADER_PARKED: parked},
+            headers={HEADER_PARKED: parked, **_twin_mark(message)},
         )
 
     async def _forward(
@@ -372,7 +372,16 @@ class Scheduler(Service):
             job,
             self.names.provider(job.route.provider, lane),
             expiration=(job.deadline - now) if job.deadline is not None else None,
+            headers=_twin_mark(message),
         )
+
+
+def _twin_mark(message: AbstractIncomingMessage) -> dict[str, int]:
+    """A job that came again (its last holder died before its ack) may have a twin already on
+    its way: the mark tells its worker to look whether the job was answered
+    (``broker.state.answers``)."""
+    headers = message.headers or {}
+    return {HEADER_REDELIVERED: 1} if message.redelivered or HEADER_REDELIVERED in headers else {}
 
 
 def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:

@@ -182,6 +182,7 @@ class QuotaStore:
         self._expire = redis.register_script(quota_scripts.EXPIRE)
         self._extend = redis.register_script(quota_scripts.EXTEND)
         self._crossed = redis.register_script(quota_scripts.CROSSED)
+        self._charge = redis.register_script(quota_scripts.CHARGE)
 
     def use_thresholds(self, thresholds: Sequence[int]) -> None:
         """Report crossings of these percents of a limit from now on (a config's alerts)."""
@@ -293,6 +294,18 @@ class QuotaStore:
         )
         previous = _text(reply[0])
         return Settled(ReservationState(previous) if previous else None, _crossings(reply[1]))
+
+    async def charge(self, reservation_id: str, call_id: str, amounts: Mapping[Unit, int]) -> bool:
+        """Add a call made under the reservation that its settlement does not cover (its worker
+        died: the sweeper counts it at its reservation) to the live counters; once per call.
+        False: the reservation is unknown (gone with its tombstone) or the call was charged."""
+        for unit, amount in amounts.items():
+            if unit not in UNITS or amount < 0:
+                raise ValueError(f"bad charge {unit}={amount}")
+        reply = await self._charge(
+            keys=[self._record(reservation_id)], args=[call_id, json.dumps(dict(amounts))]
+        )
+        return bool(reply)
 
     async def extend(
         self, reservation_id: str, hold_s: float, *, now: float | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from broker.core.names import QUOTA_ALERT_INFIX
 
-__all__ = ["CROSSED", "EXPIRE", "EXTEND", "RECONCILE", "RESERVE"]
+__all__ = ["CHARGE", "CROSSED", "EXPIRE", "EXTEND", "RECONCILE", "RESERVE"]
 
 # Shared: number formatting (tostring would give "1e+15" or 14 digits), the clock, and threshold
 # markers (set once per window, expiring with their counter).
@@ -98,6 +98,26 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'actual', ARGV[2],
   'settled', num(clock(ARGV[5])))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {state, out}
+"""
+)
+
+# KEYS: record.  ARGV: call id, amounts (JSON unit -> int).  Adds a call made under the
+# reservation beyond what it settles (one whose worker died) to its live counters, once per call.
+# -> 1 charged, 0 not (unknown reservation, or this call was charged before)
+CHARGE = (
+    _PRELUDE
+    + """
+local buckets = redis.call('HGET', KEYS[1], 'buckets')
+if not buckets then return 0 end
+if redis.call('HSETNX', KEYS[1], 'charged:' .. ARGV[1], '1') == 0 then return 0 end
+local amounts = cjson.decode(ARGV[2])
+for _, b in ipairs(cjson.decode(buckets)) do
+  local extra = amounts[b.unit]
+  if extra and extra > 0 and redis.call('EXISTS', b.key) == 1 then
+    redis.call('INCRBY', b.key, int(extra))
+  end
+end
+return 1
 """
 )
 

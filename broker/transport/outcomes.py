@@ -4,7 +4,7 @@ job its provider failed (failover), the job back to the scheduler with its attem
 
 The scheduler and the worker pools both end jobs here, so the rules live in one place: every
 publish is confirmed before the caller acks the incoming message. The result goes first (it is
-what a caller waits for); job events go by group commit (``JobEvents``), so under load one
+what a caller waits for); job events go by group commit (``AccountingEvents``), so under load one
 accounting message carries many jobs' events.
 """
 
@@ -29,8 +29,8 @@ from broker.core.errors import (
 )
 from broker.core.names import TYPE_CHUNK, Names
 from broker.core.records import calls, job_event, job_result
+from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
-from broker.transport.job_events import JobEvents
 from broker.transport.runtime import Unsettled
 from schemas import (
     Attempt,
@@ -61,7 +61,7 @@ class Outcomes:
     def __init__(self, publisher: Publisher, names: Names) -> None:
         self.publisher = publisher
         self.names = names
-        self.events = JobEvents(publisher, names.usage)
+        self.events = AccountingEvents(publisher, names.usage)
 
     async def finish(
         self,
@@ -69,8 +69,11 @@ class Outcomes:
         job: CompletionJob,
         result: JobResult,
         usage: list[UsageEvent],
+        *,
+        answer: bool = True,
     ) -> None:
-        """Publish the result and the job event (carrying the usage), both confirmed."""
+        """Publish the result and the job event (carrying the usage), both confirmed; not the
+        result if ``answer`` is false (a twin of the job was answered)."""
         event = job_event(
             job,
             job.job_id,
@@ -84,7 +87,7 @@ class Outcomes:
             timings=result.timings,
         )
         target = reply_target(message, job)
-        if target:
+        if target and answer:
             await self.publisher.reply(
                 target, encode(result), correlation_id=message.correlation_id or job.job_id
             )

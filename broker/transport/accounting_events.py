@@ -1,4 +1,4 @@
-"""Group commit of job events to the accountant's queue (``JobEvents``)."""
+"""Group commit of accounting events (job ends, call starts) to the accountant's queue."""
 
 from __future__ import annotations
 
@@ -6,18 +6,19 @@ import asyncio
 
 from broker.core.codec import encode
 from broker.transport.amqp import Publisher
-from schemas import JobEvent, JobEventBatch
+from schemas import AccountingBatch, CallStarted, JobEvent
 
-__all__ = ["MAX_EVENTS_PER_MESSAGE", "JobEvents"]
+__all__ = ["MAX_EVENTS_PER_MESSAGE", "AccountingEvents"]
 
 MAX_EVENTS_PER_MESSAGE = 200
 
 
-class JobEvents:
-    """Group commit of job events to the accountant's queue: one message carries every event
-    added while the previous message awaited its confirm. No timer, so a lone event goes at once
-    and a busy process sends fewer, larger messages (each AMQP message costs RabbitMQ and both
-    ends far more than its bytes). ``send`` resolves once the event's message is confirmed."""
+class AccountingEvents:
+    """Group commit of job ends and call starts to the accountant's queue: one message carries
+    every event added while the previous message awaited its confirm. No timer, so a lone event
+    goes at once and a busy process sends fewer, larger messages (each AMQP message costs
+    RabbitMQ and both ends far more than its bytes). ``send`` resolves once the event's message
+    is confirmed."""
 
     def __init__(
         self, publisher: Publisher, queue: str, *, max_events: int = MAX_EVENTS_PER_MESSAGE
@@ -25,10 +26,10 @@ class JobEvents:
         self.publisher = publisher
         self.queue = queue
         self.max_events = max_events
-        self._waiting: list[tuple[JobEvent, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[JobEvent | CallStarted, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    def send(self, event: JobEvent) -> asyncio.Future[None]:
+    def send(self, event: JobEvent | CallStarted) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Whoever gave up on the event (a cancelled handler) must not leave an error unread.
         future.add_done_callback(_read_error)
@@ -38,7 +39,7 @@ class JobEvents:
         return future
 
     async def _send_waiting(self) -> None:
-        batch: list[tuple[JobEvent, asyncio.Future[None]]] = []
+        batch: list[tuple[JobEvent | CallStarted, asyncio.Future[None]]] = []
         try:
             while self._waiting:
                 batch = self._waiting[: self.max_events]
@@ -46,7 +47,7 @@ class JobEvents:
                 events = [event for event, _ in batch]
                 try:
                     await self.publisher.publish(
-                        self.queue, encode(JobEventBatch.model_construct(events=events))
+                        self.queue, encode(AccountingBatch.model_construct(events=events))
                     )
                 except Exception as exc:  # each job's handler sees the broker failure
                     _settle(batch, exc)
@@ -62,7 +63,9 @@ class JobEvents:
             self._sender = None
 
 
-def _settle(batch: list[tuple[JobEvent, asyncio.Future[None]]], error: Exception | None) -> None:
+def _settle(
+    batch: list[tuple[JobEvent | CallStarted, asyncio.Future[None]]], error: Exception | None
+) -> None:
     for _, future in batch:
         if future.done():
             continue

@@ -10,8 +10,8 @@ import orjson
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.core.names import Names
+from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import Publisher, declare_topology
-from broker.transport.job_events import JobEvents
 from schemas import JobEvent, JobStatus
 from tests.conftest import eventually
 
@@ -46,7 +46,7 @@ async def test_events_sent_together_share_messages_up_to_the_cap(
 ) -> None:
     channel = await amqp.channel(publisher_confirms=True)
     await declare_topology(channel, names, [])
-    events = JobEvents(Publisher(channel), names.usage, max_events=20)
+    events = AccountingEvents(Publisher(channel), names.usage, max_events=20)
 
     lone = events.send(_event("lone"))
     await lone  # confirmed: sent alone, nothing waited for company
@@ -68,7 +68,7 @@ async def test_a_broker_failure_reaches_every_sender_of_the_message(
 ) -> None:
     channel = await amqp.channel(publisher_confirms=True)
     await declare_topology(channel, names, [])
-    events = JobEvents(Publisher(channel), names.usage)
+    events = AccountingEvents(Publisher(channel), names.usage)
     await channel.close()
 
     sent = [events.send(_event(f"job-{i}")) for i in range(3)]
