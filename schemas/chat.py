@@ -64,6 +64,18 @@ class CompletionParams(_Open):
     seed: int | None = None
     stream: bool = False
 
+    @property
+    def own_max_tokens(self) -> int | None:
+        """The job's own output cap: ``max_tokens``, else OpenAI's newer name for it,
+        ``max_completion_tokens`` (passed through); None when it set neither. The scheduler
+        reserves by it and the adapters send it, so both read it here."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        extra = (self.model_extra or {}).get("max_completion_tokens")
+        if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0:
+            return extra
+        return None
+
 
 class Usage(_Open):
     prompt_tokens: int = Field(ge=0)

@@ -331,6 +331,7 @@ class CallStarted(_Message):
     reserved_cost_usd: Decimal | None = Field(
         default=None, description="What the reserved tokens cost; None with no price."
     )
+    free: bool = Field(default=False, description="Made on the provider's free tier.")
     price_version: str | None = None
     started_at: AwareDatetime
     settle_by: AwareDatetime = Field(

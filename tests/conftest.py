@@ -173,7 +173,15 @@ _provider_ids: set[str] = set()  # every provider id a test config named, for qu
 
 @pytest.fixture
 async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
+    """A namespace of the test's own. Its quota counters start whole (an epoch is set): the
+    session's ledger holds every test's calls, so a rebuild from it would count other tests'
+    spend; the rebuild tests delete the epoch and use ids of their own."""
     ns = Names(f"{SESSION_NS}.t{next(_test_counter)}")
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await redis.set(ns.quota_epoch, b"test")
+    finally:
+        await redis.aclose()
     yield ns
     channel = await amqp.channel()
     queues = [
@@ -406,7 +414,14 @@ def pipeline(names: Names, database_url: str) -> Any:
         services: list[Service] = []
         if scheduler:
             services.append(
-                Scheduler(AMQP_URL, config, names, redis_url=REDIS_URL, hold_margin_s=hold_margin_s)
+                Scheduler(
+                    AMQP_URL,
+                    config,
+                    names,
+                    redis_url=REDIS_URL,
+                    database_url=database_url,
+                    hold_margin_s=hold_margin_s,
+                )
             )
         if accountant:
             services.append(Accountant(AMQP_URL, database_url, config, names, redis_url=REDIS_URL))

@@ -26,7 +26,9 @@ from broker.core.config import ProviderType, load_config
 from broker.core.names import HEADER_KEY, Names
 from broker.core.tokens import estimate_prompt_tokens
 from broker.core.windows import Period, window
+from broker.scheduler.admission import MIN_OUTPUT_TOKENS
 from broker.scheduler.service import Scheduler
+from mock_provider.answers import count_tokens, expected_completion, prompt_tokens
 from schemas import ChatMessage, JobResult
 from tests.conftest import (
     AMQP_URL,
@@ -539,7 +541,7 @@ async def test_a_set_priority_rule_applies_to_the_candidate_quota_admitted(
     """The rule's priority was taken from the router's first choice even when quota sent the
     job to another candidate, whose queue then ordered it by a rule that never matched it. A
     rule on the candidate admitted still sets it."""
-    providers = [
+    providers: list[dict[str, Any]] = [
         {"id": "tiny", "tpm": 10, "models": {"m": PRICE}},  # first by price; never fits the job
         {"id": "p", "models": {"m": {"input": 2000, "output": 2000}}},
     ]
@@ -552,9 +554,90 @@ async def test_a_set_priority_rule_applies_to_the_candidate_quota_admitted(
         [result] = await run_jobs(names, 1, api_key=None, params={"max_tokens": 100})
 
         async def recorded() -> bool:
-            return await pg.fetchval("SELECT 1 FROM jobs WHERE job_id = $1", result.job_id) == 1
+            row = await pg.fetchval("SELECT 1 FROM jobs WHERE job_id = $1", result.job_id)
+            return bool(row == 1)
 
         await eventually(recorded, 10, "the job's row")
     assert result.provider == "p"
     row_priority = await pg.fetchval("SELECT priority FROM jobs WHERE job_id = $1", result.job_id)
     assert row_priority == priority
+
+
+# --- jobs without max_tokens ---------------------------------------------------------------
+
+
+async def settle(redis: Redis, names: Names) -> None:
+    """Wait until the accountant has reconciled every reservation (none is held)."""
+
+    async def settled() -> bool:
+        return await redis.zcard(names.redis_key("quota-holds")) == 0
+
+    await eventually(settled, 10, "the reservations to be reconciled")
+
+
+async def test_a_job_without_max_tokens_is_sent_the_small_cap_its_budget_allows(
+    names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
+) -> None:
+    """A day's tokens far below the 1,024 output tokens such a job used to reserve (it was
+    refused at once): each job now reserves the smallest useful answer, is sent that cap (the
+    mock cuts its answer there), and jobs are refused once less than that is left."""
+    asked = [{"role": "user", "content": "budget question 0"}]  # what run_jobs(…, 1) sends
+    estimate = estimate_prompt_tokens([ChatMessage.model_validate(asked[0])], ProviderType.OPENAI)
+    text, _ = expected_completion(asked)
+    assert count_tokens(text) > MIN_OUTPUT_TOKENS  # the full answer would pass the cap
+    budget = estimate + 100
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            [{"id": "p", "models": {"m": PRICE}}],
+            keys=[key_entry(budgets={"tokens_per_day": budget})],
+        )
+    )
+    results = []
+    async with pipeline(config):
+        for _ in range(8):
+            [result] = await run_jobs(names, 1)
+            results.append(result)
+            await settle(redis, names)
+    # Admitted while a prompt and the smallest answer fit what the calls before used.
+    served, used = 0, 0
+    while used + estimate + MIN_OUTPUT_TOKENS <= budget:
+        served, used = served + 1, used + prompt_tokens(asked) + MIN_OUTPUT_TOKENS
+    assert served >= 3
+    assert [r.status.value for r in results] == ["succeeded"] * served + ["rejected"] * (8 - served)
+    for result in results[:served]:
+        assert result.response is not None and result.usage is not None
+        assert result.response.choices[0].finish_reason == "length"
+        assert result.usage.completion_tokens == MIN_OUTPUT_TOKENS
+    day = window(Period.DAY, datetime.now(UTC), ZoneInfo("UTC")).id
+    counter = int(await redis.get(names.quota_bucket("key", "team-a", "tokens_day", day)) or 0)
+    assert counter == used <= budget
+
+
+async def test_max_completion_tokens_is_the_jobs_own_cap_for_its_reservation(
+    names: Names, tmp_path: Path, pipeline: Any, redis: Redis, mock: MockProvider
+) -> None:
+    """OpenAI's newer name for the cap was sent to the provider but not reserved by: the job
+    reserved 1,024 output tokens and was refused under a budget its own cap fits exactly."""
+    asked = [ChatMessage(role="user", content="budget question 0")]
+    budget = estimate_prompt_tokens(asked, ProviderType.OPENAI) + 20
+    config = load_config(
+        write_config(
+            tmp_path / "p.yaml",
+            mock,
+            [{"id": "p", "models": {"m": PRICE}}],
+            keys=[key_entry(budgets={"tokens_per_day": budget})],
+        )
+    )
+    async with pipeline(config):
+        [result] = await run_jobs(names, 1, params={"max_completion_tokens": 20})
+        [refused] = await run_jobs(names, 1, params={"max_completion_tokens": 20})
+    assert result.status.value == "succeeded"
+    assert result.usage is not None and result.usage.completion_tokens == 20
+    assert refused.status.value == "rejected"  # its own cap is never sized down
+    [record] = [k async for k in redis.scan_iter(match=names.reservation(f"{result.job_id}:*"))]
+    buckets = await redis.hget(record, "buckets")
+    assert buckets is not None
+    held = {b["unit"]: b["amount"] for b in json.loads(buckets)}
+    assert held["tokens"] == budget

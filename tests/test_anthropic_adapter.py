@@ -16,6 +16,7 @@ from tests.adapter_cases import AdapterCase, assistant, folded, images, json_for
 from tests.provider_stub import Provider
 from workers.adapters import adapter_for
 from workers.adapters.anthropic import AnthropicAdapter
+from workers.adapters.base import ProviderRequest
 
 KEY = "sk-ant-test-abc123supersecret"
 URL = "https://api.example.test/v1/messages"
@@ -105,6 +106,26 @@ async def test_max_tokens(
 
     assert body["max_tokens"] == expected
     assert "max_completion_tokens" not in body
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "expected"),
+    [
+        (MODEL, {}, 40),  # the scheduler's reserved cap, not the 4096 default
+        ("claude-haiku-4-5", {}, 40),  # nor the model's
+        ("claude-haiku-4-5", {"max_tokens": 10}, 10),  # the job's own wins
+        (MODEL, {"max_completion_tokens": 200}, 200),
+    ],
+)
+async def test_max_tokens_is_the_cap_reserved_for_a_job_without_its_own(
+    provider: ProviderConfig, model: str, params: dict[str, Any], expected: int
+) -> None:
+    asked = api.request({"role": "user", "content": "hi"}, model=model, **params)
+    request = ProviderRequest(asked.model, asked.messages, asked.params, output_cap=40)
+
+    body = await api.sent_body(provider, request)
+
+    assert body["max_tokens"] == expected
 
 
 async def test_system_and_developer_messages_become_the_system_prompt(

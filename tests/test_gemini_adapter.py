@@ -15,6 +15,7 @@ from broker.core.config import ProviderConfig
 from tests.adapter_cases import AdapterCase, assistant, images, json_format, only_tool_call
 from tests.provider_stub import Provider
 from workers.adapters import adapter_for
+from workers.adapters.base import ProviderRequest
 from workers.adapters.gemini import GeminiAdapter
 
 KEY = "AIzaSyTEST-abc123supersecret"
@@ -147,6 +148,26 @@ async def test_max_output_tokens(
     )
 
     assert body.get("generationConfig", {}).get("maxOutputTokens") == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "expected"),
+    [
+        (MODEL, {}, 40),  # the scheduler's reserved cap where none was sent before
+        ("gemini-2.5-pro", {}, 40),  # rather than the model's
+        ("gemini-2.5-pro", {"max_tokens": 5}, 5),  # the job's own wins
+        (MODEL, {"max_completion_tokens": 64}, 64),
+    ],
+)
+async def test_max_output_tokens_is_the_cap_reserved_for_a_job_without_its_own(
+    provider: ProviderConfig, model: str, params: dict[str, Any], expected: int
+) -> None:
+    asked = api.request({"role": "user", "content": "x"}, model=model, **params)
+    request = ProviderRequest(asked.model, asked.messages, asked.params, output_cap=40)
+
+    body = await api.sent_body(provider, request)
+
+    assert body["generationConfig"]["maxOutputTokens"] == expected
 
 
 async def test_json_object_mode(provider: ProviderConfig) -> None:

@@ -155,6 +155,48 @@ async def test_complete_never_sends_stream(provider: ProviderConfig) -> None:
     assert "stream_options" not in body
 
 
+@pytest.mark.parametrize(
+    ("kind", "params", "reserved", "spec_cap", "expected"),
+    [
+        # A job without a cap under a budget: the scheduler's reserved cap, under OpenAI's name
+        # for it (max_tokens is deprecated there and refused by o-series models).
+        ("openai", {}, 40, None, {"max_completion_tokens": 40}),
+        ("openai", {}, 40, 2048, {"max_completion_tokens": 40}),
+        ("openai", {}, None, 2048, {"max_completion_tokens": 2048}),  # the model's own cap
+        ("openai", {}, None, None, {}),  # no cap anywhere: none sent, as before
+        # OpenAI-compatible servers read max_tokens.
+        ("openai_compatible", {}, 40, None, {"max_tokens": 40}),
+        ("mock", {}, 40, None, {"max_tokens": 40}),
+        # The job's own cap, under either name, is sent as it came and nothing is added.
+        ("openai", {"max_tokens": 10}, 40, 2048, {"max_tokens": 10}),
+        ("openai", {"max_completion_tokens": 12}, 40, None, {"max_completion_tokens": 12}),
+        ("mock", {"max_completion_tokens": 12}, 40, None, {"max_completion_tokens": 12}),
+    ],
+)
+async def test_sends_the_output_cap_reserved_for_a_job_without_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    params: dict[str, Any],
+    reserved: int | None,
+    spec_cap: int | None,
+    expected: dict[str, int],
+) -> None:
+    monkeypatch.setenv(api.key_env, KEY)
+    spec: dict[str, Any] = {"input": "0.15", "output": "0.60"}
+    if spec_cap is not None:
+        spec["max_tokens"] = spec_cap
+    provider = api.make_provider(type=kind, models={"gpt-4o-mini": spec})
+    stub = Provider(body=api.fixture("chat_completion.json"))
+    request = api.simple_request(**params)
+    request = ProviderRequest(request.model, request.messages, request.params, reserved)
+
+    await api.call(provider, stub, request)
+
+    body = orjson.loads(stub.requests[0].content)
+    caps = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
+    assert caps == expected
+
+
 # --- the response --------------------------------------------------------------------------
 
 

@@ -63,8 +63,11 @@ async def redis() -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def names() -> Names:
-    return Names(f"{PREFIX}.q{next(_counter)}")
+async def names(redis: Redis) -> Names:
+    """A namespace whose quota counters are whole (it has an epoch)."""
+    names = Names(f"{PREFIX}.q{next(_counter)}")
+    await redis.set(names.quota_epoch, b"test")
+    return names
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ once. Neither is an ``internal_error`` or a dead letter. Redis is always started
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -12,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
 from broker.client import SwitchyardClient, make_job
+from broker.core.clock import utcnow
 from broker.core.codec import encode
 from broker.core.config import load_config
 from broker.core.names import HEADER_DEAD_CODE, Names
+from broker.core.windows import Period, window
 from schemas import ErrorCode, JobResult, JobStatus
 from tests.conftest import (
     AMQP_URL,
@@ -124,3 +128,75 @@ async def test_while_redis_is_away_batch_jobs_wait_and_rpc_jobs_are_told_to_retr
     await dead.ack()
     assert await queue_depth(amqp, names.dead) == 0
     await channel.close()
+
+
+async def test_a_budget_spent_before_redis_restarts_empty_is_still_enforced_after(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    pg: asyncpg.Connection,
+    redis: Redis,
+    redis_outage: list[str],
+) -> None:
+    """Redis keeps nothing on disk here: restarted, it has no counters and no quota epoch. The
+    scheduler rebuilds the counters from the ledger before it admits again, so the spent budget
+    stays spent (it used to start again from zero)."""
+    secret = f"sk-{names.namespace}"
+    key_id = f"k-{names.namespace.replace('.', '-')}"  # the ledger is the session's: own ids
+    key = {
+        "id": key_id,
+        "key_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+        "budgets": {"tokens_per_day": 400},
+    }
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [{"id": "mock"}], keys=[key]))
+    counter = names.quota_bucket(
+        "key", key_id, "tokens_day", window(Period.DAY, utcnow(), config.zone).id
+    )
+    ask = {"model": "gpt-4o-mini", "params": {"max_tokens": 40}, "api_key": secret}
+
+    async def spent() -> int:
+        sql = "SELECT coalesce(sum(total_tokens), 0) FROM usage WHERE key_id = $1"
+        return int(await pg.fetchval(sql, key_id))
+
+    async def settled() -> bool:
+        """Every served call is in the ledger and the counter holds exactly that."""
+        value = await redis.get(counter)
+        return value is not None and int(value) == await spent() > 0
+
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            # Spend the budget: a refusal may be for reservations not yet settled, so settle
+            # them and ask again, until a job is refused with nothing in flight.
+            for _ in range(40):
+                result = await client.complete(MESSAGES, **ask)
+                if result.status is JobStatus.SUCCEEDED:
+                    continue
+                assert result.error is not None and result.error.code is ErrorCode.RATE_LIMITED
+                await eventually(settled, 20, "the served calls settled")
+                result = await client.complete(MESSAGES, **ask)
+                if result.status is not JobStatus.SUCCEEDED:
+                    break
+            else:
+                raise AssertionError("the budget never ran out")
+            used = await spent()
+            assert used > 400 - 60  # what is left is less than one more job's reservation
+
+            redis_outage.append("stopped")
+            await asyncio.to_thread(
+                subprocess.run, ["redis-cli", "-p", "6379", "shutdown", "nosave"], timeout=30
+            )
+            await asyncio.to_thread(subprocess.run, REDIS_SERVER, check=True, timeout=30)
+            probe = Redis.from_url(REDIS_URL)
+            await eventually(lambda: _answers(probe), 30, "Redis to answer again")
+            redis_outage.clear()
+            assert await probe.get(names.quota_epoch) is None  # it came back empty
+            await probe.aclose()
+
+            after = await client.complete(MESSAGES, **ask)
+    assert after.error is not None and after.error.code is ErrorCode.RATE_LIMITED
+    assert f"has {used} of 400 used" in after.error.message
+    assert mock.stats()["calls"] == await pg.fetchval(
+        "SELECT count(*) FROM usage WHERE key_id = $1", key_id
+    )

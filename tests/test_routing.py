@@ -471,6 +471,9 @@ def test_the_decision_becomes_the_jobs_route() -> None:
         "free": False,
         "reservation_id": None,
         "key_id": None,
+        "output_cap": None,  # the job set a cap of its own
+        "est_prompt_tokens": 14,
+        "est_completion_tokens": 100,
     }
 
 

@@ -189,6 +189,7 @@ class CallLedger:
                 reserved_prompt_tokens=prompt,
                 reserved_completion_tokens=completion,
                 reserved_cost_usd=cost,
+                free=route.free,
                 price_version=version,
                 started_at=now,
                 settle_by=now + timedelta(seconds=provider.timeout_s + self.margin_s),
@@ -207,7 +208,8 @@ def reserved_tokens(job: CompletionJob, provider: ProviderConfig) -> tuple[int, 
     completion = route.est_completion_tokens
     if completion is None:
         spec = provider.models.get(route.model)
-        completion = job.params.max_tokens or (spec and spec.max_tokens) or DEFAULT_OUTPUT_TOKENS
+        own = job.params.own_max_tokens
+        completion = own or (spec and spec.max_tokens) or DEFAULT_OUTPUT_TOKENS
     return prompt, completion
 
 

@@ -128,7 +128,9 @@ async def call_with_retries(
     is a call with its own id, announced to ``on_start`` before it is made."""
     assert job.route is not None
     route = job.route
-    request = ProviderRequest(model=route.model, messages=job.messages, params=job.params)
+    request = ProviderRequest(
+        model=route.model, messages=job.messages, params=job.params, output_cap=route.output_cap
+    )
     outcome = CallOutcome()
     first = len(job.attempts) + 1
     for number in range(first, first + max_attempts):

@@ -36,10 +36,11 @@ WITH due AS (
   RETURNING *
 )
 INSERT INTO usage (call_id, job_id, attempt, provider, model, public_model, prompt_tokens,
-  completion_tokens, total_tokens, estimated, swept, cost_usd, price_version, key_id, occurred_at)
+  completion_tokens, total_tokens, estimated, swept, free, cost_usd, price_version, key_id,
+  occurred_at)
 SELECT call_id, job_id, attempt, provider, model, public_model, reserved_prompt_tokens,
   reserved_completion_tokens, reserved_prompt_tokens + reserved_completion_tokens, true, true,
-  reserved_cost_usd, price_version, key_id, started_at
+  free, reserved_cost_usd, price_version, key_id, started_at
 FROM due
 ON CONFLICT (call_id) DO NOTHING
 RETURNING call_id, total_tokens, cost_usd,

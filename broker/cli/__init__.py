@@ -1,5 +1,5 @@
 """The ``switchyard`` command: every process, the migrations, batch submission, the circuit
-breakers, and config versions (history, rollback, check).
+breakers, the quota counters (rebuild), and config versions (history, rollback, check).
 
 The commands that run Switchyard's processes are here; each other area is a module of its own,
 registered at the end in the order ``--help`` lists them.
@@ -14,6 +14,7 @@ import typer
 from broker.cli.apps import app, build, config_app, console, fail, load
 from broker.cli.batch import submit, usage
 from broker.cli.circuits import circuits
+from broker.cli.quota import quota_app
 from broker.cli.versions import config_check, config_history, config_rollback
 from broker.core.config import Config
 from broker.core.errors import SwitchyardError
@@ -58,7 +59,11 @@ def _scheduler(settings: Settings, config: Config) -> Reloadable:
 
     return build(
         lambda: Scheduler(
-            settings.amqp_url, config, Names(settings.namespace), redis_url=settings.redis_url
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            redis_url=settings.redis_url,
+            database_url=settings.database_url,
         )
     )
 
@@ -172,6 +177,7 @@ def migrate(revision: str = "head") -> None:
 app.command()(submit)
 app.command()(usage)
 app.command()(circuits)
+app.add_typer(quota_app, name="quota")
 config_app.command("history")(config_history)
 config_app.command("rollback")(config_rollback)
 config_app.command("check")(config_check)

@@ -76,7 +76,7 @@ usage = Table(
     Column("cost_usd", Numeric(18, 9), comment="NULL when no price was configured"),
     Column("price_version", String(32)),
     Column("key_id", String(128)),
-    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, index=True),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("call_id", String(160), nullable=False),
     Column(
@@ -85,6 +85,13 @@ usage = Table(
         nullable=False,
         server_default=false(),
         comment="Counted at the call's reservation: its worker died before settling it.",
+    ),
+    Column(
+        "free",
+        Boolean,
+        nullable=False,
+        server_default=false(),
+        comment="Served by the provider's free tier (counted against it).",
     ),
     UniqueConstraint("call_id", name="usage_call_id_key"),
 )
@@ -103,8 +110,9 @@ calls = Table(
     Column("reserved_prompt_tokens", Integer, nullable=False),
     Column("reserved_completion_tokens", Integer, nullable=False),
     Column("reserved_cost_usd", Numeric(18, 9)),
+    Column("free", Boolean, nullable=False, server_default=false()),
     Column("price_version", String(32)),
-    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, index=True),
     Column(
         "settle_by",
         DateTime(timezone=True),

@@ -123,6 +123,17 @@ class Names:
         """A sorted set of held reservations by the end of their hold, for the expiry sweep."""
         return self.redis_key("quota-holds")
 
+    @property
+    def quota_epoch(self) -> str:
+        """Written when the quota counters are known whole (rebuilt from the ledger); its
+        absence means Redis lost them. The value changes with each rebuild."""
+        return self.redis_key("quota-epoch")
+
+    @property
+    def quota_rebuild_lock(self) -> str:
+        """Held by the one process rebuilding the counters."""
+        return self.redis_key("quota-rebuild")
+
     def reservation(self, reservation_id: str) -> str:
         """A reservation's record (a hash); ``""`` gives the prefix the sweep appends ids to."""
         return self.redis_key("reservation", reservation_id)

@@ -4,13 +4,30 @@ its usage events carry the figure; the accountant records it as it came)."""
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from broker.core.config import ModelSpec
 from schemas import UsageEvent
 
-__all__ = ["call_cost", "cost_usd", "price_usage"]
+__all__ = ["Unit", "call_cost", "cost_usd", "nanos_to_usd", "price_usage", "usd_to_nanos"]
+
+Unit = Literal["requests", "tokens", "usd_nanos"]
+"""What a quota counter counts. Money is integer nano-dollars, the ledger's own precision
+(``numeric(18, 9)``), so Redis's arithmetic stays exact and a counter equals its rows."""
+_NANOS = Decimal(1_000_000_000)
+
+
+def usd_to_nanos(usd: Decimal, rounding: str = ROUND_CEILING) -> int:
+    """Whole nano-dollars: exact for a priced call (the ledger's precision); an estimate with
+    more digits rounds up by default, so a reservation never under-holds."""
+    return int((usd * _NANOS).to_integral_value(rounding=rounding))
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    return Decimal(nanos) / _NANOS
+
 
 _PER_MILLION = Decimal(1_000_000)
 _QUANTUM = Decimal("0.000000001")  # numeric(18, 9) in Postgres

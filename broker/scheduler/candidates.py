@@ -2,21 +2,22 @@
 upstream model) pairs may take a job, and what each would cost.
 
 Estimated cost = prompt tokens (estimated for the provider's tokenizer family, tools included)
-at the input price + output tokens (the job's ``max_tokens``, else the model's, else
+at the input price + output tokens (the job's own cap, else the model's, else
 ``DEFAULT_OUTPUT_TOKENS``) at the output price, times the discount multiplier. It is the list
-price even where a free tier will make the call free.
+price even where a free tier will make the call free. A job without its own cap is ``sizable``:
+admission may lower its output tokens to what its token and USD limits leave (``with_output``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from broker.core.config import Discount, ProviderConfig, ProviderType, Serving
 from broker.core.pricing import cost_usd
-from broker.core.tokens import estimate_prompt_tokens
+from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
 from schemas import CompletionJob
 
 __all__ = [
@@ -29,9 +30,6 @@ __all__ = [
     "make_candidate",
     "unusable",
 ]
-
-DEFAULT_OUTPUT_TOKENS = 1024
-"""Output tokens assumed when neither the job nor the model sets ``max_tokens``."""
 
 CIRCUIT_OPEN = "circuit open"
 """Why an open circuit's provider was dropped (the router looks for it to say when to retry)."""
@@ -70,10 +68,20 @@ class Candidate:
     discount: Discount | None = None
     p50_latency_ms: float | None = None
     score: tuple[int, ...] = ()  # the rules' prefer/avoid slots (``Decision.score``)
+    # The job set no output cap, so admission may size ``est_output_tokens`` to its limits.
+    sizable: bool = False
+    # The cap admission chose and reserved for; the provider is sent it (``Route.output_cap``).
+    output_cap: int | None = None
 
     @property
     def est_tokens(self) -> int:
         return self.est_prompt_tokens + self.est_output_tokens
+
+    def with_output(self, tokens: int) -> Candidate:
+        """This candidate with ``tokens`` as its output cap, its estimated cost to match."""
+        spec = self.provider.models[self.model]
+        cost = cost_usd(spec, self.est_prompt_tokens, tokens, self.multiplier)
+        return replace(self, est_output_tokens=tokens, est_cost_usd=cost, output_cap=tokens)
 
     @property
     def label(self) -> str:
@@ -120,7 +128,8 @@ def make_candidate(
         prompt_tokens[family] = estimate_prompt_tokens(job.messages, family, job.params.tools)
     prompt = prompt_tokens[family]
     spec = provider.models[serving.model]
-    output = job.params.max_tokens or spec.max_tokens or DEFAULT_OUTPUT_TOKENS
+    own = job.params.own_max_tokens
+    output = own or spec.max_tokens or DEFAULT_OUTPUT_TOKENS
     discount = spec.discount_at(now, zone)
     multiplier = discount.multiplier if discount is not None else Decimal(1)
     return Candidate(
@@ -134,4 +143,5 @@ def make_candidate(
         multiplier=multiplier,
         discount=discount,
         p50_latency_ms=state.p50_latency_ms,
+        sizable=own is None,
     )

@@ -14,16 +14,19 @@ from datetime import datetime, timedelta
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.clock import utcnow
 from broker.core.config import Config
+from broker.core.db import make_engine
 from broker.core.errors import ConfigError, QuotaExceeded, Unavailable
 from broker.core.limits import KeyConfig
 from broker.core.metrics import QUOTA_ALERTS
 from broker.core.names import HEADER_PARKED, Names
-from broker.scheduler.admission import Admission
+from broker.scheduler.admission import Admission, Held
 from broker.scheduler.routing import Candidate, RouteDecision
-from broker.state.quota import REDIS_REFUSES_US, QuotaStore, Reserved, Short, ThresholdCrossed
+from broker.state.quota import REDIS_REFUSES_US, QuotaStore, Short, ThresholdCrossed
+from broker.state.quota_rebuild import QuotaRebuilder
 from broker.transport.amqp import Publisher, came_persistent, park_delay
 from schemas import CompletionJob
 
@@ -70,9 +73,19 @@ class Wait:
 
 
 class Reservations:
-    def __init__(self, redis: Redis | None, names: Names, hold_margin_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis | None,
+        names: Names,
+        hold_margin_s: float,
+        database_url: str | None = None,
+    ) -> None:
         self._redis = redis
         self._names = names
+        # With the ledger at hand, counters Redis lost are rebuilt from it before a reserve.
+        self._database_url = database_url
+        self._engine: AsyncEngine | None = None
+        self._rebuilder: QuotaRebuilder | None = None
         # A reservation is held for the provider's worst case (every attempt timing out), the
         # time the job may wait in the provider's queue (``queued_s``) and this margin; a
         # holder that died returns it when the hold passes.
@@ -89,6 +102,12 @@ class Reservations:
             if self._redis is None:
                 raise ConfigError("this config sets limits or budgets: the scheduler needs Redis")
             self.store = QuotaStore(self._redis, self._names)
+            if self._database_url is not None:
+                self._engine = make_engine(self._database_url)
+                self._rebuilder = QuotaRebuilder(self._engine, self._redis, self._names, config)
+                self.store.on_lost = self._rebuilder.ensure
+        if self._rebuilder is not None:
+            self._rebuilder.config = config
         self.store.use_thresholds(config.alerts.percents)
         return Admission(config, self.store, self._names)
 
@@ -103,6 +122,8 @@ class Reservations:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._engine is not None:
+            await self._engine.dispose()
 
     async def admit(
         self,
@@ -132,9 +153,10 @@ class Reservations:
             provider = candidate.provider
             hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s + queued_s
             outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
-            if isinstance(outcome, Reserved):
-                await self._alert(outcome.crossed)
-                return Admitted(candidate, ordered[index + 1 :], reservation_id)
+            if isinstance(outcome, Held):
+                await self._alert(outcome.reserved.crossed)
+                # The candidate as reserved: a job without its own cap carries the one sized.
+                return Admitted(outcome.candidate, ordered[index + 1 :], reservation_id)
             shorts.append(outcome)
         # The soonest a candidate could take the job; one whose limit is smaller than the job
         # never will, so it neither decides nor stops a wait while another could.

@@ -73,9 +73,11 @@ class RouteDecision:
         key_id: str | None = None,
     ) -> Route:
         """The ``Route`` carried on the job (alternatives as provider ids). ``admitted``: the
-        candidate quota admitted and what is left after it, when it was not the first choice."""
+        candidate quota admitted (as reserved, its output cap perhaps sized) and what is left
+        after it."""
         chosen, alternatives = admitted or (self.chosen, self.alternatives)
-        reason = self.reason if chosen is self.chosen else f"quota: {chosen.label}; {self.reason}"
+        first = (chosen.label, chosen.free) == (self.chosen.label, self.chosen.free)
+        reason = self.reason if first else f"quota: {chosen.label}; {self.reason}"
         return Route(
             provider=chosen.provider.id,
             model=chosen.model,
@@ -87,6 +89,9 @@ class RouteDecision:
             free=chosen.free,
             reservation_id=reservation_id,
             key_id=key_id,
+            output_cap=chosen.output_cap,
+            est_prompt_tokens=chosen.est_prompt_tokens,
+            est_completion_tokens=chosen.est_output_tokens,
         )
 
 

@@ -93,6 +93,7 @@ class Scheduler(Service):
         names: Names,
         *,
         redis_url: str | None = None,
+        database_url: str | None = None,
         prefetch: int = 256,
         hold_margin_s: float = 60.0,
     ) -> None:
@@ -116,7 +117,7 @@ class Scheduler(Service):
             else None
         )
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
-        self._reservations = Reservations(self._redis, names, hold_margin_s)
+        self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
         self._version = self._build(config)
         self._round_robin = itertools.count()
         self._connection: AbstractRobustConnection | None = None
@@ -329,7 +330,7 @@ class Scheduler(Service):
             return {}
         tokens, now = 0, None
         if admission is not None:
-            tokens = estimate_prompt_tokens(job.messages) + (job.params.max_tokens or 0)
+            tokens = estimate_prompt_tokens(job.messages) + (job.params.own_max_tokens or 0)
             now = utcnow()
         states = {}
         for provider in version.config.providers:

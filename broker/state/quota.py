@@ -14,22 +14,23 @@ the scripts' arithmetic stays exact and a settled counter equals the ledger to t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
 from enum import StrEnum
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import redis.exceptions
 from redis.asyncio import Redis
 
 from broker.core.names import Names
+from broker.core.pricing import Unit, nanos_to_usd, usd_to_nanos
 from broker.state import quota_scripts
 
 __all__ = [
     "REDIS_FAILURES",
     "REDIS_REFUSES_US",
     "Bucket",
+    "QuotaStateLost",
     "QuotaStore",
     "ReservationState",
     "Reserved",
@@ -41,30 +42,26 @@ __all__ = [
     "usd_to_nanos",
 ]
 
+
+class QuotaStateLost(Exception):
+    """Redis has no quota epoch: it lost its counters (it keeps nothing on disk here) or never
+    had them, and they could not be rebuilt now. Nothing is charged until they are."""
+
+
 REDIS_FAILURES: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    QuotaStateLost,
 )
-"""Redis being away (refused, dropped, timed out, loading), not a bad request: what may wait.
+"""Redis being away (refused, dropped, timed out, loading) or without its quota state, not a
+bad request: what may wait.
 Except ``REDIS_REFUSES_US``: wrong credentials are a configuration to fix, not an outage."""
 REDIS_REFUSES_US: tuple[type[BaseException], ...] = (
     redis.exceptions.AuthenticationError,
     redis.exceptions.AuthorizationError,
 )
 
-Unit = Literal["requests", "tokens", "usd_nanos"]
 UNITS: frozenset[str] = frozenset(get_args(Unit))
-_NANOS = Decimal(1_000_000_000)
-
-
-def usd_to_nanos(usd: Decimal, rounding: str = ROUND_CEILING) -> int:
-    """Whole nano-dollars: exact for a priced call (the ledger's precision); an estimate with
-    more digits rounds up by default, so a reservation never under-holds."""
-    return int((usd * _NANOS).to_integral_value(rounding=rounding))
-
-
-def nanos_to_usd(nanos: int) -> Decimal:
-    return Decimal(nanos) / _NANOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +104,7 @@ class Reserved:
     hold_until: float
     replayed: bool = False
     crossed: tuple[ThresholdCrossed, ...] = ()
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +164,7 @@ class QuotaStore:
         tombstone_s: int = 86_400,
         thresholds: Sequence[int] = (80, 95),
         sweep_batch: int = 100,
+        on_lost: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         if tombstone_s < 1 or sweep_batch < 1:
             raise ValueError("tombstone_s and sweep_batch must be positive")
@@ -176,6 +175,8 @@ class QuotaStore:
         self._thresholds = ""
         self.use_thresholds(thresholds)
         self._sweep_batch = sweep_batch
+        # Called when Redis has no quota epoch (the counters are lost): it rebuilds them.
+        self.on_lost = on_lost
         self._holds = names.quota_holds
         self._reserve = redis.register_script(quota_scripts.RESERVE)
         self._reconcile = redis.register_script(quota_scripts.RECONCILE)
@@ -222,18 +223,30 @@ class QuotaStore:
         """Charge every bucket, or none and say which one is short. Idempotent per id."""
         if hold_s <= 0:
             raise ValueError("hold_s must be positive")
-        reply = await self._reserve(
-            keys=[self._record(reservation_id), self._holds, *(b.key for b in buckets)],
-            args=[
-                reservation_id,
-                _clock(now),
-                repr(float(hold_s)),
-                self._tombstone_s,
-                self._thresholds,
-                self._encode(buckets),
-            ],
-        )
+        keys = [
+            self._record(reservation_id),
+            self._holds,
+            self._names.quota_epoch,
+            *(b.key for b in buckets),
+        ]
+        args: list[str | int] = [
+            reservation_id,
+            _clock(now),
+            repr(float(hold_s)),
+            self._tombstone_s,
+            self._thresholds,
+            self._encode(buckets),
+        ]
+        reply = await self._reserve(keys=keys, args=args)
+        if _text(reply[0]) == "lost" and self.on_lost is not None:
+            try:
+                await self.on_lost()
+            except Exception as exc:  # the ledger is away too: the job waits as for Redis
+                raise QuotaStateLost(f"the counters could not be rebuilt ({exc!r})") from exc
+            reply = await self._reserve(keys=keys, args=args)
         kind = _text(reply[0])
+        if kind == "lost":
+            raise QuotaStateLost("Redis holds no quota epoch: the counters must be rebuilt")
         if kind == "short":
             bucket = buckets[int(reply[1]) - 1]
             return Short(
@@ -257,6 +270,7 @@ class QuotaStore:
             ReservationState.HELD,
             float(_text(reply[1])),
             crossed=_crossings(reply[2]),
+            epoch=_text(reply[3]),
         )
 
     async def reconcile(
@@ -337,6 +351,16 @@ class QuotaStore:
             keys=[b.key for b in buckets], args=[self._thresholds, self._encode(buckets)]
         )
         return _crossings(reply)
+
+    async def usages(self, bucket_keys: Sequence[str]) -> list[int]:
+        """Several counters' values now, in one round trip."""
+        values = await self._redis.mget(bucket_keys)
+        return [int(v) if v is not None else 0 for v in values]
+
+    async def epoch(self) -> str | None:
+        """The quota epoch: a new one each time the counters are rebuilt; None: lost."""
+        value = await self._redis.get(self._names.quota_epoch)
+        return _text(value) if value is not None else None
 
     async def usage(self, bucket_key: str) -> int:
         """The counter's value now (0 once its window has gone)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from broker.core.names import QUOTA_ALERT_INFIX
 
-__all__ = ["CHARGE", "CROSSED", "EXPIRE", "EXTEND", "RECONCILE", "RESERVE"]
+__all__ = ["CHARGE", "CROSSED", "EXPIRE", "EXTEND", "REBUILD", "RECONCILE", "RESERVE"]
 
 # Shared: number formatting (tostring would give "1e+15" or 14 digits), the clock, and threshold
 # markers (set once per window, expiring with their counter).
@@ -37,33 +37,37 @@ end
 """
 )
 
-# KEYS: record, holds, counters...  ARGV: id, now, hold_s, tombstone_s, thresholds, buckets.
-# -> {'replayed', state, hold_until} | {'short', index, current, now}
-#  | {'held', hold_until, crossed}
+# KEYS: record, holds, epoch, counters...  ARGV: id, now, hold_s, tombstone_s, thresholds,
+# buckets.  No epoch: Redis lost the quota state (or never had it), and nothing is charged until
+# the counters are rebuilt from the ledger (``broker.state.quota_rebuild``).
+# -> {'lost'} | {'replayed', state, hold_until} | {'short', index, current, now}
+#  | {'held', hold_until, crossed, epoch}
 RESERVE = (
     _PRELUDE
     + """
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then return {'lost'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return {'replayed', state, redis.call('HGET', KEYS[1], 'hold_until')} end
 local now = clock(ARGV[2])
 local buckets = cjson.decode(ARGV[6])
 for i, b in ipairs(buckets) do
-  local current = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
+  local current = tonumber(redis.call('GET', KEYS[i + 3]) or '0')
   if current + b.amount > b.limit then return {'short', i, int(current), num(now)} end
 end
 local thresholds = cjson.decode(ARGV[5])
 local out = {}
 for i, b in ipairs(buckets) do
-  local used = redis.call('INCRBY', KEYS[i + 2], int(b.amount))
-  redis.call('PEXPIREAT', KEYS[i + 2], int(b.exp_ms))
-  cross(out, thresholds, KEYS[i + 2], b.label, used, b.limit, b.exp_ms)
+  local used = redis.call('INCRBY', KEYS[i + 3], int(b.amount))
+  redis.call('PEXPIREAT', KEYS[i + 3], int(b.exp_ms))
+  cross(out, thresholds, KEYS[i + 3], b.label, used, b.limit, b.exp_ms)
 end
 local hold_until = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'held', 'buckets', ARGV[6],
   'hold_until', num(hold_until), 'created', num(now))
 redis.call('PEXPIREAT', KEYS[1], int((hold_until + tonumber(ARGV[4])) * 1000))
 redis.call('ZADD', KEYS[2], hold_until, ARGV[1])
-return {'held', num(hold_until), out}
+return {'held', num(hold_until), out, epoch}
 """
 )
 
@@ -118,6 +122,23 @@ for _, b in ipairs(cjson.decode(buckets)) do
   end
 end
 return 1
+"""
+)
+
+# KEYS: epoch, counters...  ARGV: new epoch, values (JSON list of {value, exp_ms}, one per
+# counter).  A counter only ever rises to its ledger value (one that holds more holds live
+# reservations the ledger cannot see); the epoch is written if missing.  -> the epoch
+REBUILD = (
+    _PRELUDE
+    + """
+for i, c in ipairs(cjson.decode(ARGV[2])) do
+  local current = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+  if c.value > current then
+    redis.call('SET', KEYS[i + 1], int(c.value), 'PXAT', int(c.exp_ms))
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 """
 )
 

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("reserved_prompt_tokens", sa.Integer, nullable=False),
         sa.Column("reserved_completion_tokens", sa.Integer, nullable=False),
         sa.Column("reserved_cost_usd", sa.Numeric(18, 9)),
+        sa.Column("free", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("price_version", sa.String(32)),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column(
@@ -62,6 +63,19 @@ def upgrade() -> None:
     op.drop_constraint("usage_job_attempt_key", "usage", type_="unique")
     op.create_unique_constraint("usage_call_id_key", "usage", ["call_id"])
     op.create_index("ix_usage_job_id", "usage", ["job_id"])
+    # What the quota rebuild reads: a window's usage by time.
+    op.create_index("ix_usage_occurred_at", "usage", ["occurred_at"])
+    op.create_index("ix_calls_started_at", "calls", ["started_at"])
+    op.add_column(
+        "usage",
+        sa.Column(
+            "free",
+            sa.Boolean,
+            nullable=False,
+            server_default=sa.false(),
+            comment="Served by the provider's free tier (counted against it).",
+        ),
+    )
     op.add_column(
         "usage",
         sa.Column(
@@ -75,6 +89,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_column("usage", "free")
+    op.drop_index("ix_calls_started_at", table_name="calls")
+    op.drop_index("ix_usage_occurred_at", table_name="usage")
     op.drop_column("usage", "swept")
     op.drop_index("ix_usage_job_id", table_name="usage")
     op.drop_constraint("usage_call_id_key", "usage", type_="unique")

@@ -17,7 +17,8 @@ Request (canonical OpenAI → Anthropic)::
                                     (input = the parsed arguments object)
     tool messages                   tool_result blocks in one user turn, with any user message
                                     that follows merged into the same turn (roles must alternate)
-    max_tokens                      job's max_tokens / max_completion_tokens, else the model's
+    max_tokens                      job's max_tokens / max_completion_tokens, else the cap the
+                                    scheduler reserved (Route.output_cap), else the model's
                                     ModelSpec.max_tokens, else 4096 (Anthropic requires one)
     temperature, top_p              as is; stop → stop_sequences (a list)
     tools                           {"name", "description", "input_schema", "strict"?}
@@ -59,7 +60,7 @@ def messages_body(
     system, messages = _messages(request.messages, pid)
     body: dict[str, Any] = {
         "model": request.model,
-        "max_tokens": canonical.output_cap(params, spec) or DEFAULT_MAX_TOKENS,
+        "max_tokens": canonical.output_cap(request, spec) or DEFAULT_MAX_TOKENS,
         "messages": messages,
     }
     if system:

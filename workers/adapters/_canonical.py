@@ -17,6 +17,7 @@ from broker.core.config import ModelSpec
 from broker.core.errors import ProviderInvalidRequest
 from schemas import ChatMessage, CompletionParams
 from workers.adapters._errors import safe_code
+from workers.adapters.base import ProviderRequest
 
 __all__ = [
     "DataURL",
@@ -27,7 +28,6 @@ __all__ = [
     "forced_tool",
     "function_of",
     "json_output",
-    "max_tokens",
     "one_choice",
     "output_cap",
     "sampling",
@@ -44,17 +44,11 @@ _TOOL_MODES = frozenset({"auto", "required", "none"})
 # --- parameters ----------------------------------------------------------------------------
 
 
-def max_tokens(params: CompletionParams) -> int | None:
-    """The job's output cap: ``max_tokens``, else the newer ``max_completion_tokens``."""
-    if params.max_tokens is not None:
-        return params.max_tokens
-    extra = (params.model_extra or {}).get("max_completion_tokens")
-    return extra if isinstance(extra, int) and not isinstance(extra, bool) and extra > 0 else None
-
-
-def output_cap(params: CompletionParams, spec: ModelSpec | None) -> int | None:
-    """The job's output cap, else the model's configured one."""
-    return max_tokens(params) or (spec.max_tokens if spec is not None else None)
+def output_cap(request: ProviderRequest, spec: ModelSpec | None) -> int | None:
+    """The cap to send: the job's own, else the one the scheduler reserved for it, else the
+    model's configured one."""
+    own = request.params.own_max_tokens
+    return own or request.output_cap or (spec.max_tokens if spec is not None else None)
 
 
 def one_choice(params: CompletionParams, pid: str, why: str) -> None:

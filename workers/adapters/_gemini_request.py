@@ -17,7 +17,8 @@ Request (canonical OpenAI → Gemini)::
     tool messages                  role user {"functionResponse": {"name" (of the call with that
                                    id), "response" (the JSON object, else {"content": text})}};
                                    consecutive ones share one user turn
-    generationConfig               maxOutputTokens (job's, else ModelSpec's, else omitted),
+    generationConfig               maxOutputTokens (job's, else the scheduler's reserved cap,
+                                   else ModelSpec's, else omitted),
                                    temperature, topP, stopSequences, seed, presencePenalty,
                                    frequencyPenalty, topK; json_object → responseMimeType
                                    application/json; json_schema → that + responseJsonSchema
@@ -63,7 +64,7 @@ def generate_content_body(
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
     config: dict[str, Any] = {}
-    limit = canonical.output_cap(params, spec)
+    limit = canonical.output_cap(request, spec)
     if limit is not None:
         config["maxOutputTokens"] = limit
     config.update(canonical.sampling(params, top_p="topP", stop="stopSequences"))

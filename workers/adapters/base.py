@@ -28,11 +28,14 @@ __all__ = ["ProviderAdapter", "ProviderRequest"]
 
 @dataclass(frozen=True, slots=True)
 class ProviderRequest:
-    """One call: the provider's own model name, the messages and the parameters."""
+    """One call: the provider's own model name, the messages and the parameters.
+    ``output_cap``: the cap the scheduler reserved for a job that set none (``Route.output_cap``);
+    the adapter sends it, so the answer cannot cost more than its reservation holds."""
 
     model: str
     messages: list[ChatMessage]
     params: CompletionParams
+    output_cap: int | None = None
 
 
 class ProviderAdapter(ABC):

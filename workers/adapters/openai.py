@@ -12,9 +12,13 @@ Serves provider types ``openai``, ``openai_compatible`` and ``mock``. Follows:
   ``{"error": {"message", "type", "param", "code"}}``)
 
 ``complete()`` never sends ``stream`` (a job's ``params.stream`` chooses the method, not the wire
-flag); ``stream()`` always does. ``openai_compatible`` servers may report no usage: the result
-then has ``usage=None`` and the worker estimates it. From ``openai`` and ``mock`` a missing usage
-is a ProviderProtocolError.
+flag); ``stream()`` always does. The job's params pass through; a job that set no cap of its own
+is sent the one the scheduler reserved for it, else the model's configured one: as
+``max_completion_tokens`` to ``openai`` (the create reference: ``max_tokens`` is deprecated for it
+and not compatible with o-series models), as ``max_tokens`` to ``openai_compatible`` and ``mock``
+servers (vLLM, llama.cpp and Ollama read that name). ``openai_compatible`` servers may report no
+usage: the result then has ``usage=None`` and the worker estimates it. From ``openai`` and
+``mock`` a missing usage is a ProviderProtocolError.
 
 Status → error, by the ladder in ``_errors.py``::
 
@@ -47,6 +51,7 @@ import httpx
 
 from broker.core.config import ProviderConfig, ProviderType
 from schemas import ChatCompletion, ChatCompletionChunk, Choice
+from workers.adapters import _canonical as canonical
 from workers.adapters import _wire as wire
 from workers.adapters._errors import Failure, error_object, parse_retry_after
 from workers.adapters._http import HTTPAdapter
@@ -77,6 +82,8 @@ class OpenAIAdapter(HTTPAdapter):
         super().__init__(provider, http)
         # Some OpenAI-compatible servers (older vLLM, llama.cpp builds) omit usage.
         self.usage_optional = provider.type is ProviderType.OPENAI_COMPATIBLE
+        openai = provider.type is ProviderType.OPENAI
+        self.cap_name = "max_completion_tokens" if openai else "max_tokens"
 
     def _key_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -93,6 +100,10 @@ class OpenAIAdapter(HTTPAdapter):
             "messages": [m.model_dump(mode="json", exclude_none=True) for m in request.messages],
             **params,
         }
+        if request.params.own_max_tokens is None:
+            cap = canonical.output_cap(request, self.model_spec(request.model))
+            if cap is not None:
+                body[self.cap_name] = cap
         if stream:
             extra = options if isinstance(options, dict) else {}
             body["stream"] = True
