@@ -200,3 +200,110 @@ async def test_a_budget_spent_before_redis_restarts_empty_is_still_enforced_afte
     assert mock.stats()["calls"] == await pg.fetchval(
         "SELECT count(*) FROM usage WHERE key_id = $1", key_id
     )
+
+
+async def test_with_redis_away_a_global_cap_holds_batch_jobs_and_answers_rpc_jobs_retry(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    redis_outage: list[str],
+) -> None:
+    """A provider with a global concurrency cap needs Redis for its leases. While Redis is
+    away, a batch job waits in its worker and runs once Redis is back; an RPC job is answered
+    ``unavailable`` with ``retry_after`` at once (both used to end ``internal_error``)."""
+    provider = {"id": "mock", "global_concurrency": 2}
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [provider]))
+    assert not config.needs_quota  # the scheduler admits without Redis; only the lease needs it
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            queue = await client.open_results("lease-outage")
+            redis_outage.append("stopped")
+            await asyncio.to_thread(
+                subprocess.run, ["redis-cli", "-p", "6379", "shutdown", "nosave"], timeout=30
+            )
+            batch = [make_job(MESSAGES, model="gpt-4o-mini") for _ in range(4)]
+            for job in batch:
+                await client.submit(job, results_queue=queue)
+            rpc = await client.complete(MESSAGES, model="gpt-4o-mini", timeout_s=20)
+            assert rpc.status is JobStatus.FAILED
+            assert rpc.error is not None and rpc.error.code is ErrorCode.UNAVAILABLE
+            assert rpc.error.retry_after is not None and rpc.error.retry_after > 0
+            await asyncio.sleep(1)
+            assert mock.stats()["calls"] == 0  # no call went without its lease
+
+            await asyncio.to_thread(subprocess.run, REDIS_SERVER, check=True, timeout=30)
+            probe = Redis.from_url(REDIS_URL)
+            await eventually(lambda: _answers(probe), 30, "Redis to answer again")
+            await probe.aclose()
+            redis_outage.clear()
+            got: dict[str, JobResult] = {}
+            async with asyncio.timeout(60):
+                async for result in client.results(queue):
+                    got[result.job_id] = result
+                    if len(got) == len(batch):
+                        break
+            await client.delete_results(queue)
+    assert {r.status for r in got.values()} == {JobStatus.SUCCEEDED}
+    assert mock.stats()["calls"] == len(batch)
+
+
+async def test_failing_open_runs_jobs_while_redis_is_away_and_counts_them_when_it_returns(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    pg: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    """``quota_when_redis_away: admit``: while Redis does not answer (paused here, so it keeps
+    its counters), an RPC job is served rather than told to retry; once Redis answers, the
+    scheduler charges it to its counters at its estimate."""
+    secret = f"sk-{names.namespace}"
+    key_id = f"k-{names.namespace.replace('.', '-')}"
+    key = {
+        "id": key_id,
+        "key_sha256": hashlib.sha256(secret.encode()).hexdigest(),
+        "budgets": {"tokens_per_day": 100_000},
+    }
+    path = write_config(
+        tmp_path / "p.yaml", mock, [{"id": "mock"}], keys=[key], quota_when_redis_away="admit"
+    )
+    config = load_config(path)
+    counter = names.quota_bucket(
+        "key", key_id, "tokens_day", window(Period.DAY, utcnow(), config.zone).id
+    )
+    ask = {"model": "gpt-4o-mini", "params": {"max_tokens": 40}, "api_key": secret}
+
+    async def count() -> int:
+        return int(await redis.get(counter) or 0)
+
+    async def used() -> int:
+        sql = "SELECT coalesce(sum(total_tokens), 0) FROM usage WHERE key_id = $1"
+        return int(await pg.fetchval(sql, key_id))
+
+    async with pipeline(config):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            first = await client.complete(MESSAGES, **ask)
+            assert first.status is JobStatus.SUCCEEDED
+            await eventually(lambda: _equal(count, used), 20, "the first job settled")
+            before = await count()
+            # Every client's commands wait 6 s: the scheduler's time out after 2 s.
+            await redis.execute_command("CLIENT", "PAUSE", "6000", "ALL")
+            unmetered = await client.complete(MESSAGES, **ask, timeout_s=30)
+            assert unmetered.status is JobStatus.SUCCEEDED, unmetered.error
+            assert unmetered.usage is not None
+
+            async def counted() -> bool:
+                return await count() > before
+
+            await eventually(counted, 30, "the unmetered job counted once Redis answers")
+    # Counted at its estimate (prompt + its 40-token cap), never below what it used.
+    assert await count() - before >= unmetered.usage.total_tokens
+    assert await count() - before <= unmetered.usage.prompt_tokens * 2 + 40
+
+
+async def _equal(a: Any, b: Any) -> bool:
+    return bool(await a() == await b())

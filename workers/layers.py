@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,12 +30,13 @@ from zoneinfo import ZoneInfo
 
 from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
-from broker.core.errors import DeadlineExceeded, ProviderUnavailable
+from broker.core.errors import DeadlineExceeded, ProviderUnavailable, Unavailable
 from broker.core.pricing import call_cost, price_usage
 from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
 from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.state.fairness import PrioritySlots
 from broker.state.leases import LeaseSemaphore
+from broker.state.quota import REDIS_FAILURES
 from schemas import Attempt, CallStarted, CompletionJob
 from workers.clients import ProviderClient, ProviderClients
 from workers.retry import CallOutcome, OnChunk, OnStart, call_with_retries
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 LEASE_WAIT_S = 30.0
 """How long one wait for a global lease lasts before it starts again (and looks at the
 job's deadline)."""
+REDIS_RETRY_S = 5.0
+"""While Redis is away: how often a waiting job tries for a lease again, and the
+``retry_after`` an RPC job is told."""
+REDIS_WAIT_S = 600.0
+"""The longest a persistent job holds its delivery waiting for Redis to grant a lease."""
 
 
 @dataclass(slots=True)
@@ -67,6 +74,8 @@ class Call:
     job: CompletionJob
     priority: int
     on_chunk: OnChunk | None = None
+    persistent: bool = False
+    """The job came persistent (a batch job): it may wait for Redis; an RPC job may not."""
     started: datetime | None = None
     client: ProviderClient | None = None
     on_start: OnStart | None = None
@@ -296,12 +305,19 @@ class GlobalLease:
         leases = call.client.leases if call.client is not None else None
         if leases is None:
             return await proceed(call)
-        async with self.hold(leases, call.job.deadline):
+        async with self.hold(leases, call.job.deadline, may_wait=call.persistent):
             return await proceed(call)
 
     @contextlib.asynccontextmanager
-    async def hold(self, leases: LeaseSemaphore, until: datetime | None) -> AsyncIterator[None]:
+    async def hold(
+        self, leases: LeaseSemaphore, until: datetime | None, *, may_wait: bool = True
+    ) -> AsyncIterator[None]:
+        """Hold a lease for the call. With Redis away no lease can be had: a job that
+        ``may_wait`` (a persistent one) keeps its delivery and tries again every
+        ``REDIS_RETRY_S``, no later than its deadline or ``REDIS_WAIT_S``; an RPC job is
+        answered ``unavailable`` with ``retry_after`` at once."""
         lease = None
+        away_since: float | None = None
         while lease is None:
             wait_s = LEASE_WAIT_S
             if until is not None:
@@ -311,7 +327,18 @@ class GlobalLease:
                         "the job's deadline passed while it waited for the provider's global"
                         " concurrency"
                     )
-            lease = await leases.acquire_wait(self.holder, timeout_s=wait_s)
+            try:
+                lease = await leases.acquire_wait(self.holder, timeout_s=wait_s)
+            except REDIS_FAILURES as exc:
+                away_since = away_since or time.monotonic()
+                if not may_wait or time.monotonic() - away_since >= REDIS_WAIT_S:
+                    raise Unavailable(
+                        f"Redis is unreachable ({type(exc).__name__}), so no lease on the"
+                        f" provider's global concurrency could be had; the job was not run",
+                        retry_after=REDIS_RETRY_S,
+                    ) from exc
+                log.warning("%s: Redis is away; a job waits for a lease", self.name)
+                await asyncio.sleep(min(REDIS_RETRY_S, max(wait_s, 0.0)))
         keeping = asyncio.create_task(self._keep(leases, lease))
         try:
             yield

@@ -262,7 +262,7 @@ class WorkerPool(Service):
         durable = self._answers is not None and came_persistent(message)
         if durable and _may_have_twin(message) and await self._answered(job):
             return
-        call = Call(job, message.priority or 0, on_chunk)
+        call = Call(job, message.priority or 0, on_chunk, persistent=came_persistent(message))
         outcome = await self._call(call)
         if _fails_over(job, outcome):
             await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)

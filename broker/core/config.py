@@ -14,7 +14,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -96,6 +96,12 @@ class Config(StrictModel):
     consumers: dict[str, ConsumerConfig] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     alerts: Alerts = Field(default_factory=Alerts)
+    quota_when_redis_away: Literal["wait", "admit"] = Field(
+        default="wait",
+        description="wait: no limit is ever overshot; a batch job waits for Redis, an RPC job "
+        "is told to retry. admit: jobs run unmetered while Redis is away and are counted at "
+        "their estimates when it returns, so a limit may be overshot by what ran meanwhile.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -27,8 +27,9 @@ from broker.core.limits import KeyConfig
 from broker.core.names import Names
 from broker.core.pricing import Unit, usd_to_nanos
 from broker.core.quota_plan import UNCAPPED, Limit, day_tokens, free_limits, limits_for
+from broker.scheduler.candidates import UNKNOWN_STATE
 from broker.scheduler.routing import Candidate, ProviderState
-from broker.state.quota import Bucket, QuotaStore, Reserved, Short
+from broker.state.quota import REDIS_FAILURES, Bucket, QuotaStore, Reserved, Short
 
 __all__ = ["MIN_OUTPUT_TOKENS", "SHARES", "Admission", "Held"]
 
@@ -93,7 +94,16 @@ class Admission:
     async def state(
         self, provider: ProviderConfig, est_tokens: int, now: datetime
     ) -> ProviderState:
-        """The quota part of a provider's routing state: tokens used today, free tier left."""
+        """The quota part of a provider's routing state: tokens used today, free tier left;
+        unknown (a healthy default) while Redis is away, whose absence admission then meets."""
+        try:
+            return await self._state(provider, est_tokens, now)
+        except REDIS_FAILURES:
+            return UNKNOWN_STATE
+
+    async def _state(
+        self, provider: ProviderConfig, est_tokens: int, now: datetime
+    ) -> ProviderState:
         day = day_tokens(provider)
         used = await self.store.usage(day.key(self.names, day.window(now, self.config.zone)))
         free = False

@@ -25,7 +25,8 @@ from broker.core.metrics import QUOTA_ALERTS
 from broker.core.names import HEADER_PARKED, Names
 from broker.scheduler.admission import Admission, Held
 from broker.scheduler.routing import Candidate, RouteDecision
-from broker.state.quota import REDIS_REFUSES_US, QuotaStore, Short, ThresholdCrossed
+from broker.scheduler.unmetered import Unmetered
+from broker.state.quota import REDIS_FAILURES, REDIS_REFUSES_US, QuotaStore, Short, ThresholdCrossed
 from broker.state.quota_rebuild import QuotaRebuilder
 from broker.transport.amqp import Publisher, came_persistent, park_delay
 from schemas import CompletionJob
@@ -86,6 +87,7 @@ class Reservations:
         self._database_url = database_url
         self._engine: AsyncEngine | None = None
         self._rebuilder: QuotaRebuilder | None = None
+        self._unmetered = Unmetered()
         # A reservation is held for the provider's worst case (every attempt timing out), the
         # time the job may wait in the provider's queue (``queued_s``) and this margin; a
         # holder that died returns it when the hold passes.
@@ -141,6 +143,27 @@ class Reservations:
         park the job that long (only if it may ``wait``)."""
         if admission is None:
             return Admitted(decision.chosen, decision.alternatives, None)
+        try:
+            return await self._reserve(job, key, decision, now, admission, queued_s, wait)
+        except REDIS_FAILURES as exc:
+            if admission.config.quota_when_redis_away != "admit" or isinstance(
+                exc, REDIS_REFUSES_US
+            ):
+                raise
+            log.warning("job %s runs unmetered: Redis is away (%s)", job.job_id, exc)
+            self._unmetered.owe(admission.buckets(key, decision.chosen, now))
+            return Admitted(decision.chosen, decision.alternatives, None)
+
+    async def _reserve(
+        self,
+        job: CompletionJob,
+        key: KeyConfig | None,
+        decision: RouteDecision,
+        now: datetime,
+        admission: Admission,
+        queued_s: float,
+        wait: bool,
+    ) -> Admitted | Wait:
         ordered = [decision.chosen, *decision.alternatives]
         # A provider's free tier running out leaves its paid tier: try that after the rest.
         ordered += [replace(c, free=False) for c in ordered if c.free]
@@ -197,6 +220,8 @@ class Reservations:
             await asyncio.sleep(SWEEP_EVERY_S)
             try:
                 returned = await self.store.expire_holds()
+                if self._unmetered:
+                    await self._unmetered.settle(self.store)
             except Exception:
                 log.warning("quota sweep failed", exc_info=True)
                 continue

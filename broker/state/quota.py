@@ -321,6 +321,15 @@ class QuotaStore:
         )
         return bool(reply)
 
+    async def charge_buckets(self, buckets: Sequence[Bucket]) -> None:
+        """Add each bucket's amount to its counter without a limit check (a job that ran while
+        Redis was away, counted now); one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for b in buckets:
+                pipe.incrby(b.key, b.amount)
+                pipe.pexpireat(b.key, int((b.expires_at + self._margin_s) * 1000))
+            await pipe.execute()
+
     async def extend(
         self, reservation_id: str, hold_s: float, *, now: float | None = None
     ) -> float | None:
