@@ -159,6 +159,11 @@ class Route(BaseModel):
     reservation_id: str | None = Field(
         default=None, description="The quota reservation the accountant reconciles."
     )
+    quota_epoch: str | None = Field(
+        default=None,
+        description="The quota counters' epoch the reservation was made in: a worker that finds"
+        " another sends the job back to be admitted again (Redis lost the reservation).",
+    )
     key_id: str | None = None
     output_cap: int | None = Field(
         default=None,

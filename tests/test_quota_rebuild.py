@@ -4,6 +4,7 @@ flight at their reservation; a counter already higher stays; Redis gets an epoch
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -13,18 +14,21 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.client import SwitchyardClient, make_job
 from broker.core.clock import utcnow
 from broker.core.config import Config, load_config
 from broker.core.db import make_engine
 from broker.core.names import Names
 from broker.core.pricing import usd_to_nanos
 from broker.core.quota_plan import all_limits
+from broker.core.windows import Period, window
 from broker.state.quota import Bucket, QuotaStateLost, QuotaStore, Reserved
 from broker.state.quota_rebuild import QuotaRebuilder
-from tests.conftest import MockProvider, write_config
+from tests.conftest import AMQP_URL, MockProvider, eventually, queue_depth, write_config
 
 SHA = hashlib.sha256(b"sk-rebuild").hexdigest()
 
@@ -155,3 +159,53 @@ async def test_counters_rise_to_the_ledger_and_reservations_wait_for_the_epoch(
     assert await store.usage(tokens_day) == 10_000
     assert await store.usage(keys[("key", team, "usd_nanos_day")]) == team_usd
     assert await store.epoch() == epoch
+
+
+async def test_a_job_queued_when_redis_lost_its_reservation_is_admitted_again(
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+    pg: asyncpg.Connection,
+    redis: Redis,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A batch job reserved and waiting in its provider's queue when Redis lost everything:
+    the rebuild cannot see its reservation (no call yet), so its worker, finding another epoch,
+    sends it back and the scheduler admits it again; its spend then reaches the counters (it
+    used to run unmetered: its reconcile found no reservation)."""
+    secret = f"sk-{names.namespace}"
+    key_id = f"k-{_id(names)}"
+    key = {"id": key_id, "key_sha256": hashlib.sha256(secret.encode()).hexdigest()}
+    key["budgets"] = {"tokens_per_day": 100_000}  # type: ignore[assignment]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [{"id": "mock"}], keys=[key]))
+    counter = names.quota_bucket(
+        "key", key_id, "tokens_day", window(Period.DAY, utcnow(), config.zone).id
+    )
+    job = make_job([{"role": "user", "content": "queued"}], model="gpt-4o-mini")
+    job.params.max_tokens = 40
+    async with pipeline(config, workers=[]):
+        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+        async with client:
+            results = await client.open_results("queued")
+            await client.submit(job, results_queue=results, api_key=secret)
+
+            async def queued() -> bool:
+                lanes = [names.provider("mock", lane) for lane in range(config.fair_lanes)]
+                return sum([await queue_depth(amqp, lane) for lane in lanes]) == 1
+
+            await eventually(queued, 20, "the job reserved and queued for its worker")
+            first_epoch = await redis.get(names.quota_epoch)
+            async for stale in redis.scan_iter(match=f"{names.namespace}:*"):
+                await redis.delete(stale)  # as Redis restarted empty
+            async with pipeline(config, scheduler=False, accountant=False, workers=["mock"]):
+                async with asyncio.timeout(30):
+                    result = await anext(aiter(client.results(results)))
+    assert result.status.value == "succeeded" and result.usage is not None
+    assert await redis.get(names.quota_epoch) not in (None, first_epoch)  # rebuilt
+
+    async def charged() -> bool:
+        return int(await redis.get(counter) or 0) == result.usage.total_tokens  # type: ignore[union-attr]
+
+    await eventually(charged, 20, "the job's tokens on its key's counter")
+    assert mock.stats()["calls"] == 1

@@ -37,6 +37,7 @@ from broker.core.settings import CALL_SETTLE_MARGIN_S
 from broker.state.answers import Answers
 from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
+from broker.state.quota_epoch import QuotaEpoch
 from broker.transport.amqp import Publisher, came_persistent, declare_topology
 from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -102,6 +103,7 @@ class WorkerPool(Service):
         self._pricing = Pricing(config)
         circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._answers = Answers(self._redis, names) if self._redis is not None else None
+        self._epoch = QuotaEpoch(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
@@ -262,6 +264,9 @@ class WorkerPool(Service):
         durable = self._answers is not None and came_persistent(message)
         if durable and _may_have_twin(message) and await self._answered(job):
             return
+        if await self._reservation_lost(job):
+            await self.outcomes.pass_on(message, job, self.names.reroute)
+            return
         call = Call(job, message.priority or 0, on_chunk, persistent=came_persistent(message))
         outcome = await self._call(call)
         if _fails_over(job, outcome):
@@ -276,6 +281,18 @@ class WorkerPool(Service):
             if not answer:
                 log.warning("job %s: a twin was answered first; no second result", job.job_id)
         await self.outcomes.finish(message, job, result, outcome.usage, answer=answer)
+
+    async def _reservation_lost(self, job: CompletionJob) -> bool:
+        """A job whose reservation Redis lost (it came back empty while the job was queued)
+        goes back to the scheduler to be admitted again (``broker.state.quota_epoch``)."""
+        assert job.route is not None
+        epoch = job.route.quota_epoch
+        if self._epoch is None or job.route.reservation_id is None or epoch is None:
+            return False
+        if not await self._epoch.lost(epoch):
+            return False
+        log.warning("job %s: its reservation was lost with Redis; admitted again", job.job_id)
+        return True
 
     async def _answered(self, job: CompletionJob) -> bool:
         """A job that came again after its result went out is not run again."""

@@ -59,6 +59,8 @@ class Admitted:
     chosen: Candidate
     alternatives: list[Candidate]
     reservation_id: str | None
+    quota_epoch: str | None = None
+    """The counters' epoch the reservation was made in (``QuotaStore``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +181,8 @@ class Reservations:
             if isinstance(outcome, Held):
                 await self._alert(outcome.reserved.crossed)
                 # The candidate as reserved: a job without its own cap carries the one sized.
-                return Admitted(outcome.candidate, ordered[index + 1 :], reservation_id)
+                epoch = outcome.reserved.epoch
+                return Admitted(outcome.candidate, ordered[index + 1 :], reservation_id, epoch)
             shorts.append(outcome)
         # The soonest a candidate could take the job; one whose limit is smaller than the job
         # never will, so it neither decides nor stops a wait while another could.

@@ -71,6 +71,7 @@ class RouteDecision:
         admitted: tuple[Candidate, list[Candidate]] | None = None,
         reservation_id: str | None = None,
         key_id: str | None = None,
+        quota_epoch: str | None = None,
     ) -> Route:
         """The ``Route`` carried on the job (alternatives as provider ids). ``admitted``: the
         candidate quota admitted (as reserved, its output cap perhaps sized) and what is left
@@ -88,6 +89,7 @@ class RouteDecision:
             policy=self.policy,
             free=chosen.free,
             reservation_id=reservation_id,
+            quota_epoch=quota_epoch,
             key_id=key_id,
             output_cap=chosen.output_cap,
             est_prompt_tokens=chosen.est_prompt_tokens,

@@ -40,10 +40,11 @@ from broker.core.errors import (
     Unavailable,
 )
 from broker.core.limits import KeyConfig
-from broker.core.names import HEADER_KEY, HEADER_PARKED, HEADER_REDELIVERED, Names
+from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
+from broker.scheduler.auth import authenticate
 from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
@@ -184,7 +185,7 @@ class Scheduler(Service):
         version = self._version
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
-        key = self._authenticate(message, version.config)
+        key = authenticate(message.headers, version.config)
         try:
             decision = await self._route(job, key, version, now)
             admitted = await self._reservations.admit(
@@ -199,13 +200,14 @@ class Scheduler(Service):
 
     async def _reschedule(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
         """Route a job to a candidate it has not tried, under a new reservation (the worker's
-        event settles the last one). The key is the route's: the worker checked nothing new,
-        and the secret went no further than the first pass. No candidate left, or none with
-        quota now: the job ends failed with its provider's error (it does not wait)."""
+        event settles the last one); with no attempts, its reservation was lost with Redis and
+        it is admitted again. The key is the route's: the worker checked nothing new, and the
+        secret went no further than the first pass. No candidate left, or none with quota now:
+        the job ends failed with its provider's error, or the refusal (it does not wait)."""
         now = utcnow()
         version = self._version
-        if job.route is None or not job.attempts:
-            raise InvalidMessage("a rerouted job carries its route and the attempts made")
+        if job.route is None:
+            raise InvalidMessage("a rerouted job carries its route")
         try:
             if job.deadline is not None and job.deadline <= now:
                 raise DeadlineExceeded("the job's deadline passed before it could fail over")
@@ -291,6 +293,7 @@ class Scheduler(Service):
             now,
             admitted=(admitted.chosen, admitted.alternatives),
             reservation_id=admitted.reservation_id,
+            quota_epoch=admitted.quota_epoch,
             key_id=key.id if key else None,
         )
         if job.attempts:
@@ -308,21 +311,6 @@ class Scheduler(Service):
             update["priority"] = min(message.priority, 9)
         lane = lane_for(key, version.config.fair_lanes)
         await self._forward(message, job.model_copy(update=update), now, lane)
-
-    def _authenticate(self, message: AbstractIncomingMessage, config: Config) -> KeyConfig | None:
-        """With keys configured, every job must carry a known one; without, jobs are anonymous."""
-        if not config.keys:
-            return None
-        secret = (message.headers or {}).get(HEADER_KEY)
-        if isinstance(secret, bytes):
-            secret = secret.decode(errors="replace")
-        key = config.key_for_secret(secret) if isinstance(secret, str) else None
-        if key is None:
-            raise Unauthorized(
-                f"a known virtual key is required in the {HEADER_KEY} header"
-                + ("" if secret else " (none was given)")
-            )
-        return key
 
     async def _states(self, job: CompletionJob, version: _Version) -> dict[str, ProviderState]:
         admission, circuits = version.admission, self._circuits
@@ -386,7 +374,10 @@ def _twin_mark(message: AbstractIncomingMessage) -> dict[str, int]:
 
 
 def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:
-    """A failed-over job no other candidate can take: its last provider's error, and why."""
+    """A failed-over job no other candidate can take: its last provider's error, and why (a job
+    admitted again, with no attempts, gets the refusal itself)."""
+    if not job.attempts:
+        return why.to_job_error()
     last = job.attempts[-1]
     code = last.error_code or ErrorCode.SERVER_ERROR
     return JobError(
