@@ -66,10 +66,10 @@ class Processes:
 def processes(
     names: Names, database_url: str, tmp_path: Path, mock: MockProvider
 ) -> Iterator[Processes]:
-    providers = [{"id": "slow", "concurrency": 4, "timeout_s": 5}]
+    providers = [{"id": "slow", "concurrency": 4, "timeout_s": 3, "max_attempts": 1}]
     config = write_config(tmp_path / "p.yaml", mock, providers)
     env = process_env(names, database_url, config)
-    # A killed worker's calls are swept 5 s (timeout) + 1 s after they started.
+    # A killed worker's calls are swept (3 s + 10 s backoff) x 1 attempt + 1 s after they started.
     env["SWITCHYARD_CALL_SETTLE_MARGIN_S"] = "1"
     procs = Processes(env, tmp_path)
     yield procs

@@ -20,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker.core.names import Names
+from broker.core.pricing import Unit, nanos_to_usd, usd_to_nanos
 from broker.core.settings import Settings
 from broker.state.quota import (
     Bucket,
@@ -28,9 +29,6 @@ from broker.state.quota import (
     Reserved,
     Short,
     ThresholdCrossed,
-    Unit,
-    nanos_to_usd,
-    usd_to_nanos,
 )
 
 REDIS_URL = os.environ.get("SWITCHYARD_REDIS_URL", Settings().redis_url)
@@ -273,6 +271,22 @@ async def test_reconcile_charges_the_difference_once(
     assert await counters(store, tpm) == [1_570]
     with pytest.raises(ValueError):
         await store.reconcile("job-2", {"tokens": -1})
+
+
+async def test_a_call_beyond_the_settlement_is_charged_once(
+    store: QuotaStore, names: Names
+) -> None:
+    """A twin's call (the job ran again under the same reservation) or a swept one: charged on
+    top of the settled reservation, once per call id; the calls the reconcile covered, never."""
+    tpm = bucket(names, "tpm", 500, 10_000, "tokens")
+    assert isinstance(await store.reserve("job-1", [tpm], 30), Reserved)
+    await store.reconcile("job-1", {"tokens": 320}, calls=["job-1:1:a"])
+    assert await store.usage(tpm.key) == 320
+    assert not await store.charge("job-1", "job-1:1:a", {"tokens": 320})  # the same call again
+    assert await store.charge("job-1", "job-1:1:b", {"tokens": 300})  # the twin's call
+    assert not await store.charge("job-1", "job-1:1:b", {"tokens": 300})
+    assert not await store.charge("unknown", "x", {"tokens": 1})
+    assert await store.usage(tpm.key) == 620
 
 
 async def test_release_returns_everything(store: QuotaStore, names: Names, redis: Redis) -> None:

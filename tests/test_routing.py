@@ -470,6 +470,7 @@ def test_the_decision_becomes_the_jobs_route() -> None:
         "policy": "cheapest",
         "free": False,
         "reservation_id": None,
+        "quota_epoch": None,
         "key_id": None,
         "output_cap": None,  # the job set a cap of its own
         "est_prompt_tokens": 14,

@@ -32,14 +32,14 @@ from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import DeadlineExceeded, ProviderUnavailable, Unavailable
 from broker.core.pricing import call_cost, price_usage
-from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
+from broker.core.tokens import estimate_prompt_tokens, expected_output_tokens
 from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.state.fairness import PrioritySlots
 from broker.state.leases import LeaseSemaphore
 from broker.state.quota import REDIS_FAILURES
 from schemas import Attempt, CallStarted, CompletionJob
 from workers.clients import ProviderClient, ProviderClients
-from workers.retry import CallOutcome, OnChunk, OnStart, call_with_retries
+from workers.retry import MAX_BACKOFF_S, CallOutcome, OnChunk, OnStart, call_with_retries
 
 __all__ = [
     "Call",
@@ -202,9 +202,16 @@ class CallLedger:
                 free=route.free,
                 price_version=version,
                 started_at=now,
-                settle_by=now + timedelta(seconds=provider.timeout_s + self.margin_s),
+                settle_by=now + timedelta(seconds=settle_within_s(provider) + self.margin_s),
             )
         )
+
+
+def settle_within_s(provider: ProviderConfig) -> float:
+    """The longest a call may go unsettled while its worker lives: a job's calls are settled
+    together when it ends, so the job's worst case from its first call, every attempt timing
+    out after the longest backoff."""
+    return (provider.timeout_s + MAX_BACKOFF_S) * provider.max_attempts
 
 
 def reserved_tokens(job: CompletionJob, provider: ProviderConfig) -> tuple[int, int]:
@@ -218,8 +225,8 @@ def reserved_tokens(job: CompletionJob, provider: ProviderConfig) -> tuple[int, 
     completion = route.est_completion_tokens
     if completion is None:
         spec = provider.models.get(route.model)
-        own = job.params.own_max_tokens
-        completion = own or (spec and spec.max_tokens) or DEFAULT_OUTPUT_TOKENS
+        model_cap = spec.max_tokens if spec is not None else None
+        completion = expected_output_tokens(job.params.own_max_tokens, model_cap)
     return prompt, completion
 
 

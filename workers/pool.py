@@ -274,13 +274,31 @@ class WorkerPool(Service):
             return
         assert call.started is not None
         result = _result(job, outcome, call.started)
-        answer = True
         if durable and reply_target(message, job) is not None:
-            assert self._answers is not None
-            answer = await self._answers.claim(job.job_id)
-            if not answer:
-                log.warning("job %s: a twin was answered first; no second result", job.job_id)
-        await self.outcomes.finish(message, job, result, outcome.usage, answer=answer)
+            await self._finish_once(message, job, result, outcome)
+        else:
+            await self.outcomes.finish(message, job, result, outcome.usage)
+
+    async def _finish_once(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob,
+        result: JobResult,
+        outcome: CallOutcome,
+    ) -> None:
+        """A persistent job's end: its event first, then its result only if no twin's went
+        out (``broker.state.answers``), so a job found ``done`` lacks neither."""
+        assert self._answers is not None
+        await self.outcomes.finish(message, job, result, outcome.usage, answer=False)
+        if not await self._answers.claim(job.job_id):
+            log.warning("job %s: a twin was answered first; no second result", job.job_id)
+            return
+        try:
+            await self.outcomes.answer(message, job, result)
+        except BaseException:
+            await self._answers.give_up(job.job_id)
+            raise
+        await self._answers.done(job.job_id)
 
     async def _reservation_lost(self, job: CompletionJob) -> bool:
         """A job whose reservation Redis lost (it came back empty while the job was queued)

@@ -33,7 +33,15 @@ from schemas import (
 from workers.adapters import ProviderAdapter, ProviderRequest
 from workers.streaming import ChunkAccumulator
 
-__all__ = ["CallOutcome", "OnChunk", "OnStart", "backoff_s", "call_with_retries", "new_call_id"]
+__all__ = [
+    "MAX_BACKOFF_S",
+    "CallOutcome",
+    "OnChunk",
+    "OnStart",
+    "backoff_s",
+    "call_with_retries",
+    "new_call_id",
+]
 
 log = logging.getLogger(__name__)
 

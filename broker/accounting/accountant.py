@@ -30,11 +30,13 @@ from broker.accounting.rows import (
     INSERT_CALL,
     INSERT_USAGE,
     SETTLE_CALLS,
+    SETTLE_STARTED_LATE,
     UPSERT_JOB,
     call_row,
     latest_per_job,
     settle_params,
     settled_call_ids,
+    usage_id,
     usage_row,
 )
 from broker.accounting.sweeper import CallSweeper
@@ -43,8 +45,8 @@ from broker.core.config import Config
 from broker.core.db import make_engine
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
-from broker.core.pricing import price_usage
-from broker.state.quota import QuotaStore, usd_to_nanos
+from broker.core.pricing import Unit, price_usage, usd_to_nanos
+from broker.state.quota import QuotaStore, ReservationState
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import AccountingBatch, CallStarted, JobEvent, UsageEvent
@@ -122,6 +124,8 @@ class Accountant(Service):
         await self.consumers.stop(grace_s)
         if self._sweeper is not None:
             self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -253,11 +257,20 @@ class Accountant(Service):
             if made == 0:
                 await self._quota.release(event.reservation_id)
                 continue
-            tokens = sum(u.prompt_tokens + u.completion_tokens for u in event.usage)
-            nanos = sum(usd_to_nanos(u.cost_usd or Decimal(0)) for u in event.usage)
-            await self._quota.reconcile(
-                event.reservation_id, {"tokens": tokens, "usd_nanos": nanos}
+            spent = {usage_id(u): _spend(u) for u in event.usage}
+            settled = await self._quota.reconcile(
+                event.reservation_id,
+                {
+                    "tokens": sum(s["tokens"] for s in spent.values()),
+                    "usd_nanos": sum(s["usd_nanos"] for s in spent.values()),
+                },
+                calls=list(spent),
             )
+            if settled.previous in _SETTLED_BEFORE:
+                # A twin of the job (run again after its worker died) settled this
+                # reservation first: its calls are charged on top, each once.
+                for call_id, amounts in spent.items():
+                    await self._quota.charge(event.reservation_id, call_id, amounts)
 
     async def _write(self, events: list[Event]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
@@ -290,6 +303,8 @@ class Accountant(Service):
             # list: compiling a new multi-row statement per batch cost more than the insert.
             if call_rows:
                 await conn.execute(INSERT_CALL, call_rows)
+                started = [str(row["call_id"]) for row in call_rows]
+                await conn.execute(SETTLE_STARTED_LATE, settle_params(started))
             if usage_rows:
                 await conn.execute(INSERT_USAGE, usage_rows)
             if settled:
@@ -310,6 +325,15 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         await message.ack()
     except BROKER_FAILURES:
         log.info("an accounting message's channel closed before its ack; it comes again")
+
+
+_SETTLED_BEFORE = frozenset({ReservationState.RECONCILED, ReservationState.RELEASED})
+
+
+def _spend(event: UsageEvent) -> dict[Unit, int]:
+    """A call's spend in quota units (its request is the reservation's)."""
+    tokens = event.prompt_tokens + event.completion_tokens
+    return {"tokens": tokens, "usd_nanos": usd_to_nanos(event.cost_usd or Decimal(0))}
 
 
 def _refusal(exc: Exception) -> str | None:

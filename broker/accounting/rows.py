@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, or_, update
+from sqlalchemy import bindparam, exists, or_, update
 from sqlalchemy.dialects.postgresql import insert
 
 from broker.core.clock import utcnow
@@ -22,11 +22,13 @@ __all__ = [
     "INSERT_CALL",
     "INSERT_USAGE",
     "SETTLE_CALLS",
+    "SETTLE_STARTED_LATE",
     "UPSERT_JOB",
     "call_row",
     "latest_per_job",
     "settle_params",
     "settled_call_ids",
+    "usage_id",
     "usage_row",
 ]
 
@@ -103,6 +105,16 @@ INSERT_USAGE = _usage_insert.on_conflict_do_update(
     # estimate (a call that outlived its settle_by: its worker was slow, not dead).
     where=usage.c.swept,
 )
+
+SETTLE_STARTED_LATE = (
+    update(calls)
+    .where(calls.c.call_id.in_(bindparam("ids", expanding=True)))
+    .where(calls.c.settled_at.is_(None))
+    .where(exists().where(usage.c.call_id == calls.c.call_id))
+    .values(settled_at=bindparam("at"))
+)
+"""Calls whose start arrives after their usage (another accountant wrote that first): their
+usage row settles them. A failed call settled out of order stays open and is swept (counted)."""
 
 SETTLE_CALLS = (
     update(calls)

@@ -13,7 +13,8 @@ from decimal import Decimal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from broker.state.quota import REDIS_FAILURES, QuotaStore, usd_to_nanos
+from broker.core.pricing import usd_to_nanos
+from broker.state.quota import REDIS_FAILURES, QuotaStore
 
 __all__ = ["SWEEP_EVERY_S", "CallSweeper", "Swept"]
 

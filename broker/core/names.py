@@ -129,18 +129,13 @@ class Names:
         absence means Redis lost them. The value changes with each rebuild."""
         return self.redis_key("quota-epoch")
 
-    @property
-    def quota_rebuild_lock(self) -> str:
-        """Held by the one process rebuilding the counters."""
-        return self.redis_key("quota-rebuild")
-
     def reservation(self, reservation_id: str) -> str:
         """A reservation's record (a hash); ``""`` gives the prefix the sweep appends ids to."""
         return self.redis_key("reservation", reservation_id)
 
     def answered(self, job_id: str) -> str:
-        """Set when a job's durable result is published, so a twin of the job (run again after
-        a process died) publishes none."""
+        """A persistent job's result: ``pending`` while one delivery publishes it, ``done``
+        once it is out, so a twin of the job (run again after a process died) publishes none."""
         return self.redis_key("answered", job_id)
 
     def circuit(self, provider_id: str) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
     "estimate_prompt_tokens",
     "estimate_text_tokens",
+    "expected_output_tokens",
     "load_encoding",
 ]
 
@@ -40,6 +41,14 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 DEFAULT_OUTPUT_TOKENS = 1024
 """Output tokens assumed when neither the job nor the model sets a cap."""
+
+
+def expected_output_tokens(own: int | None, model_cap: int | None) -> int:
+    """The output a call is reserved for before any sizing: the job's own cap, else the
+    model's, else ``DEFAULT_OUTPUT_TOKENS``."""
+    return own or model_cap or DEFAULT_OUTPUT_TOKENS
+
+
 TOKENS_PER_IMAGE = 765  # OpenAI's high-detail 512 px tile estimate; images vary, this reserves
 
 

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from broker.core.config import Discount, ProviderConfig, ProviderType, Serving
 from broker.core.pricing import cost_usd
-from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
+from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens, expected_output_tokens
 from schemas import CompletionJob
 
 __all__ = [
@@ -129,7 +129,7 @@ def make_candidate(
     prompt = prompt_tokens[family]
     spec = provider.models[serving.model]
     own = job.params.own_max_tokens
-    output = own or spec.max_tokens or DEFAULT_OUTPUT_TOKENS
+    output = expected_output_tokens(own, spec.max_tokens)
     discount = spec.discount_at(now, zone)
     multiplier = discount.multiplier if discount is not None else Decimal(1)
     return Candidate(

@@ -90,6 +90,7 @@ class Reservations:
         self._engine: AsyncEngine | None = None
         self._rebuilder: QuotaRebuilder | None = None
         self._unmetered = Unmetered()
+        self._epoch: str | None = None  # the quota epoch of the last reservation made
         # A reservation is held for the provider's worst case (every attempt timing out), the
         # time the job may wait in the provider's queue (``queued_s``) and this margin; a
         # holder that died returns it when the hold passes.
@@ -105,11 +106,15 @@ class Reservations:
         if self.store is None:
             if self._redis is None:
                 raise ConfigError("this config sets limits or budgets: the scheduler needs Redis")
+            if self._database_url is None:
+                raise ConfigError(
+                    "this config sets limits or budgets: the scheduler needs the database, whose"
+                    " ledger rebuilds the quota counters when Redis loses them"
+                )
             self.store = QuotaStore(self._redis, self._names)
-            if self._database_url is not None:
-                self._engine = make_engine(self._database_url)
-                self._rebuilder = QuotaRebuilder(self._engine, self._redis, self._names, config)
-                self.store.on_lost = self._rebuilder.ensure
+            self._engine = make_engine(self._database_url)
+            self._rebuilder = QuotaRebuilder(self._engine, self._redis, self._names, config)
+            self.store.on_lost = self._rebuilder.ensure
         if self._rebuilder is not None:
             self._rebuilder.config = config
         self.store.use_thresholds(config.alerts.percents)
@@ -153,7 +158,7 @@ class Reservations:
             ):
                 raise
             log.warning("job %s runs unmetered: Redis is away (%s)", job.job_id, exc)
-            self._unmetered.owe(admission.buckets(key, decision.chosen, now))
+            self._unmetered.owe(admission.buckets(key, decision.chosen, now), self._epoch)
             return Admitted(decision.chosen, decision.alternatives, None)
 
     async def _reserve(
@@ -181,8 +186,10 @@ class Reservations:
             if isinstance(outcome, Held):
                 await self._alert(outcome.reserved.crossed)
                 # The candidate as reserved: a job without its own cap carries the one sized.
-                epoch = outcome.reserved.epoch
-                return Admitted(outcome.candidate, ordered[index + 1 :], reservation_id, epoch)
+                self._epoch = outcome.reserved.epoch or self._epoch
+                return Admitted(
+                    outcome.candidate, ordered[index + 1 :], reservation_id, self._epoch
+                )
             shorts.append(outcome)
         # The soonest a candidate could take the job; one whose limit is smaller than the job
         # never will, so it neither decides nor stops a wait while another could.

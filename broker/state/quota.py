@@ -6,9 +6,8 @@ scheduler processes can never overshoot a limit; the accountant later ``reconcil
 reservation to what the call really used. A reservation whose holder died is returned by
 ``expire_holds``; if the job turns out to have run after all, its late ``reconcile`` still charges
 what it used. Finished reservations stay as tombstones for ``tombstone_s`` so a redelivered job or
-a second reconcile changes nothing. The keys are ``Names.quota_bucket``, ``Names.reservation`` and
-``Names.quota_holds``. Money is integer nano-USD, the ledger's own precision (``numeric(18, 9)``):
-the scripts' arithmetic stays exact and a settled counter equals the ledger to the nano-dollar.
+a second reconcile changes nothing. Keys: ``Names.quota_bucket``, ``reservation``, ``quota_holds``
+and ``quota_epoch``; money in nano-dollars (``broker.core.pricing.Unit``).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker.core.names import Names
-from broker.core.pricing import Unit, nanos_to_usd, usd_to_nanos
+from broker.core.pricing import Unit, nanos_to_usd
 from broker.state import quota_scripts
 
 __all__ = [
@@ -37,9 +36,6 @@ __all__ = [
     "Settled",
     "Short",
     "ThresholdCrossed",
-    "Unit",
-    "nanos_to_usd",
-    "usd_to_nanos",
 ]
 
 
@@ -53,9 +49,8 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     QuotaStateLost,
 )
-"""Redis being away (refused, dropped, timed out, loading) or without its quota state, not a
-bad request: what may wait.
-Except ``REDIS_REFUSES_US``: wrong credentials are a configuration to fix, not an outage."""
+"""Redis away (refused, dropped, timed out, loading) or without its quota state: what may wait.
+Not ``REDIS_REFUSES_US``: wrong credentials are a configuration to fix, not an outage."""
 REDIS_REFUSES_US: tuple[type[BaseException], ...] = (
     redis.exceptions.AuthenticationError,
     redis.exceptions.AuthorizationError,
@@ -274,16 +269,22 @@ class QuotaStore:
         )
 
     async def reconcile(
-        self, reservation_id: str, actual: Mapping[Unit, int], *, now: float | None = None
+        self,
+        reservation_id: str,
+        actual: Mapping[Unit, int],
+        *,
+        calls: Sequence[str] = (),
+        now: float | None = None,
     ) -> Settled:
-        """Replace the reserved amounts by ``actual`` (a unit not named keeps its reservation);
-        after expiry they are charged afresh, and a second reconcile changes nothing."""
-        return await self._settle(reservation_id, actual, ReservationState.RECONCILED, now)
+        """Replace the reserved amounts by ``actual``, the spend of ``calls`` (a unit not named
+        keeps its reservation); after expiry they are charged afresh, and a second reconcile
+        changes nothing (a twin's other calls are for ``charge``)."""
+        return await self._settle(reservation_id, actual, ReservationState.RECONCILED, now, calls)
 
     async def release(self, reservation_id: str, *, now: float | None = None) -> Settled:
         """Give everything back: the job was rejected or cancelled before any call."""
         zero: dict[Unit, int] = {"requests": 0, "tokens": 0, "usd_nanos": 0}
-        return await self._settle(reservation_id, zero, ReservationState.RELEASED, now)
+        return await self._settle(reservation_id, zero, ReservationState.RELEASED, now, ())
 
     async def _settle(
         self,
@@ -291,6 +292,7 @@ class QuotaStore:
         actual: Mapping[Unit, int],
         final: ReservationState,
         now: float | None,
+        calls: Sequence[str],
     ) -> Settled:
         for unit, amount in actual.items():
             if unit not in UNITS or amount < 0:
@@ -304,15 +306,15 @@ class QuotaStore:
                 self._tombstone_s,
                 _clock(now),
                 self._thresholds,
+                json.dumps(list(calls)),
             ],
         )
         previous = _text(reply[0])
         return Settled(ReservationState(previous) if previous else None, _crossings(reply[1]))
 
     async def charge(self, reservation_id: str, call_id: str, amounts: Mapping[Unit, int]) -> bool:
-        """Add a call made under the reservation that its settlement does not cover (its worker
-        died: the sweeper counts it at its reservation) to the live counters; once per call.
-        False: the reservation is unknown (gone with its tombstone) or the call was charged."""
+        """Add a call its reservation's settlement does not cover (a swept or a twin's call) to
+        the live counters, once per call; False: unknown reservation, or charged already."""
         for unit, amount in amounts.items():
             if unit not in UNITS or amount < 0:
                 raise ValueError(f"bad charge {unit}={amount}")
@@ -322,8 +324,7 @@ class QuotaStore:
         return bool(reply)
 
     async def charge_buckets(self, buckets: Sequence[Bucket]) -> None:
-        """Add each bucket's amount to its counter without a limit check (a job that ran while
-        Redis was away, counted now); one transaction."""
+        """Add each bucket's amount to its counter, no limit checked (a job run unmetered)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for b in buckets:
                 pipe.incrby(b.key, b.amount)
@@ -373,8 +374,7 @@ class QuotaStore:
 
     async def usage(self, bucket_key: str) -> int:
         """The counter's value now (0 once its window has gone)."""
-        value = await self._redis.get(bucket_key)
-        return int(value) if value is not None else 0
+        return (await self.usages([bucket_key]))[0]
 
     async def state(self, reservation_id: str) -> ReservationState | None:
         """What became of a reservation; None if unknown (or its tombstone has expired)."""

@@ -72,7 +72,8 @@ return {'held', num(hold_until), out, epoch}
 )
 
 # KEYS: record, holds.  ARGV: id, actual (JSON unit -> int), final state, tombstone_s, now,
-# thresholds.  A unit the actuals do not name keeps its reserved amount. Only live counters move.
+# thresholds, calls (JSON list of the call ids the actuals cover: CHARGE passes them over).  A
+# unit the actuals do not name keeps its reserved amount. Only live counters move.
 # -> {previous state or '', crossed}
 RECONCILE = (
     _PRELUDE
@@ -100,6 +101,9 @@ end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'actual', ARGV[2],
   'settled', num(clock(ARGV[5])))
+for _, call in ipairs(cjson.decode(ARGV[7])) do
+  redis.call('HSET', KEYS[1], 'charged:' .. call, '1')
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {state, out}
 """

@@ -72,8 +72,8 @@ class Outcomes:
         *,
         answer: bool = True,
     ) -> None:
-        """Publish the result and the job event (carrying the usage), both confirmed; not the
-        result if ``answer`` is false (a twin of the job was answered)."""
+        """Publish the result and the job event (carrying the usage), both confirmed; only the
+        event if ``answer`` is false (the caller publishes the result: ``answer``)."""
         event = job_event(
             job,
             job.job_id,
@@ -86,12 +86,19 @@ class Outcomes:
             answered=result.usage,
             timings=result.timings,
         )
+        if answer:
+            await self.answer(message, job, result)
+        await self.events.send(event)
+
+    async def answer(
+        self, message: AbstractIncomingMessage, job: CompletionJob, result: JobResult
+    ) -> None:
+        """Publish the result to the job's reply queue, if it has one; confirmed."""
         target = reply_target(message, job)
-        if target and answer:
+        if target:
             await self.publisher.reply(
                 target, encode(result), correlation_id=message.correlation_id or job.job_id
             )
-        await self.events.send(event)
 
     async def reroute(
         self,
