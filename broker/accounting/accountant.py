@@ -117,7 +117,9 @@ class Accountant(Service):
         )
         self.publisher = Publisher(channel)
         self._flusher = asyncio.create_task(self._flush_loop())
-        self._sweeper = asyncio.create_task(CallSweeper(self._engine, self._quota).run())
+        self._usage_queue = queues[self.names.usage]
+        sweeper = CallSweeper(self._engine, self._quota, self._caught_up)
+        self._sweeper = asyncio.create_task(sweeper.run())
         await self.consumers.consume(queues[self.names.usage], self.handle)
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -138,6 +140,16 @@ class Accountant(Service):
             await self._engine.dispose()
         if self._redis is not None:
             await self._redis.aclose()
+
+    async def _caught_up(self) -> bool:
+        """Nothing waits to be written: no event in hand, none in the queue (the sweeper must
+        not take a call for lost while its settle waits here)."""
+        if self._pending:
+            return False
+        declared = await self._usage_queue.channel.declare_queue(
+            self._usage_queue.name, passive=True
+        )
+        return not declared.declaration_result.message_count
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:

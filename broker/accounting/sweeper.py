@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -61,18 +62,28 @@ class Swept:
 
 
 class CallSweeper:
-    """Sweeps due calls every ``SWEEP_EVERY_S``; charges that Redis refused are kept and tried
-    again at the next sweep (lost only if this process dies too)."""
+    """Sweeps due calls every ``SWEEP_EVERY_S``, but only while ``caught_up`` says no accounting
+    event waits to be written: after a Postgres outage the settles of calls past their
+    ``settle_by`` are still queued, and sweeping first would charge live calls twice. Charges
+    Redis refused are kept and tried again at the next sweep (lost only if this process dies)."""
 
-    def __init__(self, engine: AsyncEngine, quota: QuotaStore | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        quota: QuotaStore | None,
+        caught_up: Callable[[], Awaitable[bool]],
+    ) -> None:
         self.engine = engine
         self.quota = quota
+        self.caught_up = caught_up
         self._uncharged: list[Swept] = []
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
             try:
+                if not await self.caught_up():
+                    continue
                 await self.sweep()
             except Exception:
                 log.warning("the call sweep failed; it runs again", exc_info=True)
