@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import zlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -26,7 +27,15 @@ from broker.core.names import HEADER_PARKED, Names
 from broker.scheduler.admission import Admission, Held
 from broker.scheduler.routing import Candidate, RouteDecision
 from broker.scheduler.unmetered import Unmetered
-from broker.state.quota import REDIS_FAILURES, REDIS_REFUSES_US, QuotaStore, Short, ThresholdCrossed
+from broker.state.quota import (
+    REDIS_FAILURES,
+    REDIS_REFUSES_US,
+    QuotaStore,
+    ReservationState,
+    Reserved,
+    Short,
+    ThresholdCrossed,
+)
 from broker.state.quota_rebuild import QuotaRebuilder
 from broker.transport.amqp import Publisher, came_persistent, park_delay
 from schemas import CompletionJob
@@ -37,6 +46,7 @@ __all__ = [
     "Admitted",
     "Reservations",
     "Wait",
+    "delivery_id",
     "parking",
     "queued_s",
     "while_redis_is_away",
@@ -144,6 +154,7 @@ class Reservations:
         *,
         queued_s: float,
         wait: bool = True,
+        delivery: str = "",
     ) -> Admitted | Wait:
         """Reserve quota on the first candidate that fits, held for the call's worst case, the
         margin, and ``queued_s``, the time the job may wait in the provider's queue. ``Wait``:
@@ -151,7 +162,7 @@ class Reservations:
         if admission is None:
             return Admitted(decision.chosen, decision.alternatives, None)
         try:
-            return await self._reserve(job, key, decision, now, admission, queued_s, wait)
+            return await self._reserve(job, key, decision, now, admission, queued_s, wait, delivery)
         except REDIS_FAILURES as exc:
             if admission.config.quota_when_redis_away != "admit" or isinstance(
                 exc, REDIS_REFUSES_US
@@ -170,19 +181,23 @@ class Reservations:
         admission: Admission,
         queued_s: float,
         wait: bool,
+        delivery: str,
     ) -> Admitted | Wait:
         ordered = [decision.chosen, *decision.alternatives]
         # A provider's free tier running out leaves its paid tier: try that after the rest.
         ordered += [replace(c, free=False) for c in ordered if c.free]
-        # One per scheduling pass, not per job id: the producer chooses job ids, and a known
-        # reservation id is taken as an idempotent replay. A job scheduled again after a crash
-        # between its reserve and its forward holds twice until the first hold passes.
-        reservation_id = f"{job.job_id}:{len(job.attempts)}:{secrets.token_hex(4)}"
+        # Named by the delivery (its body's checksum), so a job delivered again finds the hold
+        # of a scheduler that died before its ack (``_afresh``); without one, by chance.
+        pass_id = f"{job.job_id}:{len(job.attempts)}"
+        reservation_id = f"{pass_id}:{delivery or secrets.token_hex(4)}"
         shorts: list[Short] = []
         for index, candidate in enumerate(ordered):
             provider = candidate.provider
             hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s + queued_s
             outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
+            if isinstance(outcome, Held) and outcome.reserved.replayed:
+                reservation_id = await self._afresh(admission, outcome.reserved, pass_id)
+                outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Held):
                 await self._alert(outcome.reserved.crossed)
                 # The candidate as reserved: a job without its own cap carries the one sized.
@@ -204,6 +219,16 @@ class Reservations:
             f"quota short for every candidate: {short.describe()}",
             retry_after=round(short.retry_after_s, 3),
         )
+
+    async def _afresh(self, admission: Admission, replayed: Reserved, pass_id: str) -> str:
+        """This job was reserved before under this delivery's name: by a scheduler that died
+        before its ack, or it is a producer's repeat. A hold still held is given back (a call
+        made under it is charged when it settles: ``QuotaStore.charge``); the job is reserved
+        afresh under a new id, so a dead scheduler's hold does not stand for a day."""
+        if replayed.state is ReservationState.HELD:
+            await admission.store.release(replayed.reservation_id)
+            log.info("job %s came again: its earlier hold is given back", pass_id)
+        return f"{pass_id}:{secrets.token_hex(4)}"
 
     async def _alert(self, crossed: tuple[ThresholdCrossed, ...]) -> None:
         assert self._publisher is not None
@@ -237,6 +262,12 @@ class Reservations:
                 continue
             if returned:
                 log.info("returned %d expired quota reservations", returned)
+
+
+def delivery_id(message: AbstractIncomingMessage) -> str:
+    """The same for every delivery of one message (its body's CRC-32): a job delivered again
+    names its reservation as it did the first time."""
+    return f"{zlib.crc32(message.body):08x}"
 
 
 def queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime) -> float:

@@ -51,6 +51,7 @@ from broker.scheduler.reservations import (
     Admitted,
     Reservations,
     Wait,
+    delivery_id,
     parking,
     queued_s,
     while_redis_is_away,
@@ -189,7 +190,13 @@ class Scheduler(Service):
         try:
             decision = await self._route(job, key, version, now)
             admitted = await self._reservations.admit(
-                job, key, decision, now, version.admission, queued_s=queued_s(message, job, now)
+                job,
+                key,
+                decision,
+                now,
+                version.admission,
+                queued_s=queued_s(message, job, now),
+                delivery=delivery_id(message),
             )
         except REDIS_FAILURES as exc:
             admitted = while_redis_is_away(message, job, now, exc)
@@ -225,6 +232,7 @@ class Scheduler(Service):
                 version.admission,
                 queued_s=queued_s(message, job, now),
                 wait=False,
+                delivery=delivery_id(message),
             )
         except (ModelUnavailable, QuotaExceeded) as exc:
             await self._end_rerouted(message, job, JobStatus.FAILED, _provider_error(job, exc))
