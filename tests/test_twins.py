@@ -21,7 +21,7 @@ from broker.core.codec import encode
 from broker.core.config import Config, load_config
 from broker.core.names import HEADER_REDELIVERED, Names
 from broker.core.windows import Period, window
-from broker.state.quota import Bucket, QuotaStore, Reserved
+from broker.state.quota import Bucket, QuotaStore, ReservationState, Reserved
 from broker.transport.amqp import declare_results_queue
 from schemas import CompletionJob, Route
 from tests.conftest import AMQP_URL, MockProvider, eventually, write_config
@@ -111,12 +111,23 @@ async def test_a_job_that_comes_again_after_its_answer_is_not_called_again(
     config: Config,
     pipeline: Any,
     pg: asyncpg.Connection,
+    redis: Redis,
     mock: MockProvider,
 ) -> None:
+    """The copy came with a reservation of its own (a scheduler reserved for it again): not
+    called, it gives that hold back, which would otherwise stand until it lapsed."""
     channel = await amqp.channel()
     results = (await declare_results_queue(channel, names, "again")).name
     await channel.close()
     job, after = routed("answered"), routed("after it")
+    store = QuotaStore(redis, names)
+    counter = names.quota_bucket("key", "k", "tokens_day", "test")
+    hold = Bucket(counter, "tokens", 500, 100_000, utcnow().timestamp() + 3600, "key budget")
+    assert isinstance(await store.reserve("twin-hold", [hold], 3600), Reserved)
+    assert job.route is not None
+    twin = job.model_copy(
+        update={"route": job.route.model_copy(update={"reservation_id": "twin-hold"})}
+    )
     async with pipeline(config, scheduler=False):
         await send(amqp, names, job, results)
 
@@ -124,7 +135,7 @@ async def test_a_job_that_comes_again_after_its_answer_is_not_called_again(
             return await usage_rows(pg, job.job_id) == 1
 
         await eventually(answered, 20, "the first copy's answer")
-        await send(amqp, names, job, results, marked=True)
+        await send(amqp, names, twin, results, marked=True)
         await send(amqp, names, after, results)
 
         async def later_job_done() -> bool:
@@ -135,6 +146,8 @@ async def test_a_job_that_comes_again_after_its_answer_is_not_called_again(
     assert mock.stats()["calls"] == 2
     assert sorted(await drain(amqp, results)) == sorted([job.job_id, after.job_id])
     assert await usage_rows(pg, job.job_id) == 1
+    assert await store.state("twin-hold") is ReservationState.RELEASED
+    assert await store.usage(counter) == 0
 
 
 async def test_a_job_delivered_again_gives_back_the_hold_its_dead_scheduler_left(

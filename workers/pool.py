@@ -37,6 +37,7 @@ from broker.core.settings import CALL_SETTLE_MARGIN_S
 from broker.state.answers import Answers
 from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
+from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
 from broker.transport.amqp import Publisher, came_persistent, declare_topology
 from broker.transport.outcomes import Outcomes, reply_target
@@ -104,6 +105,7 @@ class WorkerPool(Service):
         circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._answers = Answers(self._redis, names) if self._redis is not None else None
         self._epoch = QuotaEpoch(self._redis, names) if self._redis is not None else None
+        self._quota = QuotaStore(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
@@ -313,11 +315,17 @@ class WorkerPool(Service):
         return True
 
     async def _answered(self, job: CompletionJob) -> bool:
-        """A job that came again after its result went out is not run again."""
-        assert self._answers is not None
+        """A job that came again after its result went out is not run again, and the
+        reservation it came with (a scheduler's, made again for it) is given back."""
+        assert self._answers is not None and job.route is not None
         if not await self._answers.answered(job.job_id):
             return False
         log.warning("job %s came again after it was answered: not run again", job.job_id)
+        if job.route.reservation_id is not None and self._quota is not None:
+            try:
+                await self._quota.release(job.route.reservation_id)
+            except REDIS_FAILURES:
+                log.warning("job %s: its hold could not be given back; it lapses", job.job_id)
         return True
 
 
