@@ -112,6 +112,7 @@ async def database_url() -> AsyncIterator[str]:
     name = SESSION_NS.replace("-", "_")
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
     base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     url = f"{base}/{name}"
     try:
@@ -120,6 +121,8 @@ async def database_url() -> AsyncIterator[str]:
         await asyncio.to_thread(upgrade, url)
         yield url
     finally:
+        # A connection of its own: the chaos tests restart Postgres during the session.
+        admin = await asyncpg.connect(ADMIN_DSN)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 

@@ -22,7 +22,7 @@ from broker.core.config import Config, load_config
 from broker.core.names import HEADER_REDELIVERED, Names
 from broker.core.windows import Period, window
 from broker.state.quota import Bucket, QuotaStore, ReservationState, Reserved
-from broker.transport.amqp import declare_results_queue
+from broker.transport.amqp import declare_results_queue, declare_topology
 from schemas import CompletionJob, Route
 from tests.conftest import AMQP_URL, MockProvider, eventually, write_config
 
@@ -179,11 +179,17 @@ async def test_a_job_delivered_again_gives_back_the_hold_its_dead_scheduler_left
     dead = f"{job.job_id}:0:{zlib.crc32(encode(job)):08x}"
     hold = Bucket(counter, "tokens", 500, 100_000, utcnow().timestamp() + 86_400, "key budget")
     assert isinstance(await QuotaStore(redis, names).reserve(dead, [hold], 86_400), Reserved)
-    async with pipeline(config):
-        client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
-        async with client:
-            results = await client.open_results("again")
-            await client.submit(job, results_queue=results, api_key=secret)
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        results = await client.open_results("again")
+        channel = await amqp.channel()
+        await declare_topology(channel, names, ["mock"], config.fair_lanes)
+        await client.submit(job, results_queue=results, api_key=secret)
+        # Taken and returned unacked, as by the scheduler that died: now a redelivery.
+        taken = await (await channel.get_queue(names.jobs)).get(timeout=5)
+        await taken.nack(requeue=True)
+        await channel.close()
+        async with pipeline(config):
             async with asyncio.timeout(30):
                 result = await anext(aiter(client.results(results)))
     assert result.status.value == "succeeded"

@@ -189,14 +189,15 @@ class Reservations:
         # Named by the delivery (its body's checksum), so a job delivered again finds the hold
         # of a scheduler that died before its ack (``_afresh``); without one, by chance.
         pass_id = f"{job.job_id}:{len(job.attempts)}"
-        reservation_id = f"{pass_id}:{delivery or secrets.token_hex(4)}"
+        again = delivery.endswith("!")
+        reservation_id = f"{pass_id}:{delivery.rstrip('!') or secrets.token_hex(4)}"
         shorts: list[Short] = []
         for index, candidate in enumerate(ordered):
             provider = candidate.provider
             hold_s = provider.timeout_s * provider.max_attempts + self.hold_margin_s + queued_s
             outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Held) and outcome.reserved.replayed:
-                reservation_id = await self._afresh(admission, outcome.reserved, pass_id)
+                reservation_id = await self._afresh(admission, outcome.reserved, pass_id, again)
                 outcome = await admission.reserve(reservation_id, key, candidate, now, hold_s)
             if isinstance(outcome, Held):
                 await self._alert(outcome.reserved.crossed)
@@ -220,12 +221,15 @@ class Reservations:
             retry_after=round(short.retry_after_s, 3),
         )
 
-    async def _afresh(self, admission: Admission, replayed: Reserved, pass_id: str) -> str:
-        """This job was reserved before under this delivery's name: by a scheduler that died
-        before its ack, or it is a producer's repeat. A hold still held is given back (a call
-        made under it is charged when it settles: ``QuotaStore.charge``); the job is reserved
-        afresh under a new id, so a dead scheduler's hold does not stand for a day."""
-        if replayed.state is ReservationState.HELD:
+    async def _afresh(
+        self, admission: Admission, replayed: Reserved, pass_id: str, again: bool
+    ) -> str:
+        """This job was reserved before under this delivery's name. Delivered ``again``, by a
+        scheduler that died before its ack: a hold still held is given back (a call made under
+        it is charged when it settles: ``QuotaStore.charge``), so it does not stand for a day.
+        Otherwise a producer sent the same job twice: that hold is the other job's. Either way
+        this job is reserved afresh under a new id."""
+        if again and replayed.state is ReservationState.HELD:
             await admission.store.release(replayed.reservation_id)
             log.info("job %s came again: its earlier hold is given back", pass_id)
         return f"{pass_id}:{secrets.token_hex(4)}"
@@ -266,8 +270,9 @@ class Reservations:
 
 def delivery_id(message: AbstractIncomingMessage) -> str:
     """The same for every delivery of one message (its body's CRC-32): a job delivered again
-    names its reservation as it did the first time."""
-    return f"{zlib.crc32(message.body):08x}"
+    names its reservation as it did the first time. ``!`` marks a delivery RabbitMQ made again
+    (its earlier holder died), whose earlier hold is its own to give back."""
+    return f"{zlib.crc32(message.body):08x}" + ("!" if message.redelivered else "")
 
 
 def queued_s(message: AbstractIncomingMessage, job: CompletionJob, now: datetime) -> float:
