@@ -39,7 +39,6 @@ from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
-from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import Publisher, came_persistent, declare_topology
 from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -127,7 +126,6 @@ class WorkerPool(Service):
         self._consuming = False
         self._replaced: dict[ConsumerSet, asyncio.Task[None]] = {}
         self._drainer: asyncio.Task[None] | None = None
-        self._starts: AccountingEvents | None = None
 
     @property
     def provider(self) -> ProviderConfig:
@@ -141,10 +139,6 @@ class WorkerPool(Service):
             channel, self.names, [p.id for p in self.config.providers], self.config.fair_lanes
         )
         self.outcomes = Outcomes(Publisher(channel), self.names)
-        # Call starts on a channel of their own, transient: confirmed once RabbitMQ holds them,
-        # not behind the results' fsync (each call waits for it). Lost only with the broker.
-        starts = await self._connection.channel(publisher_confirms=True)
-        self._starts = AccountingEvents(Publisher(starts), self.names.usage, persistent=False)
         self._channel = channel
         self._queues = [
             queues[self.names.provider(self.provider_id, lane)]
@@ -258,8 +252,7 @@ class WorkerPool(Service):
         await self.outcomes.settle(message, self.queue_name, self._serve)
 
     async def _record_call(self, started: CallStarted) -> None:
-        assert self._starts is not None
-        await self._starts.send(started)
+        await self.outcomes.events.send(started)
 
     async def _serve(self, message: AbstractIncomingMessage, job: CompletionJob) -> None:
         """Call the provider through the layers, then end the job or hand it to failover."""

@@ -21,17 +21,11 @@ class AccountingEvents:
     is confirmed."""
 
     def __init__(
-        self,
-        publisher: Publisher,
-        queue: str,
-        *,
-        max_events: int = MAX_EVENTS_PER_MESSAGE,
-        persistent: bool = True,
+        self, publisher: Publisher, queue: str, *, max_events: int = MAX_EVENTS_PER_MESSAGE
     ) -> None:
         self.publisher = publisher
         self.queue = queue
         self.max_events = max_events
-        self.persistent = persistent
         self._waiting: list[tuple[JobEvent | CallStarted, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -53,9 +47,7 @@ class AccountingEvents:
                 events = [event for event, _ in batch]
                 try:
                     await self.publisher.publish(
-                        self.queue,
-                        encode(AccountingBatch.model_construct(events=events)),
-                        persistent=self.persistent,
+                        self.queue, encode(AccountingBatch.model_construct(events=events))
                     )
                 except Exception as exc:  # each job's handler sees the broker failure
                     _settle(batch, exc)
