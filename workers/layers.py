@@ -186,8 +186,7 @@ class CallLedger:
         )
         now = utcnow()
         await self.send(
-            # Every field is ours and typed already: validating them again cost the hot path.
-            CallStarted.model_construct(
+            CallStarted(
                 call_id=call_id,
                 job_id=job.job_id,
                 attempt=number,
