@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from broker.core.config import Config, KeyConfig, ProviderType, parse_config
-from broker.core.errors import ModelUnavailable
+from broker.core.errors import Forbidden, ModelUnavailable
 from broker.core.pricing import cost_usd
 from broker.core.tokens import estimate_prompt_tokens
 from broker.scheduler.routing import (
@@ -389,15 +389,22 @@ def key(*scopes: str) -> KeyConfig:
     return KeyConfig(id="k1", key_sha256=KEY_HASH, scopes=list(scopes), tags=["batch"])
 
 
+def forbidden(cfg: Config, the_job: CompletionJob, **kwargs: Any) -> str:
+    with pytest.raises(Forbidden) as caught:
+        route(cfg, the_job, **kwargs)
+    assert caught.value.http_status == 403
+    return caught.value.message
+
+
 def test_a_key_may_use_only_the_models_its_scopes_allow() -> None:
     cfg = routed()
     assert route(cfg, job(model="code"), key=key("c*")).chosen.public_model == "code"
-    assert unavailable(cfg, job(model="prose"), key=key("c*")) == (
+    assert forbidden(cfg, job(model="prose"), key=key("c*")) == (
         "key 'k1' may not use model 'prose' (its scopes: c*)"
     )
     coding = route(cfg, job(model=None, task_type="coding"), key=key("code"))
     assert order(coding) == ["coder"]  # the route's other model is out of scope
-    assert unavailable(cfg, job(model=None), key=key("code")) == (
+    assert forbidden(cfg, job(model=None), key=key("code")) == (
         "key 'k1' may not use any of prose (its scopes: code)"
     )
 

@@ -83,8 +83,14 @@ def _accountant(settings: Settings, config: Config) -> Reloadable:
 
 
 @app.command()
-def up() -> None:
-    """Run the scheduler, one worker pool per provider and the accountant in one process."""
+def up(
+    gateway_host: Annotated[str, typer.Option(help="The gateway's address.")] = "127.0.0.1",
+    gateway_port: Annotated[
+        int | None, typer.Option(help="The gateway's port; default SWITCHYARD_GATEWAY_PORT.")
+    ] = None,
+) -> None:
+    """Run the gateway, the scheduler, one worker pool per provider and the accountant in one
+    process."""
     from workers.pools import WorkerPools
 
     settings, config = load()
@@ -97,8 +103,41 @@ def up() -> None:
             settle_margin_s=settings.call_settle_margin_s,
         )
     )
-    services = [_scheduler(settings, config), _accountant(settings, config), pools]
+    services = [
+        _scheduler(settings, config),
+        _accountant(settings, config),
+        pools,
+        _gateway(settings, config, gateway_host, gateway_port or settings.gateway_port),
+    ]
     _serve(settings, config, services, records=True)
+
+
+def _gateway(settings: Settings, config: Config, host: str, port: int) -> Reloadable:
+    from broker.gateway.service import Gateway
+
+    return build(
+        lambda: Gateway(
+            settings.amqp_url,
+            config,
+            Names(settings.namespace),
+            host=host,
+            port=port,
+            redis_url=settings.redis_url,
+            database_url=settings.database_url,
+        )
+    )
+
+
+@app.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="TCP port; default SWITCHYARD_GATEWAY_PORT, else 8080.")
+    ] = None,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API in front of the queue pipeline."""
+    settings, config = load()
+    _serve(settings, config, [_gateway(settings, config, host, port or settings.gateway_port)])
 
 
 @app.command()

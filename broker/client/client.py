@@ -1,9 +1,9 @@
 """The async Python client: publish jobs and get their results.
 
-``complete`` is RPC over RabbitMQ's direct reply-to: one reply consumer per client and a map from
-correlation id to a pending future, so thousands of calls can be in flight at once. Direct
-reply-to is at-most-once (nothing is buffered if this connection drops); batch producers use
-``submit`` with a durable results queue and read it back with ``results``.
+``complete`` and ``stream`` are RPC over RabbitMQ's direct reply-to (``broker.transport.rpc``):
+thousands of calls can be in flight at once. Direct reply-to is at-most-once (nothing is buffered
+if this connection drops); batch producers use ``submit`` with a durable results queue and read
+it back with ``results``.
 
 A job can be delivered twice (a worker killed after its reply was confirmed but before its ack);
 the client hands each job id back once.
@@ -16,7 +16,6 @@ broker is away, or whose answer the lost connection took, raises ``Unavailable``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,31 +23,20 @@ from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
 
 from broker.core.clock import utcnow
 from broker.core.codec import encode
-from broker.core.errors import Unavailable
-from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, Names
-from broker.transport.amqp import (
-    BROKER_FAILURES,
-    Publisher,
-    connect,
-    declare_results_queue,
-    declare_topology,
-)
+from broker.core.names import HEADER_KEY, Names
+from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
+from broker.transport.rpc import DirectReplies
 from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobResult
 
 __all__ = ["SwitchyardClient", "make_job"]
 
 _SEEN_LIMIT = 100_000
-RECONNECT_RETRY_S = 5.0
-"""The ``retry_after`` of a call refused while the broker is away, when the connection does not
-say its reconnect interval (aio-pika's default is 5 s)."""
 
 
 def make_job(
@@ -104,15 +92,10 @@ class SwitchyardClient:
     def __init__(self, connection: AbstractRobustConnection, names: Names) -> None:
         self._connection = connection
         self.names = names
-        self._pending: dict[str, asyncio.Queue[JobChunk | JobResult | Exception]] = {}
+        self._rpc = DirectReplies(connection, names)
         self._seen = _Seen()
-        self._rpc_channel: AbstractChannel | None = None
-        self._rpc_publisher: Publisher | None = None
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
-        connection.close_callbacks.add(self._on_connection_lost)
-        # When to try again while the connection is down: its next reconnect attempt.
-        self._retry_after = float(getattr(connection, "reconnect_interval", RECONNECT_RETRY_S))
 
     @classmethod
     async def connect(cls, amqp_url: str, *, namespace: str = "switchyard") -> SwitchyardClient:
@@ -120,8 +103,7 @@ class SwitchyardClient:
         return cls(connection, Names(namespace))
 
     async def close(self) -> None:
-        for replies in self._pending.values():
-            replies.put_nowait(ConnectionError("the client was closed"))
+        self._rpc.close()
         await self._connection.close()
 
     async def __aenter__(self) -> SwitchyardClient:
@@ -130,37 +112,6 @@ class SwitchyardClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _on_connection_lost(self, _sender: object, _exc: BaseException | None = None) -> None:
-        """Direct replies die with the connection: every call waiting for one is answered
-        ``Unavailable``, and the next call opens a new reply channel."""
-        for replies in self._pending.values():
-            replies.put_nowait(
-                Unavailable(
-                    "the connection to RabbitMQ was lost before the answer came; the job may or"
-                    " may not have run",
-                    retry_after=self._retry_after,
-                )
-            )
-        self._rpc_publisher = None
-
-    async def _rpc(self) -> Publisher:
-        """The channel that publishes RPC jobs and consumes their direct replies: one channel,
-        as direct reply-to requires."""
-        async with self._lock:
-            if self._rpc_publisher is None:
-                if self._rpc_channel is not None:  # the lost connection's: its consumer is gone
-                    with contextlib.suppress(Exception):
-                        await self._rpc_channel.close()
-                channel = await self._connection.channel(publisher_confirms=True)
-                await declare_topology(channel, self.names, [])
-                replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-                await replies.consume(self._on_reply, no_ack=True)
-                # The reply channel alone can close (a refused publish): its calls end too.
-                channel.close_callbacks.add(self._on_connection_lost)
-                self._rpc_channel = channel
-                self._rpc_publisher = Publisher(channel)
-            return self._rpc_publisher
-
     async def _batch_publisher(self) -> Publisher:
         async with self._lock:
             if self._publisher is None:
@@ -168,66 +119,6 @@ class SwitchyardClient:
                 await declare_topology(channel, self.names, [])
                 self._publisher = Publisher(channel)
             return self._publisher
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        replies = self._pending.get(message.correlation_id or "")
-        if replies is None:
-            return  # a late or duplicate reply for a call already answered
-        try:
-            reply: JobChunk | JobResult = (
-                JobChunk.model_validate_json(message.body)
-                if message.type == TYPE_CHUNK
-                else JobResult.model_validate_json(message.body)
-            )
-        except ValueError as exc:
-            replies.put_nowait(exc)
-            return
-        replies.put_nowait(reply)
-
-    async def _call(
-        self, job: CompletionJob, api_key: str | None
-    ) -> tuple[str, asyncio.Queue[JobChunk | JobResult | Exception]]:
-        if not self._connection.connected.is_set():
-            raise Unavailable(
-                "RabbitMQ is not reachable now (reconnecting); the job was not sent",
-                retry_after=self._retry_after,
-            )
-        try:
-            publisher = await self._rpc()
-        except BROKER_FAILURES as exc:
-            raise Unavailable(
-                f"RabbitMQ refused the reply channel ({type(exc).__name__}); the job was not sent",
-                retry_after=self._retry_after,
-            ) from exc
-        replies: asyncio.Queue[JobChunk | JobResult | Exception] = asyncio.Queue()
-        # Each call its own: a caller may send the same job again (after a timeout, say), and
-        # each call gets the answer to its own message.
-        correlation_id = str(uuid.uuid4())
-        self._pending[correlation_id] = replies
-        try:
-            await publisher.publish(
-                self.names.jobs,
-                encode(job),
-                message_id=job.job_id,
-                correlation_id=correlation_id,
-                reply_to=DIRECT_REPLY_TO,
-                priority=job.priority,
-                headers={HEADER_KEY: api_key} if api_key else None,
-                # Its answer can only reach this channel: a job kept across a broker restart
-                # would call the provider (and bill) for a caller that has already given up.
-                persistent=False,
-            )
-        except BROKER_FAILURES as exc:
-            self._pending.pop(correlation_id, None)
-            self._rpc_publisher = None  # the next call opens a new reply channel
-            raise Unavailable(
-                f"the job could not be published ({type(exc).__name__}); it was not sent",
-                retry_after=self._retry_after,
-            ) from exc
-        except BaseException:
-            self._pending.pop(correlation_id, None)
-            raise
-        return correlation_id, replies
 
     async def stream(
         self,
@@ -243,19 +134,17 @@ class SwitchyardClient:
         retried: drop what the earlier attempt produced. Raises ``TimeoutError``."""
         job = self._job(messages, job, fields)
         job = job.model_copy(update={"params": job.params.model_copy(update={"stream": True})})
-        correlation_id, replies = await self._call(job, api_key)
+        call = await self._rpc.call(job, api_key)
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             while True:
                 remaining = deadline - asyncio.get_running_loop().time()
-                reply = await asyncio.wait_for(replies.get(), max(remaining, 0))
-                if isinstance(reply, Exception):
-                    raise reply
+                reply = await asyncio.wait_for(call.next(), max(remaining, 0))
                 yield reply
                 if isinstance(reply, JobResult):
                     return
         finally:
-            self._pending.pop(correlation_id, None)
+            call.close()
 
     async def complete(
         self,
@@ -269,17 +158,12 @@ class SwitchyardClient:
         """Publish one job and wait for its result. Pass ``messages`` and ``make_job`` fields
         (model, params, priority, ...), or a ready ``job``. Raises ``TimeoutError``."""
         job = self._job(messages, job, fields)
-        correlation_id, replies = await self._call(job, api_key)
+        call = await self._rpc.call(job, api_key)
         try:
             async with asyncio.timeout(timeout_s):
-                while True:
-                    reply = await replies.get()
-                    if isinstance(reply, Exception):
-                        raise reply
-                    if isinstance(reply, JobResult):
-                        return reply
+                return await call.result()
         finally:
-            self._pending.pop(correlation_id, None)
+            call.close()
 
     @staticmethod
     def _job(

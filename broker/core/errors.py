@@ -9,6 +9,8 @@ HTTP status::
     │   ├── InvalidMessage             invalid_message            400
     │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
     │   ├── Unauthorized               unauthorized               401
+    │   ├── Forbidden                  forbidden                  403 (the model is outside the
+    │   │                                                              key's scopes)
     │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
     │   ├── ModelUnavailable           model_unavailable          404 (retry_after if circuits)
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ContentFiltered",
     "DeadlineExceeded",
+    "Forbidden",
     "InvalidMessage",
     "JobRejected",
     "ModelUnavailable",
@@ -52,6 +55,7 @@ __all__ = [
     "Unavailable",
     "UnsupportedSchemaVersion",
     "internal_error",
+    "status_of",
 ]
 
 
@@ -133,6 +137,9 @@ class UnsupportedSchemaVersion(JobRejected, code=ErrorCode.UNSUPPORTED_SCHEMA_VE
 class Unauthorized(JobRejected, code=ErrorCode.UNAUTHORIZED, http_status=401): ...
 
 
+class Forbidden(JobRejected, code=ErrorCode.FORBIDDEN, http_status=403): ...
+
+
 class QuotaExceeded(JobRejected, code=ErrorCode.RATE_LIMITED, http_status=429):
     """No candidate's limits or budgets can take the job now."""
 
@@ -175,3 +182,15 @@ class ContentFiltered(ProviderError, code=ErrorCode.CONTENT_FILTER, http_status=
 
 
 class ProviderProtocolError(ProviderError, code=ErrorCode.PROVIDER_PROTOCOL_ERROR): ...
+
+
+def _leaves(cls: type[SwitchyardError]) -> list[type[SwitchyardError]]:
+    return [leaf for sub in cls.__subclasses__() for leaf in (sub, *_leaves(sub))]
+
+
+_STATUS = {cls.code: cls.http_status for cls in _leaves(SwitchyardError) if "code" in vars(cls)}
+
+
+def status_of(error: JobError) -> int:
+    """The HTTP status of a job's error, as the tree above maps its code (500 for a bug)."""
+    return _STATUS.get(error.code, 500)

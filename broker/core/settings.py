@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # library never reads it (a producer calls ``fastpath.install()`` itself).
     amqp_fast_path: bool = True
     call_settle_margin_s: float = Field(default=CALL_SETTLE_MARGIN_S, gt=0)
+    gateway_port: int = Field(default=8080, ge=1, le=65535)
 
 
 @lru_cache(maxsize=1)

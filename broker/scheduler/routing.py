@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.core.config import Config, KeyConfig, Policy, ProviderType
-from broker.core.errors import ModelUnavailable
+from broker.core.errors import Forbidden, ModelUnavailable
 from broker.scheduler.candidates import (
     CIRCUIT_OPEN,
     DEFAULT_OUTPUT_TOKENS,
@@ -160,7 +160,7 @@ class Router:
     def _public_models(self, job: CompletionJob, key: KeyConfig | None) -> tuple[list[str], Policy]:
         """Steps 1-3: the key's scopes, then the explicit model, task route or default model."""
         if key is not None and job.model is not None and not key.allows(job.model):
-            raise ModelUnavailable(
+            raise Forbidden(
                 f"key {key.id!r} may not use model {job.model!r}"
                 f" (its scopes: {', '.join(key.scopes)})"
             )
@@ -168,7 +168,7 @@ class Router:
         if key is not None:
             allowed = [m for m in models if key.allows(m)]
             if not allowed:
-                raise ModelUnavailable(
+                raise Forbidden(
                     f"key {key.id!r} may not use any of {', '.join(models)}"
                     f" (its scopes: {', '.join(key.scopes)})"
                 )

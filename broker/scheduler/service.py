@@ -28,6 +28,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from broker.core.auth import authenticate
 from broker.core.clock import utcnow
 from broker.core.config import Config
 from broker.core.errors import (
@@ -44,7 +45,6 @@ from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.core.records import job_result
 from broker.core.tokens import estimate_prompt_tokens, load_encoding
 from broker.scheduler.admission import Admission
-from broker.scheduler.auth import authenticate
 from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,

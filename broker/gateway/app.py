@@ -1,0 +1,159 @@
+"""The gateway's HTTP routes (FastAPI, so ``/docs`` and ``/openapi.json`` come from the same
+models that validate each request)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response, StreamingResponse
+
+from broker.core.auth import authenticate
+from broker.core.errors import SwitchyardError
+from broker.core.names import HEADER_KEY
+from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
+from broker.gateway.errors import GatewayError, error_response, job_error_response
+from schemas import ErrorCode, JobResult, JobStatus
+
+if TYPE_CHECKING:
+    from broker.gateway.service import Gateway
+
+__all__ = ["make_app"]
+
+JSON = "application/json"
+
+
+def make_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(
+        title="Switchyard",
+        summary="An OpenAI-compatible front door to Switchyard's queue pipeline.",
+        version="1",
+    )
+    _errors(app)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        """RabbitMQ, Redis and Postgres answer (503 naming those that do not)."""
+        checks = await gateway.readiness()
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not ready", "checks": checks}
+        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
+
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        """OpenAI's Chat Completions, served through the queue pipeline."""
+        config = gateway.config
+        secret = _bearer(request)
+        authenticate({HEADER_KEY: secret} if secret else None, config)
+        job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
+        headers = {"x-switchyard-job-id": job.job_id}
+        call = await gateway.rpc.call(job, secret)
+        wait_s = gateway.wait_s(job)
+        try:
+            async with asyncio.timeout(wait_s):
+                first = await call.next() if body.stream else await call.result()
+        except TimeoutError:
+            call.close()
+            return error_response(
+                504,
+                f"no answer within {wait_s:g} s; the job may still run",
+                ErrorCode.DEADLINE_EXCEEDED.value,
+                headers=headers,
+            )
+        except BaseException:
+            call.close()
+            raise
+        if isinstance(first, JobResult):
+            call.close()
+            return _result_response(first, headers, stream=body.stream)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            sse_events(call, first, include_usage, wait_s),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
+
+    return app
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise GatewayError(
+            401,
+            "the Authorization header must be 'Bearer <virtual key>'",
+            code=ErrorCode.UNAUTHORIZED.value,
+        )
+    return token.strip()
+
+
+def _result_response(result: JobResult, headers: dict[str, str], *, stream: bool) -> Response:
+    if result.provider:
+        headers["x-switchyard-provider"] = result.provider
+    if result.status is not JobStatus.SUCCEEDED or result.response is None:
+        assert result.error is not None
+        return job_error_response(result.error, headers)
+    body = result.response.model_dump(mode="json", exclude_none=True)
+    if stream:  # answered whole (no chunk came): one chunk with all of it, then the end
+        return StreamingResponse(
+            iter([b"data: " + orjson.dumps(_as_chunk(body)) + b"\n\n", b"data: [DONE]\n\n"]),
+            media_type="text/event-stream",
+            headers=headers,
+        )
+    return Response(orjson.dumps(body), media_type=JSON, headers=headers)
+
+
+def _as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
+    choices = [
+        {"index": c["index"], "delta": c["message"], "finish_reason": c.get("finish_reason")}
+        for c in completion["choices"]
+    ]
+    return {**completion, "object": "chat.completion.chunk", "choices": choices}
+
+
+def _errors(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error object."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+        message = f"{where}: {error['msg']}"
+        if error["type"] == "extra_forbidden":
+            message = f"unknown field {where!r}: OpenAI's request has no such field"
+        elif error["type"] == "json_invalid":
+            message = "the body is not valid JSON"
+        return error_response(400, message, ErrorCode.INVALID_MESSAGE.value, param=where)
+
+    @app.exception_handler(GatewayError)
+    async def refused(_request: Request, exc: GatewayError) -> Response:
+        return error_response(
+            exc.status, exc.message, exc.code, param=exc.param, retry_after=exc.retry_after
+        )
+
+    @app.exception_handler(SwitchyardError)
+    async def typed(_request: Request, exc: SwitchyardError) -> Response:
+        return job_error_response(exc.to_job_error())
+
+    @app.exception_handler(HTTPException)
+    async def http(_request: Request, exc: HTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        return error_response(exc.status_code, str(exc.detail), code)
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, exc: Exception) -> Response:
+        return error_response(
+            500, f"internal error ({type(exc).__name__})", ErrorCode.INTERNAL_ERROR.value
+        )

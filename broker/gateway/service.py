@@ -1,0 +1,153 @@
+"""The gateway process: uvicorn serving ``make_app`` in the process's own event loop, one AMQP
+connection for every request's job and replies, and the config (reloaded like every process's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import uvicorn
+from aio_pika.abc import AbstractRobustConnection
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from broker.core.clock import utcnow
+from broker.core.config import Config
+from broker.core.db import make_engine
+from broker.core.names import Names
+from broker.gateway.app import make_app
+from broker.transport.rpc import DirectReplies
+from broker.transport.runtime import Service, connect_server
+from schemas import CompletionJob
+
+__all__ = ["DEFAULT_PORT", "REQUEST_WAIT_S", "Gateway"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+REQUEST_WAIT_S = 600.0
+"""How long a request without a deadline waits for its answer."""
+DEADLINE_GRACE_S = 5.0
+"""A request with a deadline waits that long past it: the expired result says why."""
+READY_CHECK_S = 2.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the process's ``run_services`` stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway(Service):
+    name = "gateway"
+
+    def __init__(
+        self,
+        amqp_url: str,
+        config: Config,
+        names: Names,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+        self.host = host
+        self.port = port
+        self.apply_config(config)
+        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
+        self._engine: AsyncEngine | None = (
+            make_engine(database_url) if database_url is not None else None
+        )
+        self._connection: AbstractRobustConnection | None = None
+        self._rpc: DirectReplies | None = None
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        self.public_models = set(config.public_models())
+
+    async def apply(self, config: Config) -> None:
+        self.apply_config(config)
+
+    @property
+    def rpc(self) -> DirectReplies:
+        assert self._rpc is not None, "the gateway is not started"
+        return self._rpc
+
+    def wait_s(self, job: CompletionJob) -> float:
+        """How long a request waits for its job's answer."""
+        if job.deadline is None:
+            return REQUEST_WAIT_S
+        return max((job.deadline - utcnow()).total_seconds(), 0.0) + DEADLINE_GRACE_S
+
+    async def start(self) -> None:
+        self._connection = await connect_server(self.amqp_url, name="switchyard-gateway")
+        self._rpc = DirectReplies(self._connection, self.names)
+        server_config = uvicorn.Config(
+            make_app(self),
+            host=self.host,
+            port=self.port,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            loop="none",
+            http="httptools",
+        )
+        self._server = _Server(server_config)
+        self._serving = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._serving.done():  # it could not bind, say: its error is the start's
+                await self._serving
+                raise RuntimeError("the gateway's HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info("gateway listening on http://%s:%d", self.host, self.port)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._serving), grace_s)
+            except TimeoutError:
+                self._server.force_exit = True
+                await self._serving
+        if self._rpc is not None:
+            self._rpc.close("the gateway is stopping")
+        if self._connection is not None:
+            await self._connection.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each service the pipeline needs answers now."""
+        rabbitmq = self._connection is not None and self._connection.connected.is_set()
+
+        async def redis() -> bool:
+            return self._redis is not None and bool(await self._redis.ping())
+
+        async def postgres() -> bool:
+            if self._engine is None:
+                return False
+            async with self._engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+
+        checks = {"rabbitmq": rabbitmq}
+        for name, check in (("redis", redis), ("postgres", postgres)):
+            try:
+                async with asyncio.timeout(READY_CHECK_S):
+                    checks[name] = await check()
+            except Exception:
+                checks[name] = False
+        return checks

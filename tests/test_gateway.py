@@ -1,0 +1,264 @@
+"""The HTTP gateway through the official ``openai`` SDK (no Switchyard import on the client's
+side), in front of the real pipeline: scheduler, worker pool and accountant on RabbitMQ, Redis
+and Postgres, the mock provider behind them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from broker.core.config import Config, load_config
+from broker.core.names import Names
+from broker.gateway.service import Gateway
+from mock_provider import expected_completion, expected_tool_call
+from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, free_port, write_config
+
+SECRET = "sk-gateway-test-key"
+SCOPED = "sk-gateway-scoped-key"
+LIMITED = "sk-gateway-limited-key"
+
+
+def _key(key_id: str, secret: str, **fields: Any) -> dict[str, Any]:
+    return {"id": key_id, "key_sha256": hashlib.sha256(secret.encode()).hexdigest(), **fields}
+
+
+@pytest.fixture
+def gateway_config(tmp_path: Path, mock: MockProvider) -> Config:
+    providers = [
+        {
+            "id": "mock",
+            "concurrency": 8,
+            "models": {
+                "gpt-4o-mini": {"input": 0.15, "output": 0.60},
+                "gpt-4o": {"input": 2.5, "output": 10},
+            },
+        }
+    ]
+    keys = [
+        _key("team", SECRET),
+        _key("scoped", SCOPED, scopes=["gpt-4o"]),
+        _key("limited", LIMITED, rpm=1),
+    ]
+    return load_config(write_config(tmp_path / "gw.yaml", mock, providers, keys=keys))
+
+
+@pytest.fixture
+async def gateway(
+    gateway_config: Config, names: Names, database_url: str, pipeline: Any
+) -> AsyncIterator[str]:
+    """The pipeline and a gateway in front of it; yields the gateway's base URL."""
+    port = free_port()
+    service = Gateway(
+        AMQP_URL,
+        gateway_config,
+        names,
+        port=port,
+        redis_url=REDIS_URL,
+        database_url=database_url,
+    )
+    async with pipeline(gateway_config):
+        await service.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await service.stop(grace_s=5)
+
+
+def sdk(base_url: str, key: str = SECRET) -> AsyncOpenAI:
+    # No retries: each test sees the first answer the gateway gave.
+    return AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+QUESTION = [{"role": "user", "content": "What is a priority queue?"}]
+
+
+async def test_a_completion_comes_back_in_openai_shape_and_is_recorded(
+    gateway: str, pg: asyncpg.Connection, mock: MockProvider
+) -> None:
+    client = sdk(gateway)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=QUESTION, max_tokens=64
+    )
+    completion = raw.parse()
+    content, finish = expected_completion(QUESTION, max_tokens=64)
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == content
+    assert completion.choices[0].finish_reason == finish
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert mock.stats()["calls"] == 1
+    job_id = raw.headers["x-switchyard-job-id"]
+    assert raw.headers["x-switchyard-provider"] == "mock"
+
+    async def recorded() -> bool:
+        return bool(await pg.fetchval("SELECT count(*) FROM usage WHERE job_id = $1", job_id))
+
+    from tests.conftest import eventually
+
+    await eventually(recorded, 10, "the call's usage row")
+    row = await pg.fetchrow(
+        "SELECT key_id, prompt_tokens, completion_tokens FROM usage WHERE job_id = $1", job_id
+    )
+    assert row is not None and row["key_id"] == "team"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+    )
+
+
+async def test_a_stream_ends_with_its_usage_and_done(gateway: str) -> None:
+    client = sdk(gateway)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=QUESTION,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_completion(QUESTION)[0]
+    assert [c.object for c in chunks] == ["chat.completion.chunk"] * len(chunks)
+    *content, last = chunks
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens > 0
+    assert all(c.usage is None for c in content)
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_the_raw_stream_is_server_sent_events_ending_with_done(gateway: str) -> None:
+    body = {"model": "gpt-4o-mini", "messages": QUESTION, "stream": True}
+    headers = {"authorization": f"Bearer {SECRET}"}
+    async with (
+        httpx.AsyncClient(base_url=gateway, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join([part async for part in response.aiter_bytes()])
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all("usage" not in c or c["usage"] is None for c in chunks)  # not asked for
+
+
+async def test_a_tool_call_round_trip(gateway: str) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"term": {"type": "string"}},
+                    "required": ["term"],
+                },
+            },
+        }
+    ]
+    client = sdk(gateway)
+    first = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=QUESTION, tools=tools
+    )
+    [call] = first.choices[0].message.tool_calls or []
+    assert call.model_dump(exclude_none=True) == expected_tool_call(QUESTION, tools)
+    turn = [
+        *QUESTION,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "a heap-ordered queue"},
+    ]
+    second = await client.chat.completions.create(model="gpt-4o-mini", messages=turn, tools=tools)
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == expected_completion(turn)[0]
+
+
+async def test_json_mode_answers_a_json_object(gateway: str) -> None:
+    client = sdk(gateway)
+    response_format = {"type": "json_object"}
+    completion = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Describe a queue as JSON."}],
+        response_format=response_format,  # type: ignore[arg-type]
+    )
+    content = completion.choices[0].message.content
+    assert content is not None and isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize(
+    ("key", "kwargs", "error", "status", "code"),
+    [
+        ("sk-unknown", {}, openai.AuthenticationError, 401, "unauthorized"),
+        (SCOPED, {}, openai.PermissionDeniedError, 403, "forbidden"),
+        (SECRET, {"model": "no-such-model"}, openai.NotFoundError, 404, "model_unavailable"),
+        (SECRET, {"temperature": 5}, openai.BadRequestError, 400, "invalid_message"),
+        (
+            SECRET,
+            {"extra_body": {"colour": "blue"}},
+            openai.BadRequestError,
+            400,
+            "invalid_message",
+        ),
+        (
+            SECRET,
+            {"extra_headers": {"x-switchyard-deadline": "2020-01-01T00:00:00Z"}},
+            openai.InternalServerError,
+            504,
+            "deadline_exceeded",
+        ),
+    ],
+    ids=["unknown-key", "out-of-scope", "unknown-model", "bad-value", "unknown-field", "late"],
+)
+async def test_each_refusal_is_the_sdks_own_exception(
+    gateway: str,
+    mock: MockProvider,
+    key: str,
+    kwargs: dict[str, Any],
+    error: type[openai.APIStatusError],
+    status: int,
+    code: str,
+) -> None:
+    client = sdk(gateway, key)
+    request: dict[str, Any] = {"model": "gpt-4o-mini", "messages": QUESTION, **kwargs}
+    with pytest.raises(error) as caught:
+        await client.chat.completions.create(**request)
+    assert caught.value.status_code == status
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == code and body["message"]
+    assert mock.stats()["calls"] == 0
+
+
+async def test_a_spent_rate_limit_is_429_with_retry_after(gateway: str, mock: MockProvider) -> None:
+    client = sdk(gateway, LIMITED)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "rate_limited"  # type: ignore[index]
+    assert mock.stats()["calls"] == 1
+
+
+async def test_idempotency_key_is_refused_until_it_is_honoured(
+    gateway: str, mock: MockProvider
+) -> None:
+    client = sdk(gateway)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=QUESTION, extra_body={"idempotency_key": "once"}
+        )
+    assert "idempotency_key" in caught.value.message
+    assert mock.stats()["calls"] == 0
+
+
+async def test_health_and_readiness(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, timeout=10) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"rabbitmq": True, "redis": True, "postgres": True}
