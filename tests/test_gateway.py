@@ -262,3 +262,100 @@ async def test_health_and_readiness(gateway: str) -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"] == {"rabbitmq": True, "redis": True, "postgres": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": [', 400, "not valid JSON"),
+        (b'{"model": "gpt-4o-mini", "messages": "hello"}', 400, "messages"),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+            400,
+            "",
+        ),
+        (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', 400, "model"),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+            + b"x" * (10 * 1024 * 1024)
+            + b'"}]}',
+            413,
+            "bytes",
+        ),
+        (b"", 400, ""),
+    ],
+    ids=["malformed", "wrong-type", "invalid-utf8", "model-not-string", "10-mb", "empty"],
+)
+async def test_bad_bodies_are_refused_at_the_door_in_openai_shape(
+    gateway: str, mock: MockProvider, body: bytes, status: int, says: str
+) -> None:
+    headers = {"authorization": f"Bearer {SECRET}", "content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        response = await http.post("/v1/chat/completions", content=body, headers=headers)
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and says in error["message"]
+        assert error["code"] == "invalid_message"
+        # The gateway still serves after each.
+        assert (await http.get("/healthz")).status_code == 200
+    assert mock.stats()["calls"] == 0
+
+
+async def test_a_thousand_concurrent_requests_half_streaming_all_answered_right(
+    gateway: str, mock: MockProvider
+) -> None:
+    import asyncio
+
+    client = AsyncOpenAI(
+        base_url=f"{gateway}/v1",
+        api_key=SECRET,
+        max_retries=0,
+        timeout=120,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), timeout=120),
+    )
+
+    async def ask(i: int) -> tuple[str, str]:
+        messages = [{"role": "user", "content": f"question number {i}"}]
+        if i % 2:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=messages,
+                stream=True,  # type: ignore[arg-type]
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        else:
+            done = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=messages,  # type: ignore[arg-type]
+            )
+            text = done.choices[0].message.content or ""
+        return text, expected_completion(messages)[0]
+
+    answers = await asyncio.gather(*(ask(i) for i in range(1000)))
+    wrong = [i for i, (got, expected) in enumerate(answers) if got != expected]
+    assert wrong == []
+    assert mock.stats()["calls"] == 1000
+
+
+async def test_models_list_every_model_with_providers_prices_limits_and_circuits(
+    gateway: str, gateway_config: Config, names: Names, redis: Any
+) -> None:
+    from broker.state.circuits import Circuits
+
+    provider = gateway_config.providers[0]
+    await Circuits(redis, names).failed("mock", provider.circuit, provider.circuit.failures)
+    client = sdk(gateway)
+    listed = [m.id async for m in client.models.list()]
+    assert sorted(listed) == ["gpt-4o", "gpt-4o-mini"]
+    one = await client.models.retrieve("gpt-4o")
+    assert one.id == "gpt-4o" and one.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("no-such-model")
+    async with httpx.AsyncClient(base_url=gateway, timeout=10) as http:
+        body = (await http.get("/v1/models")).json()
+    entry = next(m for m in body["data"] if m["id"] == "gpt-4o")
+    [served] = entry["switchyard"]["providers"]
+    assert served["provider"] == "mock" and served["model"] == "gpt-4o"
+    assert served["price_per_million"] == {"input": "2.5", "output": "10"}
+    assert served["limits"]["concurrency"] == 8
+    assert served["circuit"] == "open"

@@ -11,12 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.core.auth import authenticate
 from broker.core.errors import SwitchyardError
 from broker.core.names import HEADER_KEY
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.errors import GatewayError, error_response, job_error_response
+from broker.gateway.models import model_entry, models_list
 from schemas import ErrorCode, JobResult, JobStatus
 
 if TYPE_CHECKING:
@@ -25,6 +27,63 @@ if TYPE_CHECKING:
 __all__ = ["make_app"]
 
 JSON = "application/json"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest request body taken (413 above it): room for a few base64 images."""
+DRAIN_BYTES = 64 * 1024 * 1024
+"""How much of a refused body is read (and dropped) so its client gets the 413."""
+
+
+class BodyLimit:
+    """Refuses a body over ``MAX_BODY_BYTES`` with 413 before it is read whole: by its
+    Content-Length, or, sent in chunks, as soon as the count passes the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Read the rest first (up to a bound): a client still sending when the connection
+        # closes never reads the answer.
+        drained = 0
+        while drained <= DRAIN_BYTES:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        response = error_response(
+            413,
+            f"the body is over {self.limit} bytes",
+            ErrorCode.INVALID_MESSAGE.value,
+            headers={"connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def make_app(gateway: Gateway) -> FastAPI:
@@ -34,6 +93,7 @@ def make_app(gateway: Gateway) -> FastAPI:
         version="1",
     )
     _errors(app)
+    app.add_middleware(BodyLimit)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -47,6 +107,23 @@ def make_app(gateway: Gateway) -> FastAPI:
         ready = all(checks.values())
         body = {"status": "ready" if ready else "not ready", "checks": checks}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        """Every public model, with its providers, prices, limits and circuit states."""
+        return await models_list(gateway.config, gateway.circuits)
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        """One public model, as the list gives it."""
+        if model_id not in gateway.public_models:
+            raise GatewayError(
+                404,
+                f"no model {model_id!r}; known: {', '.join(sorted(gateway.public_models))}",
+                code=ErrorCode.MODEL_UNAVAILABLE.value,
+                param="model",
+            )
+        return await model_entry(gateway.config, model_id, gateway.circuits)
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -149,7 +226,7 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http(_request: Request, exc: HTTPException) -> Response:
-        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        code = "not_found" if exc.status_code == 404 else ErrorCode.INVALID_MESSAGE.value
         return error_response(exc.status_code, str(exc.detail), code)
 
     @app.exception_handler(Exception)

@@ -20,6 +20,7 @@ from broker.core.config import Config
 from broker.core.db import make_engine
 from broker.core.names import Names
 from broker.gateway.app import make_app
+from broker.state.circuits import Circuits
 from broker.transport.rpc import DirectReplies
 from broker.transport.runtime import Service, connect_server
 from schemas import CompletionJob
@@ -64,6 +65,7 @@ class Gateway(Service):
         self.port = port
         self.apply_config(config)
         self._redis = Redis.from_url(redis_url) if redis_url is not None else None
+        self.circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._engine: AsyncEngine | None = (
             make_engine(database_url) if database_url is not None else None
         )
