@@ -66,6 +66,7 @@ class ErrorCode(StrEnum):
     INVALID_MESSAGE = "invalid_message"
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
     MODEL_UNAVAILABLE = "model_unavailable"
+    NO_PROVIDER_AVAILABLE = "no_provider_available"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"

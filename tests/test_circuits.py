@@ -135,7 +135,7 @@ async def test_jobs_queued_for_a_provider_whose_circuit_opened_are_answered_with
         assert answer["error"]["code"] == "provider_unavailable"
         assert 0 < answer["error"]["retry_after"] <= 60
     assert rejected.status.value == "rejected" and rejected.error is not None
-    assert rejected.error.code.value == "model_unavailable"
+    assert rejected.error.code.value == "no_provider_available"
     assert "circuit open" in rejected.error.message
     assert rejected.error.retry_after is not None and 0 < rejected.error.retry_after <= 60
     assert mock.stats()["calls"] == 0

@@ -134,3 +134,30 @@ async def test_circuits_shows_each_providers_breaker_and_closes_one_on_request(
 
     code, shown = await run_cli(env, "circuits", "--close", "nobody")
     assert code == 2 and "no provider 'nobody'" in shown
+
+
+async def test_models_prints_each_model_with_its_providers_capabilities_and_circuits(
+    names: Names, tmp_path: Path, database_url: str, mock: MockProvider, redis: Redis
+) -> None:
+    seeing = {"input": 2, "output": 8, "context_window": 128000, "capabilities": {"vision": True}}
+    providers = [
+        {"id": "eyes", "models": {"gpt-4o": seeing}, "rpm": 600},
+        {"id": "tripped", "models": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}}},
+    ]
+    config_path = write_config(tmp_path / "p.yaml", mock, providers)
+    env = {**process_env(names, database_url, config_path), "SWITCHYARD_REDIS_URL": REDIS_URL}
+    assert await Circuits(redis, names).failed("tripped", CircuitConfig(failures=1), 1)
+    code, shown = await run_cli(env, "models")
+    assert code == 0, shown
+    rows = table_rows(shown)
+    cells = [cell.strip() for cell in rows["gpt-4o"].split("│")[1:-1]]
+    assert cells == [
+        "gpt-4o",
+        "eyes/gpt-4o",
+        "2/8",
+        "128000",
+        "stream,tools,json,vision",
+        "conc 8 rpm 600",
+        "closed",
+    ]
+    assert rows["gpt-4o-mini"].rstrip("│ ").endswith("open")

@@ -359,3 +359,20 @@ async def test_models_list_every_model_with_providers_prices_limits_and_circuits
     assert served["price_per_million"] == {"input": "2.5", "output": "10"}
     assert served["limits"]["concurrency"] == 8
     assert served["circuit"] == "open"
+
+
+async def test_no_provider_available_is_503_naming_each_candidate_with_retry_after(
+    gateway: str, gateway_config: Config, names: Names, redis: Any, mock: MockProvider
+) -> None:
+    from broker.state.circuits import Circuits
+
+    provider = gateway_config.providers[0]
+    await Circuits(redis, names).failed("mock", provider.circuit, provider.circuit.failures)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await sdk(gateway).chat.completions.create(model="gpt-4o-mini", messages=QUESTION)
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "no_provider_available"
+    assert "mock/gpt-4o-mini: circuit open" in body["message"]
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert mock.stats()["calls"] == 0

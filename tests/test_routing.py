@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from broker.core.config import Config, KeyConfig, ProviderType, parse_config
-from broker.core.errors import Forbidden, ModelUnavailable
+from broker.core.errors import Forbidden, ModelUnavailable, NoProviderAvailable
 from broker.core.pricing import cost_usd
 from broker.core.tokens import estimate_prompt_tokens
 from broker.scheduler.routing import (
@@ -234,11 +234,36 @@ def test_nothing_left_names_why_each_candidate_was_dropped() -> None:
         *THREE, rules=[{"name": "no-dear", "when": "true", "action": "deny", "providers": ["dear"]}]
     )
     states = {"cheap": ProviderState(circuit="open"), "mid": ProviderState(status="down")}
-    message = unavailable(cfg, states=states)
+    with pytest.raises(NoProviderAvailable) as caught:
+        route(cfg, states=states)
+    assert caught.value.http_status == 503
+    message = caught.value.message
     assert message == (
         "no provider can take model 'm' now: mid/up: down; cheap/up: circuit open;"
         " dear/up: denied by rule 'no-dear'"
     )
+
+
+def test_a_model_lacking_what_the_job_needs_is_dropped_naming_it() -> None:
+    plain = provider("plain", "1", spec={"capabilities": {"streaming": False, "tools": False}})
+    narrow = provider(
+        "narrow", "2", spec={"context_window": 2000, "capabilities": {"vision": True}}
+    )
+    cfg = config(plain, narrow, provider("full", "3", spec={"capabilities": {"vision": True}}))
+    assert order(route(cfg)) == ["plain", "narrow", "full"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    streamed = route(cfg, job(params={"max_tokens": 10, "stream": True, "tools": [tool]}))
+    assert order(streamed) == ["narrow", "full"]
+    assert [str(d) for d in streamed.dropped] == ["plain/up: does not stream"]
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/q.png"}}
+    seen = route(cfg, job(messages=[{"role": "user", "content": [image]}]))
+    assert order(seen) == ["narrow", "full"]
+    assert [str(d) for d in seen.dropped] == ["plain/up: takes no images"]
+    long = route(cfg, job(params={"max_tokens": 5000}))
+    assert order(long) == ["plain", "full"]
+    [dropped] = long.dropped
+    assert dropped.provider == "narrow"
+    assert dropped.reason.startswith("its context window is 2000 tokens; the job needs about 50")
 
 
 # --- rules ---------------------------------------------------------------------------------

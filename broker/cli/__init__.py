@@ -1,5 +1,6 @@
 """The ``switchyard`` command: every process, the migrations, batch submission, the circuit
-breakers, the quota counters (rebuild), and config versions (history, rollback, check).
+breakers, the models, the quota counters (rebuild), and config versions (history, rollback,
+check).
 
 The commands that run Switchyard's processes are here; each other area is a module of its own,
 registered at the end in the order ``--help`` lists them.
@@ -14,6 +15,7 @@ import typer
 from broker.cli.apps import app, build, config_app, console, fail, load
 from broker.cli.batch import submit, usage
 from broker.cli.circuits import circuits
+from broker.cli.models import models
 from broker.cli.quota import quota_app
 from broker.cli.versions import config_check, config_history, config_rollback
 from broker.core.config import Config
@@ -216,6 +218,7 @@ def migrate(revision: str = "head") -> None:
 app.command()(submit)
 app.command()(usage)
 app.command()(circuits)
+app.command()(models)
 app.add_typer(quota_app, name="quota")
 config_app.command("history")(config_history)
 config_app.command("rollback")(config_rollback)

@@ -12,7 +12,10 @@ HTTP status::
     │   ├── Forbidden                  forbidden                  403 (the model is outside the
     │   │                                                              key's scopes)
     │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
-    │   ├── ModelUnavailable           model_unavailable          404 (retry_after if circuits)
+    │   ├── ModelUnavailable           model_unavailable          404 (no such model or route)
+    │   │   └── NoProviderAvailable    no_provider_available      503 (every candidate dropped,
+    │   │                                                              each named with its reason;
+    │   │                                                              retry_after if circuits)
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
     └── ProviderError                  status "failed": the provider call did not succeed
         ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
@@ -40,6 +43,7 @@ __all__ = [
     "InvalidMessage",
     "JobRejected",
     "ModelUnavailable",
+    "NoProviderAvailable",
     "ProviderAuthentication",
     "ProviderError",
     "ProviderInvalidRequest",
@@ -145,6 +149,11 @@ class QuotaExceeded(JobRejected, code=ErrorCode.RATE_LIMITED, http_status=429):
 
 
 class ModelUnavailable(JobRejected, code=ErrorCode.MODEL_UNAVAILABLE, http_status=404): ...
+
+
+class NoProviderAvailable(
+    ModelUnavailable, code=ErrorCode.NO_PROVIDER_AVAILABLE, http_status=503
+): ...
 
 
 class DeadlineExceeded(JobRejected, code=ErrorCode.DEADLINE_EXCEEDED, http_status=504): ...

@@ -14,7 +14,7 @@ from pydantic import Field, HttpUrl
 from broker.core.limits import Discount, FreeTier
 from broker.core.strict import StrictModel
 
-__all__ = ["CircuitConfig", "ModelSpec", "ProviderConfig", "ProviderType"]
+__all__ = ["Capabilities", "CircuitConfig", "ModelSpec", "ProviderConfig", "ProviderType"]
 
 
 class ProviderType(StrEnum):
@@ -23,6 +23,16 @@ class ProviderType(StrEnum):
     GEMINI = "gemini"
     OPENAI_COMPATIBLE = "openai_compatible"
     MOCK = "mock"
+
+
+class Capabilities(StrictModel):
+    """What a model takes. Routing drops a model that lacks what a job needs (a stream, tools,
+    JSON output, images), naming why; the defaults are what every adapter can translate."""
+
+    streaming: bool = True
+    tools: bool = True
+    json_mode: bool = True
+    vision: bool = False
 
 
 class ModelSpec(StrictModel):
@@ -40,6 +50,12 @@ class ModelSpec(StrictModel):
     discounts: list[Discount] = Field(
         default_factory=list, description="Off-peak windows; the lowest multiplier applies."
     )
+    context_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompt and output tokens the model takes; a longer job is not sent to it.",
+    )
+    capabilities: Capabilities = Field(default_factory=Capabilities)
 
     def discount_at(self, at: datetime, default_zone: ZoneInfo) -> Discount | None:
         """The window containing ``at`` with the lowest multiplier (the first among equals)."""

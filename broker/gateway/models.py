@@ -50,6 +50,8 @@ async def _provider(config: Config, serving: Serving, circuits: Circuits | None)
         },
         "discount": discount.model_dump(mode="json") if discount is not None else None,
         "max_tokens": spec.max_tokens,
+        "context_window": spec.context_window,
+        "capabilities": spec.capabilities.model_dump(),
         "limits": {
             "concurrency": provider.concurrency,
             "global_concurrency": provider.global_concurrency,

@@ -27,6 +27,7 @@ __all__ = [
     "Candidate",
     "Dropped",
     "ProviderState",
+    "lacks",
     "make_candidate",
     "unusable",
 ]
@@ -110,6 +111,37 @@ def unusable(job: CompletionJob, provider: ProviderConfig, state: ProviderState)
     if state.status == "down":
         return "down"
     return None
+
+
+def lacks(job: CompletionJob, candidate: Candidate) -> str | None:
+    """What the job needs that the candidate's model does not take (its ``capabilities``, its
+    context window), or None."""
+    spec = candidate.provider.models[candidate.model]
+    can = spec.capabilities
+    params = job.params
+    if params.stream and not can.streaming:
+        return "does not stream"
+    if params.tools and not can.tools:
+        return "takes no tools"
+    if (params.response_format or {}).get("type") in _JSON_FORMATS and not can.json_mode:
+        return "has no JSON mode"
+    if not can.vision and any(_has_image(m.content) for m in job.messages):
+        return "takes no images"
+    window = spec.context_window
+    needed = candidate.est_prompt_tokens + (params.own_max_tokens or 0)
+    if window is not None and needed > window:
+        return f"its context window is {window} tokens; the job needs about {needed}"
+    return None
+
+
+_JSON_FORMATS = frozenset({"json_object", "json_schema"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+
+
+def _has_image(content: object) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
+    )
 
 
 def make_candidate(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.core.config import Config, KeyConfig, Policy, ProviderType
-from broker.core.errors import Forbidden, ModelUnavailable
+from broker.core.errors import Forbidden, NoProviderAvailable
 from broker.scheduler.candidates import (
     CIRCUIT_OPEN,
     DEFAULT_OUTPUT_TOKENS,
@@ -26,6 +26,7 @@ from broker.scheduler.candidates import (
     Candidate,
     Dropped,
     ProviderState,
+    lacks,
     make_candidate,
     unusable,
 )
@@ -115,7 +116,7 @@ class Router:
         rr_counter: int = 0,
         exclude: Collection[str] = (),
     ) -> RouteDecision:
-        """Choose a provider for ``job``; ``ModelUnavailable`` says why when none can take it.
+        """Choose a provider for ``job``; ``NoProviderAvailable`` says why when none can take it.
         Providers in ``exclude`` (failover: those that failed the job) are dropped."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("now must be an aware datetime")
@@ -149,7 +150,7 @@ class Router:
             for d in dropped
             if d.reason == CIRCUIT_OPEN
         ]
-        raise ModelUnavailable(
+        raise NoProviderAvailable(
             f"no provider can take {_asked(job, public_models)} now:"
             f" {'; '.join(str(d) for d in dropped)}",
             retry_after=round(min(opens), 3) if opens else None,
@@ -196,9 +197,12 @@ class Router:
             if reason is not None:
                 dropped.append(Dropped(provider.id, serving.model, reason))
                 continue
-            candidates.append(
-                make_candidate(job, serving, state, now, self.config.zone, prompt_tokens)
-            )
+            candidate = make_candidate(job, serving, state, now, self.config.zone, prompt_tokens)
+            missing = lacks(job, candidate)
+            if missing is not None:
+                dropped.append(Dropped(provider.id, serving.model, missing))
+                continue
+            candidates.append(candidate)
         return candidates
 
     def _reason(
