@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     PROVIDER_PROTOCOL_ERROR = "provider_protocol_error"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
 
 

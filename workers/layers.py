@@ -4,11 +4,13 @@ A worker pool chains them outermost first (``WorkerPool`` lists them in one plac
 
     PrioritySlot    a call slot: calls start by priority, then arrival
     deadline        a job whose deadline passed while it waited is not called
+    CallClaim       a tracked job cancelled first is not called; each call is counted
     ProviderVersion the provider entry (adapter, HTTP client, leases) the call uses to its end
     Pricing         each usage event priced once, at the call
     CircuitBreaker  an open circuit refuses the call; each call's outcome is counted
     GlobalLease     one of the provider's global leases held for the call
     CallLedger      each call recorded (confirmed) in the ledger before its request leaves
+                    (``workers.ledger``, with ``CallClaim``)
     call_provider   the adapter, through the retry layer (``workers.retry``)
 
 Each layer is ``async (proceed, call) -> CallOutcome``; it may act before and after ``proceed``
@@ -24,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -32,18 +34,16 @@ from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import DeadlineExceeded, ProviderUnavailable, Unavailable
 from broker.core.pricing import call_cost, price_usage
-from broker.core.tokens import estimate_prompt_tokens, expected_output_tokens
 from broker.state.circuits import REFRESH_S, Circuits, CircuitState, failures_in
 from broker.state.fairness import PrioritySlots
 from broker.state.leases import LeaseSemaphore
 from broker.state.quota import REDIS_FAILURES
-from schemas import Attempt, CallStarted, CompletionJob
+from schemas import Attempt, CompletionJob
 from workers.clients import ProviderClient, ProviderClients
-from workers.retry import MAX_BACKOFF_S, CallOutcome, OnChunk, OnStart, call_with_retries
+from workers.retry import CallOutcome, OnChunk, OnStart, call_with_retries
 
 __all__ = [
     "Call",
-    "CallLedger",
     "CircuitBreaker",
     "GlobalLease",
     "Layer",
@@ -158,75 +158,6 @@ class Pricing:
         """What these tokens cost now on ``provider``, and the version that priced them."""
         price = provider.models.get(model)
         return call_cost(price, self._zone, utcnow(), prompt, completion, free=free), self._version
-
-
-class CallLedger:
-    """Each call is recorded as started, confirmed by the broker, before its request leaves: a
-    worker that dies mid-call leaves the record, and the accountant's sweeper counts the call at
-    its reservation (``CallStarted``), so every call a provider may bill is in the ledger."""
-
-    def __init__(
-        self, send: Callable[[CallStarted], Awaitable[None]], pricing: Pricing, margin_s: float
-    ) -> None:
-        self.send = send
-        self.pricing = pricing
-        self.margin_s = margin_s
-
-    async def __call__(self, proceed: Proceed, call: Call) -> CallOutcome:
-        call.on_start = functools.partial(self._record, call)
-        return await proceed(call)
-
-    async def _record(self, call: Call, call_id: str, number: int) -> None:
-        job, provider = call.job, call.provider
-        assert job.route is not None
-        route = job.route
-        prompt, completion = reserved_tokens(job, provider)
-        cost, version = self.pricing.quote(
-            provider, route.model, prompt, completion, free=route.free
-        )
-        now = utcnow()
-        await self.send(
-            CallStarted(
-                call_id=call_id,
-                job_id=job.job_id,
-                attempt=number,
-                provider=route.provider,
-                model=route.model,
-                public_model=route.public_model,
-                key_id=route.key_id,
-                reservation_id=route.reservation_id,
-                reserved_prompt_tokens=prompt,
-                reserved_completion_tokens=completion,
-                reserved_cost_usd=cost,
-                free=route.free,
-                price_version=version,
-                started_at=now,
-                settle_by=now + timedelta(seconds=settle_within_s(provider) + self.margin_s),
-            )
-        )
-
-
-def settle_within_s(provider: ProviderConfig) -> float:
-    """The longest a call may go unsettled while its worker lives: a job's calls are settled
-    together when it ends, so the job's worst case from its first call, every attempt timing
-    out after the longest backoff."""
-    return (provider.timeout_s + MAX_BACKOFF_S) * provider.max_attempts
-
-
-def reserved_tokens(job: CompletionJob, provider: ProviderConfig) -> tuple[int, int]:
-    """A call's reserved prompt and output tokens, as the scheduler estimated them (on the
-    route); a route from an older scheduler has none: they are estimated here as it did."""
-    assert job.route is not None
-    route = job.route
-    prompt = route.est_prompt_tokens
-    if prompt is None:
-        prompt = estimate_prompt_tokens(job.messages, provider.type, job.params.tools)
-    completion = route.est_completion_tokens
-    if completion is None:
-        spec = provider.models.get(route.model)
-        model_cap = spec.max_tokens if spec is not None else None
-        completion = expected_output_tokens(job.params.own_max_tokens, model_cap)
-    return prompt, completion
 
 
 class CircuitBreaker:

@@ -15,10 +15,10 @@ the config is served on its last entry until its queue is empty, so no routed jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
-from datetime import datetime
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -28,25 +28,25 @@ from aio_pika.abc import (
 )
 from redis.asyncio import Redis
 
-from broker.core.clock import elapsed_ms, utcnow
+from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import ConfigError, InvalidMessage
 from broker.core.names import HEADER_REDELIVERED, Names
-from broker.core.records import job_result
+from broker.core.records import cancelled_result
 from broker.core.settings import CALL_SETTLE_MARGIN_S
 from broker.state.answers import Answers
 from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
+from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
 from broker.transport.amqp import Publisher, came_persistent, declare_topology
 from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import CallStarted, CompletionJob, ErrorCode, JobResult, JobStatus, Timings
+from schemas import CallStarted, CompletionJob, JobResult
 from workers.clients import ProviderClients
 from workers.layers import (
     Call,
-    CallLedger,
     CircuitBreaker,
     GlobalLease,
     Pricing,
@@ -56,6 +56,8 @@ from workers.layers import (
     chain,
     deadline,
 )
+from workers.ledger import CallClaim, CallLedger
+from workers.results import fails_over, result_of
 from workers.retry import CallOutcome
 
 __all__ = ["WorkerPool"]
@@ -66,6 +68,7 @@ PREFETCH_PER_CALL = 2
 """Deliveries in hand per call slot: a job whose call is done holds its delivery until its
 result and its accounting event are confirmed (a persistent message waits for RabbitMQ's fsync),
 and the next calls must not wait for those confirms."""
+SERVED_FLUSH_S = 1.0
 DRAIN_CHECK_S = 1.0
 """How often a pool whose provider left the config looks whether its queue is empty."""
 _RETIRED_CONSUMER_WAIT_S = 24 * 3600.0
@@ -106,12 +109,14 @@ class WorkerPool(Service):
         self._answers = Answers(self._redis, names) if self._redis is not None else None
         self._epoch = QuotaEpoch(self._redis, names) if self._redis is not None else None
         self._quota = QuotaStore(self._redis, names) if self._redis is not None else None
+        self._jobs = JobStates(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
             [
                 PrioritySlot(self._slots),
                 deadline,
+                CallClaim(self._jobs, provider_id),
                 ProviderVersion(self._clients),
                 self._pricing,
                 CircuitBreaker(circuits, self.name),
@@ -126,6 +131,7 @@ class WorkerPool(Service):
         self._consuming = False
         self._replaced: dict[ConsumerSet, asyncio.Task[None]] = {}
         self._drainer: asyncio.Task[None] | None = None
+        self._counting: asyncio.Task[None] | None = None
 
     @property
     def provider(self) -> ProviderConfig:
@@ -145,10 +151,14 @@ class WorkerPool(Service):
             for lane in range(self.config.fair_lanes)
         ]
         await self._consume()
+        if self._jobs is not None:
+            self._counting = asyncio.create_task(self._count_served())
 
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._drainer is not None:
             self._drainer.cancel()
+        if self._counting is not None:
+            self._counting.cancel()
         await self.consumers.stop(grace_s)
         for consumers, waiting in list(self._replaced.items()):
             waiting.cancel()
@@ -158,6 +168,15 @@ class WorkerPool(Service):
         await self._clients.close()
         if self._redis is not None:
             await self._redis.aclose()
+
+    async def _count_served(self) -> None:
+        """Write the calls started to the provider's rate, once a second (ETAs read it)."""
+        assert self._jobs is not None
+        while True:
+            await asyncio.sleep(SERVED_FLUSH_S)
+            # Redis away: the count is lost, and the rate reads low for a minute.
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._jobs.flush_served()
 
     async def _consume(self) -> None:
         """Start consuming with the current prefetch. RabbitMQ fixes a consumer's prefetch when
@@ -271,15 +290,21 @@ class WorkerPool(Service):
             return
         call = Call(job, message.priority or 0, on_chunk, persistent=came_persistent(message))
         outcome = await self._call(call)
-        if _fails_over(job, outcome):
+        if outcome.cancelled:
+            await self.outcomes.finish(message, job, cancelled_result(job, utcnow()), [])
+            return
+        if fails_over(job, outcome):
             await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
             return
         assert call.started is not None
-        result = _result(job, outcome, call.started)
+        result = result_of(job, outcome, call.started)
         if durable and reply_target(message, job) is not None:
             await self._finish_once(message, job, result, outcome)
         else:
             await self.outcomes.finish(message, job, result, outcome.usage)
+        if call.persistent and self._jobs is not None:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._jobs.done(job.job_id)
 
     async def _finish_once(
         self,
@@ -332,61 +357,3 @@ class WorkerPool(Service):
 def _may_have_twin(message: AbstractIncomingMessage) -> bool:
     """Delivered again, or forwarded by a scheduler that got it again (``HEADER_REDELIVERED``)."""
     return bool(message.redelivered) or HEADER_REDELIVERED in (message.headers or {})
-
-
-def _result(job: CompletionJob, outcome: CallOutcome, started: datetime) -> JobResult:
-    assert job.route is not None
-    route = job.route
-    now = utcnow()
-    timings = Timings(
-        queued_ms=elapsed_ms(job.submitted_at, route.scheduled_at),
-        scheduled_ms=elapsed_ms(route.scheduled_at, started),
-        provider_ms=outcome.provider_ms,
-        total_ms=elapsed_ms(job.submitted_at or route.scheduled_at, now),
-    )
-    attempts = [*job.attempts, *outcome.attempts]
-    if outcome.completion is None:
-        assert outcome.error is not None
-        error = outcome.error.to_job_error()
-        return job_result(
-            job, job.job_id, JobStatus.FAILED, now, error=error, attempts=attempts, timings=timings
-        )
-    # The answering attempt's usage event, priced by ``Pricing``.
-    number = outcome.attempts[-1].number
-    answered = next((u for u in reversed(outcome.usage) if u.attempt == number), None)
-    return job_result(
-        job,
-        job.job_id,
-        JobStatus.SUCCEEDED,
-        now,
-        attempts=attempts,
-        timings=timings,
-        response=outcome.completion,
-        usage_estimated=outcome.usage_estimated,
-        cost_usd=answered.cost_usd if answered is not None else None,
-    )
-
-
-FAILOVER_CODES = frozenset(
-    {
-        ErrorCode.TIMEOUT,
-        ErrorCode.SERVER_ERROR,
-        ErrorCode.PROVIDER_PROTOCOL_ERROR,
-        ErrorCode.PROVIDER_UNAVAILABLE,
-        ErrorCode.RATE_LIMITED,
-        ErrorCode.AUTHENTICATION,
-    }
-)
-"""Failures another provider may not share: this one's health, limits, credit or credentials.
-A refused request or a content filter would meet the same answer elsewhere (or should)."""
-
-
-def _fails_over(job: CompletionJob, outcome: CallOutcome) -> bool:
-    """Whether a failed job goes back to the scheduler for a candidate it has not tried."""
-    if outcome.error is None or outcome.error.code not in FAILOVER_CODES:
-        return False
-    assert job.route is not None
-    tried = {a.provider for a in job.attempts} | {job.route.provider}
-    if all(provider in tried for provider in job.route.alternatives):
-        return False
-    return job.deadline is None or job.deadline > utcnow()

@@ -58,6 +58,8 @@ for it (the ledger records the call first)."""
 class CallOutcome:
     completion: ChatCompletion | None = None
     error: ProviderError | None = None
+    cancelled: bool = False
+    """Not called: the job was cancelled first (``workers.ledger.CallClaim``)."""
     usage_estimated: bool = False
     attempts: list[Attempt] = field(default_factory=list)
     usage: list[UsageEvent] = field(default_factory=list)

@@ -5,6 +5,8 @@ HTTP status::
     ├── ConfigError                    (a config file or setting is invalid; never reaches a job)
     ├── Unavailable                    unavailable       503  (RabbitMQ or Redis unreachable now;
     │                                                          retryable, carries retry_after)
+    ├── Cancelled                      cancelled         409  (status "cancelled": its caller
+    │                                                          cancelled it before its call)
     ├── JobRejected                    status "rejected": the job itself is wrong
     │   ├── InvalidMessage             invalid_message            400
     │   ├── UnsupportedSchemaVersion   unsupported_schema_version 400
@@ -36,6 +38,7 @@ from typing import Any
 from schemas import ErrorCode, JobError
 
 __all__ = [
+    "Cancelled",
     "ConfigError",
     "ContentFiltered",
     "DeadlineExceeded",
@@ -127,6 +130,9 @@ class Unavailable(
 ):
     """A server Switchyard needs is unreachable now; trying again after ``retry_after`` may
     succeed. Whether the job ran is said in the message (a call cut off may have)."""
+
+
+class Cancelled(SwitchyardError, code=ErrorCode.CANCELLED, family="cancelled", http_status=409): ...
 
 
 class JobRejected(SwitchyardError, family="invalid_request", http_status=400): ...

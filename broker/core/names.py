@@ -138,6 +138,24 @@ class Names:
         once it is out, so a twin of the job (run again after a process died) publishes none."""
         return self.redis_key("answered", job_id)
 
+    def job(self, job_id: str) -> str:
+        """A tracked job's record (a hash: state, provider, priority, owner, estimated cost;
+        ``broker.state.job_states``)."""
+        return self.redis_key("job", job_id)
+
+    def job_queue(self, provider_id: str) -> str:
+        """The tracked jobs queued for a provider, by priority then arrival (a sorted set;
+        ``""`` gives the prefix a script appends the provider to)."""
+        return self.redis_key("job-queue", provider_id)
+
+    def job_expiry(self, provider_id: str) -> str:
+        """The same jobs by deadline, so those RabbitMQ dropped leave ``job_queue``."""
+        return self.redis_key("job-expiry", provider_id)
+
+    def job_served(self, provider_id: str, minute: int) -> str:
+        """Calls a provider's workers started in one minute (for ETAs)."""
+        return self.redis_key("job-served", provider_id, str(minute))
+
     def circuit(self, provider_id: str) -> str:
         """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""
         return self.redis_key("circuit", provider_id)

@@ -8,6 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from broker.core.clock import elapsed_ms
+from broker.core.errors import Cancelled
 from schemas import (
     Attempt,
     ChatCompletion,
@@ -22,7 +23,7 @@ from schemas import (
     UsageEvent,
 )
 
-__all__ = ["calls", "job_event", "job_result"]
+__all__ = ["calls", "cancelled_result", "job_event", "job_result"]
 
 
 def calls(attempts: Sequence[Attempt]) -> int:
@@ -108,3 +109,9 @@ def job_event(
         usage=list(usage),
         call_ids=[a.call_id for a in attempts if a.call_id is not None],
     )
+
+
+def cancelled_result(job: CompletionJob, now: datetime) -> JobResult:
+    """The result of a job cancelled before its call: no provider was called for it here."""
+    error = Cancelled("the job was cancelled before its provider was called").to_job_error()
+    return job_result(job, job.job_id, JobStatus.CANCELLED, now, error=error, attempts=job.attempts)

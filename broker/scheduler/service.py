@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -42,10 +42,9 @@ from broker.core.errors import (
 )
 from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
-from broker.core.records import job_result
-from broker.core.tokens import estimate_prompt_tokens, load_encoding
+from broker.core.records import cancelled_result, job_result
+from broker.core.tokens import load_encoding
 from broker.scheduler.admission import Admission
-from broker.scheduler.candidates import UNKNOWN_STATE, ProviderState
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
     Admitted,
@@ -57,8 +56,11 @@ from broker.scheduler.reservations import (
     while_redis_is_away,
 )
 from broker.scheduler.routing import RouteDecision, Router
-from broker.state.circuits import Circuits, CircuitState
+from broker.scheduler.states import provider_states
+from broker.scheduler.tracking import Tracking
+from broker.state.circuits import Circuits
 from broker.state.fairness import lane_for
+from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, REDIS_REFUSES_US
 from broker.transport.amqp import (
     Publisher,
@@ -120,6 +122,7 @@ class Scheduler(Service):
         )
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
+        self._tracking = Tracking(JobStates(self._redis, names) if self._redis else None)
         self._version = self._build(config)
         self._round_robin = itertools.count()
         self._connection: AbstractRobustConnection | None = None
@@ -265,7 +268,7 @@ class Scheduler(Service):
         return version.router.route(
             job,
             key=key,
-            states=await self._states(job, version),
+            states=await provider_states(job, version.config, version.admission, self._circuits),
             now=now,
             rr_counter=next(self._round_robin),
             exclude=exclude or (),
@@ -318,28 +321,11 @@ class Scheduler(Service):
             # An AMQP-native producer may set only the property; the body then carries it on.
             update["priority"] = min(message.priority, 9)
         lane = lane_for(key, version.config.fair_lanes)
-        await self._forward(message, job.model_copy(update=update), now, lane)
-
-    async def _states(self, job: CompletionJob, version: _Version) -> dict[str, ProviderState]:
-        admission, circuits = version.admission, self._circuits
-        if admission is None and circuits is None:
-            return {}
-        tokens, now = 0, None
-        if admission is not None:
-            tokens = estimate_prompt_tokens(job.messages) + (job.params.own_max_tokens or 0)
-            now = utcnow()
-        states = {}
-        for provider in version.config.providers:
-            state = UNKNOWN_STATE
-            if admission is not None and now is not None:
-                state = await admission.state(provider, tokens, now)
-            if circuits is not None:
-                view = circuits.fresh(provider.id) or await circuits.view(provider.id)
-                circuit = view.state(provider.circuit.failures)
-                if circuit is not CircuitState.CLOSED:
-                    state = replace(state, circuit=circuit.value, open_s=view.open_s_left())
-            states[provider.id] = state
-        return states
+        routed = job.model_copy(update=update)
+        if await self._tracking.cancelled(message, routed, admitted.chosen.est_cost_usd):
+            await self.outcomes.finish(message, routed, cancelled_result(routed, utcnow()), [])
+            return
+        await self._forward(message, routed, now, lane)
 
     async def _park(
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, wait: Wait
