@@ -41,7 +41,7 @@ async def test_queued_jobs_have_a_position_and_eta_that_shrink_and_a_cancelled_o
 ) -> None:
     providers = [{"id": "p", "concurrency": 1, "models": {"m": {"input": 1, "output": 1}}}]
     config = load_config(write_config(tmp_path / "p.yaml", mock, providers, keys=[KEY]))
-    mock.configure(latency_ms=250)
+    mock.configure(latency_ms=400)
     if datetime.now(UTC).second >= 45:  # the whole test inside one minute's rpm window
         await asyncio.sleep(61 - datetime.now(UTC).second)
     minute = window(Period.MINUTE, datetime.now(UTC), ZoneInfo("UTC")).id

@@ -8,6 +8,7 @@ registered at the end in the order ``--help`` lists them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -126,6 +127,7 @@ def _gateway(settings: Settings, config: Config, host: str, port: int) -> Reload
             port=port,
             redis_url=settings.redis_url,
             database_url=settings.database_url,
+            retention=timedelta(days=settings.job_retention_days),
         )
     )
 

@@ -24,9 +24,10 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["calls", "config_versions", "jobs", "make_engine", "metadata", "usage"]
+__all__ = ["api_jobs", "calls", "config_versions", "jobs", "make_engine", "metadata", "usage"]
 
 metadata = MetaData()
 
@@ -142,6 +143,23 @@ config_versions = Table(
     UniqueConstraint("digest", name="config_versions_digest_key"),
     CheckConstraint("source IN ('file', 'bus', 'rollback')", name="config_versions_source_check"),
 )
+
+
+api_jobs = Table(
+    "api_jobs",
+    metadata,
+    Column("job_id", String(128), primary_key=True),
+    Column("owner", String(128), comment="The virtual key's id; NULL: no keys configured."),
+    Column("status", String(16), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("result", JSONB, comment="The JobResult, once the job ended."),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Index("ix_api_jobs_owner_created", "owner", "created_at"),
+)
+"""Jobs sent through the gateway's async jobs API (``POST /v1/jobs``), kept until
+``expires_at`` (the retention setting)."""
 
 
 def make_engine(database_url: str) -> AsyncEngine:

@@ -152,9 +152,9 @@ class Names:
         """The same jobs by deadline, so those RabbitMQ dropped leave ``job_queue``."""
         return self.redis_key("job-expiry", provider_id)
 
-    def job_served(self, provider_id: str, minute: int) -> str:
-        """Calls a provider's workers started in one minute (for ETAs)."""
-        return self.redis_key("job-served", provider_id, str(minute))
+    def job_served(self, provider_id: str, second: int) -> str:
+        """Calls a provider's workers started in one second (unix time; for ETAs)."""
+        return self.redis_key("job-served", provider_id, str(second))
 
     def circuit(self, provider_id: str) -> str:
         """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""

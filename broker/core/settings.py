@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     amqp_fast_path: bool = True
     call_settle_margin_s: float = Field(default=CALL_SETTLE_MARGIN_S, gt=0)
     gateway_port: int = Field(default=8080, ge=1, le=65535)
+    # How long the gateway keeps an async job and its result (``api_jobs``).
+    job_retention_days: float = Field(default=7.0, gt=0)
 
 
 @lru_cache(maxsize=1)

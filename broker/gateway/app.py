@@ -13,11 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.core.auth import authenticate
 from broker.core.errors import SwitchyardError
-from broker.core.names import HEADER_KEY
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.errors import GatewayError, error_response, job_error_response
+from broker.gateway.jobs import add_jobs_routes
 from broker.gateway.models import model_entry, models_list
 from schemas import ErrorCode, JobResult, JobStatus
 
@@ -94,6 +93,7 @@ def make_app(gateway: Gateway) -> FastAPI:
     )
     _errors(app)
     app.add_middleware(BodyLimit)
+    add_jobs_routes(app, gateway)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -128,9 +128,7 @@ def make_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI's Chat Completions, served through the queue pipeline."""
-        config = gateway.config
-        secret = _bearer(request)
-        authenticate({HEADER_KEY: secret} if secret else None, config)
+        secret, _ = gateway.caller(request)
         job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
         headers = {"x-switchyard-job-id": job.job_id}
         call = await gateway.rpc.call(job, secret)
@@ -162,7 +160,7 @@ def make_app(gateway: Gateway) -> FastAPI:
     return app
 
 
-def _bearer(request: Request) -> str | None:
+def bearer(request: Request) -> str | None:
     value = request.headers.get("authorization")
     if value is None:
         return None

@@ -1,5 +1,6 @@
 """The gateway process: uvicorn serving ``make_app`` in the process's own event loop, one AMQP
-connection for every request's job and replies, and the config (reloaded like every process's).
+connection for every request's job and replies (and the async jobs' results queue), Redis for
+where jobs stand, Postgres for the async jobs, and the config (reloaded like every process's).
 """
 
 from __future__ import annotations
@@ -8,22 +9,28 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 
 import uvicorn
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.core.auth import authenticate
 from broker.core.clock import utcnow
 from broker.core.config import Config
 from broker.core.db import make_engine
-from broker.core.names import Names
-from broker.gateway.app import make_app
+from broker.core.names import HEADER_KEY, Names
+from broker.gateway.app import bearer, make_app
+from broker.gateway.jobs import JobsStore
 from broker.state.circuits import Circuits
+from broker.state.job_states import JobStates
+from broker.transport.amqp import Publisher, declare_results_queue, declare_topology
 from broker.transport.rpc import DirectReplies
-from broker.transport.runtime import Service, connect_server
-from schemas import CompletionJob
+from broker.transport.runtime import ConsumerSet, Service, connect_server
+from schemas import CompletionJob, JobResult
 
 __all__ = ["DEFAULT_PORT", "REQUEST_WAIT_S", "Gateway"]
 
@@ -35,6 +42,8 @@ REQUEST_WAIT_S = 600.0
 DEADLINE_GRACE_S = 5.0
 """A request with a deadline waits that long past it: the expired result says why."""
 READY_CHECK_S = 2.0
+PURGE_EVERY_S = 3600.0
+"""How often expired async jobs are dropped from Postgres."""
 
 
 class _Server(uvicorn.Server):
@@ -56,23 +65,30 @@ class Gateway(Service):
         *,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
-        redis_url: str | None = None,
-        database_url: str | None = None,
+        redis_url: str,
+        database_url: str,
+        retention: timedelta = timedelta(days=7),
     ) -> None:
         self.amqp_url = amqp_url
         self.names = names
         self.host = host
         self.port = port
         self.apply_config(config)
-        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
-        self.circuits = Circuits(self._redis, names) if self._redis is not None else None
-        self._engine: AsyncEngine | None = (
-            make_engine(database_url) if database_url is not None else None
-        )
+        self._redis = Redis.from_url(redis_url)
+        self.circuits = Circuits(self._redis, names)
+        self.job_states = JobStates(self._redis, names)
+        self._engine: AsyncEngine = make_engine(database_url)
+        self.jobs_store = JobsStore(self._engine, retention)
+        self.results_queue = names.results("gateway")
+        self.consumers = ConsumerSet()
+        self.ended: dict[str, asyncio.Event] = {}
+        """Async jobs a request waits on, set when their result is stored here."""
         self._connection: AbstractRobustConnection | None = None
         self._rpc: DirectReplies | None = None
+        self._publisher: Publisher | None = None
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._purging: asyncio.Task[None] | None = None
 
     def apply_config(self, config: Config) -> None:
         self.config = config
@@ -86,6 +102,18 @@ class Gateway(Service):
         assert self._rpc is not None, "the gateway is not started"
         return self._rpc
 
+    @property
+    def publisher(self) -> Publisher:
+        assert self._publisher is not None, "the gateway is not started"
+        return self._publisher
+
+    def caller(self, request: Request) -> tuple[str | None, str | None]:
+        """The request's virtual key and its id (None without keys configured); refuses an
+        unknown one (401) exactly as the scheduler would."""
+        secret = bearer(request)
+        key = authenticate({HEADER_KEY: secret} if secret else None, self.config)
+        return secret, key.id if key is not None else None
+
     def wait_s(self, job: CompletionJob) -> float:
         """How long a request waits for its job's answer."""
         if job.deadline is None:
@@ -95,6 +123,12 @@ class Gateway(Service):
     async def start(self) -> None:
         self._connection = await connect_server(self.amqp_url, name="switchyard-gateway")
         self._rpc = DirectReplies(self._connection, self.names)
+        channel = await self._connection.channel(publisher_confirms=True)
+        await declare_topology(channel, self.names, [])
+        results = await declare_results_queue(channel, self.names, "gateway")
+        self._publisher = Publisher(channel)
+        await self.consumers.consume(results, self._store_result, ack=True)
+        self._purging = asyncio.create_task(self._purge())
         server_config = uvicorn.Config(
             make_app(self),
             host=self.host,
@@ -115,6 +149,9 @@ class Gateway(Service):
         log.info("gateway listening on http://%s:%d", self.host, self.port)
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
+        await self.consumers.stop(grace_s)
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             try:
@@ -126,21 +163,40 @@ class Gateway(Service):
             self._rpc.close("the gateway is stopping")
         if self._connection is not None:
             await self._connection.close()
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self._engine is not None:
-            await self._engine.dispose()
+        await self._redis.aclose()
+        await self._engine.dispose()
+
+    async def _store_result(self, message: AbstractIncomingMessage) -> None:
+        """An async job's result, into Postgres; acked once stored."""
+        try:
+            result = JobResult.model_validate_json(message.body)
+        except ValueError:
+            await message.nack(requeue=False)  # the queue dead-letters it, for a look
+            return
+        if not await self.jobs_store.finish(result):
+            log.info("result of job %s: not an async job of ours (expired?)", result.job_id)
+        event = self.ended.get(result.job_id)
+        if event is not None:
+            event.set()
+
+    async def _purge(self) -> None:
+        while True:
+            try:
+                gone = await self.jobs_store.purge()
+                if gone:
+                    log.info("dropped %d async jobs past their retention", gone)
+            except Exception:
+                log.warning("could not drop expired async jobs; trying again", exc_info=True)
+            await asyncio.sleep(PURGE_EVERY_S)
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each service the pipeline needs answers now."""
         rabbitmq = self._connection is not None and self._connection.connected.is_set()
 
         async def redis() -> bool:
-            return self._redis is not None and bool(await self._redis.ping())
+            return bool(await self._redis.ping())
 
         async def postgres() -> bool:
-            if self._engine is None:
-                return False
             async with self._engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             return True

@@ -10,15 +10,15 @@ scheduler ends it ``cancelled`` and gives its reservation back whole), and a job
 started answers ``running`` to the canceller.
 
 Position: the tracked jobs ahead of it in its provider's queue, higher priorities first, then
-by arrival (a sorted set per provider). RPC jobs in the same queue are not counted, and the
-fairness lanes' rotation is not modelled. ETA: (position + 1) / the provider's calls started
-per second over the last one to two minutes (``served``); none while it served nothing.
+by arrival (a sorted set per provider; jobs a scheduler handles at once may arrive in another
+order than sent). RPC jobs in the same queue are not counted, and the fairness lanes' rotation
+is not modelled. ETA: (position + 1) / the provider's calls started per second over the last
+minute (``rate``); none while it served nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,8 +36,9 @@ JOB_TTL_S = 7 * 86_400
 """How long a queued job's record lasts (a batch backlog may wait days)."""
 ENDED_TTL_S = 3_600
 """How long a record lasts once the job ended or was cancelled."""
-_RATE_WINDOW = 60
-"""Calls served are counted per minute; the rate reads the current and the last minute."""
+RATE_WINDOW_S = 60
+"""Calls started are counted per second; the rate is their mean over the last minute, or
+since the first second with a call in it (a provider that just started serving)."""
 
 _QUEUED = (
     NOW_MS
@@ -226,23 +227,24 @@ class JobStates:
         counted, self._served = self._served, {}
         if not counted:
             return
-        minute = int(time.time() // _RATE_WINDOW)
+        second = int(time.time())
         pipe = self._redis.pipeline(transaction=False)
         for provider, calls in counted.items():
-            key = self._names.job_served(provider, minute)
+            key = self._names.job_served(provider, second)
             pipe.incrby(key, calls)
-            pipe.expire(key, 3 * _RATE_WINDOW)
+            pipe.expire(key, 2 * RATE_WINDOW_S)
         await pipe.execute()
 
     async def rate(self, provider: str) -> float:
-        """Calls started per second over the last one to two minutes."""
-        now = time.time()
-        minute = int(now // _RATE_WINDOW)
-        keys = [self._names.job_served(provider, m) for m in (minute - 1, minute)]
-        counts = await self._redis.mget(keys)
-        total = sum(int(c) for c in counts if c is not None)
-        span = _RATE_WINDOW + (now - minute * _RATE_WINDOW)
-        return total / span if not math.isclose(span, 0) else 0.0
+        """Calls started per second (``RATE_WINDOW_S``); 0 when none were."""
+        now = int(time.time())
+        seconds = range(now - RATE_WINDOW_S, now)  # whole seconds: the current one is partial
+        counts = await self._redis.mget([self._names.job_served(provider, s) for s in seconds])
+        served = [int(c) if c is not None else 0 for c in counts]
+        first = next((i for i, c in enumerate(served) if c), None)
+        if first is None:
+            return 0.0
+        return sum(served) / (len(served) - first)
 
 
 def _text(value: bytes | str) -> str:
