@@ -161,3 +161,40 @@ async def test_models_prints_each_model_with_its_providers_capabilities_and_circ
         "closed",
     ]
     assert rows["gpt-4o-mini"].rstrip("│ ").endswith("open")
+
+
+async def test_jobs_show_and_cancel_a_tracked_job(
+    names: Names, tmp_path: Path, database_url: str, mock: MockProvider, redis: Redis
+) -> None:
+    from broker.state.job_states import JobStates
+
+    config_path = write_config(tmp_path / "p.yaml", mock, [{"id": "p"}])
+    env = {**process_env(names, database_url, config_path), "SWITCHYARD_REDIS_URL": REDIS_URL}
+    states = JobStates(redis, names)
+    for job_id in ("first", "second"):
+        queued = await states.queued(
+            job_id,
+            "p",
+            3,
+            owner="team",
+            est_cost_usd="0.002",
+            model="m",
+            deadline=None,
+            again=False,
+        )
+        assert queued == "queued"
+    code, shown = await run_cli(env, "jobs", "show", "second")
+    assert code == 0, shown
+    rows = table_rows(shown)
+    assert (
+        "queued" in rows["state"]
+        and "1" in rows["position"]
+        and "0.002" in rows["estimated cost (USD)"]
+    )
+
+    code, shown = await run_cli(env, "jobs", "cancel", "second")
+    assert code == 0 and "cancelled" in shown
+    assert not await states.start("second", "p")  # its worker will not call it
+    assert await states.start("first", "p")
+    code, shown = await run_cli(env, "jobs", "cancel", "first")
+    assert code == 1 and "running" in shown

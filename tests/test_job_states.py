@@ -127,3 +127,44 @@ async def collect(amqp: AbstractRobustConnection, queue: str, count: int) -> lis
                 break
     await channel.close()
     return got
+
+
+async def test_the_client_library_asks_where_its_job_stands_and_cancels_it(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    tmp_path: Path,
+    pipeline: Any,
+    mock: MockProvider,
+) -> None:
+    other = "sk-another-team"
+    keys = [KEY, {"id": "team-b", "key_sha256": hashlib.sha256(other.encode()).hexdigest()}]
+    providers = [{"id": "p", "concurrency": 1, "models": {"m": {"input": 1, "output": 1}}}]
+    config = load_config(write_config(tmp_path / "p.yaml", mock, providers, keys=keys))
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with client:
+        results_queue = await client.open_results("asked")
+        async with pipeline(config, workers=[]):
+            ids = []
+            for i in range(3):
+                job = make_job([{"role": "user", "content": f"asked {i}"}], model="m")
+                ids.append(await client.submit(job, results_queue=results_queue, api_key=SECRET))
+
+            async def placed() -> bool:
+                standing = await client.standing(ids[2], api_key=SECRET)
+                return standing.state == "queued"
+
+            await eventually(placed, 20, "the last job placed")
+            standing = await client.standing(ids[2], api_key=SECRET)
+            assert (standing.provider, standing.position, standing.model) == ("p", 2, "m")
+            assert float(standing.est_cost_usd or 0) > 0
+            assert (await client.standing(ids[2], api_key=other)).state == "not_found"
+            refused = await client.standing(ids[2], api_key="sk-nobody")
+            assert refused.error is not None and refused.error.code.value == "unauthorized"
+            assert (await client.cancel(ids[1], api_key=other)).state == "not_found"
+            assert (await client.cancel(ids[1], api_key=SECRET)).state == "cancelled"
+            assert (await client.standing(ids[2], api_key=SECRET)).position == 1
+            async with pipeline(config, scheduler=False, accountant=False, workers=["p"]):
+                results = await collect(amqp, results_queue, 3)
+    statuses = {r["job_id"]: r["status"] for r in results}
+    assert statuses == {ids[0]: "succeeded", ids[1]: "cancelled", ids[2]: "succeeded"}
+    assert mock.stats()["calls"] == 2

@@ -16,6 +16,7 @@ import typer
 from broker.cli.apps import app, build, config_app, console, fail, load
 from broker.cli.batch import submit, usage
 from broker.cli.circuits import circuits
+from broker.cli.jobs import jobs_app
 from broker.cli.models import models
 from broker.cli.quota import quota_app
 from broker.cli.versions import config_check, config_history, config_rollback
@@ -222,6 +223,7 @@ app.command()(usage)
 app.command()(circuits)
 app.command()(models)
 app.add_typer(quota_app, name="quota")
+app.add_typer(jobs_app, name="jobs")
 config_app.command("history")(config_history)
 config_app.command("rollback")(config_rollback)
 config_app.command("check")(config_check)

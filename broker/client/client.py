@@ -32,7 +32,15 @@ from broker.core.codec import encode
 from broker.core.names import HEADER_KEY, Names
 from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
 from broker.transport.rpc import DirectReplies
-from schemas import ChatMessage, CompletionJob, CompletionParams, JobChunk, JobResult
+from schemas import (
+    ChatMessage,
+    CompletionJob,
+    CompletionParams,
+    JobChunk,
+    JobQuery,
+    JobResult,
+    JobStandingReply,
+)
 
 __all__ = ["SwitchyardClient", "make_job"]
 
@@ -176,6 +184,24 @@ class SwitchyardClient:
         if messages is None:
             raise TypeError("pass messages or a job")
         return make_job(messages, **fields)
+
+    async def standing(
+        self, job_id: str, *, api_key: str | None = None, timeout_s: float = 10.0
+    ) -> JobStandingReply:
+        """Where a job sent with ``submit`` stands: ``queued`` with its position and ETA,
+        ``running``, ``done``, ``cancelled``; ``scheduling`` until a scheduler has placed it."""
+        return await self._rpc.ask(
+            JobQuery(op="standing", job_id=job_id), api_key, timeout_s=timeout_s
+        )
+
+    async def cancel(
+        self, job_id: str, *, api_key: str | None = None, timeout_s: float = 10.0
+    ) -> JobStandingReply:
+        """Cancel a job sent with ``submit`` before its call: ``cancelled`` (it will not be
+        called; its result says ``cancelled``), or ``running``/``done`` if too late."""
+        return await self._rpc.ask(
+            JobQuery(op="cancel", job_id=job_id), api_key, timeout_s=timeout_s
+        )
 
     async def submit(
         self, job: CompletionJob, *, results_queue: str, api_key: str | None = None

@@ -21,6 +21,7 @@ __all__ = [
     "QUOTA_ALERT_INFIX",
     "TYPE_CHUNK",
     "TYPE_RESULT",
+    "TYPE_STANDING",
     "Names",
 ]
 
@@ -29,6 +30,7 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # AMQP `type` of what arrives on a reply queue.
 TYPE_RESULT = "switchyard.result"
 TYPE_CHUNK = "switchyard.chunk"
+TYPE_STANDING = "switchyard.standing"
 
 # Header names carried on AMQP messages.
 HEADER_KEY = "x-switchyard-key"
@@ -99,6 +101,12 @@ class Names:
     def config_listener(self, process_tag: str) -> str:
         """One process's exclusive, auto-deleted queue bound to the config exchange."""
         return f"{self.namespace}.config.{process_tag}"
+
+    @property
+    def control(self) -> str:
+        """Questions about jobs (``JobQuery``: where one stands, cancel it), answered by a
+        scheduler on the asker's reply queue."""
+        return f"{self.namespace}.control"
 
     @property
     def webhooks(self) -> str:

@@ -45,6 +45,7 @@ from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.core.records import cancelled_result, job_result
 from broker.core.tokens import load_encoding
 from broker.scheduler.admission import Admission
+from broker.scheduler.control import JobControl
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
     Admitted,
@@ -122,7 +123,11 @@ class Scheduler(Service):
         )
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
-        self._tracking = Tracking(JobStates(self._redis, names) if self._redis else None)
+        jobs = JobStates(self._redis, names) if self._redis else None
+        self._tracking = Tracking(jobs)
+        self._control = JobControl(
+            jobs, names, lambda: self.outcomes.publisher, lambda: self.config
+        )
         self._version = self._build(config)
         self._round_robin = itertools.count()
         self._connection: AbstractRobustConnection | None = None
@@ -168,6 +173,7 @@ class Scheduler(Service):
         self._reservations.start(self.outcomes.publisher)
         await self.consumers.consume(queues[self.names.jobs], self.handle, ack=True)
         await self.consumers.consume(queues[self.names.reroute], self.reroute, ack=True)
+        await self.consumers.consume(queues[self.names.control], self._control.handle, ack=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)

@@ -19,9 +19,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from broker.core.codec import encode
 from broker.core.errors import Unavailable
-from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, Names
+from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, TYPE_STANDING, Names
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
-from schemas import CompletionJob, JobChunk, JobResult
+from schemas import CompletionJob, JobChunk, JobQuery, JobResult, JobStandingReply
 
 __all__ = ["RECONNECT_RETRY_S", "DirectReplies", "Reply", "RpcCall"]
 
@@ -30,6 +30,7 @@ RECONNECT_RETRY_S = 5.0
 say its reconnect interval (aio-pika's default is 5 s)."""
 
 Reply = JobChunk | JobResult
+_Any = JobChunk | JobResult | JobStandingReply
 
 
 class RpcCall:
@@ -38,9 +39,9 @@ class RpcCall:
     def __init__(self, owner: DirectReplies, correlation_id: str) -> None:
         self.correlation_id = correlation_id
         self._owner = owner
-        self._replies: asyncio.Queue[Reply | Exception] = asyncio.Queue()
+        self._replies: asyncio.Queue[_Any | Exception] = asyncio.Queue()
 
-    def put(self, reply: Reply | Exception) -> None:
+    def put(self, reply: _Any | Exception) -> None:
         self._replies.put_nowait(reply)
 
     async def next(self) -> Reply:
@@ -48,6 +49,17 @@ class RpcCall:
         reply = await self._replies.get()
         if isinstance(reply, Exception):
             raise reply
+        if isinstance(reply, JobStandingReply):
+            raise ValueError("a job's reply queue got a standing")
+        return reply
+
+    async def standing(self) -> JobStandingReply:
+        """The answer to a ``JobQuery``."""
+        reply = await self._replies.get()
+        if isinstance(reply, Exception):
+            raise reply
+        if not isinstance(reply, JobStandingReply):
+            raise ValueError("a job query got a job's reply")
         return reply
 
     async def result(self) -> JobResult:
@@ -119,15 +131,30 @@ class DirectReplies:
         if call is None:
             return  # a late or duplicate reply for a call already answered
         try:
-            reply: Reply = (
-                JobChunk.model_validate_json(message.body)
-                if message.type == TYPE_CHUNK
-                else JobResult.model_validate_json(message.body)
-            )
+            reply: _Any
+            if message.type == TYPE_CHUNK:
+                reply = JobChunk.model_validate_json(message.body)
+            elif message.type == TYPE_STANDING:
+                reply = JobStandingReply.model_validate_json(message.body)
+            else:
+                reply = JobResult.model_validate_json(message.body)
         except ValueError as exc:
             call.put(exc)
             return
         call.put(reply)
+
+    async def ask(
+        self, query: JobQuery, api_key: str | None = None, *, timeout_s: float = 10.0
+    ) -> JobStandingReply:
+        """Ask a scheduler where a job stands, or to cancel it (``<ns>.control``)."""
+        call = await self._publish(
+            self.names.control, query.model_dump_json().encode(), query.job_id, 0, api_key, None
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await call.standing()
+        finally:
+            call.close()
 
     async def call(
         self,
@@ -138,6 +165,19 @@ class DirectReplies:
     ) -> RpcCall:
         """Publish ``job`` (transient) with its replies coming here; raises ``Unavailable`` if
         the broker did not take it."""
+        return await self._publish(
+            self.names.jobs, encode(job), job.job_id, job.priority, api_key, headers
+        )
+
+    async def _publish(
+        self,
+        queue: str,
+        body: bytes,
+        message_id: str,
+        priority: int,
+        api_key: str | None,
+        headers: Mapping[str, Any] | None,
+    ) -> RpcCall:
         if not self._connection.connected.is_set():
             raise Unavailable(
                 "RabbitMQ is not reachable now (reconnecting); the job was not sent",
@@ -159,12 +199,12 @@ class DirectReplies:
             all_headers[HEADER_KEY] = api_key
         try:
             await publisher.publish(
-                self.names.jobs,
-                encode(job),
-                message_id=job.job_id,
+                queue,
+                body,
+                message_id=message_id,
                 correlation_id=call.correlation_id,
                 reply_to=DIRECT_REPLY_TO,
-                priority=job.priority,
+                priority=priority,
                 headers=all_headers or None,
                 # Its answer can only reach this channel: a job kept across a broker restart
                 # would call the provider (and bill) for a caller that has already given up.
