@@ -226,6 +226,11 @@ class JobResult(_Message):
     degraded: bool = False
     timings: Timings = Field(default_factory=Timings)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    replay_of: str | None = Field(
+        default=None,
+        description="A repeat of an idempotency key: the job whose result this is (no provider "
+        "was called, and nothing charged, for this one).",
+    )
 
     @model_validator(mode="after")
     def _response_or_error(self) -> JobResult:
@@ -318,6 +323,11 @@ class JobEvent(_Message):
     call_ids: list[str] = Field(
         default_factory=list,
         description="The calls this event settles: every call made in this pass, billed or not.",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        max_length=256,
+        description="The job's; a job that ended without a provider's answer gives it back.",
     )
 
 

@@ -244,16 +244,43 @@ async def test_a_spent_rate_limit_is_429_with_retry_after(gateway: str, mock: Mo
     assert mock.stats()["calls"] == 1
 
 
-async def test_idempotency_key_is_refused_until_it_is_honoured(
-    gateway: str, mock: MockProvider
+async def test_two_requests_with_one_idempotency_key_make_one_call_and_one_usage_row(
+    gateway: str, mock: MockProvider, pg: asyncpg.Connection
 ) -> None:
+    import asyncio
+
+    mock.configure(latency_ms=300)
     client = sdk(gateway)
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(
-            model="gpt-4o-mini", messages=QUESTION, extra_body={"idempotency_key": "once"}
+    key = {"x-switchyard-idempotency-key": "order-17"}
+
+    async def ask(**extra: Any) -> Any:
+        return await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=QUESTION, **extra
         )
-    assert "idempotency_key" in caught.value.message
-    assert mock.stats()["calls"] == 0
+
+    # The second joins the first's wait; the third comes after it ended (by the body field).
+    first, second = await asyncio.gather(ask(extra_headers=key), ask(extra_headers=key))
+    third = await ask(extra_body={"idempotency_key": "order-17"})
+    answers = [r.parse().choices[0].message.content for r in (first, second, third)]
+    assert answers == [expected_completion(QUESTION)[0]] * 3
+    assert mock.stats()["calls"] == 1
+    job_ids = [r.headers["x-switchyard-job-id"] for r in (first, second, third)]
+    assert len(set(job_ids)) == 3
+
+    async def recorded() -> bool:
+        sql = "SELECT count(*) FROM jobs WHERE job_id = ANY($1::text[])"
+        return bool(await pg.fetchval(sql, job_ids) == 3)
+
+    from tests.conftest import eventually
+
+    await eventually(recorded, 10, "the three jobs' rows")
+    sql = "SELECT count(*) FROM usage WHERE job_id = ANY($1::text[])"
+    assert await pg.fetchval(sql, job_ids) == 1
+    # Another key is another caller: its own call.
+    await sdk(gateway, LIMITED).chat.completions.create(
+        model="gpt-4o-mini", messages=QUESTION, extra_headers=key
+    )
+    assert mock.stats()["calls"] == 2
 
 
 async def test_health_and_readiness(gateway: str) -> None:

@@ -37,6 +37,7 @@ from broker.core.settings import CALL_SETTLE_MARGIN_S
 from broker.state.answers import Answers
 from broker.state.circuits import Circuits
 from broker.state.fairness import PrioritySlots
+from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
@@ -110,6 +111,7 @@ class WorkerPool(Service):
         self._epoch = QuotaEpoch(self._redis, names) if self._redis is not None else None
         self._quota = QuotaStore(self._redis, names) if self._redis is not None else None
         self._jobs = JobStates(self._redis, names) if self._redis is not None else None
+        self._idempotency = Idempotency(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
@@ -298,6 +300,8 @@ class WorkerPool(Service):
             return
         assert call.started is not None
         result = result_of(job, outcome, call.started)
+        if self._idempotency is not None:  # kept first: a repeat never misses it
+            await self._idempotency.keep(job, result)
         if durable and reply_target(message, job) is not None:
             await self._finish_once(message, job, result, outcome)
         else:

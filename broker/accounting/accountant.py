@@ -46,10 +46,11 @@ from broker.core.db import make_engine
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
 from broker.core.pricing import Unit, price_usage, usd_to_nanos
-from broker.state.quota import QuotaStore, ReservationState
+from broker.state.idempotency import Idempotency
+from broker.state.quota import REDIS_FAILURES, QuotaStore, ReservationState
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import AccountingBatch, CallStarted, JobEvent, UsageEvent
+from schemas import AccountingBatch, CallStarted, JobEvent, JobStatus, UsageEvent
 
 Event = UsageEvent | JobEvent | CallStarted
 
@@ -87,17 +88,17 @@ class Accountant(Service):
         self._sweeper: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._engine: AsyncEngine | None = None
-        self._redis: Redis | None = None
+        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
         self._quota: QuotaStore | None = None
+        self._repeats = Idempotency(self._redis, names) if self._redis is not None else None
         self._reconcile_with(config)
         self._version = config.version
 
     def _reconcile_with(self, config: Config) -> None:
         """Open Redis when ``config`` sets limits or budgets (their reservations reconcile here)."""
         if self._quota is None and config.needs_quota:
-            if self.redis_url is None:
+            if self._redis is None:
                 raise ConfigError("this config sets limits or budgets: the accountant needs Redis")
-            self._redis = Redis.from_url(self.redis_url)
             self._quota = QuotaStore(self._redis, self.names)
         if self._quota is not None:
             self._quota.use_thresholds(config.alerts.percents)
@@ -216,6 +217,7 @@ class Accountant(Service):
             batch = await self._write_one_by_one(batch)
             events = [event for _, carried in batch for event in carried]
         await self._reconcile(events)
+        await self._release_keys(events)
         del self._pending[: len(batch)]
         self._pending_events -= len(events)
         for message, _ in batch:
@@ -284,6 +286,21 @@ class Accountant(Service):
                 for call_id, amounts in spent.items():
                     await self._quota.charge(event.reservation_id, call_id, amounts)
 
+    async def _release_keys(self, events: list[Event]) -> None:
+        """A first job with an idempotency key that ended without a provider's answer (refused,
+        expired, cancelled, or failed before any call) gives its key back: a repeat runs."""
+        if self._repeats is None:
+            return
+        for event in events:
+            if not isinstance(event, JobEvent) or event.idempotency_key is None:
+                continue
+            if event.status in _KEPT or (event.status is JobStatus.FAILED and event.attempts):
+                continue
+            try:
+                await self._repeats.release(event.key_id, event.idempotency_key, event.job_id)
+            except REDIS_FAILURES:
+                log.warning("Redis is away: job %s's idempotency key lapses", event.job_id)
+
     async def _write(self, events: list[Event]) -> None:
         """One transaction for the whole list; idempotent, so a retry after a crash is harmless."""
         try:
@@ -339,6 +356,8 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         log.info("an accounting message's channel closed before its ack; it comes again")
 
 
+_KEPT = frozenset({JobStatus.SUCCEEDED, JobStatus.REROUTED})
+"""Job ends whose key stays taken: an answer (kept for repeats), or a failover on its way."""
 _SETTLED_BEFORE = frozenset({ReservationState.RECONCILED, ReservationState.RELEASED})
 
 

@@ -58,6 +58,7 @@ def make_job(
     job_id: str | None = None,
     on_quota: str = "reject",
     deadline: datetime | None = None,
+    idempotency_key: str | None = None,
 ) -> CompletionJob:
     # One validation of the whole job, so an error names its full path (messages.0.role).
     return CompletionJob.model_validate(
@@ -76,6 +77,7 @@ def make_job(
             "metadata": dict(metadata or {}),
             "on_quota": on_quota,
             "deadline": deadline,
+            "idempotency_key": idempotency_key,
             "submitted_at": utcnow(),
         }
     )

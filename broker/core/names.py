@@ -164,6 +164,11 @@ class Names:
         """Calls a provider's workers started in one second (unix time; for ETAs)."""
         return self.redis_key("job-served", provider_id, str(second))
 
+    def idempotency(self, caller: str, key_digest: str) -> str:
+        """One caller's idempotency key (by its digest): the first job's id and, once it
+        ended, its result (``broker.state.idempotency``)."""
+        return self.redis_key("idem", caller, key_digest)
+
     def circuit(self, provider_id: str) -> str:
         """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""
         return self.redis_key("circuit", provider_id)

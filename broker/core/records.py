@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from broker.core.clock import elapsed_ms
-from broker.core.errors import Cancelled
+from broker.core.errors import Cancelled, JobRejected
 from schemas import (
     Attempt,
     ChatCompletion,
@@ -23,7 +23,7 @@ from schemas import (
     UsageEvent,
 )
 
-__all__ = ["calls", "cancelled_result", "job_event", "job_result"]
+__all__ = ["calls", "cancelled_result", "failover_error", "job_event", "job_result"]
 
 
 def calls(attempts: Sequence[Attempt]) -> int:
@@ -108,6 +108,7 @@ def job_event(
         key_id=route.key_id if route else None,
         usage=list(usage),
         call_ids=[a.call_id for a in attempts if a.call_id is not None],
+        idempotency_key=job.idempotency_key if job is not None else None,
     )
 
 
@@ -115,3 +116,20 @@ def cancelled_result(job: CompletionJob, now: datetime) -> JobResult:
     """The result of a job cancelled before its call: no provider was called for it here."""
     error = Cancelled("the job was cancelled before its provider was called").to_job_error()
     return job_result(job, job.job_id, JobStatus.CANCELLED, now, error=error, attempts=job.attempts)
+
+
+def failover_error(job: CompletionJob, why: JobRejected) -> JobError:
+    """A failed-over job no other candidate can take: its last provider's error, and why (a job
+    admitted again, with no attempts, gets the refusal itself)."""
+    if not job.attempts:
+        return why.to_job_error()
+    last = job.attempts[-1]
+    code = last.error_code or ErrorCode.SERVER_ERROR
+    return JobError(
+        type="provider_error",
+        code=code,
+        message=f"provider {last.provider!r} failed the job ({code.value}) and no other provider"
+        f" could take it: {why.message}",
+        retry_after=why.retry_after,
+        provider=last.provider,
+    )

@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
@@ -15,8 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.core.errors import SwitchyardError
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
+from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
-from broker.gateway.jobs import add_jobs_routes
+from broker.gateway.jobs import router as jobs_router
 from broker.gateway.models import model_entry, models_list
 from schemas import ErrorCode, JobResult, JobStatus
 
@@ -85,93 +86,91 @@ class _TooLarge(Exception):
     pass
 
 
+router = APIRouter()
+
+
 def make_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(
         title="Switchyard",
         summary="An OpenAI-compatible front door to Switchyard's queue pipeline.",
         version="1",
     )
+    app.state.gateway = gateway
     _errors(app)
     app.add_middleware(BodyLimit)
-    add_jobs_routes(app, gateway)
-
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    async def readyz() -> Response:
-        """RabbitMQ, Redis and Postgres answer (503 naming those that do not)."""
-        checks = await gateway.readiness()
-        ready = all(checks.values())
-        body = {"status": "ready" if ready else "not ready", "checks": checks}
-        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
-
-    @app.get("/v1/models", tags=["openai"])
-    async def list_models() -> dict[str, Any]:
-        """Every public model, with its providers, prices, limits and circuit states."""
-        return await models_list(gateway.config, gateway.circuits)
-
-    @app.get("/v1/models/{model_id:path}", tags=["openai"])
-    async def get_model(model_id: str) -> dict[str, Any]:
-        """One public model, as the list gives it."""
-        if model_id not in gateway.public_models:
-            raise GatewayError(
-                404,
-                f"no model {model_id!r}; known: {', '.join(sorted(gateway.public_models))}",
-                code=ErrorCode.MODEL_UNAVAILABLE.value,
-                param="model",
-            )
-        return await model_entry(gateway.config, model_id, gateway.circuits)
-
-    @app.post("/v1/chat/completions", tags=["openai"], response_model=None)
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        """OpenAI's Chat Completions, served through the queue pipeline."""
-        secret, _ = gateway.caller(request)
-        job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
-        headers = {"x-switchyard-job-id": job.job_id}
-        call = await gateway.rpc.call(job, secret)
-        wait_s = gateway.wait_s(job)
-        try:
-            async with asyncio.timeout(wait_s):
-                first = await call.next() if body.stream else await call.result()
-        except TimeoutError:
-            call.close()
-            return error_response(
-                504,
-                f"no answer within {wait_s:g} s; the job may still run",
-                ErrorCode.DEADLINE_EXCEEDED.value,
-                headers=headers,
-            )
-        except BaseException:
-            call.close()
-            raise
-        if isinstance(first, JobResult):
-            call.close()
-            return _result_response(first, headers, stream=body.stream)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            sse_events(call, first, include_usage, wait_s),
-            media_type="text/event-stream",
-            headers={**headers, "cache-control": "no-cache"},
-        )
-
+    app.include_router(router)
+    app.include_router(jobs_router)
     return app
 
 
-def bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> Response:
+    """RabbitMQ, Redis and Postgres answer (503 naming those that do not)."""
+    checks = await gateway_of(request).readiness()
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
+
+
+@router.get("/v1/models", tags=["openai"])
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every public model, with its providers, prices, limits and circuit states."""
+    gateway = gateway_of(request)
+    return await models_list(gateway.config, gateway.circuits)
+
+
+@router.get("/v1/models/{model_id:path}", tags=["openai"])
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One public model, as the list gives it."""
+    gateway = gateway_of(request)
+    if model_id not in gateway.public_models:
         raise GatewayError(
-            401,
-            "the Authorization header must be 'Bearer <virtual key>'",
-            code=ErrorCode.UNAUTHORIZED.value,
+            404,
+            f"no model {model_id!r}; known: {', '.join(sorted(gateway.public_models))}",
+            code=ErrorCode.MODEL_UNAVAILABLE.value,
+            param="model",
         )
-    return token.strip()
+    return await model_entry(gateway.config, model_id, gateway.circuits)
+
+
+@router.post("/v1/chat/completions", tags=["openai"], response_model=None)
+async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    """OpenAI's Chat Completions, served through the queue pipeline."""
+    gateway = gateway_of(request)
+    secret, _ = gateway.caller(request)
+    job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
+    headers = {"x-switchyard-job-id": job.job_id}
+    call = await gateway.rpc.call(job, secret)
+    wait_s = gateway.wait_s(job)
+    try:
+        async with asyncio.timeout(wait_s):
+            first = await call.next() if body.stream else await call.result()
+    except TimeoutError:
+        call.close()
+        return error_response(
+            504,
+            f"no answer within {wait_s:g} s; the job may still run",
+            ErrorCode.DEADLINE_EXCEEDED.value,
+            headers=headers,
+        )
+    except BaseException:
+        call.close()
+        raise
+    if isinstance(first, JobResult):
+        call.close()
+        return _result_response(first, headers, stream=body.stream)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(
+        sse_events(call, first, include_usage, wait_s),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache"},
+    )
 
 
 def _result_response(result: JobResult, headers: dict[str, str], *, stream: bool) -> Response:

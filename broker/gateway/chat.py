@@ -117,10 +117,6 @@ def job_from_request(
     for name, value in from_headers.items():
         if routing[name] is None:
             routing[name] = value
-    if routing["idempotency_key"] is not None:
-        # Refused until it is honoured (one provider call per key): accepting it now would
-        # promise what the pipeline does not do.
-        raise GatewayError(400, "idempotency_key is not supported yet", param="idempotency_key")
     params = request.model_dump(exclude_none=True, exclude=set(_NOT_PARAMS))
     params["stream"] = request.stream
     model: str | None = request.model
@@ -138,6 +134,7 @@ def job_from_request(
                 "deadline": routing["deadline"],
                 "on_quota": routing["on_quota"] or "reject",
                 "metadata": routing["metadata"] or {},
+                "idempotency_key": routing["idempotency_key"],
                 "submitted_at": utcnow(),
             }
         )

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import Field
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,6 +26,7 @@ from broker.core.codec import encode
 from broker.core.db import api_jobs
 from broker.core.names import HEADER_KEY
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers
+from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError
 from broker.state.job_states import JobStanding
 from schemas import CompletionJob, ErrorCode, JobResult
@@ -33,7 +34,7 @@ from schemas import CompletionJob, ErrorCode, JobResult
 if TYPE_CHECKING:
     from broker.gateway.service import Gateway
 
-__all__ = ["JobRequest", "JobsStore", "add_jobs_routes"]
+__all__ = ["JobRequest", "JobsStore", "router"]
 
 LOCATE_WAIT_S = 2.0
 """How long ``POST /v1/jobs`` waits for the scheduler to place the job before answering
@@ -159,73 +160,82 @@ def job_body(row: dict[str, Any], standing: JobStanding | None = None) -> dict[s
     return body
 
 
-def add_jobs_routes(app: FastAPI, gateway: Gateway) -> None:
-    @app.post("/v1/jobs", tags=["jobs"], status_code=202, response_model=None)
-    async def create_job(body: JobRequest, request: Request) -> Response:
-        """Queue a chat completion; answered at once with its position, ETA and estimated cost."""
-        if body.webhook is not None:
-            raise GatewayError(400, "webhook is not supported yet", param="webhook")
-        if body.stream:
-            raise GatewayError(400, "an async job does not stream", param="stream")
-        secret, owner = gateway.caller(request)
-        job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
-        job = job.model_copy(update={"job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}"})
-        store = gateway.jobs_store
-        await store.add(job, owner, body.model)
-        await gateway.publisher.publish(
-            gateway.names.jobs,
-            encode(job),
-            message_id=job.job_id,
-            correlation_id=job.job_id,
-            reply_to=gateway.results_queue,
-            priority=job.priority,
-            headers={HEADER_KEY: secret} if secret else None,
-        )
-        standing = await _located(gateway, job.job_id)
-        row = await store.get(job.job_id, owner)
-        assert row is not None
-        return _json(job_body(row, standing), 202)
+router = APIRouter(tags=["jobs"])
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=None)
-    async def get_job(job_id: str, request: Request) -> Response:
-        """Where the job stands (position and ETA while queued), then its result."""
-        _, owner = gateway.caller(request)
+
+@router.post("/v1/jobs", status_code=202, response_model=None)
+async def create_job(body: JobRequest, request: Request) -> Response:
+    """Queue a chat completion; answered at once with its position, ETA and estimated cost."""
+    gateway = gateway_of(request)
+    if body.webhook is not None:
+        raise GatewayError(400, "webhook is not supported yet", param="webhook")
+    if body.stream:
+        raise GatewayError(400, "an async job does not stream", param="stream")
+    secret, owner = gateway.caller(request)
+    job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
+    job = job.model_copy(update={"job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}"})
+    store = gateway.jobs_store
+    await store.add(job, owner, body.model)
+    await gateway.publisher.publish(
+        gateway.names.jobs,
+        encode(job),
+        message_id=job.job_id,
+        correlation_id=job.job_id,
+        reply_to=gateway.results_queue,
+        priority=job.priority,
+        headers={HEADER_KEY: secret} if secret else None,
+    )
+    standing = await _located(gateway, job.job_id)
+    row = await store.get(job.job_id, owner)
+    assert row is not None
+    return _json(job_body(row, standing), 202)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=None)
+async def get_job(job_id: str, request: Request) -> Response:
+    """Where the job stands (position and ETA while queued), then its result."""
+    gateway = gateway_of(request)
+    _, owner = gateway.caller(request)
+    row = await _owned(gateway, job_id, owner)
+    standing = None if row["status"] in ENDED else await gateway.job_states.standing(job_id)
+    return _json(job_body(row, standing))
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=None)
+async def cancel_job(job_id: str, request: Request) -> Response:
+    """Cancel a job not yet sent to its provider (409 once its call started)."""
+    gateway = gateway_of(request)
+    _, owner = gateway.caller(request)
+    row = await _owned(gateway, job_id, owner)
+    if row["status"] not in ENDED:
+        outcome = await gateway.job_states.cancel(job_id, owner)
+        if outcome in ("running", "done"):
+            raise GatewayError(
+                409,
+                f"job {job_id} was already sent to its provider; it cannot be cancelled",
+                code="job_running",
+            )
+        await gateway.jobs_store.cancelled(job_id)
         row = await _owned(gateway, job_id, owner)
-        standing = None if row["status"] in ENDED else await gateway.job_states.standing(job_id)
-        return _json(job_body(row, standing))
+    elif row["status"] != "cancelled":
+        raise GatewayError(409, f"job {job_id} has ended ({row['status']})", code="job_ended")
+    return _json(job_body(row))
 
-    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=None)
-    async def cancel_job(job_id: str, request: Request) -> Response:
-        """Cancel a job not yet sent to its provider (409 once its call started)."""
-        _, owner = gateway.caller(request)
-        row = await _owned(gateway, job_id, owner)
-        if row["status"] not in ENDED:
-            outcome = await gateway.job_states.cancel(job_id, owner)
-            if outcome in ("running", "done"):
-                raise GatewayError(
-                    409,
-                    f"job {job_id} was already sent to its provider; it cannot be cancelled",
-                    code="job_running",
-                )
-            await gateway.jobs_store.cancelled(job_id)
-            row = await _owned(gateway, job_id, owner)
-        elif row["status"] != "cancelled":
-            raise GatewayError(409, f"job {job_id} has ended ({row['status']})", code="job_ended")
-        return _json(job_body(row))
 
-    @app.get("/v1/jobs", tags=["jobs"], response_model=None)
-    async def list_jobs(
-        request: Request,
-        status: Literal["queued", "succeeded", "failed", "rejected", "expired", "cancelled"]
-        | None = None,
-        limit: int = Query(default=20, ge=1, le=100),
-        after: str | None = None,
-    ) -> Response:
-        """The caller's jobs, newest first (``after``: the last id of the previous page)."""
-        _, owner = gateway.caller(request)
-        rows = await gateway.jobs_store.list(owner, status, limit + 1, after)
-        data = [job_body(r) for r in rows[:limit]]
-        return _json({"object": "list", "data": data, "has_more": len(rows) > limit})
+@router.get("/v1/jobs", response_model=None)
+async def list_jobs(
+    request: Request,
+    status: Literal["queued", "succeeded", "failed", "rejected", "expired", "cancelled"]
+    | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = None,
+) -> Response:
+    """The caller's jobs, newest first (``after``: the last id of the previous page)."""
+    gateway = gateway_of(request)
+    _, owner = gateway.caller(request)
+    rows = await gateway.jobs_store.list(owner, status, limit + 1, after)
+    data = [job_body(r) for r in rows[:limit]]
+    return _json({"object": "list", "data": data, "has_more": len(rows) > limit})
 
 
 async def _owned(gateway: Gateway, job_id: str, owner: str | None) -> dict[str, Any]:

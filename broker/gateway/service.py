@@ -23,7 +23,8 @@ from broker.core.clock import utcnow
 from broker.core.config import Config
 from broker.core.db import make_engine
 from broker.core.names import HEADER_KEY, Names
-from broker.gateway.app import bearer, make_app
+from broker.gateway.app import make_app
+from broker.gateway.context import bearer
 from broker.gateway.jobs import JobsStore
 from broker.state.circuits import Circuits
 from broker.state.job_states import JobStates

@@ -34,7 +34,6 @@ from broker.core.config import Config
 from broker.core.errors import (
     DeadlineExceeded,
     InvalidMessage,
-    JobRejected,
     ModelUnavailable,
     QuotaExceeded,
     Unauthorized,
@@ -42,10 +41,11 @@ from broker.core.errors import (
 )
 from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
-from broker.core.records import cancelled_result, job_result
+from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
 from broker.scheduler.admission import Admission
 from broker.scheduler.control import JobControl
+from broker.scheduler.repeats import REPEAT_WAIT_S, Repeats
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
     Admitted,
@@ -61,6 +61,7 @@ from broker.scheduler.states import provider_states
 from broker.scheduler.tracking import Tracking
 from broker.state.circuits import Circuits
 from broker.state.fairness import lane_for
+from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, REDIS_REFUSES_US
 from broker.transport.amqp import (
@@ -69,7 +70,7 @@ from broker.transport.amqp import (
 )
 from broker.transport.outcomes import Outcomes
 from broker.transport.runtime import ConsumerSet, Service, connect_server
-from schemas import CompletionJob, ErrorCode, JobError, JobStatus
+from schemas import CompletionJob, JobError, JobStatus
 
 __all__ = ["Scheduler"]
 
@@ -124,6 +125,7 @@ class Scheduler(Service):
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
         jobs = JobStates(self._redis, names) if self._redis else None
+        self._repeats = Repeats(Idempotency(self._redis, names) if self._redis else None)
         self._tracking = Tracking(jobs)
         self._control = JobControl(
             jobs, names, lambda: self.outcomes.publisher, lambda: self.config
@@ -196,6 +198,13 @@ class Scheduler(Service):
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
         key = authenticate(message.headers, version.config)
+        claim = await self._repeats.claim(job, key)
+        if claim is not None and claim.outcome == "replay":
+            await self.outcomes.finish(message, job, self._repeats.replayed(job, claim), [])
+            return
+        if claim is not None and claim.outcome == "pending":  # the first job still runs
+            await self._park(message, job, now, Wait(REPEAT_WAIT_S, at_window_end=False))
+            return
         try:
             decision = await self._route(job, key, version, now)
             admitted = await self._reservations.admit(
@@ -244,7 +253,7 @@ class Scheduler(Service):
                 delivery=delivery_id(message),
             )
         except (ModelUnavailable, QuotaExceeded) as exc:
-            await self._end_rerouted(message, job, JobStatus.FAILED, _provider_error(job, exc))
+            await self._end_rerouted(message, job, JobStatus.FAILED, failover_error(job, exc))
             return
         except (DeadlineExceeded, Unauthorized) as exc:
             status = JobStatus.EXPIRED if isinstance(exc, DeadlineExceeded) else JobStatus.REJECTED
@@ -293,6 +302,8 @@ class Scheduler(Service):
         assert job.route is not None
         result = job_result(job, job.job_id, status, utcnow(), error=error, attempts=job.attempts)
         settled = job.route.model_copy(update={"reservation_id": None})
+        if self._repeats.idempotency is not None:  # kept first: a repeat never misses it
+            await self._repeats.idempotency.keep(job, result)
         await self.outcomes.finish(message, job.model_copy(update={"route": settled}), result, [])
 
     async def _dispatch(
@@ -371,20 +382,3 @@ def _twin_mark(message: AbstractIncomingMessage) -> dict[str, int]:
     (``broker.state.answers``)."""
     headers = message.headers or {}
     return {HEADER_REDELIVERED: 1} if message.redelivered or HEADER_REDELIVERED in headers else {}
-
-
-def _provider_error(job: CompletionJob, why: JobRejected) -> JobError:
-    """A failed-over job no other candidate can take: its last provider's error, and why (a job
-    admitted again, with no attempts, gets the refusal itself)."""
-    if not job.attempts:
-        return why.to_job_error()
-    last = job.attempts[-1]
-    code = last.error_code or ErrorCode.SERVER_ERROR
-    return JobError(
-        type="provider_error",
-        code=code,
-        message=f"provider {last.provider!r} failed the job ({code.value}) and no other provider"
-        f" could take it: {why.message}",
-        retry_after=why.retry_after,
-        provider=last.provider,
-    )
