@@ -28,6 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gateway as gateway_bench
 from bare import JSON_HEADERS, BareClient
 from load import Run, drive
 from procs import (
@@ -67,6 +68,9 @@ class Sizes:
     many_cap: int = 500
     many_latency_ms: int = 1000
     scale_jobs: int = 5_000
+    gateway_latency_jobs: int = 300
+    gateway_jobs: int = 5_000
+    gateway_clients: int = 50
     rounds: int = 4
     warmup_jobs: int = 300
     max_seconds: float = 150.0
@@ -80,6 +84,9 @@ SMOKE = Sizes(
     many_cap=100,
     many_latency_ms=200,
     scale_jobs=100,
+    gateway_latency_jobs=20,
+    gateway_jobs=200,
+    gateway_clients=10,
     rounds=2,
     warmup_jobs=20,
     max_seconds=30.0,
@@ -452,6 +459,10 @@ class Bench:
             runs.append(run)
         return runs
 
+    async def gateway(self) -> list[Run]:
+        """The HTTP gateway against a direct call to the mock and ``SwitchyardClient``."""
+        return await gateway_bench.scenario(self, _others_cpu)
+
 
 def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
     """CPU seconds of what else the pipeline drives: RabbitMQ, Postgres, and this producer."""
@@ -506,13 +517,13 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=REPO / "ops" / "bench" / "results")
     parser.add_argument(
         "--scenarios",
-        default="throughput,added_latency,many_in_flight,scale_out",
+        default="throughput,added_latency,many_in_flight,scale_out,gateway",
         help="comma-separated subset",
     )
     parser.add_argument(
         "--profile",
         default="",
-        help="comma-separated process kinds (scheduler, worker, accountant) to run under"
+        help="comma-separated process kinds (scheduler, worker, accountant, gateway) to run under"
         " cpuprofile.py; their samples go to --out as profile-*.txt",
     )
     args = parser.parse_args()
@@ -523,7 +534,14 @@ if __name__ == "__main__":
             sizes,
             **{
                 f: max(1, int(getattr(sizes, f) * args.scale))
-                for f in ("throughput_jobs", "latency_jobs", "many_jobs", "scale_jobs")
+                for f in (
+                    "throughput_jobs",
+                    "latency_jobs",
+                    "many_jobs",
+                    "scale_jobs",
+                    "gateway_latency_jobs",
+                    "gateway_jobs",
+                )
             },
         )
     profile = frozenset(kind for kind in args.profile.split(",") if kind)
@@ -536,6 +554,7 @@ if __name__ == "__main__":
         main(sizes, args.out, args.scenarios.split(","), profile), Settings().event_loop
     )
     write_reports(results, args.out)
+    gateway_bench.append_targets(results, args.out)
     print((args.out / "bench.md").read_text())
     broken = [r["name"] for r in results["runs"] if r["errors"] or not r["jobs"]]
     if args.smoke and broken:
