@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_OUTPUT_TOKENS",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatMessage",
@@ -24,6 +25,10 @@ __all__ = [
     "ToolCallFunctionDelta",
     "Usage",
 ]
+
+
+MAX_OUTPUT_TOKENS = 10_000_000
+"""Beyond any model's output: a larger cap is a mistake, not a request."""
 
 
 class _Open(BaseModel):
@@ -54,14 +59,14 @@ class ChatMessage(_Open):
 class CompletionParams(_Open):
     """Sampling and output parameters; anything not named here is passed through unchanged."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
 
     @property

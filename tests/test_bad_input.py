@@ -425,3 +425,21 @@ async def test_two_accountants_writing_the_same_jobs_in_opposite_orders_do_not_d
         await pg.fetchval("SELECT count(*) FROM jobs WHERE attempts = 2 AND job_id = ANY($1)", ids)
         == 400
     )
+
+
+async def test_a_deadline_past_rabbitmqs_longest_ttl_is_served_and_stalls_nothing(
+    names: Names, tmp_path: Path, pipeline: Any, mock: MockProvider
+) -> None:
+    """RabbitMQ refuses a message TTL over ten years by closing the publishing channel: the
+    scheduler's consumers went with it and every later job waited (found by the fuzz test)."""
+    from broker.client import SwitchyardClient
+    from tests.conftest import write_config
+
+    config = load_config(write_config(tmp_path / "p.yaml", mock, [{"id": "p"}]))
+    far = datetime(9999, 12, 31, tzinfo=UTC)
+    client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
+    async with pipeline(config), client:
+        prompt = [{"role": "user", "content": "no hurry"}]
+        distant = await client.complete(prompt, model="gpt-4o-mini", deadline=far, timeout_s=20)
+        after = await client.complete(prompt, model="gpt-4o-mini", timeout_s=20)
+    assert (distant.status.value, after.status.value) == ("succeeded", "succeeded")

@@ -24,7 +24,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 __all__ = ["api_jobs", "calls", "config_versions", "jobs", "make_engine", "metadata", "usage"]
@@ -152,7 +152,8 @@ api_jobs = Table(
     Column("owner", String(128), comment="The virtual key's id; NULL: no keys configured."),
     Column("status", String(16), nullable=False),
     Column("model", String(200), nullable=False),
-    Column("result", JSONB, comment="The JobResult, once the job ended."),
+    # json, not jsonb: jsonb refuses text holding \u0000, which a job's metadata may.
+    Column("result", JSON, comment="The JobResult, once the job ended."),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),

@@ -209,6 +209,8 @@ def _errors(app: FastAPI) -> None:
             message = f"unknown field {where!r}: OpenAI's request has no such field"
         elif error["type"] == "json_invalid":
             message = "the body is not valid JSON"
+        elif error["type"] == "value_error" and where == "body":  # bounds.check_json
+            message = str(error["ctx"]["error"])
         return error_response(400, message, ErrorCode.INVALID_MESSAGE.value, param=where)
 
     @app.exception_handler(GatewayError)

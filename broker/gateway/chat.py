@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.core.clock import utcnow
 from broker.core.errors import status_of
+from broker.gateway.bounds import check_json
 from broker.gateway.errors import GatewayError, openai_error
 from broker.transport.rpc import RpcCall
-from schemas import ChatMessage, CompletionJob, JobChunk, JobResult, JobStatus
+from schemas import MAX_OUTPUT_TOKENS, ChatMessage, CompletionJob, JobChunk, JobResult, JobStatus
 
 __all__ = [
     "AUTO_MODEL",
@@ -53,11 +54,18 @@ class ChatRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        check_json(data)
+        return data
+
     stream: bool = False
     stream_options: StreamOptions | None = None
     # OpenAI's parameters, passed to the provider as the job's params.
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
@@ -65,8 +73,8 @@ class ChatRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
-    seed: int | None = None
-    n: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    n: int | None = Field(default=None, ge=1, le=128)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None

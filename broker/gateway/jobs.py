@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,6 +43,8 @@ without a position."""
 _LOCATE_POLL_S = 0.005
 ENDED = frozenset({"succeeded", "failed", "rejected", "expired", "cancelled"})
 JSON = "application/json"
+_JOB_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+"""What a job id may be (Postgres text holds no NUL): anything else names no job."""
 
 
 class JobRequest(ChatRequest):
@@ -233,13 +236,15 @@ async def list_jobs(
     """The caller's jobs, newest first (``after``: the last id of the previous page)."""
     gateway = gateway_of(request)
     _, owner = gateway.caller(request)
+    if after is not None and not _JOB_ID.fullmatch(after):
+        raise GatewayError(400, "after: not a job id", param="after")
     rows = await gateway.jobs_store.list(owner, status, limit + 1, after)
     data = [job_body(r) for r in rows[:limit]]
     return _json({"object": "list", "data": data, "has_more": len(rows) > limit})
 
 
 async def _owned(gateway: Gateway, job_id: str, owner: str | None) -> dict[str, Any]:
-    row = await gateway.jobs_store.get(job_id, owner)
+    row = await gateway.jobs_store.get(job_id, owner) if _JOB_ID.fullmatch(job_id) else None
     if row is None:
         raise GatewayError(
             404, f"no job {job_id!r}", code=ErrorCode.INVALID_MESSAGE.value, param="job_id"

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.auth import authenticate
@@ -30,7 +31,7 @@ from broker.state.circuits import Circuits
 from broker.state.job_states import JobStates
 from broker.transport.amqp import Publisher, declare_results_queue, declare_topology
 from broker.transport.rpc import DirectReplies
-from broker.transport.runtime import ConsumerSet, Service, connect_server
+from broker.transport.runtime import ConsumerSet, Service, Unsettled, connect_server
 from schemas import CompletionJob, JobResult
 
 __all__ = ["DEFAULT_PORT", "REQUEST_WAIT_S", "Gateway"]
@@ -43,6 +44,8 @@ REQUEST_WAIT_S = 600.0
 DEADLINE_GRACE_S = 5.0
 """A request with a deadline waits that long past it: the expired result says why."""
 READY_CHECK_S = 2.0
+STORE_RETRY_S = 1.0
+"""The pause before a result Postgres could not take (it is away) goes back to the queue."""
 PURGE_EVERY_S = 3600.0
 """How often expired async jobs are dropped from Postgres."""
 
@@ -168,13 +171,24 @@ class Gateway(Service):
         await self._engine.dispose()
 
     async def _store_result(self, message: AbstractIncomingMessage) -> None:
-        """An async job's result, into Postgres; acked once stored."""
+        """An async job's result, into Postgres; acked once stored. One that is not a result,
+        or that Postgres refuses, is dead-lettered (with why); Postgres away returns it, after
+        a pause, so the queue is not spun through."""
         try:
             result = JobResult.model_validate_json(message.body)
-        except ValueError:
-            await message.nack(requeue=False)  # the queue dead-letters it, for a look
-            return
-        if not await self.jobs_store.finish(result):
+        except ValueError as exc:
+            raise Unsettled("not a JobResult on the gateway's results queue") from exc
+        try:
+            stored = await self.jobs_store.finish(result)
+        except DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc.orig, OSError):
+                await asyncio.sleep(STORE_RETRY_S)
+                raise
+            raise Unsettled(f"Postgres refused job {result.job_id}'s result") from exc
+        except OSError:
+            await asyncio.sleep(STORE_RETRY_S)
+            raise
+        if not stored:
             log.info("result of job %s: not an async job of ours (expired?)", result.job_id)
         event = self.ended.get(result.job_id)
         if event is not None:

@@ -101,6 +101,20 @@ expiry set prefixes, the TTL. A job with no record yet (still being scheduled) g
 says cancelled, which its scheduler reads."""
 
 
+_STANDING = """
+local record = redis.call('HGETALL', KEYS[1])
+local rank = false
+local state = redis.call('HGET', KEYS[1], 'state')
+local provider = redis.call('HGET', KEYS[1], 'provider')
+if state == 'queued' and provider then
+  rank = redis.call('ZRANK', ARGV[1] .. provider, ARGV[2])
+end
+return {record, rank}
+"""
+"""The record and, while queued, its rank, read at one instant (a worker's claim between two
+reads would leave a queued job without a place)."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobStanding:
     """Where a job stands now."""
@@ -123,6 +137,7 @@ class JobStates:
         self._queued = redis.register_script(_QUEUED)
         self._start = redis.register_script(_START)
         self._cancel = redis.register_script(_CANCEL)
+        self._standing = redis.register_script(_STANDING)
         self._served: dict[str, int] = {}
 
     async def queued(
@@ -192,16 +207,16 @@ class JobStates:
 
     async def standing(self, job_id: str) -> JobStanding:
         """The job's state, and while queued its position and ETA."""
-        raw = await self._redis.hgetall(self._names.job(job_id))
-        record = {_text(k): _text(v) for k, v in raw.items()}
+        raw, rank = await self._standing(
+            keys=[self._names.job(job_id)], args=[self._names.job_queue(""), job_id]
+        )
+        record = {_text(k): _text(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
         if not record:
             return JobStanding(job_id, "scheduling")
         state, provider = record.get("state", "scheduling"), record.get("provider")
-        position: int | None = None
+        position = rank if isinstance(rank, int) else None
         eta: float | None = None
-        if state == "queued" and provider is not None:
-            rank = await self._redis.zrank(self._names.job_queue(provider), job_id)
-            position = rank if isinstance(rank, int) else None
+        if position is not None and provider is not None:
             rate = await self.rate(provider)
             if position is not None and rate > 0:
                 eta = round((position + 1) / rate, 1)

@@ -62,6 +62,9 @@ def park_delay(wait_s: float) -> int:
 
 
 JSON = "application/json"
+MAX_EXPIRATION_MS = 315_360_000_000
+"""RabbitMQ refuses a per-message TTL above ten years (and closes the channel): a deadline
+further off is sent with none, as a job without one."""
 
 
 # Failures of the broker connection, not of the message: the handler leaves the message unacked
@@ -216,7 +219,7 @@ class Publisher:
             priority=priority,
             headers=dict(headers) if headers else None,
             expiration=None
-            if expiration is None
+            if expiration is None or expiration.total_seconds() * 1000 > MAX_EXPIRATION_MS
             else str(max(0, int(expiration.total_seconds() * 1000))),
         )
         if self._channel.is_closed:  # fail fast, as aio-pika does (the robust one would wait)

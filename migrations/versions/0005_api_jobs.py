@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -28,7 +28,8 @@ def upgrade() -> None:
         ),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("model", sa.String(200), nullable=False),
-        sa.Column("result", JSONB, comment="The JobResult, once the job ended."),
+        # json, not jsonb: jsonb refuses text holding \u0000, which a job's metadata may.
+        sa.Column("result", JSON, comment="The JobResult, once the job ended."),
         sa.Column(
             "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
