@@ -455,5 +455,7 @@ def process_env(names: Names, database_url: str, config_path: Path) -> dict[str,
         SWITCHYARD_CONFIG=str(config_path),
         SWITCHYARD_NAMESPACE=names.namespace,
         SWITCHYARD_LOG_LEVEL="WARNING",
+        # `switchyard up` serves the gateway too: a port of its own, not another test's.
+        SWITCHYARD_GATEWAY_PORT=str(free_port()),
     )
     return env

@@ -289,6 +289,12 @@ async def test_health_and_readiness(gateway: str) -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"] == {"rabbitmq": True, "redis": True, "postgres": True}
+        openapi = (await http.get("/openapi.json")).json()
+        assert {"/v1/chat/completions", "/v1/models", "/v1/jobs"} <= set(openapi["paths"])
+        assert "text/html" in (await http.get("/docs")).headers["content-type"]
+        asyncapi = (await http.get("/asyncapi.json")).json()
+        assert asyncapi["asyncapi"] == "3.0.0"
+        assert "CompletionJob" in asyncapi["components"]["messages"]
 
 
 @pytest.mark.parametrize(
@@ -385,6 +391,13 @@ async def test_models_list_every_model_with_providers_prices_limits_and_circuits
     assert served["provider"] == "mock" and served["model"] == "gpt-4o"
     assert served["price_per_million"] == {"input": "2.5", "output": "10"}
     assert served["limits"]["concurrency"] == 8
+    assert served["capabilities"] == {
+        "streaming": True,
+        "tools": True,
+        "json_mode": True,
+        "vision": False,
+    }
+    assert "context_window" in served and "discount" in served
     assert served["circuit"] == "open"
 
 
@@ -403,3 +416,42 @@ async def test_no_provider_available_is_503_naming_each_candidate_with_retry_aft
     assert "mock/gpt-4o-mini: circuit open" in body["message"]
     assert int(caught.value.response.headers["retry-after"]) >= 1
     assert mock.stats()["calls"] == 0
+
+
+async def test_a_client_gone_before_its_call_leaves_its_job_uncalled(
+    gateway: str, mock: MockProvider, pg: asyncpg.Connection, names: Names
+) -> None:
+    import asyncio
+
+    from tests.conftest import eventually
+
+    mock.configure(latency_ms=1500)
+    began = await pg.fetchval("SELECT now()")
+    client = sdk(gateway)
+    busy = [  # every one of the provider's 8 slots
+        asyncio.create_task(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"slow {i}"}]
+            )
+        )
+        for i in range(8)
+    ]
+
+    async def all_slots_busy() -> bool:
+        return bool(mock.stats()["in_flight"] == 8)
+
+    await eventually(all_slots_busy, 10, "8 calls in flight")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "never mind"}]}
+    headers = {"authorization": f"Bearer {SECRET}"}
+    async with httpx.AsyncClient(base_url=gateway, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job waits
+            await http.post("/v1/chat/completions", json=body, headers=headers)
+    await asyncio.gather(*busy)
+
+    async def ended_cancelled() -> bool:
+        sql = "SELECT count(*) FROM jobs WHERE status = 'cancelled' AND recorded_at > $1"
+        return bool(await pg.fetchval(sql, began) == 1)
+
+    await eventually(ended_cancelled, 10, "the abandoned job ended cancelled")
+    await asyncio.sleep(0.5)
+    assert mock.stats()["calls"] == 8

@@ -14,6 +14,7 @@ from broker.core.config import ProviderConfig
 from broker.core.tokens import estimate_prompt_tokens, expected_output_tokens
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES
+from broker.transport.cancels import HeardCancels
 from schemas import CallStarted, CompletionJob
 from workers.layers import Call, Pricing, Proceed
 from workers.retry import MAX_BACKOFF_S, CallOutcome
@@ -26,13 +27,17 @@ log = logging.getLogger(__name__)
 class CallClaim:
     """A tracked (persistent) job's call is claimed in its record first
     (``JobStates.start``): one cancelled before is not called, and a cancel after is told it
-    is too late. Every call is counted for the provider's rate, which the ETAs read."""
+    is too late; an untracked job whose cancel was broadcast (``broker.transport.cancels``) is
+    not called either. Every call is counted for the provider's rate, which the ETAs read."""
 
-    def __init__(self, jobs: JobStates | None, provider_id: str) -> None:
+    def __init__(self, jobs: JobStates | None, provider_id: str, heard: HeardCancels) -> None:
         self.jobs = jobs
         self.provider_id = provider_id
+        self.heard = heard
 
     async def __call__(self, proceed: Proceed, call: Call) -> CallOutcome:
+        if call.job.job_id in self.heard:  # an untracked job whose caller went away
+            return CallOutcome(cancelled=True)
         if self.jobs is None:
             return await proceed(call)
         if call.persistent:

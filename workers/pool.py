@@ -42,6 +42,7 @@ from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
 from broker.transport.amqp import Publisher, came_persistent, declare_topology
+from broker.transport.cancels import HeardCancels, listen_for_cancels
 from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import CallStarted, CompletionJob, JobResult
@@ -111,6 +112,7 @@ class WorkerPool(Service):
         self._epoch = QuotaEpoch(self._redis, names) if self._redis is not None else None
         self._quota = QuotaStore(self._redis, names) if self._redis is not None else None
         self._jobs = JobStates(self._redis, names) if self._redis is not None else None
+        self._heard = HeardCancels()
         self._idempotency = Idempotency(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
@@ -118,7 +120,7 @@ class WorkerPool(Service):
             [
                 PrioritySlot(self._slots),
                 deadline,
-                CallClaim(self._jobs, provider_id),
+                CallClaim(self._jobs, provider_id, self._heard),
                 ProviderVersion(self._clients),
                 self._pricing,
                 CircuitBreaker(circuits, self.name),
@@ -152,6 +154,7 @@ class WorkerPool(Service):
             queues[self.names.provider(self.provider_id, lane)]
             for lane in range(self.config.fair_lanes)
         ]
+        await listen_for_cancels(self._connection, self.names, self._heard)
         await self._consume()
         if self._jobs is not None:
             self._counting = asyncio.create_task(self._count_served())

@@ -9,6 +9,7 @@ registered at the end in the order ``--help`` lists them.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -205,6 +206,24 @@ def mock_provider(
             seed=seed,
         ),
     )
+
+
+@app.command()
+def asyncapi(
+    out: Annotated[Path | None, typer.Option(help="Write it here (default: print it).")] = None,
+) -> None:
+    """The AMQP interface as an AsyncAPI 3.0 document (JSON), from the message models."""
+    import orjson
+
+    from broker.core.asyncapi import asyncapi_document
+
+    settings = get_settings()
+    text = orjson.dumps(asyncapi_document(Names(settings.namespace)), option=orjson.OPT_INDENT_2)
+    if out is None:
+        typer.echo(text.decode())
+    else:
+        out.write_bytes(text + b"\n")
+        console.print(f"AsyncAPI document written to {out}")
 
 
 @app.command()

@@ -103,6 +103,16 @@ class Names:
         return f"{self.namespace}.config.{process_tag}"
 
     @property
+    def cancels(self) -> str:
+        """A fanout exchange: ids of untracked jobs whose callers went away, to every scheduler
+        and worker (``broker.transport.cancels``)."""
+        return f"{self.namespace}.cancels"
+
+    def cancels_listener(self, process_tag: str) -> str:
+        """One process's exclusive, auto-deleted queue bound to the cancels exchange."""
+        return f"{self.namespace}.cancels.{process_tag}"
+
+    @property
     def control(self) -> str:
         """Questions about jobs (``JobQuery``: where one stands, cancel it), answered by a
         scheduler on the asker's reply queue."""

@@ -9,17 +9,21 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from broker.core.asyncapi import asyncapi_document
 from broker.core.errors import SwitchyardError
+from broker.gateway.asgi import BodyLimit, ChatFastPath
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
 from broker.gateway.jobs import router as jobs_router
 from broker.gateway.models import model_entry, models_list
-from schemas import ErrorCode, JobResult, JobStatus
+from broker.transport.rpc import RpcCall
+from schemas import ErrorCode, JobChunk, JobResult, JobStatus
 
 if TYPE_CHECKING:
     from broker.gateway.service import Gateway
@@ -27,69 +31,12 @@ if TYPE_CHECKING:
 __all__ = ["make_app"]
 
 JSON = "application/json"
-MAX_BODY_BYTES = 8 * 1024 * 1024
-"""The largest request body taken (413 above it): room for a few base64 images."""
-DRAIN_BYTES = 64 * 1024 * 1024
-"""How much of a refused body is read (and dropped) so its client gets the 413."""
-
-
-class BodyLimit:
-    """Refuses a body over ``MAX_BODY_BYTES`` with 413 before it is read whole: by its
-    Content-Length, or, sent in chunks, as soon as the count passes the limit."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Read the rest first (up to a bound): a client still sending when the connection
-        # closes never reads the answer.
-        drained = 0
-        while drained <= DRAIN_BYTES:
-            message = await receive()
-            drained += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-        response = error_response(
-            413,
-            f"the body is over {self.limit} bytes",
-            ErrorCode.INVALID_MESSAGE.value,
-            headers={"connection": "close"},
-        )
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
 router = APIRouter()
 
 
-def make_app(gateway: Gateway) -> FastAPI:
+def make_app(gateway: Gateway) -> ASGIApp:
+    """The gateway's ASGI app: FastAPI's, with the hot route taken straight
+    (``asgi.ChatFastPath``)."""
     app = FastAPI(
         title="Switchyard",
         summary="An OpenAI-compatible front door to Switchyard's queue pipeline.",
@@ -100,7 +47,7 @@ def make_app(gateway: Gateway) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.include_router(router)
     app.include_router(jobs_router)
-    return app
+    return ChatFastPath(app, chat_completions, error_for)
 
 
 @router.get("/healthz", tags=["health"])
@@ -116,6 +63,12 @@ async def readyz(request: Request) -> Response:
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
+
+
+@router.get("/asyncapi.json", tags=["docs"])
+async def asyncapi(request: Request) -> dict[str, Any]:
+    """The AMQP interface (queues, messages, headers) as an AsyncAPI 3.0 document."""
+    return asyncapi_document(gateway_of(request).names)
 
 
 @router.get("/v1/models", tags=["openai"])
@@ -149,8 +102,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     call = await gateway.rpc.call(job, secret)
     wait_s = gateway.wait_s(job)
     try:
-        async with asyncio.timeout(wait_s):
-            first = await call.next() if body.stream else await call.result()
+        first = await _answer_or_gone(request, call, body.stream, wait_s)
     except TimeoutError:
         call.close()
         return error_response(
@@ -162,6 +114,10 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     except BaseException:
         call.close()
         raise
+    if first is None:  # the client went away: its job is not started if not yet
+        call.close()
+        await gateway.cancel_untracked(job.job_id)
+        return Response(status_code=499)
     if isinstance(first, JobResult):
         call.close()
         return _result_response(first, headers, stream=body.stream)
@@ -171,6 +127,34 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
+
+
+async def _answer_or_gone(
+    request: Request, call: RpcCall, stream: bool, wait_s: float
+) -> JobChunk | JobResult | None:
+    """The job's first reply (its result, or a stream's first chunk); None if the client
+    disconnected first. ``TimeoutError`` after ``wait_s``."""
+    reply = asyncio.ensure_future(call.next() if stream else call.result())
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait(
+            {reply, gone}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()
+    if reply in done:
+        return reply.result()
+    if gone in done:
+        return None
+    raise TimeoutError
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _result_response(result: JobResult, headers: dict[str, str], *, stream: bool) -> Response:
@@ -198,38 +182,42 @@ def _as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
 
 
 def _errors(app: FastAPI) -> None:
-    """Every refusal in OpenAI's error object."""
+    """Every refusal in OpenAI's error object (``error_for``)."""
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
-        message = f"{where}: {error['msg']}"
-        if error["type"] == "extra_forbidden":
-            message = f"unknown field {where!r}: OpenAI's request has no such field"
-        elif error["type"] == "json_invalid":
-            message = "the body is not valid JSON"
-        elif error["type"] == "value_error" and where == "body":  # bounds.check_json
-            message = str(error["ctx"]["error"])
-        return error_response(400, message, ErrorCode.INVALID_MESSAGE.value, param=where)
+    async def handled(_request: Request, exc: Exception) -> Response:
+        return error_for(exc)
 
-    @app.exception_handler(GatewayError)
-    async def refused(_request: Request, exc: GatewayError) -> Response:
+    for kind in (RequestValidationError, GatewayError, SwitchyardError, HTTPException, Exception):
+        app.add_exception_handler(kind, handled)
+
+
+def error_for(exc: Exception) -> Response:
+    """The answer to a request refused by ``exc``."""
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return invalid_body(list(exc.errors()))
+    if isinstance(exc, GatewayError):
         return error_response(
             exc.status, exc.message, exc.code, param=exc.param, retry_after=exc.retry_after
         )
-
-    @app.exception_handler(SwitchyardError)
-    async def typed(_request: Request, exc: SwitchyardError) -> Response:
+    if isinstance(exc, SwitchyardError):
         return job_error_response(exc.to_job_error())
-
-    @app.exception_handler(HTTPException)
-    async def http(_request: Request, exc: HTTPException) -> Response:
+    if isinstance(exc, HTTPException):
         code = "not_found" if exc.status_code == 404 else ErrorCode.INVALID_MESSAGE.value
         return error_response(exc.status_code, str(exc.detail), code)
+    return error_response(
+        500, f"internal error ({type(exc).__name__})", ErrorCode.INTERNAL_ERROR.value
+    )
 
-    @app.exception_handler(Exception)
-    async def bug(_request: Request, exc: Exception) -> Response:
-        return error_response(
-            500, f"internal error ({type(exc).__name__})", ErrorCode.INTERNAL_ERROR.value
-        )
+
+def invalid_body(errors: list[Any]) -> Response:
+    """400 naming the first thing wrong with the body (FastAPI's or pydantic's errors)."""
+    error = errors[0]
+    where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+    message = f"{where}: {error['msg']}"
+    if error["type"] == "extra_forbidden":
+        message = f"unknown field {where!r}: OpenAI's request has no such field"
+    elif error["type"] == "json_invalid":
+        message = "the body is not valid JSON"
+    elif error["type"] == "value_error" and where == "body":  # bounds.check_json
+        message = str(error["ctx"]["error"])
+    return error_response(400, message, ErrorCode.INVALID_MESSAGE.value, param=where)

@@ -25,11 +25,13 @@ from starlette.responses import Response
 from broker.core.clock import utcnow
 from broker.core.codec import encode
 from broker.core.db import api_jobs
+from broker.core.errors import Unavailable
 from broker.core.names import HEADER_KEY
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError
 from broker.state.job_states import JobStanding
+from broker.transport.amqp import BROKER_FAILURES
 from schemas import CompletionJob, ErrorCode, JobResult
 
 if TYPE_CHECKING:
@@ -89,6 +91,11 @@ class JobsStore:
                 )
             )
         return bool(done.rowcount)
+
+    async def forget(self, job_id: str) -> None:
+        """Drop a job that was never queued."""
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(api_jobs).where(api_jobs.c.job_id == job_id))
 
     async def cancelled(self, job_id: str) -> None:
         async with self.engine.begin() as conn:
@@ -179,15 +186,22 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     job = job.model_copy(update={"job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}"})
     store = gateway.jobs_store
     await store.add(job, owner, body.model)
-    await gateway.publisher.publish(
-        gateway.names.jobs,
-        encode(job),
-        message_id=job.job_id,
-        correlation_id=job.job_id,
-        reply_to=gateway.results_queue,
-        priority=job.priority,
-        headers={HEADER_KEY: secret} if secret else None,
-    )
+    try:
+        await gateway.publisher.publish(
+            gateway.names.jobs,
+            encode(job),
+            message_id=job.job_id,
+            correlation_id=job.job_id,
+            reply_to=gateway.results_queue,
+            priority=job.priority,
+            headers={HEADER_KEY: secret} if secret else None,
+        )
+    except BROKER_FAILURES as exc:
+        await store.forget(job.job_id)
+        raise Unavailable(
+            f"RabbitMQ did not take the job ({type(exc).__name__}); it was not queued",
+            retry_after=5.0,
+        ) from exc
     standing = await _located(gateway, job.job_id)
     row = await store.get(job.job_id, owner)
     assert row is not None

@@ -30,6 +30,7 @@ from broker.gateway.jobs import JobsStore
 from broker.state.circuits import Circuits
 from broker.state.job_states import JobStates
 from broker.transport.amqp import Publisher, declare_results_queue, declare_topology
+from broker.transport.cancels import declare_cancels, publish_cancel
 from broker.transport.rpc import DirectReplies
 from broker.transport.runtime import ConsumerSet, Service, Unsettled, connect_server
 from schemas import CompletionJob, JobResult
@@ -90,6 +91,7 @@ class Gateway(Service):
         self._connection: AbstractRobustConnection | None = None
         self._rpc: DirectReplies | None = None
         self._publisher: Publisher | None = None
+        self._cancels: Publisher | None = None
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
         self._purging: asyncio.Task[None] | None = None
@@ -111,6 +113,14 @@ class Gateway(Service):
         assert self._publisher is not None, "the gateway is not started"
         return self._publisher
 
+    async def cancel_untracked(self, job_id: str) -> None:
+        """Broadcast that a sync request's job is not wanted (its client went away)."""
+        assert self._cancels is not None
+        try:
+            await publish_cancel(self._cancels, job_id)
+        except Exception:  # best effort: the job may run; the caller is gone either way
+            log.warning("could not broadcast job %s's cancel", job_id, exc_info=True)
+
     def caller(self, request: Request) -> tuple[str | None, str | None]:
         """The request's virtual key and its id (None without keys configured); refuses an
         unknown one (401) exactly as the scheduler would."""
@@ -131,6 +141,7 @@ class Gateway(Service):
         await declare_topology(channel, self.names, [])
         results = await declare_results_queue(channel, self.names, "gateway")
         self._publisher = Publisher(channel)
+        self._cancels = Publisher(channel, await declare_cancels(channel, self.names))
         await self.consumers.consume(results, self._store_result, ack=True)
         self._purging = asyncio.create_task(self._purge())
         server_config = uvicorn.Config(

@@ -68,6 +68,7 @@ from broker.transport.amqp import (
     Publisher,
     declare_topology,
 )
+from broker.transport.cancels import HeardCancels, listen_for_cancels
 from broker.transport.outcomes import Outcomes
 from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import CompletionJob, JobError, JobStatus
@@ -126,7 +127,8 @@ class Scheduler(Service):
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
         jobs = JobStates(self._redis, names) if self._redis else None
         self._repeats = Repeats(Idempotency(self._redis, names) if self._redis else None)
-        self._tracking = Tracking(jobs)
+        self._heard = HeardCancels()
+        self._tracking = Tracking(jobs, self._heard)
         self._control = JobControl(
             jobs, names, lambda: self.outcomes.publisher, lambda: self.config
         )
@@ -176,6 +178,7 @@ class Scheduler(Service):
         await self.consumers.consume(queues[self.names.jobs], self.handle, ack=True)
         await self.consumers.consume(queues[self.names.reroute], self.reroute, ack=True)
         await self.consumers.consume(queues[self.names.control], self._control.handle, ack=True)
+        await listen_for_cancels(self._connection, self.names, self._heard)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.consumers.stop(grace_s)

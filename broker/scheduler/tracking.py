@@ -1,6 +1,6 @@
 """The scheduler's part of job tracking (``broker.state.job_states``): each tracked job is
-recorded in its provider's queue as it is handed over, and one cancelled before that is ended
-here instead."""
+recorded in its provider's queue as it is handed over, and one cancelled before that (or an
+untracked one whose cancel was broadcast: ``broker.transport.cancels``) is ended here instead."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES
 from broker.transport.amqp import came_persistent
+from broker.transport.cancels import HeardCancels
 from schemas import CompletionJob
 
 __all__ = ["Tracking"]
@@ -20,14 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class Tracking:
-    def __init__(self, jobs: JobStates | None) -> None:
+    def __init__(self, jobs: JobStates | None, heard: HeardCancels) -> None:
         self.jobs = jobs
+        self.heard = heard
 
     async def cancelled(
         self, message: AbstractIncomingMessage, job: CompletionJob, est_cost_usd: Decimal
     ) -> bool:
         """Record a tracked (persistent) job as queued for its route's provider; True if it
-        was cancelled first. With Redis away the job goes on untracked."""
+        was cancelled first (an untracked one: if its cancel was heard). With Redis away the
+        job goes on untracked."""
+        if job.job_id in self.heard:
+            return True
         if self.jobs is None or not came_persistent(message):
             return False
         assert job.route is not None
