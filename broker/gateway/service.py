@@ -153,6 +153,7 @@ class Gateway(Service):
             log_level="warning",
             loop="none",
             http="httptools",
+            proxy_headers=False,  # nothing here reads the client address
         )
         self._server = _Server(server_config)
         self._serving = asyncio.create_task(self._server.serve())
