@@ -326,3 +326,52 @@ async def test_a_global_cap_holds_across_worker_processes_and_a_dead_workers_lea
     finally:
         procs.stop_all()
         await redis.aclose()
+
+
+async def test_the_gateway_process_serves_the_openai_sdk_in_front_of_the_process_pipeline(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    database_url: str,
+    tmp_path: Path,
+    mock: MockProvider,
+) -> None:
+    """``switchyard gateway``, ``scheduler``, ``worker`` and ``accountant`` as the CLI runs
+    them, the official SDK as the client (the in-process tests cover the behaviours)."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    from tests.conftest import free_port, write_config
+
+    config = write_config(tmp_path / "p.yaml", mock, [{"id": "p"}])
+    env = process_env(names, database_url, config)
+    port = free_port()
+    procs = Processes(env, tmp_path)
+    try:
+        procs.start("gateway", "--port", str(port))
+        procs.start("scheduler")
+        procs.start("worker", "--provider", "p")
+        procs.start("accountant")
+
+        async def ready() -> bool:
+            try:
+                async with httpx.AsyncClient(timeout=2) as http:
+                    answer = await http.get(f"http://127.0.0.1:{port}/readyz")
+                return (
+                    answer.status_code == 200
+                    and await consumer_count(amqp, names.provider("p")) == 1
+                )
+            except httpx.TransportError:
+                return False
+
+        await eventually(ready, 30, "the gateway ready and the worker consuming")
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        messages = [{"role": "user", "content": "through every process"}]
+        completion = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=messages,  # type: ignore[arg-type]
+        )
+        assert completion.choices[0].message.content == expected_completion(messages)[0]
+        assert [m.id async for m in client.models.list()] == ["gpt-4o-mini"]
+    finally:
+        procs.stop_all()
+    assert [p.returncode for p in procs.running] == [0, 0, 0, 0]
