@@ -67,6 +67,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
     MODEL_UNAVAILABLE = "model_unavailable"
     NO_PROVIDER_AVAILABLE = "no_provider_available"
+    NO_CAPABLE_MODEL = "no_capable_model"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"

@@ -384,8 +384,16 @@ async def test_models_list_every_model_with_providers_prices_limits_and_circuits
     assert one.id == "gpt-4o" and one.object == "model"
     with pytest.raises(openai.NotFoundError):
         await client.models.retrieve("no-such-model")
+    scoped = sdk(gateway, SCOPED)  # its key may use gpt-4o only
+    assert [m.id async for m in scoped.models.list()] == ["gpt-4o"]
+    with pytest.raises(openai.NotFoundError):
+        await scoped.models.retrieve("gpt-4o-mini")
+    with pytest.raises(openai.AuthenticationError):
+        await sdk(gateway, "sk-unknown").models.list()
     async with httpx.AsyncClient(base_url=gateway, timeout=10) as http:
-        body = (await http.get("/v1/models")).json()
+        assert (await http.get("/v1/models")).status_code == 401  # keys configured: one needed
+        headers = {"authorization": f"Bearer {SECRET}"}
+        body = (await http.get("/v1/models", headers=headers)).json()
     entry = next(m for m in body["data"] if m["id"] == "gpt-4o")
     [served] = entry["switchyard"]["providers"]
     assert served["provider"] == "mock" and served["model"] == "gpt-4o"

@@ -150,6 +150,20 @@ async def test_the_list_is_the_callers_newest_first_in_pages(http: httpx.AsyncCl
     assert (await http.get("/v1/jobs", headers=other)).json()["data"] == []
 
 
+async def test_a_body_python_reads_but_json_does_not_hold_is_refused(
+    http: httpx.AsyncClient, mock: MockProvider
+) -> None:
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": NaN}}'
+    )
+    refused = await http.post(
+        "/v1/jobs", content=body, headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400
+    assert "NaN" in refused.json()["error"]["message"]
+    assert mock.stats()["calls"] == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [({"webhook": "https://example.com/hook"}, "webhook"), ({"stream": True}, "stream")],

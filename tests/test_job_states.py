@@ -153,7 +153,12 @@ async def test_the_client_library_asks_where_its_job_stands_and_cancels_it(
                 standing = await client.standing(ids[2], api_key=SECRET)
                 return standing.state == "queued"
 
-            await eventually(placed, 20, "the last job placed")
+            await eventually(placed, 20, "the third job placed")
+            # Submitted and located in one call: the scheduler placed it behind the other three.
+            job = make_job([{"role": "user", "content": "asked 3"}], model="m")
+            located = await client.submit_located(job, results_queue=results_queue, api_key=SECRET)
+            assert (located.state, located.position, located.provider) == ("queued", 3, "p")
+            ids.append(job.job_id)
             standing = await client.standing(ids[2], api_key=SECRET)
             assert (standing.provider, standing.position, standing.model) == ("p", 2, "m")
             assert float(standing.est_cost_usd or 0) > 0
@@ -164,7 +169,31 @@ async def test_the_client_library_asks_where_its_job_stands_and_cancels_it(
             assert (await client.cancel(ids[1], api_key=SECRET)).state == "cancelled"
             assert (await client.standing(ids[2], api_key=SECRET)).position == 1
             async with pipeline(config, scheduler=False, accountant=False, workers=["p"]):
-                results = await collect(amqp, results_queue, 3)
+                results = await collect(amqp, results_queue, 4)
     statuses = {r["job_id"]: r["status"] for r in results}
-    assert statuses == {ids[0]: "succeeded", ids[1]: "cancelled", ids[2]: "succeeded"}
-    assert mock.stats()["calls"] == 2
+    assert statuses == {
+        ids[0]: "succeeded",
+        ids[1]: "cancelled",
+        ids[2]: "succeeded",
+        ids[3]: "succeeded",
+    }
+    assert mock.stats()["calls"] == 3
+
+
+async def test_a_cancel_before_placement_is_obeyed_only_from_the_jobs_own_caller(
+    redis: Redis, names: Names
+) -> None:
+    states = JobStates(redis, names)
+
+    async def placed(job_id: str) -> str:
+        return await states.queued(
+            job_id, "p", 1, owner="team-a", est_cost_usd="0", model="m", deadline=None, again=False
+        )
+
+    assert await states.cancel("guessed", "team-b") == "cancelled"  # nothing to check it by yet
+    assert await placed("guessed") == "queued"  # not team-b's job: the cancel is not obeyed
+    assert await states.cancel("own", "team-a") == "cancelled"
+    assert await placed("own") == "cancelled"
+    assert await states.cancel("operator", "*") == "cancelled"
+    assert await placed("operator") == "cancelled"
+    assert (await states.standing("guessed")).position == 0

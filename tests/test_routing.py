@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from broker.core.config import Config, KeyConfig, ProviderType, parse_config
-from broker.core.errors import Forbidden, ModelUnavailable, NoProviderAvailable
+from broker.core.errors import Forbidden, ModelUnavailable, NoCapableModel, NoProviderAvailable
 from broker.core.pricing import cost_usd
 from broker.core.tokens import estimate_prompt_tokens
 from broker.scheduler.routing import (
@@ -259,6 +259,9 @@ def test_a_model_lacking_what_the_job_needs_is_dropped_naming_it() -> None:
     seen = route(cfg, job(messages=[{"role": "user", "content": [image]}]))
     assert order(seen) == ["narrow", "full"]
     assert [str(d) for d in seen.dropped] == ["plain/up: takes no images"]
+    with pytest.raises(NoCapableModel) as caught:  # lasting: 400, not "retry later"
+        route(config(plain), job(params={"max_tokens": 10, "stream": True}))
+    assert caught.value.http_status == 400
     long = route(cfg, job(params={"max_tokens": 5000}))
     assert order(long) == ["plain", "full"]
     [dropped] = long.dropped
@@ -387,7 +390,9 @@ def test_a_task_type_goes_to_its_routes_models_under_its_policy() -> None:
         ("writer", "prose"),
         ("coder", "code"),
     ]
-    assert decision.dropped == [Dropped("chatty", "prose-y", "serves task types chat only")]
+    assert decision.dropped == [
+        Dropped("chatty", "prose-y", "serves task types chat only", lasting=True)
+    ]
     chat = route(routed(), job(model=None, task_type="chat"))
     assert chat.policy == "free_first" and order(chat) == ["chatty", "writer"]
 

@@ -4,11 +4,11 @@ A worker pool chains them outermost first (``WorkerPool`` lists them in one plac
 
     PrioritySlot    a call slot: calls start by priority, then arrival
     deadline        a job whose deadline passed while it waited is not called
-    CallClaim       a tracked job cancelled first is not called; each call is counted
     ProviderVersion the provider entry (adapter, HTTP client, leases) the call uses to its end
     Pricing         each usage event priced once, at the call
     CircuitBreaker  an open circuit refuses the call; each call's outcome is counted
     GlobalLease     one of the provider's global leases held for the call
+    CallClaim       a tracked job cancelled first is not called; each call is counted
     CallLedger      each call recorded (confirmed) in the ledger before its request leaves
                     (``workers.ledger``, with ``CallClaim``)
     call_provider   the adapter, through the retry layer (``workers.retry``)

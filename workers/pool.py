@@ -120,11 +120,11 @@ class WorkerPool(Service):
             [
                 PrioritySlot(self._slots),
                 deadline,
-                CallClaim(self._jobs, provider_id, self._heard),
                 ProviderVersion(self._clients),
                 self._pricing,
                 CircuitBreaker(circuits, self.name),
                 GlobalLease(holder, self.name),
+                CallClaim(self._jobs, provider_id, self._heard),
                 CallLedger(self._record_call, self._pricing, settle_margin_s),
             ],
             call_provider,

@@ -51,7 +51,7 @@ def cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None
     outcome = _run(settings, lambda states: states.cancel(job_id, "*"))
     if outcome != "cancelled":
         raise fail(f"job {job_id} is {outcome}: too late to cancel", 1)
-    output.print(f"job {job_id} cancelled: it will not be called")
+    output.print(f"job {job_id} cancelled: if it comes, it will not be called")
 
 
 def _run(settings: Settings, action: Callable[[JobStates], Awaitable[T]]) -> T:

@@ -45,6 +45,8 @@ from schemas import (
 __all__ = ["SwitchyardClient", "make_job"]
 
 _SEEN_LIMIT = 100_000
+LOCATE_WAIT_S = 2.0
+LOCATE_POLL_S = 0.02
 
 
 def make_job(
@@ -221,6 +223,26 @@ class SwitchyardClient:
             headers={HEADER_KEY: api_key} if api_key else None,
         )
         return job.job_id
+
+    async def submit_located(
+        self,
+        job: CompletionJob,
+        *,
+        results_queue: str,
+        api_key: str | None = None,
+        wait_s: float = LOCATE_WAIT_S,
+    ) -> JobStandingReply:
+        """``submit``, then where the job stands once a scheduler has placed it (its provider,
+        position, ETA, estimated cost), or as it stands after ``wait_s`` (``scheduling``). A
+        round trip to a scheduler per job: a large batch uses ``submit`` and asks later."""
+        await self.submit(job, results_queue=results_queue, api_key=api_key)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_s
+        while True:
+            standing = await self.standing(job.job_id, api_key=api_key)
+            if standing.state != "scheduling" or loop.time() >= until:
+                return standing
+            await asyncio.sleep(LOCATE_POLL_S)
 
     async def open_results(self, name: str) -> str:
         """Declare the durable results queue ``name`` and return its full queue name."""

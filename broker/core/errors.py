@@ -15,9 +15,12 @@ HTTP status::
     │   │                                                              key's scopes)
     │   ├── QuotaExceeded              rate_limited               429 (carries retry_after)
     │   ├── ModelUnavailable           model_unavailable          404 (no such model or route)
-    │   │   └── NoProviderAvailable    no_provider_available      503 (every candidate dropped,
-    │   │                                                              each named with its reason;
-    │   │                                                              retry_after if circuits)
+    │   │   ├── NoProviderAvailable    no_provider_available      503 (every candidate dropped,
+    │   │   │                                                          each named with its reason;
+    │   │   │                                                          retry_after if circuits)
+    │   │   └── NoCapableModel         no_capable_model           400 (every candidate lacks what
+    │   │                                                              the job needs: waiting will
+    │   │                                                              not help)
     │   └── DeadlineExceeded           deadline_exceeded          504 (status "expired")
     └── ProviderError                  status "failed": the provider call did not succeed
         ├── RateLimited                rate_limited      429  (retryable, carries retry_after)
@@ -46,6 +49,7 @@ __all__ = [
     "InvalidMessage",
     "JobRejected",
     "ModelUnavailable",
+    "NoCapableModel",
     "NoProviderAvailable",
     "ProviderAuthentication",
     "ProviderError",
@@ -160,6 +164,9 @@ class ModelUnavailable(JobRejected, code=ErrorCode.MODEL_UNAVAILABLE, http_statu
 class NoProviderAvailable(
     ModelUnavailable, code=ErrorCode.NO_PROVIDER_AVAILABLE, http_status=503
 ): ...
+
+
+class NoCapableModel(ModelUnavailable, code=ErrorCode.NO_CAPABLE_MODEL, http_status=400): ...
 
 
 class DeadlineExceeded(JobRejected, code=ErrorCode.DEADLINE_EXCEEDED, http_status=504): ...

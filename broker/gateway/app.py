@@ -4,24 +4,27 @@ models that validate each request)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp
 
 from broker.core.asyncapi import asyncapi_document
-from broker.core.errors import SwitchyardError
+from broker.core.errors import SwitchyardError, Unavailable
 from broker.gateway.asgi import BodyLimit, ChatFastPath
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
 from broker.gateway.jobs import router as jobs_router
 from broker.gateway.models import model_entry, models_list
+from broker.state.quota import REDIS_FAILURES
 from broker.transport.rpc import RpcCall
 from schemas import ErrorCode, JobChunk, JobResult, JobStatus
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from broker.gateway.service import Gateway
 
 __all__ = ["make_app"]
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 router = APIRouter()
@@ -73,16 +78,18 @@ async def asyncapi(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request) -> dict[str, Any]:
-    """Every public model, with its providers, prices, limits and circuit states."""
+    """Every public model the caller's key may use, with its providers, prices, limits and
+    circuit states."""
     gateway = gateway_of(request)
-    return await models_list(gateway.config, gateway.circuits)
+    return await models_list(gateway.config, gateway.circuits, gateway.key_of(request))
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     """One public model, as the list gives it."""
     gateway = gateway_of(request)
-    if model_id not in gateway.public_models:
+    key = gateway.key_of(request)
+    if model_id not in gateway.public_models or (key is not None and not key.allows(model_id)):
         raise GatewayError(
             404,
             f"no model {model_id!r}; known: {', '.join(sorted(gateway.public_models))}",
@@ -105,6 +112,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
         first = await _answer_or_gone(request, call, body.stream, wait_s)
     except TimeoutError:
         call.close()
+        await gateway.cancel_untracked(job.job_id)  # if it has not started, it need not
         return error_response(
             504,
             f"no answer within {wait_s:g} s; the job may still run",
@@ -204,6 +212,13 @@ def error_for(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         code = "not_found" if exc.status_code == 404 else ErrorCode.INVALID_MESSAGE.value
         return error_response(exc.status_code, str(exc.detail), code)
+    if isinstance(exc, (*REDIS_FAILURES, DBAPIError, OSError)):
+        away = Unavailable(
+            f"a service the gateway needs is unreachable now ({type(exc).__name__})",
+            retry_after=5.0,
+        )
+        return job_error_response(away.to_job_error())
+    log.error("a request failed on a bug", exc_info=exc)
     return error_response(
         500, f"internal error ({type(exc).__name__})", ErrorCode.INTERNAL_ERROR.value
     )

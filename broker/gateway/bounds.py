@@ -5,6 +5,7 @@ later, in a hop that can only call it a bug. Refused at the door instead, by nam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "check_json"]
@@ -33,6 +34,8 @@ def check_json(value: Any) -> None:
             _text(item, where)
         elif isinstance(item, int) and not _INT64[0] <= item <= _INT64[1]:
             raise ValueError(f"{where}: the integer is out of the 64-bit range")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where}: NaN and infinities are not JSON")
 
 
 def _text(text: str, where: str) -> None:

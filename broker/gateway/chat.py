@@ -17,7 +17,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.core.clock import utcnow
-from broker.core.errors import status_of
+from broker.core.errors import SwitchyardError, status_of
 from broker.gateway.bounds import check_json
 from broker.gateway.errors import GatewayError, openai_error
 from broker.transport.rpc import RpcCall
@@ -43,7 +43,6 @@ ROUTING_FIELDS = ("task_type", "priority", "deadline", "on_quota", "metadata", "
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
-    include_obfuscation: bool | None = None
 
 
 class ChatRequest(BaseModel):
@@ -60,6 +59,12 @@ class ChatRequest(BaseModel):
     def _encodable(cls, data: Any) -> Any:
         check_json(data)
         return data
+
+    @model_validator(mode="after")
+    def _streamed_options(self) -> ChatRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only with stream: true")
+        return self
 
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -194,8 +199,14 @@ async def sse_events(
                 return
             if reply.chunk.choices or reply.chunk.usage is None:  # usage goes last, once
                 yield _event(reply.chunk.model_dump(mode="json", exclude_none=True))
-            async with asyncio.timeout(timeout_s):
-                reply = await call.next()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    reply = await call.next()
+            except (TimeoutError, SwitchyardError, ValueError) as exc:
+                # Lost mid-stream (no answer in time, the broker connection gone): say so.
+                code = exc.code.value if isinstance(exc, SwitchyardError) else "timeout"
+                yield _event(openai_error(504, f"the stream ended early: {exc}", code))
+                return
         if reply.status is not JobStatus.SUCCEEDED:
             assert reply.error is not None
             error = reply.error

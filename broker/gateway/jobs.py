@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from broker.gateway.service import Gateway
 
 __all__ = ["JobRequest", "JobsStore", "router"]
+
+log = logging.getLogger(__name__)
 
 LOCATE_WAIT_S = 2.0
 """How long ``POST /v1/jobs`` waits for the scheduler to place the job before answering
@@ -156,7 +159,8 @@ def job_body(row: dict[str, Any], standing: JobStanding | None = None) -> dict[s
         "created_at": int(created.timestamp()),
     }
     if standing is not None and status not in ENDED:
-        body["status"] = {"cancelled": "cancelled", "running": "running"}.get(
+        # "done": its result is on its way to Postgres.
+        body["status"] = {"cancelled": "cancelled", "running": "running", "done": "running"}.get(
             standing.state, "queued"
         )
         body.update(
@@ -202,9 +206,21 @@ async def create_job(body: JobRequest, request: Request) -> Response:
             f"RabbitMQ did not take the job ({type(exc).__name__}); it was not queued",
             retry_after=5.0,
         ) from exc
-    standing = await _located(gateway, job.job_id)
-    row = await store.get(job.job_id, owner)
-    assert row is not None
+    # Queued now: whatever fails from here, the answer is 202 (a 5xx would be retried, and the
+    # job run twice), without its position if Redis or Postgres could not say it.
+    try:
+        standing = await _located(gateway, job.job_id)
+        row = await store.get(job.job_id, owner)
+    except Exception:
+        log.warning("job %s queued; its standing could not be read", job.job_id, exc_info=True)
+        standing, row = None, None
+    if row is None:
+        row = {
+            "job_id": job.job_id,
+            "status": "queued",
+            "model": body.model,
+            "created_at": utcnow(),
+        }
     return _json(job_body(row, standing), 202)
 
 

@@ -8,13 +8,18 @@ from typing import Any
 
 from broker.core.clock import utcnow
 from broker.core.config import Config, Serving
+from broker.core.limits import KeyConfig
 from broker.state.circuits import Circuits
 
 __all__ = ["model_entry", "models_list"]
 
 
-async def models_list(config: Config, circuits: Circuits | None) -> dict[str, Any]:
-    entries = [await model_entry(config, name, circuits) for name in config.public_models()]
+async def models_list(
+    config: Config, circuits: Circuits | None, key: KeyConfig | None = None
+) -> dict[str, Any]:
+    """Every public model, or those ``key``'s scopes allow."""
+    names = [n for n in config.public_models() if key is None or key.allows(n)]
+    entries = [await model_entry(config, name, circuits) for name in names]
     return {"object": "list", "data": entries}
 
 

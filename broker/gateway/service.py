@@ -23,6 +23,7 @@ from broker.core.auth import authenticate
 from broker.core.clock import utcnow
 from broker.core.config import Config
 from broker.core.db import make_engine
+from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_KEY, Names
 from broker.gateway.app import make_app
 from broker.gateway.context import bearer
@@ -45,6 +46,7 @@ REQUEST_WAIT_S = 600.0
 DEADLINE_GRACE_S = 5.0
 """A request with a deadline waits that long past it: the expired result says why."""
 READY_CHECK_S = 2.0
+RESULTS_PREFETCH = 32
 STORE_RETRY_S = 1.0
 """The pause before a result Postgres could not take (it is away) goes back to the queue."""
 PURGE_EVERY_S = 3600.0
@@ -128,6 +130,11 @@ class Gateway(Service):
         key = authenticate({HEADER_KEY: secret} if secret else None, self.config)
         return secret, key.id if key is not None else None
 
+    def key_of(self, request: Request) -> KeyConfig | None:
+        """The request's key (None without keys configured); 401 for an unknown one."""
+        secret = bearer(request)
+        return authenticate({HEADER_KEY: secret} if secret else None, self.config)
+
     def wait_s(self, job: CompletionJob) -> float:
         """How long a request waits for its job's answer."""
         if job.deadline is None:
@@ -139,8 +146,12 @@ class Gateway(Service):
         self._rpc = DirectReplies(self._connection, self.names)
         channel = await self._connection.channel(publisher_confirms=True)
         await declare_topology(channel, self.names, [])
-        results = await declare_results_queue(channel, self.names, "gateway")
         self._publisher = Publisher(channel)
+        # Results on a channel of their own, a few at a time: a backlog is not taken into
+        # memory at once, and with Postgres away each waits before it goes back.
+        results_channel = await self._connection.channel()
+        await results_channel.set_qos(prefetch_count=RESULTS_PREFETCH)
+        results = await declare_results_queue(results_channel, self.names, "gateway")
         self._cancels = Publisher(channel, await declare_cancels(channel, self.names))
         await self.consumers.consume(results, self._store_result, ack=True)
         self._purging = asyncio.create_task(self._purge())

@@ -96,6 +96,9 @@ class Dropped:
     provider: str
     model: str
     reason: str
+    lasting: bool = False
+    """It will not change by waiting (the model lacks what the job needs, or serves other task
+    types): a job every candidate of which is dropped so is refused, not told to retry."""
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.model}: {self.reason}"

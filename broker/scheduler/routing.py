@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from broker.core.config import Config, KeyConfig, Policy, ProviderType
-from broker.core.errors import Forbidden, NoProviderAvailable
+from broker.core.errors import Forbidden, NoCapableModel, NoProviderAvailable
 from broker.scheduler.candidates import (
     CIRCUIT_OPEN,
     DEFAULT_OUTPUT_TOKENS,
@@ -150,7 +150,8 @@ class Router:
             for d in dropped
             if d.reason == CIRCUIT_OPEN
         ]
-        raise NoProviderAvailable(
+        unservable = dropped and all(d.lasting for d in dropped)
+        raise (NoCapableModel if unservable else NoProviderAvailable)(
             f"no provider can take {_asked(job, public_models)} now:"
             f" {'; '.join(str(d) for d in dropped)}",
             retry_after=round(min(opens), 3) if opens else None,
@@ -195,12 +196,13 @@ class Router:
             reason = "failed this job already" if provider.id in exclude else None
             reason = reason or unusable(job, provider, state)
             if reason is not None:
-                dropped.append(Dropped(provider.id, serving.model, reason))
+                lasting = reason not in (CIRCUIT_OPEN, "down", "failed this job already")
+                dropped.append(Dropped(provider.id, serving.model, reason, lasting))
                 continue
             candidate = make_candidate(job, serving, state, now, self.config.zone, prompt_tokens)
             missing = lacks(job, candidate)
             if missing is not None:
-                dropped.append(Dropped(provider.id, serving.model, missing))
+                dropped.append(Dropped(provider.id, serving.model, missing, lasting=True))
                 continue
             candidates.append(candidate)
         return candidates

@@ -34,6 +34,7 @@ from broker.core.config import Config
 from broker.core.errors import (
     DeadlineExceeded,
     InvalidMessage,
+    JobRejected,
     ModelUnavailable,
     QuotaExceeded,
     Unauthorized,
@@ -45,7 +46,7 @@ from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
 from broker.scheduler.admission import Admission
 from broker.scheduler.control import JobControl
-from broker.scheduler.repeats import REPEAT_WAIT_S, Repeats
+from broker.scheduler.repeats import Repeats
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
     Admitted,
@@ -201,12 +202,13 @@ class Scheduler(Service):
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
         key = authenticate(message.headers, version.config)
-        claim = await self._repeats.claim(job, key)
-        if claim is not None and claim.outcome == "replay":
-            await self.outcomes.finish(message, job, self._repeats.replayed(job, claim), [])
-            return
-        if claim is not None and claim.outcome == "pending":  # the first job still runs
-            await self._park(message, job, now, Wait(REPEAT_WAIT_S, at_window_end=False))
+        if await self._repeats.handled(
+            job,
+            key,
+            now,
+            answer=lambda result: self.outcomes.finish(message, job, result, []),
+            park=lambda wait: self._park(message, job, now, wait),
+        ):
             return
         try:
             decision = await self._route(job, key, version, now)
@@ -221,6 +223,9 @@ class Scheduler(Service):
             )
         except REDIS_FAILURES as exc:
             admitted = while_redis_is_away(message, job, now, exc)
+        except JobRejected:
+            await self._repeats.release(job, key)  # a first job refused gives its key back
+            raise
         if isinstance(admitted, Wait):
             await self._park(message, job, now, admitted)
             return

@@ -7,7 +7,9 @@ first job's result (``replay``: the scheduler answers it at once) or the first s
 stored where it ends after a provider call (its worker, or a scheduler ending a failover:
 ``store``); a first job that ended without one (rejected, expired, cancelled) gives the key
 back (``release``, by the accountant, which sees every job's end), so a repeat runs afresh.
-A first job RabbitMQ dropped at its deadline leaves a claim that lapses a minute later.
+A first job RabbitMQ dropped at its deadline leaves a claim that lapses 15 minutes later. A
+first job that failed for a reason a retry may not meet (a timeout, a rate limit, a server
+error) keeps nothing: its repeat runs afresh.
 """
 
 from __future__ import annotations
@@ -25,14 +27,26 @@ from broker.core.names import Names
 from broker.core.records import calls
 from broker.state.lua import NOW_MS
 from broker.state.quota import REDIS_FAILURES
-from schemas import CompletionJob, JobResult
+from schemas import CompletionJob, ErrorCode, JobResult
 
-__all__ = ["IDEMPOTENCY_TTL_S", "Claim", "Idempotency"]
+__all__ = ["IDEMPOTENCY_TTL_S", "RETRY_MAY_SUCCEED", "Claim", "Idempotency"]
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_S = 86_400
-LAPSE_AFTER_DEADLINE_S = 60
+RETRY_MAY_SUCCEED = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.SERVER_ERROR,
+        ErrorCode.PROVIDER_UNAVAILABLE,
+        ErrorCode.UNAVAILABLE,
+    }
+)
+"""Failures not kept for repeats: the caller's retry with the same key runs again."""
+LAPSE_AFTER_DEADLINE_S = 900
+"""A claim outlives its job's deadline by this much: a call started before the deadline may
+run past it (its attempts are bounded by the provider's timeout, not the deadline)."""
 
 _CLAIM = (
     NOW_MS
@@ -118,8 +132,12 @@ class Idempotency:
         once the claim is gone."""
         if job.idempotency_key is None or job.route is None or not calls(result.attempts):
             return
+        caller, key = job.route.key_id, job.idempotency_key
         try:
-            await self.store(job.route.key_id, job.idempotency_key, job.job_id, encode(result))
+            if result.error is not None and result.error.code in RETRY_MAY_SUCCEED:
+                await self.release(caller, key, job.job_id)
+            else:
+                await self.store(caller, key, job.job_id, encode(result))
         except REDIS_FAILURES:
             log.warning("Redis is away: job %s's result is not kept for repeats", job.job_id)
 

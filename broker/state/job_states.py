@@ -45,25 +45,49 @@ _QUEUED = (
     + """
 local job, provider, again = ARGV[1], ARGV[2], ARGV[8] == '1'
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'cancelled' or state == 'done' or (state == 'running' and not again) then
+if state == 'cancelled' then
+  local by = redis.call('HGET', KEYS[1], 'owner')
+  if not by or by == ARGV[4] then return state end
+elseif state == 'done' or (state == 'running' and not again) then
   return state
+end
+local old = redis.call('HGET', KEYS[1], 'provider')
+if old and old ~= provider then
+  redis.call('ZREM', ARGV[10] .. old, job)
+  redis.call('ZREM', ARGV[11] .. old, job)
 end
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[2], gone)
   redis.call('ZREM', KEYS[3], gone)
 end
 local score = (9 - tonumber(ARGV[3])) * 1e13 + now
+local lapse = tonumber(ARGV[9])
+if lapse <= 0 then lapse = now + tonumber(ARGV[7]) * 1000 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'provider', provider, 'priority', ARGV[3],
   'owner', ARGV[4], 'est_cost_usd', ARGV[5], 'model', ARGV[6], 'queued_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('ZADD', KEYS[2], score, job)
-redis.call('ZADD', KEYS[3], tonumber(ARGV[9]) > 0 and tonumber(ARGV[9]) or '+inf', job)
+redis.call('ZADD', KEYS[3], lapse, job)
 return 'queued'
 """
 )
 """KEYS: the job's record, its provider's queue and expiry sets. ARGV: job id, provider,
 priority, owner, estimated cost, model, record TTL, again (a failover) 1/0, deadline ms (0:
-none). Jobs whose deadline passed (RabbitMQ dropped them) leave the sets first."""
+none: the record's TTL), the queue and expiry set prefixes. Jobs whose deadline passed
+(RabbitMQ dropped them) leave the sets first; a job queued again for another provider leaves
+the last one's. A cancel recorded before the job was placed is obeyed if its own caller (or an
+operator) made it: another caller cannot cancel a job by guessing its id."""
+
+_DONE = """
+local provider = redis.call('HGET', KEYS[1], 'provider')
+if provider then
+  redis.call('ZREM', ARGV[2] .. provider, ARGV[1])
+  redis.call('ZREM', ARGV[3] .. provider, ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'state', 'done')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 _START = (
     NOW_MS
@@ -138,6 +162,7 @@ class JobStates:
         self._start = redis.register_script(_START)
         self._cancel = redis.register_script(_CANCEL)
         self._standing = redis.register_script(_STANDING)
+        self._done = redis.register_script(_DONE)
         self._served: dict[str, int] = {}
 
     async def queued(
@@ -168,6 +193,8 @@ class JobStates:
                 JOB_TTL_S,
                 1 if again else 0,
                 deadline_ms,
+                names.job_queue(""),
+                names.job_expiry(""),
             ],
         )
         return _text(state)
@@ -182,11 +209,11 @@ class JobStates:
         return bool(started)
 
     async def done(self, job_id: str) -> None:
-        key = self._names.job(job_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(key, "state", "done")
-        pipe.expire(key, ENDED_TTL_S)
-        await pipe.execute()
+        names = self._names
+        await self._done(
+            keys=[names.job(job_id)],
+            args=[job_id, names.job_queue(""), names.job_expiry(""), ENDED_TTL_S],
+        )
 
     async def cancel(self, job_id: str, caller: str | None) -> str:
         """``cancelled`` (it will not be called), ``running`` or ``done`` (too late),

@@ -21,8 +21,9 @@ from broker.transport.amqp import Publisher
 
 __all__ = ["HEARD_FOR_S", "HeardCancels", "declare_cancels", "listen_for_cancels", "publish_cancel"]
 
-HEARD_FOR_S = 600.0
-"""How long a process remembers a cancelled job id: longer than an RPC job waits."""
+HEARD_FOR_S = 3600.0
+"""How long a process remembers a cancelled job id: an RPC job that waited longer for quota
+or in its provider's queue may still be called."""
 MAX_HEARD = 100_000
 
 
