@@ -103,7 +103,7 @@ async def test_a_job_is_answered_at_once_then_its_result_is_kept(
 async def test_queued_jobs_show_position_and_eta_and_a_cancelled_one_is_never_called(
     http: httpx.AsyncClient, mock: MockProvider
 ) -> None:
-    mock.configure(latency_ms=400)
+    mock.configure(latency_ms=600)  # a drain of some seconds: the rate has time to be measured
     jobs = [(await http.post("/v1/jobs", json=ask(i))).json() for i in range(8)]
     last, doomed = jobs[-1]["id"], jobs[3]["id"]
     seen = (await http.get(f"/v1/jobs/{last}")).json()
@@ -122,10 +122,11 @@ async def test_queued_jobs_show_position_and_eta_and_a_cancelled_one_is_never_ca
             break
         positions.append(now["position"])
         if now["eta_s"] is not None:
-            etas.append(now["eta_s"])
+            etas.append((now["position"], now["eta_s"]))
         await asyncio.sleep(0.1)
     assert positions == sorted(positions, reverse=True) and len(set(positions)) >= 2
-    assert len(etas) >= 2 and etas[-1] < etas[0]
+    far, near = max(etas), min(etas)  # farther back in the queue, a later start
+    assert far[0] > near[0] and far[1] > near[1], etas
 
     results = {job["id"]: await ended(http, job["id"]) for job in jobs}
     assert results[doomed]["status"] == "cancelled"
