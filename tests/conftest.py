@@ -446,6 +446,29 @@ def pipeline(names: Names, database_url: str) -> Any:
     return factory
 
 
+@pytest.fixture
+def gateway_in_front(names: Names, database_url: str, pipeline: Any) -> Any:
+    """``async with gateway_in_front(config) as url``: the pipeline and a gateway in front of
+    it, in this event loop; yields the gateway's base URL."""
+
+    @asynccontextmanager
+    async def run(config: Config) -> AsyncIterator[str]:
+        from broker.gateway.service import Gateway
+
+        port = free_port()
+        service = Gateway(
+            AMQP_URL, config, names, port=port, redis_url=REDIS_URL, database_url=database_url
+        )
+        async with pipeline(config):
+            await service.start()
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                await service.stop(grace_s=5)
+
+    return run
+
+
 def process_env(names: Names, database_url: str, config_path: Path) -> dict[str, str]:
     """Environment for a ``switchyard`` subprocess serving this test's namespace."""
     env = dict(os.environ)

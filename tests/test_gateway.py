@@ -18,9 +18,8 @@ from openai import AsyncOpenAI
 
 from broker.core.config import Config, load_config
 from broker.core.names import Names
-from broker.gateway.service import Gateway
 from mock_provider import expected_completion, expected_tool_call
-from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, free_port, write_config
+from tests.conftest import MockProvider, write_config
 
 SECRET = "sk-gateway-test-key"
 SCOPED = "sk-gateway-scoped-key"
@@ -52,25 +51,10 @@ def gateway_config(tmp_path: Path, mock: MockProvider) -> Config:
 
 
 @pytest.fixture
-async def gateway(
-    gateway_config: Config, names: Names, database_url: str, pipeline: Any
-) -> AsyncIterator[str]:
+async def gateway(gateway_config: Config, gateway_in_front: Any) -> AsyncIterator[str]:
     """The pipeline and a gateway in front of it; yields the gateway's base URL."""
-    port = free_port()
-    service = Gateway(
-        AMQP_URL,
-        gateway_config,
-        names,
-        port=port,
-        redis_url=REDIS_URL,
-        database_url=database_url,
-    )
-    async with pipeline(gateway_config):
-        await service.start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await service.stop(grace_s=5)
+    async with gateway_in_front(gateway_config) as url:
+        yield url
 
 
 def sdk(base_url: str, key: str = SECRET) -> AsyncOpenAI:

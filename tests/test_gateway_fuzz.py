@@ -42,10 +42,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 
 from broker.core.config import Config, load_config
-from broker.core.names import Names
-from broker.gateway.service import Gateway
 from schemas import ErrorCode
-from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, free_port, write_config
+from tests.conftest import MockProvider, write_config
 
 # schemathesis's own strategies draw from ``random`` (hypothesis deprecates it; not this test's).
 pytestmark = pytest.mark.filterwarnings(
@@ -121,25 +119,10 @@ def fuzz_config(tmp_path: Path, mock: MockProvider) -> Config:
 
 
 @pytest.fixture
-async def fuzz_gateway(
-    fuzz_config: Config, names: Names, database_url: str, pipeline: Any
-) -> AsyncIterator[str]:
+async def fuzz_gateway(fuzz_config: Config, gateway_in_front: Any) -> AsyncIterator[str]:
     """The pipeline and a gateway in front of it; yields the gateway's base URL."""
-    port = free_port()
-    service = Gateway(
-        AMQP_URL,
-        fuzz_config,
-        names,
-        port=port,
-        redis_url=REDIS_URL,
-        database_url=database_url,
-    )
-    async with pipeline(fuzz_config):
-        await service.start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await service.stop(grace_s=5)
+    async with gateway_in_front(fuzz_config) as url:
+        yield url
 
 
 # ---------------------------------------------------------------------------------------------

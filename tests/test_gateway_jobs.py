@@ -16,9 +16,8 @@ import pytest
 
 from broker.core.config import Config, load_config
 from broker.core.names import Names
-from broker.gateway.service import Gateway
 from mock_provider import expected_completion
-from tests.conftest import AMQP_URL, REDIS_URL, MockProvider, eventually, free_port, write_config
+from tests.conftest import MockProvider, eventually, write_config
 
 SECRET = "sk-jobs-api-key"
 OTHER = "sk-jobs-api-other-key"
@@ -37,24 +36,14 @@ def jobs_config(tmp_path: Path, mock: MockProvider, names: Names) -> Config:
 
 
 @pytest.fixture
-async def http(
-    jobs_config: Config, names: Names, database_url: str, pipeline: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    port = free_port()
-    gateway = Gateway(
-        AMQP_URL, jobs_config, names, port=port, redis_url=REDIS_URL, database_url=database_url
-    )
-    async with pipeline(jobs_config):
-        await gateway.start()
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}",
-                headers={"authorization": f"Bearer {SECRET}"},
-                timeout=30,
-            ) as client:
-                yield client
-        finally:
-            await gateway.stop(grace_s=5)
+async def http(jobs_config: Config, gateway_in_front: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        gateway_in_front(jobs_config) as url,
+        httpx.AsyncClient(
+            base_url=url, headers={"authorization": f"Bearer {SECRET}"}, timeout=30
+        ) as client,
+    ):
+        yield client
 
 
 def ask(i: int) -> dict[str, Any]:

@@ -86,10 +86,6 @@ class DirectReplies:
         # When to try again while the connection is down: its next reconnect attempt.
         self.retry_after = float(getattr(connection, "reconnect_interval", RECONNECT_RETRY_S))
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
     def close(self, reason: str = "the client was closed") -> None:
         for call in self._pending.values():
             call.put(ConnectionError(reason))
