@@ -578,6 +578,13 @@ async def test_switchyard_up_reloads_and_starts_a_pool_for_an_added_provider(
             )
 
         await eventually(serving, 30, "switchyard up to consume")
+
+        async def started_version_recorded() -> bool:
+            # Its reloader starts last (after the gateway): a file changed before that would
+            # be the version it starts on, and the one it served first never recorded.
+            return bool(await versions(pg, before.version))
+
+        await eventually(started_version_recorded, 30, "switchyard up's reloader to start")
         async with JobFlow(amqp, names, every_s=0.01) as flow:
             first = await flow.send(3)
             await flow.all_answered(20, first)
