@@ -1,8 +1,9 @@
 """Wire contracts shared by every Switchyard process: small pydantic models, no behaviour."""
 
-from schemas import chat, control, jobs
+from schemas import chat, control, jobs, webhooks
 from schemas.chat import *  # noqa: F403 (each module's __all__ is the contract)
 from schemas.control import *  # noqa: F403
 from schemas.jobs import *  # noqa: F403
+from schemas.webhooks import *  # noqa: F403
 
-__all__ = [*chat.__all__, *control.__all__, *jobs.__all__]
+__all__ = [*chat.__all__, *control.__all__, *jobs.__all__, *webhooks.__all__]

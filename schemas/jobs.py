@@ -26,6 +26,7 @@ __all__ = [
     "AccountingBatch",
     "AccountingEvent",
     "Attempt",
+    "BatchLine",
     "CachePolicy",
     "CallStarted",
     "CompletionJob",
@@ -100,6 +101,15 @@ class ReplyTo(BaseModel):
     webhook: HttpUrl | None = None
 
 
+class BatchLine(BaseModel):
+    """The line of a stored batch (``broker.batches``) a job answers: it runs at batch priority,
+    below every other job, in a fairness lane of its batch's own."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_id: str = Field(min_length=1, max_length=64)
+    line: int = Field(ge=1, description="The line's number in the batch's input file, from 1.")
+
+
 class CachePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["default", "bypass", "refresh"] = "default"
@@ -144,6 +154,14 @@ class CompletionJob(_Message):
     )
     submitted_at: AwareDatetime | None = Field(
         default=None, description="Set by the producer; the queued time is measured from it."
+    )
+    batch: BatchLine | None = Field(
+        default=None, description="Set by the batch runner on a stored batch's line."
+    )
+    defer: bool = Field(
+        default=False,
+        description="May wait, parked, for a cheaper hour (a discount window or a free tier's "
+        "reset) that opens early enough to finish before its deadline (which it needs).",
     )
     route: Route | None = Field(default=None, description="Set by the scheduler.")
 

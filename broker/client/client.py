@@ -30,6 +30,7 @@ from aio_pika.abc import (
 from broker.core.clock import utcnow
 from broker.core.codec import encode
 from broker.core.names import HEADER_KEY, Names
+from broker.core.priority import queue_priority
 from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
 from broker.transport.rpc import DirectReplies
 from schemas import (
@@ -219,7 +220,7 @@ class SwitchyardClient:
             message_id=job.job_id,
             correlation_id=job.job_id,
             reply_to=results_queue,
-            priority=job.priority,
+            priority=queue_priority(job),
             headers={HEADER_KEY: api_key} if api_key else None,
         )
         return job.job_id

@@ -8,9 +8,9 @@ import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from broker.core.errors import InvalidMessage, JobRejected, UnsupportedSchemaVersion
-from schemas import SCHEMA_VERSION, AccountingEvent, CompletionJob
+from schemas import SCHEMA_VERSION, AccountingEvent, CachePolicy, CompletionJob
 
-__all__ = ["decode_accounting_event", "decode_job", "encode", "job_id_hint"]
+__all__ = ["decode_accounting_event", "decode_job", "encode", "job_id_hint", "unbuilt_fields"]
 
 _ACCOUNTING = TypeAdapter[AccountingEvent](AccountingEvent)
 
@@ -36,10 +36,28 @@ def _rejection(exc: ValidationError, what: str) -> JobRejected:
 
 
 def decode_job(body: bytes) -> CompletionJob:
+    """The job, or ``InvalidMessage`` naming what is wrong, or what it asks that is not built
+    (no field is accepted and then ignored)."""
     try:
-        return CompletionJob.model_validate_json(body)
+        job = CompletionJob.model_validate_json(body)
     except ValidationError as exc:
         raise _rejection(exc, "job") from None
+    not_built = unbuilt_fields(job)
+    if not_built:
+        raise InvalidMessage(f"not supported yet: {', '.join(not_built)}")
+    return job
+
+
+def unbuilt_fields(job: CompletionJob) -> list[str]:
+    """The fields a job sets that the pipeline does not act on yet (refused, by name)."""
+    named = []
+    if job.cache != CachePolicy():
+        named.append("cache (the response cache is not built)")
+    if job.defer:
+        named.append("defer (deferral is not built)")
+    if job.reply.webhook is not None:
+        named.append("reply.webhook (the webhook dispatcher is not built)")
+    return named
 
 
 def decode_accounting_event(body: bytes) -> AccountingEvent:

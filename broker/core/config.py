@@ -38,6 +38,7 @@ from broker.core.limits import (
 from broker.core.providers import CircuitConfig, ModelSpec, ProviderConfig, ProviderType
 from broker.core.rules import CompiledRules, Rule
 from broker.core.strict import StrictModel
+from broker.core.webhooks import WebhooksConfig
 
 __all__ = [
     "Alerts",
@@ -56,6 +57,7 @@ __all__ = [
     "Reset",
     "Serving",
     "TaskRoute",
+    "WebhooksConfig",
     "load_config",
     "parse_config",
 ]
@@ -102,6 +104,7 @@ class Config(StrictModel):
         "is told to retry. admit: jobs run unmetered while Redis is away and are counted at "
         "their estimates when it returns, so a limit may be overshot by what ran meanwhile.",
     )
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,11 +10,14 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    ForeignKey,
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Table,
@@ -27,7 +30,19 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["api_jobs", "calls", "config_versions", "jobs", "make_engine", "metadata", "usage"]
+__all__ = [
+    "api_jobs",
+    "batch_lines",
+    "batches",
+    "calls",
+    "config_versions",
+    "file_chunks",
+    "files",
+    "jobs",
+    "make_engine",
+    "metadata",
+    "usage",
+]
 
 metadata = MetaData()
 
@@ -161,6 +176,90 @@ api_jobs = Table(
 )
 """Jobs sent through the gateway's async jobs API (``POST /v1/jobs``), kept until
 ``expires_at`` (the retention setting)."""
+
+
+files = Table(
+    "files",
+    metadata,
+    Column("file_id", String(64), primary_key=True),
+    Column("owner", String(128)),  # the virtual key's id; NULL: no keys configured
+    Column("purpose", String(32), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False, server_default="0"),
+    Column("batch_id", String(64)),  # an output or error file: read from batch_lines
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), index=True),
+    Index("ix_files_owner_created", "owner", "created_at"),
+)
+"""Files as OpenAI's Files API has them: an uploaded file's bytes are in ``file_chunks``; a
+batch's output and error files are views of its ``batch_lines``."""
+
+file_chunks = Table(
+    "file_chunks",
+    metadata,
+    Column("file_id", String(64), ForeignKey("files.file_id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("file_id", "seq"),
+)
+"""An uploaded file in pieces of up to 1 MiB, so it is written and read without holding it."""
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("owner", String(128)),
+    Column("status", String(16), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(8), nullable=False),
+    Column("metadata", JSON),
+    Column("webhook", Text),  # where the batch's end is POSTed (signed), if anywhere
+    Column("errors", JSON),  # the input's invalid lines: code, message, line
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    # Every line up to this number has been published as a job.
+    Column("enqueued", Integer, nullable=False, server_default="0"),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("cost_usd", Numeric(18, 9), nullable=False, server_default="0"),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("runner", String(128)),  # the batch runner holding the batch, until lease_until
+    Column("lease_until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    *(
+        Column(f"{moment}_at", DateTime(timezone=True))
+        for moment in (
+            "in_progress",
+            "finalizing",
+            "completed",
+            "failed",
+            "expired",
+            "cancelling",
+            "cancelled",
+        )
+    ),
+    Index("ix_batches_owner_created", "owner", "created_at"),
+    Index("ix_batches_status", "status"),
+)
+"""Stored batches (OpenAI's Batch API), run by ``broker.batches``."""
+
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(64), nullable=False),
+    Column("line", Integer, nullable=False),
+    Column("custom_id", Text, nullable=False),
+    Column("status", String(16)),  # NULL until the line's answer is in
+    Column("in_error", Boolean, nullable=False, server_default=false()),
+    Column("output", Text),  # the output (or error) file's line for it, JSON
+    PrimaryKeyConstraint("batch_id", "line"),
+    UniqueConstraint("batch_id", "custom_id", name="batch_lines_custom_id_key"),
+)
+"""One row per valid input line, written while the input is validated; answered once."""
 
 
 def make_engine(database_url: str) -> AsyncEngine:

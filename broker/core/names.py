@@ -120,6 +120,7 @@ class Names:
 
     @property
     def webhooks(self) -> str:
+        """Events to POST to webhooks (``WebhookRequest``), for the webhook dispatcher."""
         return f"{self.namespace}.webhooks"
 
     def results(self, name: str) -> str:

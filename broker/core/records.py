@@ -87,7 +87,7 @@ def job_event(
     public_model = job.model if job is not None else None
     if route is not None and not as_asked:
         public_model = route.public_model
-    batch_id = job.metadata.get("batch_id") if job is not None else None
+    batch_id = (job.batch.batch_id if job.batch else job.metadata.get("batch_id")) if job else None
     return JobEvent(
         job_id=job_id,
         status=status,

@@ -28,6 +28,7 @@ from broker.core.codec import encode
 from broker.core.db import api_jobs
 from broker.core.errors import Unavailable
 from broker.core.names import HEADER_KEY
+from broker.core.priority import queue_priority
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError
@@ -197,7 +198,7 @@ async def create_job(body: JobRequest, request: Request) -> Response:
             message_id=job.job_id,
             correlation_id=job.job_id,
             reply_to=gateway.results_queue,
-            priority=job.priority,
+            priority=queue_priority(job),
             headers={HEADER_KEY: secret} if secret else None,
         )
     except BROKER_FAILURES as exc:

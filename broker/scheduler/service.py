@@ -345,7 +345,7 @@ class Scheduler(Service):
         elif "priority" not in job.model_fields_set and message.priority:
             # An AMQP-native producer may set only the property; the body then carries it on.
             update["priority"] = min(message.priority, 9)
-        lane = lane_for(key, version.config.fair_lanes)
+        lane = lane_for(key, version.config.fair_lanes, job.batch.batch_id if job.batch else None)
         routed = job.model_copy(update=update)
         if await self._tracking.cancelled(message, routed, admitted.chosen.est_cost_usd):
             await self.outcomes.finish(message, routed, cancelled_result(routed, utcnow()), [])

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from broker.core.priority import queue_priority
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES
 from broker.transport.amqp import came_persistent
@@ -40,7 +41,7 @@ class Tracking:
             state = await self.jobs.queued(
                 job.job_id,
                 job.route.provider,
-                job.priority,
+                queue_priority(job),
                 owner=job.route.key_id,
                 est_cost_usd=str(est_cost_usd),
                 model=job.route.public_model,

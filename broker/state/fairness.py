@@ -27,11 +27,14 @@ from broker.core.limits import KeyConfig
 __all__ = ["PrioritySlots", "lane_for"]
 
 
-def lane_for(key: KeyConfig | None, lanes: int) -> int:
-    """A stable lane per consumer (or key); anonymous jobs and a single lane use lane 0."""
-    if key is None or lanes <= 1:
+def lane_for(key: KeyConfig | None, lanes: int, batch_id: str | None = None) -> int:
+    """A stable lane per consumer (or key), and per stored batch, so two batches share their
+    provider as two keys do; anonymous jobs outside a batch and a single lane use lane 0."""
+    if (key is None and batch_id is None) or lanes <= 1:
         return 0
-    identity = key.consumer or key.id
+    identity = (key.consumer or key.id) if key is not None else ""
+    if batch_id is not None:
+        identity = f"{identity}/{batch_id}"
     return 1 + zlib.crc32(identity.encode()) % (lanes - 1)
 
 

@@ -60,7 +60,7 @@ for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[2], gone)
   redis.call('ZREM', KEYS[3], gone)
 end
-local score = (9 - tonumber(ARGV[3])) * 1e13 + now
+local score = (10 - tonumber(ARGV[3])) * 1e13 + now
 local lapse = tonumber(ARGV[9])
 if lapse <= 0 then lapse = now + tonumber(ARGV[7]) * 1000 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'provider', provider, 'priority', ARGV[3],
@@ -72,11 +72,12 @@ return 'queued'
 """
 )
 """KEYS: the job's record, its provider's queue and expiry sets. ARGV: job id, provider,
-priority, owner, estimated cost, model, record TTL, again (a failover) 1/0, deadline ms (0:
-none: the record's TTL), the queue and expiry set prefixes. Jobs whose deadline passed
-(RabbitMQ dropped them) leave the sets first; a job queued again for another provider leaves
-the last one's. A cancel recorded before the job was placed is obeyed if its own caller (or an
-operator) made it: another caller cannot cancel a job by guessing its id."""
+queue priority (``broker.core.priority``: 0 … 10), owner, estimated cost, model, record TTL,
+again (a failover) 1/0, deadline ms (0: none: the record's TTL), the queue and expiry set
+prefixes. Jobs whose deadline passed (RabbitMQ dropped them) leave the sets first; a job queued
+again for another provider leaves the last one's. A cancel recorded before the job was placed is
+obeyed if its own caller (or an operator) made it: another caller cannot cancel a job by
+guessing its id."""
 
 _DONE = """
 local provider = redis.call('HGET', KEYS[1], 'provider')
@@ -253,7 +254,8 @@ class JobStates:
             state,
             provider=provider,
             model=record.get("model"),
-            priority=int(record["priority"]) if "priority" in record else None,
+            # Recorded as the queue priority: the job's own is one less (a batch line's, 0).
+            priority=max(int(record["priority"]) - 1, 0) if "priority" in record else None,
             position=position,
             eta_s=eta,
             est_cost_usd=record.get("est_cost_usd"),

@@ -132,7 +132,10 @@ async def declare_topology(
             },
         )
     providers = [names.provider(p, lane) for p in provider_ids for lane in range(lanes)]
-    work = [names.jobs, names.reroute, names.usage, names.alerts, names.control, *providers]
+    work = [
+        *(names.jobs, names.reroute, names.usage, names.alerts, names.control, names.webhooks),
+        *providers,
+    ]
     for queue_name in work:
         queues[queue_name] = await channel.declare_queue(
             queue_name, durable=True, arguments=_work_queue_arguments(names)

@@ -28,6 +28,7 @@ from broker.core.errors import (
     internal_error,
 )
 from broker.core.names import TYPE_CHUNK, Names
+from broker.core.priority import queue_priority
 from broker.core.records import calls, job_event, job_result
 from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
@@ -147,7 +148,7 @@ class Outcomes:
             message_id=job.job_id,
             correlation_id=message.correlation_id or job.job_id,
             reply_to=message.reply_to,
-            priority=job.priority,
+            priority=queue_priority(job),
             headers=forwarded,
             expiration=expiration,
             persistent=came_persistent(message),

@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from broker.core.codec import encode
 from broker.core.errors import Unavailable
 from broker.core.names import DIRECT_REPLY_TO, HEADER_KEY, TYPE_CHUNK, TYPE_STANDING, Names
+from broker.core.priority import queue_priority
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
 from schemas import CompletionJob, JobChunk, JobQuery, JobResult, JobStandingReply
 
@@ -162,7 +163,7 @@ class DirectReplies:
         """Publish ``job`` (transient) with its replies coming here; raises ``Unavailable`` if
         the broker did not take it."""
         return await self._publish(
-            self.names.jobs, encode(job), job.job_id, job.priority, api_key, headers
+            self.names.jobs, encode(job), job.job_id, queue_priority(job), api_key, headers
         )
 
     async def _publish(

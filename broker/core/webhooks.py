@@ -1,0 +1,87 @@
+"""The config's ``webhooks`` section: how results are signed (Standard Webhooks), retried, and
+which addresses they may go to.
+
+A secret is ``whsec_`` and base64, as the Standard Webhooks spec gives it; several (a list)
+sign every delivery during a rotation, so a receiver holding either one verifies it. Write
+``secret: ${NAME}`` to keep it out of the file (``broker.core.config`` expands it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from broker.core.strict import StrictModel
+
+__all__ = ["SVIX_SCHEDULE_S", "WebhookEndpoint", "WebhooksConfig", "secret_key"]
+
+SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+"""The waits before each retry (after the first try): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h."""
+SECRET_PREFIX = "whsec_"
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key a ``whsec_<base64>`` secret stands for."""
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+
+
+def _valid_secret(secret: str) -> str:
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError("a webhook secret is whsec_ and base64 (Standard Webhooks)")
+    try:
+        key = secret_key(secret)
+    except binascii.Error:
+        raise ValueError("a webhook secret's part after whsec_ is not base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("a webhook secret is 24 to 64 bytes (Standard Webhooks)")
+    return secret
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Secret = Annotated[str, AfterValidator(_valid_secret)]
+Secrets = Annotated[list[Secret], BeforeValidator(_one_or_many)]
+
+
+class WebhookEndpoint(StrictModel):
+    """Secrets of their own for the URLs that begin with ``url``."""
+
+    url: str = Field(min_length=1, description="A URL prefix: https://hooks.example.com/")
+    secret: Secrets = Field(min_length=1, repr=False)
+
+
+class WebhooksConfig(StrictModel):
+    secret: Secrets = Field(
+        default_factory=list,
+        repr=False,
+        description="One whsec_ secret, or several during a rotation (each signs). None set: "
+        "a job naming a webhook is refused.",
+    )
+    endpoints: list[WebhookEndpoint] = Field(default_factory=list)
+    allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts and CIDRs a webhook may reach although loopback, private, link-local "
+        "or a metadata address (all refused otherwise).",
+    )
+    retry_schedule_s: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: list(SVIX_SCHEDULE_S),
+        description="The wait before each retry; after the last, the delivery is dead-lettered.",
+    )
+    jitter: float = Field(
+        default=0.2, ge=0, le=1, description="Each wait is varied by up to this fraction."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, description="One attempt's whole time.")
+    concurrency: int = Field(default=64, ge=1, description="Attempts in flight per dispatcher.")
+
+    def secrets_for(self, url: str) -> list[str]:
+        """The secrets that sign a delivery to ``url``: the longest matching endpoint's, else
+        the section's."""
+        matching = [e for e in self.endpoints if url.startswith(e.url)]
+        if matching:
+            return list(max(matching, key=lambda e: len(e.url)).secret)
+        return list(self.secret)
