@@ -26,7 +26,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from redis.asyncio import Redis
 
 from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
@@ -36,6 +35,7 @@ from broker.core.records import cancelled_result
 from broker.core.settings import CALL_SETTLE_MARGIN_S
 from broker.state.answers import Answers
 from broker.state.circuits import Circuits
+from broker.state.client import connect_redis
 from broker.state.fairness import PrioritySlots
 from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
@@ -104,7 +104,7 @@ class WorkerPool(Service):
         # deliveries in hand: calls, and jobs waiting for a slot or for their confirms.
         self._slots = PrioritySlots(provider.concurrency)
         # Redis (when configured) holds the provider's circuit and its global leases.
-        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
+        self._redis = connect_redis(redis_url) if redis_url is not None else None
         self._clients = ProviderClients(provider, names, self._redis)
         self._pricing = Pricing(config)
         circuits = Circuits(self._redis, names) if self._redis is not None else None

@@ -22,7 +22,6 @@ from decimal import Decimal
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from redis.asyncio import Redis
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,6 +45,7 @@ from broker.core.db import make_engine
 from broker.core.errors import ConfigError, JobRejected
 from broker.core.names import Names
 from broker.core.pricing import Unit, price_usage, usd_to_nanos
+from broker.state.client import connect_redis
 from broker.state.idempotency import Idempotency
 from broker.state.quota import REDIS_FAILURES, QuotaStore, ReservationState
 from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
@@ -88,7 +88,7 @@ class Accountant(Service):
         self._sweeper: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._engine: AsyncEngine | None = None
-        self._redis = Redis.from_url(redis_url) if redis_url is not None else None
+        self._redis = connect_redis(redis_url) if redis_url is not None else None
         self._quota: QuotaStore | None = None
         self._repeats = Idempotency(self._redis, names) if self._redis is not None else None
         self._reconcile_with(config)

@@ -16,6 +16,7 @@ import typer
 
 from broker.cli.apps import app, build, config_app, console, fail, load
 from broker.cli.batch import submit, usage
+from broker.cli.batches import batches_app
 from broker.cli.circuits import circuits
 from broker.cli.jobs import jobs_app
 from broker.cli.models import models
@@ -130,6 +131,7 @@ def _gateway(settings: Settings, config: Config, host: str, port: int) -> Reload
             redis_url=settings.redis_url,
             database_url=settings.database_url,
             retention=timedelta(days=settings.job_retention_days),
+            file_retention=timedelta(days=settings.file_retention_days),
         )
     )
 
@@ -243,6 +245,7 @@ app.command()(circuits)
 app.command()(models)
 app.add_typer(quota_app, name="quota")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(batches_app, name="batches")
 config_app.command("history")(config_history)
 config_app.command("rollback")(config_rollback)
 config_app.command("check")(config_check)

@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from broker.cli.apps import console, fail, load, new_table, output
+from broker.cli.batches import is_openai_batch, submit_stored
 from broker.core.errors import SwitchyardError
 from broker.core.settings import Settings, get_settings
 
@@ -31,12 +32,19 @@ def submit(
     report: Annotated[bool, typer.Option(help="Print usage and cost read back from Postgres.")] = (
         False
     ),
+    key: Annotated[
+        str | None, typer.Option(envvar="SWITCHYARD_KEY", help="The virtual key to send with.")
+    ] = None,
 ) -> None:
-    """Submit a JSONL batch, show progress, write the results and print a summary."""
-    settings, _ = load()
+    """Submit a JSONL batch, show progress, write the results and print a summary. A file in
+    OpenAI's batch line format (custom_id, method, url, body) is stored as a batch instead, run
+    by the gateways' batch runners (it goes on if this command stops)."""
     out = out or file.with_suffix(".results.jsonl")
+    if is_openai_batch(file):
+        sys.exit(submit_stored(file, out, timeout, key))
+    settings, _ = load()
     batch_id = str(uuid.uuid4())
-    sys.exit(asyncio.run(_submit(settings, file, out, batch_id, timeout, report)))
+    sys.exit(asyncio.run(_submit(settings, file, out, batch_id, timeout, report, key)))
 
 
 def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")] = None) -> None:
@@ -46,7 +54,13 @@ def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")]
 
 
 async def _submit(
-    settings: Settings, file: Path, out: Path, batch_id: str, timeout_s: float, report: bool
+    settings: Settings,
+    file: Path,
+    out: Path,
+    batch_id: str,
+    timeout_s: float,
+    report: bool,
+    key: str | None,
 ) -> int:
     from broker.client import SwitchyardClient
     from broker.client.batch import read_jobs, run_batch
@@ -71,6 +85,7 @@ async def _submit(
                 out,
                 batch_id=batch_id,
                 timeout_s=timeout_s,
+                api_key=key,
                 on_result=lambda _: progress.advance(task),
             )
     finally:

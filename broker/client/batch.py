@@ -71,6 +71,7 @@ async def run_batch(
     batch_id: str | None = None,
     timeout_s: float = 600.0,
     on_result: Callable[[JobResult], None] | None = None,
+    api_key: str | None = None,
 ) -> BatchSummary:
     """Publish every job to a fresh durable results queue, write results to ``out`` as JSONL
     as they arrive, and stop when all are back or ``timeout_s`` passes."""
@@ -78,7 +79,9 @@ async def run_batch(
     queue = await client.open_results(summary.batch_id)
     wanted = {job.job_id for job in jobs}
     try:
-        await asyncio.gather(*(client.submit(job, results_queue=queue) for job in jobs))
+        await asyncio.gather(
+            *(client.submit(job, results_queue=queue, api_key=api_key) for job in jobs)
+        )
         summary.submitted = len(jobs)
         with out.open("wb") as sink:
 

@@ -42,6 +42,9 @@ __all__ = [
     "make_engine",
     "metadata",
     "usage",
+    "webhook_attempts",
+    "webhook_deliveries",
+    "webhook_endpoints",
 ]
 
 metadata = MetaData()
@@ -215,6 +218,9 @@ batches = Table(
     Column("completion_window", String(8), nullable=False),
     Column("metadata", JSON),
     Column("webhook", Text),  # where the batch's end is POSTed (signed), if anywhere
+    # The virtual key its lines are sent with (the scheduler checks it as any job's), until the
+    # batch ends: RabbitMQ keeps it the same way on a persistent job's message.
+    Column("key_secret", Text),
     Column("errors", JSON),  # the input's invalid lines: code, message, line
     Column("total", Integer, nullable=False, server_default="0"),
     Column("completed", Integer, nullable=False, server_default="0"),
@@ -256,10 +262,72 @@ batch_lines = Table(
     Column("status", String(16)),  # NULL until the line's answer is in
     Column("in_error", Boolean, nullable=False, server_default=false()),
     Column("output", Text),  # the output (or error) file's line for it, JSON
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("cost_usd", Numeric(18, 9), nullable=False, server_default="0"),
     PrimaryKeyConstraint("batch_id", "line"),
     UniqueConstraint("batch_id", "custom_id", name="batch_lines_custom_id_key"),
 )
 """One row per valid input line, written while the input is validated; answered once."""
+
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("url", Text, primary_key=True),
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("disabled_reason", Text),
+)
+"""Webhook URLs the dispatcher knows something of: one that answered 410 is disabled (its later
+deliveries are dead at once, no POST) until a replay to it enables it again."""
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("webhook_id", String(128), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("body", Text, nullable=False),  # the bytes signed and sent, on every retry
+    Column("owner", String(128)),  # the virtual key's id; NULL: no keys configured
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("series_start", Integer, nullable=False, server_default="0"),  # attempts at replay
+    Column("next_attempt_at", DateTime(timezone=True)),  # due, or leased until; NULL once ended
+    Column("lease_id", String(16)),  # the attempt in hand, whose outcome moves the state
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    CheckConstraint(
+        "state IN ('pending', 'delivered', 'dead')", name="webhook_deliveries_state_check"
+    ),
+    Index(
+        "ix_webhook_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=text("state = 'pending'"),
+    ),
+    Index("ix_webhook_deliveries_owner_created", "owner", "created_at"),
+    Index("ix_webhook_deliveries_created", "created_at"),
+)
+"""One row per webhook event (``WebhookRequest``), recorded once per ``webhook_id``."""
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "webhook_id",
+        String(128),
+        ForeignKey("webhook_deliveries.webhook_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("number", Integer, nullable=False),  # from 1, across replays
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("status_code", Integer),  # NULL: no answer (timeout, connection failed)
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text),
+)
+"""Every POST a dispatcher made, answered or not."""
 
 
 def make_engine(database_url: str) -> AsyncEngine:

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     gateway_port: int = Field(default=8080, ge=1, le=65535)
     # How long the gateway keeps an async job and its result (``api_jobs``).
     job_retention_days: float = Field(default=7.0, gt=0)
+    # How long uploaded files and a batch's output and error files are kept (OpenAI's 30 days).
+    file_retention_days: float = Field(default=30.0, gt=0)
 
 
 @lru_cache(maxsize=1)

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 from broker.core.asyncapi import asyncapi_document
 from broker.core.errors import SwitchyardError, Unavailable
 from broker.gateway.asgi import BodyLimit, ChatFastPath
+from broker.gateway.batches.api import router as batches_router
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
@@ -52,6 +53,7 @@ def make_app(gateway: Gateway) -> ASGIApp:
     app.add_middleware(BodyLimit)
     app.include_router(router)
     app.include_router(jobs_router)
+    app.include_router(batches_router)
     return ChatFastPath(app, chat_completions, error_for)
 
 

@@ -17,30 +17,39 @@ from broker.gateway.chat import ChatRequest
 from broker.gateway.errors import GatewayError, error_response
 from schemas import ErrorCode
 
-__all__ = ["DRAIN_BYTES", "MAX_BODY_BYTES", "BodyLimit", "ChatFastPath"]
+__all__ = ["DRAIN_BYTES", "MAX_BODY_BYTES", "MAX_FILE_BYTES", "BodyLimit", "ChatFastPath"]
 
 CHAT_PATH = "/v1/chat/completions"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """The largest request body taken (413 above it): room for a few base64 images."""
+MAX_FILE_BYTES = 200 * 1024 * 1024
+"""The largest upload (``POST /v1/files``): OpenAI's limit for a batch's input. Its parts are
+spooled to disk as they come (python-multipart), then written to Postgres a piece at a time."""
+FILES_PATH = "/v1/files"
 DRAIN_BYTES = 64 * 1024 * 1024
 """How much of a refused body is read (and dropped) so its client gets the 413."""
 
 
 class BodyLimit:
-    """Refuses a body over ``MAX_BODY_BYTES`` with 413 before it is read whole: by its
-    Content-Length, or, sent in chunks, as soon as the count passes the limit."""
+    """Refuses a body over ``MAX_BODY_BYTES`` (an upload: ``MAX_FILE_BYTES``) with 413 before
+    it is read whole: by its Content-Length, or, sent in chunks, as soon as the count passes the
+    limit."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY_BYTES, file_limit: int = MAX_FILE_BYTES
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.file_limit = file_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.file_limit if scope["path"] == FILES_PATH else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
 
@@ -48,16 +57,17 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         # Read the rest first (up to a bound): a client still sending when the connection
         # closes never reads the answer.
         drained = 0
@@ -68,7 +78,7 @@ class BodyLimit:
                 break
         response = error_response(
             413,
-            f"the body is over {self.limit} bytes",
+            f"the body is over {limit} bytes",
             ErrorCode.INVALID_MESSAGE.value,
             headers={"connection": "close"},
         )
@@ -101,7 +111,7 @@ class ChatFastPath:
         try:
             raw = await _body(receive, self.limit)
         except _TooLarge:
-            await BodyLimit(self.app, self.limit)._refuse(scope, receive, send)
+            await BodyLimit._refuse(scope, receive, send, self.limit)
             return
         scope["app"] = self.app  # as FastAPI would: the route finds its gateway there
         request = Request(scope, receive)

@@ -1,6 +1,7 @@
 """The gateway process: uvicorn serving ``make_app`` in the process's own event loop, one AMQP
 connection for every request's job and replies (and the async jobs' results queue), Redis for
-where jobs stand, Postgres for the async jobs, and the config (reloaded like every process's).
+where jobs stand, Postgres for the async jobs and the stored batches (whose runner it also runs),
+and the config (reloaded like every process's).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from datetime import timedelta
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,9 +26,13 @@ from broker.core.db import make_engine
 from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_KEY, Names
 from broker.gateway.app import make_app
+from broker.gateway.batches.files import FilesStore
+from broker.gateway.batches.runner import BatchRunner
+from broker.gateway.batches.store import BatchStore
 from broker.gateway.context import bearer
 from broker.gateway.jobs import JobsStore
 from broker.state.circuits import Circuits
+from broker.state.client import connect_redis
 from broker.state.job_states import JobStates
 from broker.transport.amqp import Publisher, declare_results_queue, declare_topology
 from broker.transport.cancels import declare_cancels, publish_cancel
@@ -75,17 +79,29 @@ class Gateway(Service):
         redis_url: str,
         database_url: str,
         retention: timedelta = timedelta(days=7),
+        file_retention: timedelta = timedelta(days=30),
     ) -> None:
         self.amqp_url = amqp_url
         self.names = names
         self.host = host
         self.port = port
         self.apply_config(config)
-        self._redis = Redis.from_url(redis_url)
+        self._redis = connect_redis(redis_url)
         self.circuits = Circuits(self._redis, names)
         self.job_states = JobStates(self._redis, names)
         self._engine: AsyncEngine = make_engine(database_url)
         self.jobs_store = JobsStore(self._engine, retention)
+        self.files = FilesStore(self._engine, file_retention)
+        self.batches = BatchStore(self._engine)
+        self.batch_runner = BatchRunner(
+            lambda: self._require_connection(),
+            config,
+            names,
+            engine=self._engine,
+            redis=self._redis,
+            retention=file_retention,
+            on_end=self._batch_ended,
+        )
         self.results_queue = names.results("gateway")
         self.consumers = ConsumerSet()
         self.ended: dict[str, asyncio.Event] = {}
@@ -104,6 +120,15 @@ class Gateway(Service):
 
     async def apply(self, config: Config) -> None:
         self.apply_config(config)
+        await self.batch_runner.apply(config)
+
+    def _require_connection(self) -> AbstractRobustConnection:
+        assert self._connection is not None, "the gateway is not started"
+        return self._connection
+
+    async def _batch_ended(self, row: dict[str, object]) -> None:
+        """A stored batch ended (its runner says so)."""
+        log.info("batch %s ended %s", row["batch_id"], row["status"])
 
     @property
     def rpc(self) -> DirectReplies:
@@ -154,6 +179,7 @@ class Gateway(Service):
         results = await declare_results_queue(results_channel, self.names, "gateway")
         self._cancels = Publisher(channel, await declare_cancels(channel, self.names))
         await self.consumers.consume(results, self._store_result, ack=True)
+        await self.batch_runner.start()
         self._purging = asyncio.create_task(self._purge())
         server_config = uvicorn.Config(
             make_app(self),
@@ -179,6 +205,7 @@ class Gateway(Service):
         if self._purging is not None:
             self._purging.cancel()
         await self.consumers.stop(grace_s)
+        await self.batch_runner.stop(grace_s)
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             try:
@@ -221,8 +248,9 @@ class Gateway(Service):
         while True:
             try:
                 gone = await self.jobs_store.purge()
-                if gone:
-                    log.info("dropped %d async jobs past their retention", gone)
+                files = await self.files.purge()
+                if gone or files:
+                    log.info("dropped %d async jobs and %d files past their retention", gone, files)
             except Exception:
                 log.warning("could not drop expired async jobs; trying again", exc_info=True)
             await asyncio.sleep(PURGE_EVERY_S)

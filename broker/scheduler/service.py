@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker.core.auth import authenticate
 from broker.core.clock import utcnow
@@ -61,6 +60,7 @@ from broker.scheduler.routing import RouteDecision, Router
 from broker.scheduler.states import provider_states
 from broker.scheduler.tracking import Tracking
 from broker.state.circuits import Circuits
+from broker.state.client import connect_redis
 from broker.state.fairness import lane_for
 from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
@@ -77,9 +77,6 @@ from schemas import CompletionJob, JobError, JobStatus
 __all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
-
-REDIS_TIMEOUT_S = 2.0
-"""How long the scheduler waits for Redis to connect or answer before it counts as away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,19 +108,7 @@ class Scheduler(Service):
         self.prefetch = prefetch
         self.consumers = ConsumerSet()
         # Redis (when configured) holds the providers' circuits and the quota buckets.
-        self._redis = (
-            Redis(
-                connection_pool=BlockingConnectionPool.from_url(
-                    # A partitioned Redis must not hold every prefetched job for the OS's TCP
-                    # timeout: a stuck call counts as Redis away (REDIS_FAILURES).
-                    redis_url,
-                    socket_connect_timeout=REDIS_TIMEOUT_S,
-                    socket_timeout=REDIS_TIMEOUT_S,
-                )
-            )
-            if redis_url is not None
-            else None
-        )
+        self._redis = connect_redis(redis_url) if redis_url is not None else None
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
         jobs = JobStates(self._redis, names) if self._redis else None

@@ -69,6 +69,7 @@ def upgrade() -> None:
         sa.Column("completion_window", sa.String(8), nullable=False),
         sa.Column("metadata", JSON),
         sa.Column("webhook", sa.Text),
+        sa.Column("key_secret", sa.Text),
         sa.Column("errors", JSON),
         *(
             sa.Column(name, sa.Integer, nullable=False, server_default="0")
@@ -95,6 +96,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16)),
         sa.Column("in_error", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("output", sa.Text),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("cost_usd", sa.Numeric(18, 9), nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("batch_id", "line"),
         sa.UniqueConstraint("batch_id", "custom_id", name="batch_lines_custom_id_key"),
     )
