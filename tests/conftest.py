@@ -193,6 +193,10 @@ async def names(amqp: AbstractRobustConnection) -> AsyncIterator[Names]:
         ns.usage,
         ns.dead,
         ns.alerts,
+        ns.control,
+        ns.webhooks,
+        ns.results("batches"),
+        ns.results("gateway"),
         *(ns.park(d) for d in PARK_DELAYS_S),
     ]
     lanes = [ns.provider(p, lane) for p in _provider_ids for lane in range(8)]  # default lanes

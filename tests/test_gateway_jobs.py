@@ -156,9 +156,10 @@ async def test_a_body_python_reads_but_json_does_not_hold_is_refused(
 
 @pytest.mark.parametrize(
     ("extra", "param"),
+    # No webhooks.secret is configured here: a webhook could not be signed.
     [({"webhook": "https://example.com/hook"}, "webhook"), ({"stream": True}, "stream")],
 )
-async def test_what_an_async_job_cannot_do_yet_is_refused_by_name(
+async def test_what_an_async_job_cannot_do_is_refused_by_name(
     http: httpx.AsyncClient, mock: MockProvider, extra: dict[str, Any], param: str
 ) -> None:
     refused = await http.post("/v1/jobs", json={**ask(0), **extra})

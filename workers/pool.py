@@ -41,7 +41,7 @@ from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
-from broker.transport.amqp import Publisher, came_persistent, declare_topology
+from broker.transport.amqp import Publisher, came_persistent, declare_topology, ready_messages
 from broker.transport.cancels import HeardCancels, listen_for_cancels
 from broker.transport.outcomes import Outcomes, reply_target
 from broker.transport.runtime import ConsumerSet, Service, connect_server
@@ -255,8 +255,7 @@ class WorkerPool(Service):
                 try:
                     waiting = 0
                     for lane in self._queues:
-                        queue = await channel.declare_queue(lane.name, passive=True)
-                        waiting += queue.declaration_result.message_count or 0
+                        waiting += await ready_messages(channel, lane.name)
                 finally:
                     await channel.close()
             except Exception:

@@ -48,7 +48,7 @@ from broker.core.pricing import Unit, price_usage, usd_to_nanos
 from broker.state.client import connect_redis
 from broker.state.idempotency import Idempotency
 from broker.state.quota import REDIS_FAILURES, QuotaStore, ReservationState
-from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology
+from broker.transport.amqp import BROKER_FAILURES, Publisher, declare_topology, ready_messages
 from broker.transport.runtime import ConsumerSet, Service, connect_server
 from schemas import AccountingBatch, CallStarted, JobEvent, JobStatus, UsageEvent
 
@@ -147,10 +147,7 @@ class Accountant(Service):
         not take a call for lost while its settle waits here)."""
         if self._pending:
             return False
-        declared = await self._usage_queue.channel.declare_queue(
-            self._usage_queue.name, passive=True
-        )
-        return not declared.declaration_result.message_count
+        return not await ready_messages(self._usage_queue.channel, self._usage_queue.name)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:

@@ -22,6 +22,8 @@ from broker.cli.jobs import jobs_app
 from broker.cli.models import models
 from broker.cli.quota import quota_app
 from broker.cli.versions import config_check, config_history, config_rollback
+from broker.cli.webhooks import dispatcher as _webhooks
+from broker.cli.webhooks import webhooks_app
 from broker.core.config import Config
 from broker.core.errors import SwitchyardError
 from broker.core.names import Names
@@ -95,8 +97,8 @@ def up(
         int | None, typer.Option(help="The gateway's port; default SWITCHYARD_GATEWAY_PORT.")
     ] = None,
 ) -> None:
-    """Run the gateway, the scheduler, one worker pool per provider and the accountant in one
-    process."""
+    """Run the gateway (with its batch runner), the scheduler, one worker pool per provider,
+    the accountant and the webhook dispatcher in one process."""
     from workers.pools import WorkerPools
 
     settings, config = load()
@@ -114,6 +116,7 @@ def up(
         _accountant(settings, config),
         pools,
         _gateway(settings, config, gateway_host, gateway_port or settings.gateway_port),
+        _webhooks(settings, config),
     ]
     _serve(settings, config, services, records=True)
 
@@ -132,6 +135,8 @@ def _gateway(settings: Settings, config: Config, host: str, port: int) -> Reload
             database_url=settings.database_url,
             retention=timedelta(days=settings.job_retention_days),
             file_retention=timedelta(days=settings.file_retention_days),
+            batch_in_flight=settings.batch_in_flight,
+            batch_lease=timedelta(seconds=settings.batch_lease_s),
         )
     )
 
@@ -246,6 +251,7 @@ app.command()(models)
 app.add_typer(quota_app, name="quota")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(batches_app, name="batches")
+app.add_typer(webhooks_app, name="webhooks")
 config_app.command("history")(config_history)
 config_app.command("rollback")(config_rollback)
 config_app.command("check")(config_check)

@@ -55,8 +55,6 @@ def unbuilt_fields(job: CompletionJob) -> list[str]:
         named.append("cache (the response cache is not built)")
     if job.defer:
         named.append("defer (deferral is not built)")
-    if job.reply.webhook is not None:
-        named.append("reply.webhook (the webhook dispatcher is not built)")
     return named
 
 

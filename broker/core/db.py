@@ -227,6 +227,8 @@ batches = Table(
     Column("failed", Integer, nullable=False, server_default="0"),
     # Every line up to this number has been published as a job.
     Column("enqueued", Integer, nullable=False, server_default="0"),
+    # Rounds of sending its lines: a line's job id carries the round it was sent in.
+    Column("send_round", Integer, nullable=False, server_default="0"),
     Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
     Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
     Column("cost_usd", Numeric(18, 9), nullable=False, server_default="0"),

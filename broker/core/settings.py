@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     job_retention_days: float = Field(default=7.0, gt=0)
     # How long uploaded files and a batch's output and error files are kept (OpenAI's 30 days).
     file_retention_days: float = Field(default=30.0, gt=0)
+    # A stored batch's lines sent and not yet answered, at most (broker/gateway/batches).
+    batch_in_flight: int = Field(default=2000, ge=1)
+    # How long a batch stays with a batch runner that stopped renewing its lease (it died).
+    batch_lease_s: float = Field(default=30.0, gt=0)
 
 
 @lru_cache(maxsize=1)

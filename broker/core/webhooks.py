@@ -1,5 +1,6 @@
-"""The config's ``webhooks`` section: how results are signed (Standard Webhooks), retried, and
-which addresses they may go to.
+"""The config's ``webhooks`` section (how results are signed, retried, and which addresses they
+may go to), and the Standard Webhooks signature itself: one place, so the dispatcher, the bench
+and the tests sign alike.
 
 A secret is ``whsec_`` and base64, as the Standard Webhooks spec gives it; several (a list)
 sign every delivery during a rotation, so a receiver holding either one verifies it. Write
@@ -10,13 +11,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+from collections.abc import Sequence
+from datetime import UTC
 from typing import Annotated, Any
 
+import orjson
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from broker.core.strict import StrictModel
+from schemas import WebhookRequest
 
-__all__ = ["SVIX_SCHEDULE_S", "WebhookEndpoint", "WebhooksConfig", "secret_key"]
+__all__ = [
+    "SVIX_SCHEDULE_S",
+    "WebhookEndpoint",
+    "WebhooksConfig",
+    "secret_key",
+    "sign",
+    "signed_headers",
+    "webhook_body",
+]
 
 SVIX_SCHEDULE_S = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 """The waits before each retry (after the first try): 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h."""
@@ -26,6 +41,35 @@ SECRET_PREFIX = "whsec_"
 def secret_key(secret: str) -> bytes:
     """The HMAC key a ``whsec_<base64>`` secret stands for."""
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+
+
+def sign(secrets: Sequence[str], webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256 of id.timestamp.body>``, one
+    per secret, space-separated (a receiver holding any one of them verifies it)."""
+    signed = b"%s.%d." % (webhook_id.encode(), timestamp) + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.digest(secret_key(s), signed, hashlib.sha256)).decode()
+        for s in secrets
+    )
+
+
+def signed_headers(
+    secrets: Sequence[str], webhook_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt (the timestamp is the attempt's own)."""
+    return {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secrets, webhook_id, timestamp, body),
+    }
+
+
+def webhook_body(request: WebhookRequest) -> bytes:
+    """``{"type", "timestamp", "data"}`` (the Standard Webhooks payload shape), built once when
+    the delivery is recorded: every retry sends these bytes."""
+    occurred = request.occurred_at.astimezone(UTC)
+    payload = {"type": request.type, "timestamp": occurred, "data": request.data}
+    return orjson.dumps(payload, option=orjson.OPT_UTC_Z)
 
 
 def _valid_secret(secret: str) -> str:
@@ -77,6 +121,18 @@ class WebhooksConfig(StrictModel):
     )
     timeout_s: float = Field(default=10.0, gt=0, description="One attempt's whole time.")
     concurrency: int = Field(default=64, ge=1, description="Attempts in flight per dispatcher.")
+
+    @property
+    def tries(self) -> int:
+        """Attempts in one series: the first, then one after each wait of the schedule."""
+        return 1 + len(self.retry_schedule_s)
+
+    def retry_wait_s(self, tries: int, spread: float) -> float | None:
+        """The wait after the ``tries``-th failed attempt of a series, varied by ``spread``
+        (-1 to 1) times ``jitter``; None when it was the last."""
+        if tries >= self.tries:
+            return None
+        return self.retry_schedule_s[tries - 1] * (1 + self.jitter * spread)
 
     def secrets_for(self, url: str) -> list[str]:
         """The secrets that sign a delivery to ``url``: the longest matching endpoint's, else

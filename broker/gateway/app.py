@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 
 from broker.core.asyncapi import asyncapi_document
 from broker.core.errors import SwitchyardError, Unavailable
+from broker.core.webhook_urls import WebhookRefused
 from broker.gateway.asgi import BodyLimit, ChatFastPath
 from broker.gateway.batches.api import router as batches_router
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
@@ -25,6 +26,7 @@ from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
 from broker.gateway.jobs import router as jobs_router
 from broker.gateway.models import model_entry, models_list
+from broker.gateway.webhooks import router as webhooks_router
 from broker.state.quota import REDIS_FAILURES
 from broker.transport.rpc import RpcCall
 from schemas import ErrorCode, JobChunk, JobResult, JobStatus
@@ -54,6 +56,7 @@ def make_app(gateway: Gateway) -> ASGIApp:
     app.include_router(router)
     app.include_router(jobs_router)
     app.include_router(batches_router)
+    app.include_router(webhooks_router)
     return ChatFastPath(app, chat_completions, error_for)
 
 
@@ -205,6 +208,8 @@ def error_for(exc: Exception) -> Response:
     """The answer to a request refused by ``exc``."""
     if isinstance(exc, RequestValidationError | ValidationError):
         return invalid_body(list(exc.errors()))
+    if isinstance(exc, WebhookRefused):
+        return error_response(400, exc.message, exc.code.value, param=exc.field)
     if isinstance(exc, GatewayError):
         return error_response(
             exc.status, exc.message, exc.code, param=exc.param, retry_after=exc.retry_after

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
-from pydantic import Field
+from pydantic import HttpUrl
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
@@ -29,12 +29,13 @@ from broker.core.db import api_jobs
 from broker.core.errors import Unavailable
 from broker.core.names import HEADER_KEY
 from broker.core.priority import queue_priority
+from broker.core.webhook_urls import check_webhook
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError
 from broker.state.job_states import JobStanding
 from broker.transport.amqp import BROKER_FAILURES
-from schemas import CompletionJob, ErrorCode, JobResult
+from schemas import CompletionJob, ErrorCode, JobResult, ReplyTo
 
 if TYPE_CHECKING:
     from broker.gateway.service import Gateway
@@ -54,11 +55,10 @@ _JOB_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 
 
 class JobRequest(ChatRequest):
-    """A chat completion request run as an async job."""
+    """A chat completion request run as an async job; its result is also POSTed, signed, to
+    ``webhook`` if given (checked now: a secret to sign with, an address it may reach)."""
 
-    webhook: Any = Field(
-        default=None, description="Not supported yet: refused when given (no field is ignored)."
-    )
+    webhook: HttpUrl | None = None
 
 
 class JobsStore:
@@ -183,12 +183,17 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     """Queue a chat completion; answered at once with its position, ETA and estimated cost."""
     gateway = gateway_of(request)
     if body.webhook is not None:
-        raise GatewayError(400, "webhook is not supported yet", param="webhook")
+        await check_webhook(str(body.webhook), gateway.config.webhooks, field="webhook")
     if body.stream:
         raise GatewayError(400, "an async job does not stream", param="stream")
     secret, owner = gateway.caller(request)
     job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
-    job = job.model_copy(update={"job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}"})
+    job = job.model_copy(
+        update={
+            "job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}",
+            "reply": ReplyTo(webhook=body.webhook),
+        }
+    )
     store = gateway.jobs_store
     await store.add(job, owner, body.model)
     try:

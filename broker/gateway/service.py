@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -26,8 +27,9 @@ from broker.core.db import make_engine
 from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_KEY, Names
 from broker.gateway.app import make_app
+from broker.gateway.batches.api import batch_object
 from broker.gateway.batches.files import FilesStore
-from broker.gateway.batches.runner import BatchRunner
+from broker.gateway.batches.runner import IN_FLIGHT, LEASE, BatchRunner
 from broker.gateway.batches.store import BatchStore
 from broker.gateway.context import bearer
 from broker.gateway.jobs import JobsStore
@@ -38,7 +40,8 @@ from broker.transport.amqp import Publisher, declare_results_queue, declare_topo
 from broker.transport.cancels import declare_cancels, publish_cancel
 from broker.transport.rpc import DirectReplies
 from broker.transport.runtime import ConsumerSet, Service, Unsettled, connect_server
-from schemas import CompletionJob, JobResult
+from broker.transport.webhooks import batch_webhook_id, publish_webhook
+from schemas import CompletionJob, JobResult, WebhookRequest
 
 __all__ = ["DEFAULT_PORT", "REQUEST_WAIT_S", "Gateway"]
 
@@ -80,6 +83,8 @@ class Gateway(Service):
         database_url: str,
         retention: timedelta = timedelta(days=7),
         file_retention: timedelta = timedelta(days=30),
+        batch_in_flight: int = IN_FLIGHT,
+        batch_lease: timedelta = LEASE,
     ) -> None:
         self.amqp_url = amqp_url
         self.names = names
@@ -101,6 +106,8 @@ class Gateway(Service):
             redis=self._redis,
             retention=file_retention,
             on_end=self._batch_ended,
+            in_flight=batch_in_flight,
+            lease=batch_lease,
         )
         self.results_queue = names.results("gateway")
         self.consumers = ConsumerSet()
@@ -126,9 +133,26 @@ class Gateway(Service):
         assert self._connection is not None, "the gateway is not started"
         return self._connection
 
-    async def _batch_ended(self, row: dict[str, object]) -> None:
-        """A stored batch ended (its runner says so)."""
-        log.info("batch %s ended %s", row["batch_id"], row["status"])
+    async def _batch_ended(self, row: dict[str, Any]) -> None:
+        """A stored batch ends (its runner says so, just before recording it): its webhook, if
+        it names one, is told."""
+        if row["webhook"] is None:
+            return
+        status = row["status"]
+        request = WebhookRequest(
+            webhook_id=batch_webhook_id(row["batch_id"], status),
+            url=row["webhook"],
+            type=f"batch.{status}",
+            data=batch_object(row),
+            owner=row["owner"],
+            occurred_at=utcnow(),
+        )
+        await publish_webhook(self.publisher, self.names, request)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """Postgres (the async jobs, the batches, the webhook deliveries)."""
+        return self._engine
 
     @property
     def rpc(self) -> DirectReplies:

@@ -43,6 +43,7 @@ from broker.core.limits import KeyConfig
 from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
+from broker.core.webhook_urls import check_webhook
 from broker.scheduler.admission import Admission
 from broker.scheduler.control import JobControl
 from broker.scheduler.repeats import Repeats
@@ -187,6 +188,10 @@ class Scheduler(Service):
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
         key = authenticate(message.headers, version.config)
+        if job.reply.webhook is not None:
+            await check_webhook(
+                str(job.reply.webhook), version.config.webhooks, field="reply.webhook"
+            )
         if await self._repeats.handled(
             job,
             key,

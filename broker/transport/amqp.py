@@ -39,6 +39,7 @@ __all__ = [
     "declare_topology",
     "park_delay",
     "passthrough_headers",
+    "ready_messages",
     "use_connection_class",
 ]
 
@@ -146,6 +147,16 @@ async def declare_topology(
 async def declare_config_exchange(channel: AbstractChannel, names: Names) -> AbstractExchange:
     """The durable fanout exchange that carries each new config version to every process."""
     return await channel.declare_exchange(names.config, aio_pika.ExchangeType.FANOUT, durable=True)
+
+
+async def ready_messages(channel: AbstractChannel, queue: str) -> int:
+    """How many messages wait in ``queue`` now. Asked of the broker itself: aio-pika's robust
+    channel answers a passive declare of a queue it knows from its cache, with the count of
+    its last real declaration (the accountant's sweeper once read a count frozen since a
+    reconnect, and never swept again)."""
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue, passive=True)
+    return int(declared.message_count or 0)
 
 
 async def declare_results_queue(channel: AbstractChannel, names: Names, name: str) -> AbstractQueue:

@@ -30,9 +30,11 @@ from broker.core.errors import (
 from broker.core.names import TYPE_CHUNK, Names
 from broker.core.priority import queue_priority
 from broker.core.records import calls, job_event, job_result
+from broker.core.webhook_urls import WebhookRefused
 from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
 from broker.transport.runtime import Unsettled
+from broker.transport.webhooks import job_webhook_id, publish_webhook
 from schemas import (
     Attempt,
     ChatCompletionChunk,
@@ -44,6 +46,7 @@ from schemas import (
     JobStatus,
     Timings,
     UsageEvent,
+    WebhookRequest,
 )
 
 __all__ = ["Outcomes", "reply_target"]
@@ -94,12 +97,42 @@ class Outcomes:
     async def answer(
         self, message: AbstractIncomingMessage, job: CompletionJob, result: JobResult
     ) -> None:
-        """Publish the result to the job's reply queue, if it has one; confirmed."""
-        target = reply_target(message, job)
+        """Publish the result to the job's reply queue, if it has one, and to its webhook, if
+        it names one; confirmed."""
+        await asyncio.gather(*self._answers(message, job, result, reply_target(message, job)))
+
+    def _answers(
+        self,
+        message: AbstractIncomingMessage,
+        job: CompletionJob | None,
+        result: JobResult,
+        target: str | None,
+        *,
+        hook: bool = True,
+    ) -> list[Awaitable[object]]:
+        """The result's publishes: to ``target`` (a reply queue), and to the job's webhook."""
+        publishes: list[Awaitable[object]] = []
         if target:
-            await self.publisher.reply(
-                target, encode(result), correlation_id=message.correlation_id or job.job_id
+            correlation_id = message.correlation_id or result.job_id
+            publishes.append(
+                self.publisher.reply(target, encode(result), correlation_id=correlation_id)
             )
+        if hook and job is not None and job.reply.webhook is not None:
+            publishes.append(self._to_webhook(job, result))
+        return publishes
+
+    async def _to_webhook(self, job: CompletionJob, result: JobResult) -> None:
+        """The result for the webhook dispatcher, under an id every copy of it shares."""
+        assert job.reply.webhook is not None
+        request = WebhookRequest(
+            webhook_id=job_webhook_id(result.job_id),
+            url=job.reply.webhook,
+            type=f"job.{result.status.value}",
+            data=result.model_dump(mode="json", exclude_none=True),
+            owner=job.route.key_id if job.route is not None else None,
+            occurred_at=utcnow(),
+        )
+        await publish_webhook(self.publisher, self.names, request)
 
     async def reroute(
         self,
@@ -259,13 +292,11 @@ class Outcomes:
         # Without a job id (a body that is not even JSON), the caller still gets its answer:
         # it matches replies by correlation id, which then names the result too.
         answer_id = job_id or message.correlation_id
-        if answer_id and target:
+        if answer_id:
             result = job_result(job, answer_id, status, now, error=job_error)
-            publishes.append(
-                self.publisher.reply(
-                    target, encode(result), correlation_id=message.correlation_id or answer_id
-                )
-            )
+            # A webhook refused at submission is not sent the refusal.
+            hook = not isinstance(error, WebhookRefused)
+            publishes += self._answers(message, job, result, target, hook=hook)
         if job_id is not None:
             event = job_event(
                 job,

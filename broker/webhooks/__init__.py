@@ -1,1 +1,2 @@
-"""The webhook dispatcher: signed POSTs of results and batch ends, retried for hours, every attempt recorded (docs/architecture.md, "Webhooks")."""
+"""The webhook dispatcher: signed POSTs of results and batch ends, retried for hours, every
+attempt recorded (docs/architecture.md, "Webhooks")."""

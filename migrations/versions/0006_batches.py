@@ -73,7 +73,7 @@ def upgrade() -> None:
         sa.Column("errors", JSON),
         *(
             sa.Column(name, sa.Integer, nullable=False, server_default="0")
-            for name in ("total", "completed", "failed", "enqueued")
+            for name in ("total", "completed", "failed", "enqueued", "send_round")
         ),
         sa.Column("prompt_tokens", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("completion_tokens", sa.BigInteger, nullable=False, server_default="0"),

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Form, Query, Request, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from starlette.responses import Response, StreamingResponse
 
 from broker.core.clock import utcnow
+from broker.core.webhook_urls import check_webhook
 from broker.gateway.batches.files import UPLOAD_PURPOSES, file_object
 from broker.gateway.batches.lines import ENDPOINTS
 from broker.gateway.context import gateway_of
@@ -50,6 +51,11 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     output_expires_after: Any = Field(
         default=None, description="Not supported: refused when given (no field is ignored)."
+    )
+    webhook: HttpUrl | None = Field(
+        default=None,
+        description="Switchyard's own: the batch's end (batch.completed, .failed, .expired, "
+        ".cancelled, with the batch object) is POSTed here, signed (Standard Webhooks).",
     )
 
 
@@ -165,6 +171,8 @@ async def create_batch(body: BatchCreate, request: Request) -> Response:
         raise GatewayError(
             400, f"completion_window: at most {MAX_WINDOW_H}h", param="completion_window"
         )
+    if body.webhook is not None:
+        await check_webhook(str(body.webhook), gateway.config.webhooks, field="webhook")
     source = await _file(gateway, request, body.input_file_id, param="input_file_id")
     if source["purpose"] != "batch":
         raise GatewayError(
@@ -177,6 +185,7 @@ async def create_batch(body: BatchCreate, request: Request) -> Response:
         input_file_id=source["file_id"],
         completion_window=body.completion_window,
         metadata=body.metadata,
+        webhook=str(body.webhook) if body.webhook is not None else None,
         expires_at=utcnow() + timedelta(hours=hours),
     )
     return _json(batch_object(row, (0, 0)))

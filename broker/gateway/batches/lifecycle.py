@@ -16,6 +16,7 @@ from broker.core.codec import encode
 from broker.core.config import Config
 from broker.core.names import HEADER_KEY, Names
 from broker.core.priority import queue_priority
+from broker.core.webhook_urls import WebhookRefused, check_webhook
 from broker.gateway.batches.files import FilesStore, split_lines
 from broker.gateway.batches.lines import LineError, job_for_line, parse_line
 from broker.gateway.batches.store import ENDED, BatchStore
@@ -30,7 +31,7 @@ MAX_LINES = 50_000
 """OpenAI's limit per batch."""
 MAX_ERRORS_SHOWN = 1_000
 SEND_GROUP = 256
-"""Lines published together, then recorded as sent."""
+"""Lines published together, then recorded as sent (at most half the window)."""
 POLL_S = 0.5
 CANCEL_PATIENCE_S = 600.0
 """A cancelled batch waits this long without an answer for lines whose calls had started."""
@@ -58,6 +59,7 @@ class BatchWork:
         self.job_states = job_states
         self.results_queue = results_queue
         self.in_flight = in_flight
+        self.group = max(1, min(SEND_GROUP, in_flight // 2))
         self.on_end = on_end
 
     async def run(self, batch_id: str) -> None:
@@ -83,6 +85,7 @@ class BatchWork:
         await self.store.restart_lines(batch_id)
         errors: list[LineError] = []
         valid: list[tuple[int, str]] = []
+        hooks: dict[str, str | None] = {}  # each webhook URL checked once: why refused
         count = lines = 0
         async for number, text in split_lines(self.files.chunks(row["input_file_id"])):
             lines += 1
@@ -92,6 +95,8 @@ class BatchWork:
             try:
                 custom_id, request = parse_line(number, text, row["endpoint"])
                 job_for_line(request, batch_id, number, row["expires_at"], set(), utcnow())
+                if request.webhook is not None:
+                    await self._check_hook(str(request.webhook), hooks, number)
             except LineError as exc:
                 errors.append(exc)
                 continue
@@ -106,14 +111,26 @@ class BatchWork:
             errors.append(LineError("empty_file", "the input file has no lines", 0))
         if errors:
             shown = sorted(errors, key=lambda e: e.line)[:MAX_ERRORS_SHOWN]
-            body = {"object": "list", "data": [e.as_dict() for e in shown]}
-            failed = await self.store.update(
-                batch_id, only_if="validating", status="failed", errors=body
-            )
-            if failed:
-                await self._ended(batch_id)
+            ending = {
+                "status": "failed",
+                "errors": {"object": "list", "data": [e.as_dict() for e in shown]},
+                "failed_at": utcnow(),
+                "key_secret": None,
+            }
+            await self.on_end({**row, **ending})
+            await self.store.update(batch_id, only_if="validating", **ending)
             return
         await self.store.update(batch_id, only_if="validating", status="in_progress", total=count)
+
+    async def _check_hook(self, url: str, hooks: dict[str, str | None], number: int) -> None:
+        if url not in hooks:
+            try:
+                await check_webhook(url, self.config().webhooks, field="body.webhook")
+                hooks[url] = None
+            except WebhookRefused as exc:
+                hooks[url] = exc.message
+        if hooks[url] is not None:
+            raise LineError("invalid_request", str(hooks[url]), number, "body.webhook")
 
     async def _add(self, batch_id: str, valid: list[tuple[int, str]]) -> list[LineError]:
         taken = await self.store.add_lines(batch_id, valid)
@@ -127,13 +144,16 @@ class BatchWork:
         the batch left ``in_progress`` meanwhile."""
         batch_id, sent = row["batch_id"], row["enqueued"]
         models = set(self.config().public_models())
+        send_round = await self.store.next_round(batch_id)
         group: list[Awaitable[None]] = []
         last = sent
         async for number, text in split_lines(self.files.chunks(row["input_file_id"])):
             if number <= sent:
                 continue
             _, request = parse_line(number, text, row["endpoint"])
-            job = job_for_line(request, batch_id, number, row["expires_at"], models, utcnow())
+            job = job_for_line(
+                request, batch_id, number, row["expires_at"], models, utcnow(), send_round
+            )
             group.append(
                 self.publisher.publish(
                     self.names.jobs,
@@ -146,7 +166,7 @@ class BatchWork:
                 )
             )
             last = number
-            if len(group) >= SEND_GROUP:
+            if len(group) >= self.group:
                 if not await self._sent(batch_id, group, last):
                     return False
                 group = []
@@ -156,7 +176,7 @@ class BatchWork:
         """Wait for the group's confirms, record it sent, then wait for room in the window."""
         await asyncio.gather(*group)
         await self.store.update(batch_id, enqueued=last)
-        while await self.store.pending(batch_id, last) > self.in_flight - SEND_GROUP:
+        while await self.store.pending(batch_id, last) > self.in_flight - self.group:
             row = await self.store.get(batch_id, "*")
             if row is None or row["status"] != "in_progress" or row["expires_at"] <= utcnow():
                 return False
@@ -182,7 +202,8 @@ class BatchWork:
             batch_id, "batch_cancelled", "the batch was cancelled before this line ran", sent
         )
         for line in await self.store.unanswered(batch_id, sent):
-            await self.job_states.cancel(f"{batch_id}-{line}", row["owner"])
+            for send_round in range(1, row["send_round"] + 1):
+                await self.job_states.cancel(f"{batch_id}-{line}-{send_round}", row["owner"])
         waited, pending = 0.0, await self.store.pending(batch_id)
         while pending and waited < CANCEL_PATIENCE_S and row["expires_at"] > utcnow():
             await asyncio.sleep(POLL_S)
@@ -200,20 +221,16 @@ class BatchWork:
             await self.store.close_unanswered(batch_id, code, message)
         output = await self.files.add_batch_file(batch_id, row["owner"], in_error=False)
         error = await self.files.add_batch_file(batch_id, row["owner"], in_error=True)
-        totals = await self.store.totals(batch_id)
-        if await self.store.update(
-            batch_id,
-            only_if=row["status"],
-            status=status,
-            output_file_id=output,
-            error_file_id=error,
-            key_secret=None,
-            **totals,
-        ):
+        ending = {
+            "status": status,
+            f"{status}_at": utcnow(),
+            "output_file_id": output,
+            "error_file_id": error,
+            "key_secret": None,
+            **await self.store.totals(batch_id),
+        }
+        # Told before it is recorded: a runner that dies between the two tells it again, under
+        # the same webhook id (sent once).
+        await self.on_end({**row, **ending})
+        if await self.store.update(batch_id, only_if=row["status"], **ending):
             log.info("batch %s %s", batch_id, status)
-            await self._ended(batch_id)
-
-    async def _ended(self, batch_id: str) -> None:
-        row = await self.store.get(batch_id, "*")
-        if row is not None:
-            await self.on_end(row)

@@ -11,12 +11,12 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
 from broker.core.errors import status_of
 from broker.gateway.chat import ChatRequest, job_from_request
 from broker.gateway.errors import GatewayError, openai_error
-from schemas import BatchLine, CompletionJob, JobResult, JobStatus
+from schemas import BatchLine, CompletionJob, JobResult, JobStatus, ReplyTo
 
 __all__ = [
     "ENDPOINTS",
@@ -35,7 +35,9 @@ CUSTOM_ID_MAX = 512
 
 class LineRequest(ChatRequest):
     """A batch line's body: a chat completions request, run once, at batch priority, within
-    the batch's window."""
+    the batch's window; ``webhook`` (Switchyard's own) gets its result, signed."""
+
+    webhook: HttpUrl | None = None
 
     @classmethod
     def refused(cls) -> dict[str, str]:
@@ -106,10 +108,13 @@ def job_for_line(
     expires_at: datetime,
     public_models: set[str],
     now: datetime,
+    send_round: int = 1,
 ) -> CompletionJob:
-    """The line's job: id ``<batch>-<line>`` and an idempotency key of the same, so a line
-    published twice (its runner died before recording it) is called once; it may wait for
-    quota until the batch's window ends."""
+    """The line's job: id ``<batch>-<line>-<round>``, new each time the batch's lines are sent
+    again (``send_round``), and the idempotency key ``<batch>:<line>``, so a line sent again
+    (its runner died before recording it sent) is a repeat, answered with the first one's
+    result, not a second call (a job sent again under its own id would be a twin, and both may
+    be called); it may wait for quota until the batch's window ends."""
     try:
         job = job_from_request(request, {}, public_models)
     except GatewayError as exc:
@@ -117,11 +122,12 @@ def job_for_line(
     deadline = min(request.deadline, expires_at) if request.deadline else expires_at
     return job.model_copy(
         update={
-            "job_id": f"{batch_id}-{number}",
+            "job_id": f"{batch_id}-{number}-{send_round}",
             "idempotency_key": f"{batch_id}:{number}",
             "batch": BatchLine(batch_id=batch_id, line=number),
             "deadline": deadline,
             "on_quota": request.on_quota or "wait",
+            "reply": ReplyTo(webhook=request.webhook),
             "submitted_at": now,
         }
     )

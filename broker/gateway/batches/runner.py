@@ -48,11 +48,11 @@ STORE_RETRY_S = 1.0
 
 
 def line_of(job_id: str) -> tuple[str, int] | None:
-    """The (batch, line) a batch line's job id ``<batch>-<line>`` names."""
-    batch_id, _, line = job_id.rpartition("-")
-    if not batch_id.startswith("batch_") or not line.isdigit():
+    """The (batch, line) a batch line's job id ``<batch>-<line>-<round>`` names."""
+    parts = job_id.split("-")
+    if len(parts) != 3 or not parts[0].startswith("batch_") or not parts[1].isdigit():
         return None
-    return batch_id, int(line)
+    return parts[0], int(parts[1])
 
 
 class _AnswerWriter:
@@ -117,6 +117,7 @@ class BatchRunner:
         retention: timedelta,
         on_end: Callable[[dict[str, Any]], Awaitable[None]],
         in_flight: int = IN_FLIGHT,
+        lease: timedelta = LEASE,
     ) -> None:
         self._connection = connection
         self.config = config
@@ -130,6 +131,7 @@ class BatchRunner:
         self._writer = _AnswerWriter(self.store)
         self._on_end = on_end
         self._in_flight = in_flight
+        self._lease = lease
         self._held: dict[str, asyncio.Task[None]] = {}
         self._claiming: asyncio.Task[None] | None = None
         self._work: BatchWork | None = None
@@ -174,12 +176,12 @@ class BatchRunner:
         """Take batches that need a runner, renew the leases of those held; for ever."""
         while True:
             try:
-                held = await self.store.renew(self.runner_id, list(self._held), LEASE)
+                held = await self.store.renew(self.runner_id, list(self._held), self._lease)
                 for batch_id in set(self._held) - held:  # lost (this runner stalled): stop
                     self._held.pop(batch_id).cancel()
                 room = MAX_HELD - len(self._held)
                 if room > 0:
-                    for batch_id in await self.store.claim(self.runner_id, LEASE, room):
+                    for batch_id in await self.store.claim(self.runner_id, self._lease, room):
                         self._held[batch_id] = asyncio.create_task(self._drive(batch_id))
             except Exception:
                 log.warning("could not claim or renew batches; trying again", exc_info=True)
@@ -193,7 +195,7 @@ class BatchRunner:
             raise
         except Exception:
             log.exception("batch %s: its run failed; it will be taken up again", batch_id)
-            await asyncio.sleep(LEASE.total_seconds())  # keep the lease, so it is not spun
+            await asyncio.sleep(self._lease.total_seconds())  # keep the lease: not spun
         finally:
             self._held.pop(batch_id, None)
         with contextlib.suppress(Exception):

@@ -200,6 +200,17 @@ class BatchStore:
             done = await conn.execute(query.values(**values))
         return bool(done.rowcount)
 
+    async def next_round(self, batch_id: str) -> int:
+        """Count a new round of sending the batch's lines (a runner starts or takes over)."""
+        async with self.engine.begin() as conn:
+            done = await conn.execute(
+                update(batches)
+                .where(batches.c.batch_id == batch_id)
+                .values(send_round=batches.c.send_round + 1)
+                .returning(batches.c.send_round)
+            )
+            return int(done.scalar_one())
+
     async def restart_lines(self, batch_id: str) -> None:
         """Drop the lines a validation that did not finish wrote (its runner died)."""
         async with self.engine.begin() as conn:
