@@ -512,6 +512,7 @@ def test_the_decision_becomes_the_jobs_route() -> None:
         "output_cap": None,  # the job set a cap of its own
         "est_prompt_tokens": 14,
         "est_completion_tokens": 100,
+        "deferred_from": None,  # set by the scheduler for a job that waited (deferral)
     }
 
 

@@ -53,8 +53,6 @@ def unbuilt_fields(job: CompletionJob) -> list[str]:
     named = []
     if job.cache != CachePolicy():
         named.append("cache (the response cache is not built)")
-    if job.defer:
-        named.append("defer (deferral is not built)")
     return named
 
 

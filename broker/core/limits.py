@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -100,6 +100,20 @@ class Discount(StrictModel):
         else:
             opened = None
         return opened is not None and (self.weekdays is None or opened.weekday() in self.weekdays)
+
+    def next_start(self, after: datetime, default_zone: ZoneInfo) -> datetime | None:
+        """When this window next opens after ``after`` (within a week), in UTC."""
+        tz = zone(self.timezone) if self.timezone else default_zone
+        local = after.astimezone(tz)
+        start, _ = self._bounds()
+        for days in range(8):
+            day = local.date() + timedelta(days=days)
+            if self.weekdays is not None and day.weekday() not in self.weekdays:
+                continue
+            opens = datetime.combine(day, start, tzinfo=tz)
+            if opens > after:
+                return opens.astimezone(UTC)
+        return None
 
     def describe(self, default_zone: str = "UTC") -> str:
         """``"0.5 until 06:00 Asia/Shanghai"``."""

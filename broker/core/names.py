@@ -10,6 +10,7 @@ __all__ = [
     "HEADER_DEAD_CODE",
     "HEADER_DEAD_QUEUE",
     "HEADER_DEAD_REASON",
+    "HEADER_DEFERRED",
     "HEADER_KEY",
     "HEADER_PARKED",
     "HEADER_REDELIVERED",
@@ -40,6 +41,7 @@ HEADER_DEAD_CODE = "x-switchyard-dead-code"
 HEADER_DEAD_QUEUE = "x-switchyard-dead-queue"
 HEADER_PARKED = "x-switchyard-parked"  # how many times a job waiting for quota was parked
 HEADER_REDELIVERED = "x-switchyard-redelivered"  # came again: a twin may have been served
+HEADER_DEFERRED = "x-switchyard-deferred"  # a job waiting for a cheaper hour: since (ISO 8601)
 
 # Prometheus metrics (``broker.core.metrics`` builds them): each name with its label names.
 METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"

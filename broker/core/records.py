@@ -43,6 +43,7 @@ def job_result(
     response: ChatCompletion | None = None,
     usage_estimated: bool = False,
     cost_usd: Decimal | None = None,
+    saved_usd: Decimal | None = None,
 ) -> JobResult:
     """A job's result: served by the provider of its last attempt (none if it made none), the
     job's metadata, and its total time when no finer ``timings`` are known."""
@@ -59,6 +60,7 @@ def job_result(
         usage=response.usage if response is not None else None,
         usage_estimated=usage_estimated,
         cost_usd=cost_usd,
+        saved_usd=saved_usd,
         attempts=attempts,
         timings=timings or Timings(total_ms=elapsed_ms(submitted, now)),
         metadata=job.metadata if job is not None else {},

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
-from pydantic import HttpUrl
+from pydantic import Field, HttpUrl
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
@@ -59,6 +59,11 @@ class JobRequest(ChatRequest):
     ``webhook`` if given (checked now: a secret to sign with, an address it may reach)."""
 
     webhook: HttpUrl | None = None
+    defer: bool = Field(
+        default=False,
+        description="May wait for a cheaper hour (a discount window, a free tier's reset) that "
+        "opens early enough to finish before its deadline, which it then needs.",
+    )
 
 
 class JobsStore:
@@ -188,10 +193,13 @@ async def create_job(body: JobRequest, request: Request) -> Response:
         raise GatewayError(400, "an async job does not stream", param="stream")
     secret, owner = gateway.caller(request)
     job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
+    if body.defer and job.deadline is None:
+        raise GatewayError(400, "defer: needs a deadline", param="defer")
     job = job.model_copy(
         update={
             "job_id": f"job-{job.job_id.removeprefix('chatcmpl-')}",
             "reply": ReplyTo(webhook=body.webhook),
+            "defer": body.defer,
         }
     )
     store = gateway.jobs_store

@@ -106,15 +106,15 @@ class Admission:
     ) -> ProviderState:
         day = day_tokens(provider)
         used = await self.store.usage(day.key(self.names, day.window(now, self.config.zone)))
-        free = False
+        free, resets = False, None
         if provider.free_tier is not None:
             # What a free call would charge: one request and the tokens, no money.
             probe: dict[Unit, int] = {"requests": 1, "tokens": est_tokens, "usd_nanos": 0}
             free = True
             for bucket in self._buckets(free_limits(provider), probe, now):
-                current = await self.store.usage(bucket.key)
-                free = free and current + bucket.amount <= bucket.limit
-        return ProviderState(day_tokens_used=used, free_remaining=free)
+                if await self.store.usage(bucket.key) + bucket.amount > bucket.limit:
+                    free, resets = False, max(resets or 0.0, bucket.expires_at)
+        return ProviderState(day_tokens_used=used, free_remaining=free, free_resets_at=resets)
 
     async def reserve(
         self,

@@ -48,6 +48,7 @@ class ProviderState:
     error_rate: float = 0.0
     p50_latency_ms: float | None = None
     free_remaining: bool = True  # the free tier (if any) still has quota for this job
+    free_resets_at: float | None = None  # when not: Unix time its full limits have all reset
 
 
 UNKNOWN_STATE = ProviderState()

@@ -45,7 +45,9 @@ from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
 from broker.core.webhook_urls import check_webhook
 from broker.scheduler.admission import Admission
+from broker.scheduler.candidates import ProviderState
 from broker.scheduler.control import JobControl
+from broker.scheduler.deferral import defer, defer_until, deferral_header, deferred_since
 from broker.scheduler.repeats import Repeats
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
@@ -201,7 +203,12 @@ class Scheduler(Service):
         ):
             return
         try:
-            decision = await self._route(job, key, version, now)
+            decision, states = await self._route(job, key, version, now)
+            if until := defer_until(job, decision, states, version.config, now):
+                await defer(
+                    self.outcomes, self.names, message, job, now, until, _twin_mark(message)
+                )
+                return
             admitted = await self._reservations.admit(
                 job,
                 key,
@@ -237,7 +244,7 @@ class Scheduler(Service):
             key = version.config.key(job.route.key_id) if job.route.key_id else None
             if key is None and version.config.keys:
                 raise Unauthorized(f"key {job.route.key_id!r} is not configured")
-            decision = await self._route(
+            decision, _ = await self._route(
                 job, key, version, now, exclude={a.provider for a in job.attempts}
             )
             admitted = await self._reservations.admit(
@@ -277,15 +284,18 @@ class Scheduler(Service):
         version: _Version,
         now: datetime,
         exclude: set[str] | None = None,
-    ) -> RouteDecision:
-        return version.router.route(
+    ) -> tuple[RouteDecision, dict[str, ProviderState]]:
+        """The router's decision, and the provider states it was made on."""
+        states = await provider_states(job, version.config, version.admission, self._circuits)
+        decision = version.router.route(
             job,
             key=key,
-            states=await provider_states(job, version.config, version.admission, self._circuits),
+            states=states,
             now=now,
             rr_counter=next(self._round_robin),
             exclude=exclude or (),
         )
+        return decision, states
 
     async def _end_rerouted(
         self,
@@ -322,6 +332,7 @@ class Scheduler(Service):
             quota_epoch=admitted.quota_epoch,
             key_id=key.id if key else None,
         )
+        route.deferred_from = deferred_since(message)
         if job.attempts:
             last = job.attempts[-1]
             failed = last.error_code.value if last.error_code else "failed"
@@ -358,7 +369,7 @@ class Scheduler(Service):
             self.names.park(delay),
             body=None if stamped else message.body,
             with_key=True,
-            headers={HEADER_PARKED: parked, **_twin_mark(message)},
+            headers={HEADER_PARKED: parked, **_twin_mark(message), **deferral_header(message)},
         )
 
     async def _forward(

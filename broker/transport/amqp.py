@@ -46,10 +46,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_PRIORITY = 10
-PARK_DELAYS_S = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""Parking queues: one per delay, so a queue-wide TTL expires its head first (a per-message
-expiration would wait behind longer ones at the head). Doubling, so a wait of any length takes a
-few hops (``park_delay``)."""
+PARK_DELAYS_S: tuple[int, ...] = tuple(2**n for n in range(15))
+"""Parking queues, 1 s to 16,384 s (4.5 h): one per delay, so a queue-wide TTL expires its head
+first (a per-message expiration would wait behind longer ones at the head). Doubling, so a wait
+of any length takes a few hops (``park_delay``); the long ones hold jobs deferred to a cheaper
+hour."""
 
 
 def park_delay(wait_s: float) -> int:

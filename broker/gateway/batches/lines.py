@@ -125,6 +125,7 @@ def job_for_line(
             "job_id": f"{batch_id}-{number}-{send_round}",
             "idempotency_key": f"{batch_id}:{number}",
             "batch": BatchLine(batch_id=batch_id, line=number),
+            "defer": True,  # a batch may wait for a cheaper hour within its window
             "deadline": deadline,
             "on_quota": request.on_quota or "wait",
             "reply": ReplyTo(webhook=request.webhook),
