@@ -146,16 +146,25 @@ async def test_system_and_developer_messages_become_the_system_prompt(
 
 async def test_sampling_params_and_stop(provider: ProviderConfig) -> None:
     sampling = {"temperature": 0.5, "top_p": 0.9, "stop": "\n\nHuman:", "top_k": 40}
-    openai_only = {"seed": 7, "n": 1, "frequency_penalty": 0.5, "logprobs": True}
+    at_openai_defaults = {"n": 1, "frequency_penalty": 0, "logprobs": False}
 
-    body = await api.sent_body(provider, api.simple_request(**sampling, **openai_only))
+    body = await api.sent_body(
+        provider, api.simple_request(**sampling, **at_openai_defaults, user="end-user-7")
+    )
 
     assert body["temperature"] == 0.5
     assert body["top_p"] == 0.9
     assert body["stop_sequences"] == ["\n\nHuman:"]
     assert body["top_k"] == 40
-    for dropped in ("seed", "n", "frequency_penalty", "logprobs", "stop", "stream"):
-        assert dropped not in body
+    assert body["metadata"] == {"user_id": "end-user-7"}
+    for absent in ("n", "frequency_penalty", "logprobs", "stop", "stream", "user"):
+        assert absent not in body
+
+
+async def test_openai_only_parameters_are_refused_by_name(provider: ProviderConfig) -> None:
+    asked = {"seed": 7, "frequency_penalty": 0.5, "logprobs": True}
+    error = await api.refuses(provider, api.simple_request(**asked))
+    assert "frequency_penalty, logprobs, seed" in error.message
 
 
 async def test_stop_list(provider: ProviderConfig) -> None:

@@ -116,7 +116,9 @@ async def test_generation_config(provider: ProviderConfig) -> None:
     sampling = {"max_tokens": 100, "temperature": 0.2, "top_p": 0.95, "stop": "END", "seed": 7}
     penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.25, "top_k": 40}
 
-    body = await api.sent_body(provider, api.simple_request(**sampling, **penalties, logprobs=True))
+    body = await api.sent_body(
+        provider, api.simple_request(**sampling, **penalties, logprobs=False)
+    )
 
     assert body["generationConfig"] == {
         "maxOutputTokens": 100,
@@ -129,6 +131,14 @@ async def test_generation_config(provider: ProviderConfig) -> None:
         "topK": 40,
     }
     assert set(body) == {"contents", "generationConfig"}
+
+
+@pytest.mark.parametrize("asked", [{"logprobs": True}, {"user": "u-1"}, {"logit_bias": {"1": 2}}])
+async def test_a_parameter_gemini_has_no_place_for_is_refused_by_name(
+    provider: ProviderConfig, asked: dict[str, Any]
+) -> None:
+    error = await api.refuses(provider, api.simple_request(**asked))
+    assert next(iter(asked)) in error.message and "refused rather than dropped" in error.message
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,19 @@ class Pricing:
             if price is None and not event.free:
                 log.warning("no price for %s/%s; cost left empty", event.provider, event.model)
             price_usage(event, price, zone, version)
+        deferred = call.job.route.deferred_from if call.job.route is not None else None
+        if deferred is not None and outcome.completion is not None and outcome.usage:
+            # What waiting saved: the answer's tokens at the price when the job was deferred.
+            answer = outcome.usage[-1]
+            at_once = call_cost(
+                models.get(answer.model),
+                zone,
+                deferred,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+            )
+            if at_once is not None and answer.cost_usd is not None:
+                outcome.saved_usd = at_once - answer.cost_usd
         return outcome
 
     def quote(

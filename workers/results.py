@@ -43,6 +43,7 @@ def result_of(job: CompletionJob, outcome: CallOutcome, started: datetime) -> Jo
         response=outcome.completion,
         usage_estimated=outcome.usage_estimated,
         cost_usd=answered.cost_usd if answered is not None else None,
+        saved_usd=outcome.saved_usd,
     )
 
 

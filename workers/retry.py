@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from broker.core.clock import utcnow
 from broker.core.errors import ProviderError
@@ -63,6 +64,8 @@ class CallOutcome:
     usage_estimated: bool = False
     attempts: list[Attempt] = field(default_factory=list)
     usage: list[UsageEvent] = field(default_factory=list)
+    saved_usd: Decimal | None = None
+    """A deferred job's answer: its price when it was deferred, less its cost (``Pricing``)."""
 
     @property
     def provider_ms(self) -> float:

@@ -26,8 +26,9 @@ Request (canonical OpenAI → Anthropic)::
                                     parallel_tool_calls false → disable_parallel_tool_use
     response_format                 json_schema → output_config.format json_schema;
                                     json_object → the same with schema {"type": "object"}
-    top_k, thinking                 passed through (Anthropic's own); n > 1 refused; seed,
-                                    penalties, logprobs and other OpenAI-only params dropped
+    top_k, thinking                 passed through (Anthropic's own); user → metadata.user_id
+    n > 1, seed, penalties, logprobs, and any other parameter Anthropic has no place for:
+                                    refused by name (InvalidRequest), never dropped
 
 A job Anthropic cannot express raises ProviderInvalidRequest naming the message by position.
 """
@@ -48,6 +49,7 @@ DEFAULT_MAX_TOKENS = 4096
 
 _TOOL_CHOICE = {"auto": "auto", "required": "any", "none": "none"}
 _PASSED_THROUGH = ("top_k", "thinking")
+_TRANSLATED = frozenset({*_PASSED_THROUGH, "parallel_tool_calls", "user"})
 
 
 def messages_body(
@@ -57,6 +59,7 @@ def messages_body(
     params = request.params
     extra = params.model_extra or {}
     canonical.one_choice(params, pid, "Anthropic returns one completion")
+    canonical.refuse_untranslated(params, _TRANSLATED, pid)
     system, messages = _messages(request.messages, pid)
     body: dict[str, Any] = {
         "model": request.model,
@@ -77,6 +80,8 @@ def messages_body(
     for key in _PASSED_THROUGH:
         if extra.get(key) is not None:
             body[key] = extra[key]
+    if extra.get("user") is not None:
+        body["metadata"] = {"user_id": extra["user"]}
     if stream:
         body["stream"] = True
     return body

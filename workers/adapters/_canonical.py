@@ -51,6 +51,39 @@ def output_cap(request: ProviderRequest, spec: ModelSpec | None) -> int | None:
     return own or request.output_cap or (spec.max_tokens if spec is not None else None)
 
 
+_EVERY_ADAPTER = frozenset(
+    {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools"}
+    | {"tool_choice", "response_format", "stream", "stream_options", "n"}
+)
+"""Parameters every translating adapter sends (or refuses, as ``n`` > 1)."""
+_OPENAI_DEFAULTS: dict[str, object] = {
+    "logprobs": False,
+    "parallel_tool_calls": True,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+}
+"""A parameter at OpenAI's default asks for nothing: it need not be translated."""
+
+
+def refuse_untranslated(params: CompletionParams, translated: frozenset[str], pid: str) -> None:
+    """Refuse the job's parameters this provider's format has no place for, by name: a
+    parameter accepted and then dropped would be ignored without a word."""
+    declared = type(params).model_fields
+    asked = {n for n in params.model_fields_set if n in declared and getattr(params, n) is not None}
+    asked |= {
+        name
+        for name, value in (params.model_extra or {}).items()
+        if value is not None and _OPENAI_DEFAULTS.get(name, ...) != value
+    }
+    stray = sorted(asked - _EVERY_ADAPTER - translated)
+    if stray:
+        raise ProviderInvalidRequest(
+            f"provider {pid!r} has no equivalent of {', '.join(stray)}: refused rather than "
+            "dropped (send it to an OpenAI-compatible provider, or leave it out)",
+            provider=pid,
+        )
+
+
 def one_choice(params: CompletionParams, pid: str, why: str) -> None:
     """Refuse ``n`` > 1, which only OpenAI's format can answer."""
     if (params.model_extra or {}).get("n") not in (None, 1):

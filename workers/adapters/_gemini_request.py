@@ -25,6 +25,7 @@ Request (canonical OpenAI → Gemini)::
     tools / tool_choice            [{"functionDeclarations": [...]}]; auto → AUTO, required →
                                    ANY, none → NONE, a function → ANY + allowedFunctionNames
     n > 1                          refused (one candidate is read)
+    any other parameter            refused by name (InvalidRequest): Gemini has no place for it
 
 A job Gemini cannot express raises ProviderInvalidRequest naming the message by position.
 """
@@ -59,6 +60,7 @@ def generate_content_body(
     params = request.params
     extra = params.model_extra or {}
     canonical.one_choice(params, pid, "one candidate is read")
+    canonical.refuse_untranslated(params, frozenset({"seed", *_CONFIG_PARAMS}), pid)
     system, contents = _contents(request.messages, pid)
     body: dict[str, Any] = {"contents": contents}
     if system:
