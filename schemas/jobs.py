@@ -97,7 +97,7 @@ class ReplyTo(BaseModel):
 
 
 class BatchLine(BaseModel):
-    """The line of a stored batch (``broker.batches``) a job answers: it runs at batch priority,
+    """The line of a stored batch (``broker.gateway.batches``) a job answers: it runs at batch priority,
     below every other job, in a fairness lane of its batch's own."""
 
     model_config = ConfigDict(extra="forbid")

@@ -253,7 +253,7 @@ batches = Table(
     Index("ix_batches_owner_created", "owner", "created_at"),
     Index("ix_batches_status", "status"),
 )
-"""Stored batches (OpenAI's Batch API), run by ``broker.batches``."""
+"""Stored batches (OpenAI's Batch API), run by ``broker.gateway.batches``."""
 
 batch_lines = Table(
     "batch_lines",

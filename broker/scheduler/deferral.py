@@ -48,7 +48,10 @@ def defer_until(
         return None
     latest = job.deadline - timedelta(seconds=FINISH_MARGIN_S)
     soonest: datetime | None = None
-    for candidate in (decision.chosen, *decision.alternatives):
+    # Another candidate's cheaper hour helps only where the policy orders by cost: under the
+    # others the same candidate would be chosen again, and the job would wait for nothing.
+    by_cost = decision.policy in ("cheapest", "free_first")
+    for candidate in (decision.chosen, *(decision.alternatives if by_cost else ())):
         state = states.get(candidate.provider.id)
         for opens, cost in _cheaper_hours(candidate, state, config, now):
             if cost < cost_now and opens <= latest and (soonest is None or opens < soonest):
@@ -101,7 +104,7 @@ async def defer(
 ) -> None:
     """Park the job toward ``until``; it comes back to the jobs queue and is routed again."""
     since = deferred_since(message) or now
-    delay = park_delay((until - now).total_seconds())
+    delay = park_delay((until - now).total_seconds(), late=False)
     log.info("job %s waits for a cheaper hour at %s (a %d s hop)", job.job_id, until, delay)
     stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
     await outcomes.pass_on(

@@ -50,7 +50,9 @@ class Repeats:
             await answer(self.replayed(job, claim))
             return True
         waited = (now - job.submitted_at).total_seconds() if job.submitted_at else 0.0
-        if waited > REPEAT_MAX_WAIT_S:
+        # A stored batch's line sent again waits for its first copy as long as its batch may
+        # (the copy may be deferred or waiting for quota); its deadline ends the wait.
+        if waited > REPEAT_MAX_WAIT_S and job.batch is None:
             raise Unavailable(
                 f"the first job with this idempotency key ({claim.first_job_id}) has not ended"
                 f" after {REPEAT_MAX_WAIT_S:g} s; try again later",

@@ -332,7 +332,8 @@ class Scheduler(Service):
             quota_epoch=admitted.quota_epoch,
             key_id=key.id if key else None,
         )
-        route.deferred_from = deferred_since(message)
+        earlier = job.route.deferred_from if job.route is not None else None  # a failover's
+        route.deferred_from = deferred_since(message) or earlier
         if job.attempts:
             last = job.attempts[-1]
             failed = last.error_code.value if last.error_code else "failed"

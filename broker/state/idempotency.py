@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -106,9 +107,11 @@ class Idempotency:
         self, caller: str | None, idempotency_key: str, job_id: str, deadline: datetime | None
     ) -> Claim:
         lapse_ms = int((deadline.timestamp() + LAPSE_AFTER_DEADLINE_S) * 1000) if deadline else 0
+        # A job allowed to run longer than the record lives (a batch of up to 168 h) keeps it
+        # until its claim lapses.
+        ttl = max(IDEMPOTENCY_TTL_S, int(lapse_ms / 1000 - time.time()) + 1)
         outcome, value = await self._claim(
-            keys=[self._key(caller, idempotency_key)],
-            args=[job_id, lapse_ms, IDEMPOTENCY_TTL_S],
+            keys=[self._key(caller, idempotency_key)], args=[job_id, lapse_ms, ttl]
         )
         kind = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if kind == "replay":

@@ -53,11 +53,12 @@ of any length takes a few hops (``park_delay``); the long ones hold jobs deferre
 hour."""
 
 
-def park_delay(wait_s: float) -> int:
+def park_delay(wait_s: float, *, late: bool = True) -> int:
     """The parking queue for a job that should wait ``wait_s``: the longest delay not past it,
-    or the next one up when that is at most a quarter later (one hop instead of several)."""
+    or (``late``) the next one up when that is at most a quarter later (one hop instead of
+    several). A deferred job may not come late (its deadline is near the end of its wait)."""
     longer = [d for d in PARK_DELAYS_S if d >= wait_s]
-    if longer and longer[0] <= wait_s * 1.25:
+    if late and longer and longer[0] <= wait_s * 1.25:
         return longer[0]
     fitting = [d for d in PARK_DELAYS_S if d <= wait_s]
     return fitting[-1] if fitting else PARK_DELAYS_S[0]

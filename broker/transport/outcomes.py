@@ -124,8 +124,11 @@ class Outcomes:
     async def _to_webhook(self, job: CompletionJob, result: JobResult) -> None:
         """The result for the webhook dispatcher, under an id every copy of it shares."""
         assert job.reply.webhook is not None
+        # A stored batch's line sent again (a new job id) is the same result to its receiver.
+        line = job.batch
+        identity = f"{line.batch_id}:{line.line}" if line is not None else result.job_id
         request = WebhookRequest(
-            webhook_id=job_webhook_id(result.job_id),
+            webhook_id=job_webhook_id(identity),
             url=job.reply.webhook,
             type=f"job.{result.status.value}",
             data=result.model_dump(mode="json", exclude_none=True),

@@ -145,10 +145,11 @@ class BatchWork:
         batch_id, sent = row["batch_id"], row["enqueued"]
         models = set(self.config().public_models())
         send_round = await self.store.next_round(batch_id)
+        answered = await self.store.answered_after(batch_id, sent)  # not sent again
         group: list[Awaitable[None]] = []
         last = sent
         async for number, text in split_lines(self.files.chunks(row["input_file_id"])):
-            if number <= sent:
+            if number <= sent or number in answered:
                 continue
             _, request = parse_line(number, text, row["endpoint"])
             job = job_for_line(

@@ -276,6 +276,19 @@ class BatchStore:
                 },
             )
 
+    async def answered_after(self, batch_id: str, line: int) -> set[int]:
+        """Lines past ``line`` answered already: sent by a runner that died before recording
+        them sent (at most its last group)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(batch_lines.c.line).where(
+                    batch_lines.c.batch_id == batch_id,
+                    batch_lines.c.line > line,
+                    batch_lines.c.status.is_not(None),
+                )
+            )
+            return set(rows.scalars().all())
+
     async def unanswered(self, batch_id: str, through: int) -> list[int]:
         """Lines up to ``through`` (published) still unanswered."""
         async with self.engine.connect() as conn:
