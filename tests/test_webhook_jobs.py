@@ -20,6 +20,7 @@ from broker.client import SwitchyardClient
 from broker.client.client import make_job
 from broker.core.config import Config, load_config
 from broker.core.names import Names
+from broker.transport.webhooks import job_webhook_id
 from broker.webhooks.dispatcher import WebhookDispatcher
 from mock_provider import expected_completion
 from schemas import ReplyTo
@@ -115,6 +116,8 @@ async def test_results_of_amqp_http_and_batch_jobs_reach_their_webhooks_signed(
         answer = got.payload["data"]["response"]["choices"][0]["message"]["content"]
         assert (answer, "stop") == expected_completion(ask(text))
     assert receiver.at("/amqp")[0].payload["data"]["job_id"] == job.job_id
+    # A batch line's result goes under its line's id, whichever job id (send round) answered it.
+    assert receiver.at("/line")[0].webhook_id == job_webhook_id(f"{batch.id}:1")
     (ended,) = receiver.at("/batch")
     assert ended.verified_by == [SECRET] and ended.payload["type"] == "batch.completed"
     assert ended.payload["data"]["id"] == batch.id

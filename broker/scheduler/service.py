@@ -189,6 +189,10 @@ class Scheduler(Service):
         version = self._version
         if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded("the job's deadline passed before it was scheduled")
+        if job.route is not None or job.attempts:
+            raise InvalidMessage(
+                "route and attempts are Switchyard's (failover): a job sets neither"
+            )
         key = authenticate(message.headers, version.config)
         if job.reply.webhook is not None:
             await check_webhook(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Form, Query, Request, UploadFile
@@ -106,6 +106,9 @@ async def upload_file(
     """Upload a batch's input (JSONL), written to Postgres as it is read."""
     gateway = gateway_of(request)
     _, owner = gateway.caller(request)
+    fields = {name.split("[", 1)[0] for name in await request.form()}
+    if extra := sorted(fields - {"file", "purpose"}):
+        raise GatewayError(400, f"{', '.join(extra)}: not supported", param=extra[0])
     if purpose not in UPLOAD_PURPOSES:
         raise GatewayError(
             400, f"purpose: only {', '.join(sorted(UPLOAD_PURPOSES))} is served", param="purpose"
@@ -120,10 +123,15 @@ async def list_files(
     purpose: str | None = None,
     limit: int = Query(default=20, ge=1, le=10_000),
     after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
 ) -> Response:
+    """The caller's files by creation time (``order``), paged by ``after``."""
     gateway = gateway_of(request)
     _, owner = gateway.caller(request)
-    rows = await gateway.files.page(owner, purpose, limit + 1, _checked(after, "after"))
+    checked = _checked(after, "after")
+    rows = await gateway.files.page(
+        owner, purpose, limit + 1, checked, newest_first=order == "desc"
+    )
     return _list([file_object(r) for r in rows[:limit]], len(rows) > limit)
 
 
@@ -149,6 +157,10 @@ async def delete_file(file_id: str, request: Request) -> Response:
     gateway = gateway_of(request)
     _, owner = gateway.caller(request)
     row = await _file(gateway, request, file_id)
+    if (batch_id := await gateway.batches.uses_file(row["file_id"])) is not None:
+        raise GatewayError(
+            409, f"batch {batch_id} runs on this file; cancel it first", code="file_in_use"
+        )
     await gateway.files.delete(row["file_id"], owner)
     return _json({"id": row["file_id"], "object": "file", "deleted": True})
 

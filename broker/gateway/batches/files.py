@@ -188,21 +188,28 @@ class FilesStore:
         return file_id
 
     async def page(
-        self, owner: str | None, purpose: str | None, limit: int, after: str | None
+        self,
+        owner: str | None,
+        purpose: str | None,
+        limit: int,
+        after: str | None,
+        *,
+        newest_first: bool = True,
     ) -> list[dict[str, Any]]:
-        """The owner's files, newest first; ``after``: the last id of the previous page."""
+        """The owner's files by creation time; ``after``: the last id of the previous page."""
         query = select(files).where(files.c.owner.is_not_distinct_from(owner))
         if purpose is not None:
             query = query.where(files.c.purpose == purpose)
+        created, file_id = files.c.created_at, files.c.file_id
         if after is not None:
-            anchor = select(files.c.created_at).where(files.c.file_id == after).scalar_subquery()
-            query = query.where(
-                or_(
-                    files.c.created_at < anchor,
-                    and_(files.c.created_at == anchor, files.c.file_id < after),
-                )
-            )
-        query = query.order_by(files.c.created_at.desc(), files.c.file_id.desc()).limit(limit)
+            anchor = select(created).where(file_id == after).scalar_subquery()
+            if newest_first:
+                past = or_(created < anchor, and_(created == anchor, file_id < after))
+            else:
+                past = or_(created > anchor, and_(created == anchor, file_id > after))
+            query = query.where(past)
+        keys = (created.desc(), file_id.desc()) if newest_first else (created, file_id)
+        query = query.order_by(*keys).limit(limit)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 

@@ -117,8 +117,10 @@ class BatchWork:
                 "failed_at": utcnow(),
                 "key_secret": None,
             }
-            await self.on_end({**row, **ending})
-            await self.store.update(batch_id, only_if="validating", **ending)
+            now = await self.store.get(batch_id, "*")
+            if now is not None and now["status"] == "validating":  # not cancelled meanwhile
+                await self.on_end({**row, **ending})
+                await self.store.update(batch_id, only_if="validating", **ending)
             return
         await self.store.update(batch_id, only_if="validating", status="in_progress", total=count)
 

@@ -163,12 +163,13 @@ class BatchRunner:
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._claiming is not None:
             self._claiming.cancel()
-        for task in self._held.values():
+        held = dict(self._held)  # each task leaves _held as it ends
+        for task in held.values():
             task.cancel()
-        await asyncio.gather(*self._held.values(), return_exceptions=True)
+        await asyncio.gather(*held.values(), return_exceptions=True)
         await self.consumers.stop(grace_s)
         await self._writer.stop()
-        for batch_id in list(self._held):
+        for batch_id in held:  # another runner takes them at once, not after the lease
             with contextlib.suppress(Exception):
                 await self.store.release(self.runner_id, batch_id)
 

@@ -102,6 +102,16 @@ class BatchStore:
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 
+    async def uses_file(self, file_id: str) -> str | None:
+        """A batch not ended yet whose input is ``file_id``, if any."""
+        async with self.engine.connect() as conn:
+            found = await conn.execute(
+                select(batches.c.batch_id)
+                .where(batches.c.input_file_id == file_id, batches.c.status.in_(ACTIVE))
+                .limit(1)
+            )
+            return found.scalar()
+
     async def request_cancel(self, batch_id: str) -> None:
         """Mark a batch ``cancelling`` (its runner stops sending lines and cancels those
         queued); nothing if it has ended or is being cancelled already."""
@@ -309,6 +319,7 @@ class BatchStore:
                     select(
                         func.count().filter(batch_lines.c.in_error.is_(False)),
                         func.count().filter(batch_lines.c.in_error.is_(True)),
+                        func.count(),
                         func.coalesce(func.sum(batch_lines.c.prompt_tokens), 0),
                         func.coalesce(func.sum(batch_lines.c.completion_tokens), 0),
                         func.coalesce(func.sum(batch_lines.c.cost_usd), 0),
@@ -318,7 +329,8 @@ class BatchStore:
         return {
             "completed": int(row[0]),
             "failed": int(row[1]),
-            "prompt_tokens": int(row[2]),
-            "completion_tokens": int(row[3]),
-            "cost_usd": row[4],
+            "total": int(row[2]),
+            "prompt_tokens": int(row[3]),
+            "completion_tokens": int(row[4]),
+            "cost_usd": row[5],
         }
