@@ -167,3 +167,17 @@ async def test_what_an_async_job_cannot_do_is_refused_by_name(
     assert refused.json()["error"]["param"] == param
     assert (await http.get("/v1/jobs")).json()["data"] == []
     assert mock.stats()["calls"] == 0
+
+
+def test_an_async_jobs_own_fields_are_not_sent_to_the_provider() -> None:
+    """``webhook`` and ``defer`` are Switchyard's: a provider would refuse them (or Anthropic's
+    and Gemini's adapters would, by name)."""
+    from broker.gateway.chat import job_from_request
+    from broker.gateway.jobs import JobRequest
+
+    body = JobRequest.model_validate(
+        {**ask(0), "webhook": "https://hooks.example.com/x", "defer": True, "temperature": 0.1}
+    )
+    job = job_from_request(body, {}, {"m"})
+    assert job.params.model_dump(exclude_none=True) == {"temperature": 0.1, "stream": False}
+    assert not job.params.model_extra

@@ -271,7 +271,7 @@ def test_allow_lets_hosts_and_cidrs_through_and_metadata_only_when_exact() -> No
         ("http://[fd00:ec2::254]/", "cloud metadata address"),
         ("http://0.0.0.0:80/", "unspecified address"),
         ("http://localhost:9/hook", "localhost resolves to"),
-        ("http://127.1/hook", "which is a loopback address"),
+        ("http://127.1/hook", "127.1 resolves to a loopback address"),
         ("http://metadata.google.internal/computeMetadata/v1/", "cloud metadata host"),
         ("ftp://hooks.example.com/", "only http and https"),
     ],
@@ -774,3 +774,19 @@ async def test_the_cli_runs_the_dispatcher_lists_and_replays(
         await delete_queues(amqp, names.webhooks, names.control)
     assert process.returncode == 0, err.decode()[-2000:]
     assert [r.webhook_id for r in receiver.at("/cli")] == [request.webhook_id] * 2
+
+
+def test_an_endpoints_secret_signs_only_urls_truly_under_it() -> None:
+    """A plain string prefix would hand Acme's secret to look-alike hosts."""
+    acme = new_secret()
+    config = hooks_config(endpoints=[{"url": "https://hooks.acme.com/in", "secret": acme}])
+    assert config.webhooks.secrets_for("https://hooks.acme.com/in") == [acme]
+    assert config.webhooks.secrets_for("https://hooks.acme.com/in/orders") == [acme]
+    for other in (
+        "https://hooks.acme.com.evil.net/in",
+        "https://hooks.acme.com@evil.net/in",
+        "https://hooks.acme.com/inbox",
+        "http://hooks.acme.com/in",
+        "https://hooks.acme.com:8443/in",
+    ):
+        assert config.webhooks.secrets_for(other) == [SECRET], other

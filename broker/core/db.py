@@ -333,4 +333,7 @@ webhook_attempts = Table(
 
 
 def make_engine(database_url: str) -> AsyncEngine:
-    return create_async_engine(database_url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    # No statement's parameters in an error's text: they hold virtual keys and prompts.
+    return create_async_engine(
+        database_url, pool_size=5, max_overflow=5, pool_pre_ping=True, hide_parameters=True
+    )

@@ -137,10 +137,11 @@ def refuse_addresses(
         kind = address_refusal(address.split("%", 1)[0], allow)  # an IPv6 zone is no part
         if kind is None:
             continue
-        where = address if address == host else f"{host} resolves to {address}, which"
+        # A name's addresses are not told: the answer would map an internal network's names.
+        what = f"{address} is" if address == host else f"{host} resolves to"
         how = "exactly" if kind == "cloud metadata" else "the host or a CIDR holding it"
         raise InvalidMessage(
-            f"{field}: {where} is a {kind} address: refused (SSRF guard); "
+            f"{field}: {what} a {kind} address: refused (SSRF guard); "
             f"to allow it, list {how} in webhooks.allow"
         )
 

@@ -16,6 +16,7 @@ import hmac
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import AfterValidator, BeforeValidator, Field
@@ -137,7 +138,23 @@ class WebhooksConfig(StrictModel):
     def secrets_for(self, url: str) -> list[str]:
         """The secrets that sign a delivery to ``url``: the longest matching endpoint's, else
         the section's."""
-        matching = [e for e in self.endpoints if url.startswith(e.url)]
+        matching = [e for e in self.endpoints if _under(url, e.url)]
         if matching:
             return list(max(matching, key=lambda e: len(e.url)).secret)
         return list(self.secret)
+
+
+def _under(url: str, prefix: str) -> bool:
+    """Whether ``url`` is at or below ``prefix``: the same scheme, host and port, and a path
+    that continues the prefix's at a ``/`` (a plain string prefix would let
+    ``https://hooks.acme.com.evil.net`` or ``https://hooks.acme.com@evil.net`` take Acme's
+    secret)."""
+    at, base = urlsplit(url), urlsplit(prefix)
+    try:
+        same = (at.scheme, at.hostname, at.port) == (base.scheme, base.hostname, base.port)
+    except ValueError:
+        return False
+    if not same or at.username is not None or at.password is not None:
+        return False
+    root = base.path.rstrip("/")
+    return at.path == root or at.path.startswith(root + "/")

@@ -130,7 +130,9 @@ def job_from_request(
     for name, value in from_headers.items():
         if routing[name] is None:
             routing[name] = value
-    params = request.model_dump(exclude_none=True, exclude=set(_NOT_PARAMS))
+    # A subclass's own fields (an async job's webhook, defer) are Switchyard's, not the model's.
+    own = type(request).model_fields.keys() - ChatRequest.model_fields.keys()
+    params = request.model_dump(exclude_none=True, exclude=set(_NOT_PARAMS) | own)
     params["stream"] = request.stream
     model: str | None = request.model
     if model == AUTO_MODEL and AUTO_MODEL not in public_models:

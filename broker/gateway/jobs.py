@@ -187,11 +187,11 @@ router = APIRouter(tags=["jobs"])
 async def create_job(body: JobRequest, request: Request) -> Response:
     """Queue a chat completion; answered at once with its position, ETA and estimated cost."""
     gateway = gateway_of(request)
+    secret, owner = gateway.caller(request)  # before anything is looked up for the caller
     if body.webhook is not None:
         await check_webhook(str(body.webhook), gateway.config.webhooks, field="webhook")
     if body.stream:
         raise GatewayError(400, "an async job does not stream", param="stream")
-    secret, owner = gateway.caller(request)
     job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
     if body.defer and job.deadline is None:
         raise GatewayError(400, "defer: needs a deadline", param="defer")

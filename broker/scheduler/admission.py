@@ -113,8 +113,14 @@ class Admission:
             free = True
             for bucket in self._buckets(free_limits(provider), probe, now):
                 if await self.store.usage(bucket.key) + bucket.amount > bucket.limit:
-                    free, resets = False, max(resets or 0.0, bucket.expires_at)
-        return ProviderState(day_tokens_used=used, free_remaining=free, free_resets_at=resets)
+                    free = False
+                    # A job larger than the limit never fits: no reset to wait for.
+                    fits = bucket.amount <= bucket.limit and resets != float("inf")
+                    resets = max(resets or 0.0, bucket.expires_at) if fits else float("inf")
+        never = resets == float("inf")
+        return ProviderState(
+            day_tokens_used=used, free_remaining=free, free_resets_at=None if never else resets
+        )
 
     async def reserve(
         self,

@@ -1,31 +1,22 @@
 """Deferral: a job that may wait (``defer: true``; every stored batch's line) is parked until
 a cheaper hour, a discount window opening or a free tier's limits resetting, when that hour
 comes early enough for its call to finish before its deadline; a job whose deadline does not
-allow the wait is served at once. The wait is held in the durable parking queues (a few hops of
-up to 4.5 h); the job keeps its key header to be admitted again, and a header saying since when
-it waits, from which the worker prices what the wait saved (``Route.deferred_from``)."""
+allow the wait is served at once. This module decides; ``parking.defer`` holds the wait in the
+durable parking queues."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from broker.core.config import Config
-from broker.core.names import HEADER_DEFERRED, Names
 from broker.core.pricing import cost_usd
 from broker.scheduler.candidates import Candidate, ProviderState
 from broker.scheduler.routing import RouteDecision
-from broker.transport.amqp import park_delay
-from broker.transport.outcomes import Outcomes
 from schemas import CompletionJob
 
-__all__ = ["FINISH_MARGIN_S", "defer", "defer_until", "deferral_header", "deferred_since"]
-
-log = logging.getLogger(__name__)
+__all__ = ["FINISH_MARGIN_S", "defer_until"]
 
 FINISH_MARGIN_S = 300.0
 """A cheaper hour must come at least this long before the job's deadline: its call, retries and
@@ -73,45 +64,3 @@ def _cheaper_hours(
             yield opens, cost_usd(spec, prompt, output, multiplier)
     if state is not None and state.free_resets_at is not None:
         yield datetime.fromtimestamp(state.free_resets_at, UTC), Decimal(0)
-
-
-def deferred_since(message: AbstractIncomingMessage) -> datetime | None:
-    """Since when the job has waited for a cheaper hour (its header), if it has."""
-    value = (message.headers or {}).get(HEADER_DEFERRED)
-    if not isinstance(value, str):
-        return None
-    try:
-        since = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return since if since.tzinfo is not None else None
-
-
-def deferral_header(message: AbstractIncomingMessage) -> dict[str, str]:
-    """The header a deferred job keeps on every later hop (a quota wait too)."""
-    since = deferred_since(message)
-    return {HEADER_DEFERRED: since.isoformat()} if since is not None else {}
-
-
-async def defer(
-    outcomes: Outcomes,
-    names: Names,
-    message: AbstractIncomingMessage,
-    job: CompletionJob,
-    now: datetime,
-    until: datetime,
-    headers: Mapping[str, object],
-) -> None:
-    """Park the job toward ``until``; it comes back to the jobs queue and is routed again."""
-    since = deferred_since(message) or now
-    delay = park_delay((until - now).total_seconds(), late=False)
-    log.info("job %s waits for a cheaper hour at %s (a %d s hop)", job.job_id, until, delay)
-    stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
-    await outcomes.pass_on(
-        message,
-        stamped or job,
-        names.park(delay),
-        body=None if stamped else message.body,
-        with_key=True,
-        headers={HEADER_DEFERRED: since.isoformat(), **headers},
-    )

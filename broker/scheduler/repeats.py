@@ -69,19 +69,14 @@ class Repeats:
             await self.idempotency.release(key.id if key else None, job.idempotency_key, job.job_id)
 
     async def claim(self, job: CompletionJob, key: KeyConfig | None) -> Claim | None:
-        """None: no key (or no Redis configured); else whether this job is the first."""
+        """None: no key (or no Redis configured); else whether this job is the first. Redis
+        away raises (``REDIS_FAILURES``): the scheduler parks a persistent job until it is back
+        and answers an RPC job ``unavailable``."""
         if job.idempotency_key is None or self.idempotency is None:
             return None
-        try:
-            return await self.idempotency.claim(
-                key.id if key else None, job.idempotency_key, job.job_id, job.deadline
-            )
-        except REDIS_FAILURES as exc:
-            raise Unavailable(
-                f"Redis is unreachable ({type(exc).__name__}), so the idempotency key cannot be"
-                " checked; the job was not run",
-                retry_after=5.0,
-            ) from exc
+        return await self.idempotency.claim(
+            key.id if key else None, job.idempotency_key, job.job_id, job.deadline
+        )
 
     @staticmethod
     def replayed(job: CompletionJob, claim: Claim) -> JobResult:
@@ -95,6 +90,9 @@ class Repeats:
                 "attempts": [],
                 "metadata": job.metadata,
                 "timings": Timings(),
-                "cost_usd": Decimal(0) if first.cost_usd is not None else None,
+                # A batch line's copy answers the line itself: its batch's usage is that call's.
+                "cost_usd": first.cost_usd
+                if job.batch is not None or first.cost_usd is None
+                else Decimal(0),
             }
         )

@@ -24,6 +24,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
@@ -40,14 +41,15 @@ from broker.core.errors import (
     Unavailable,
 )
 from broker.core.limits import KeyConfig
-from broker.core.names import HEADER_PARKED, HEADER_REDELIVERED, Names
+from broker.core.names import Names
 from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
 from broker.core.webhook_urls import check_webhook
 from broker.scheduler.admission import Admission
 from broker.scheduler.candidates import ProviderState
 from broker.scheduler.control import JobControl
-from broker.scheduler.deferral import defer, defer_until, deferral_header, deferred_since
+from broker.scheduler.deferral import defer_until
+from broker.scheduler.parking import defer, deferred_since, first_pass, park_for_quota, twin_mark
 from broker.scheduler.repeats import Repeats
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
@@ -55,7 +57,6 @@ from broker.scheduler.reservations import (
     Reservations,
     Wait,
     delivery_id,
-    parking,
     queued_s,
     while_redis_is_away,
 )
@@ -194,24 +195,21 @@ class Scheduler(Service):
                 "route and attempts are Switchyard's (failover): a job sets neither"
             )
         key = authenticate(message.headers, version.config)
-        if job.reply.webhook is not None:
-            await check_webhook(
-                str(job.reply.webhook), version.config.webhooks, field="reply.webhook"
-            )
-        if await self._repeats.handled(
-            job,
-            key,
-            now,
-            answer=lambda result: self.outcomes.finish(message, job, result, []),
-            park=lambda wait: self._park(message, job, now, wait),
-        ):
+        if job.reply.webhook is not None and first_pass(message):  # its DNS, once
+            hook = str(job.reply.webhook)
+            await check_webhook(hook, version.config.webhooks, field="reply.webhook")
+        park = partial(park_for_quota, self.outcomes, self.names, message, job, now)
+        try:
+            answer = partial(self.outcomes.finish, message, job, usage=[])
+            if await self._repeats.handled(job, key, now, answer=answer, park=park):
+                return
+        except REDIS_FAILURES as exc:  # a persistent job waits for Redis, as admission's do
+            await park(while_redis_is_away(message, job, now, exc))
             return
         try:
             decision, states = await self._route(job, key, version, now)
             if until := defer_until(job, decision, states, version.config, now):
-                await defer(
-                    self.outcomes, self.names, message, job, now, until, _twin_mark(message)
-                )
+                await defer(self.outcomes, self.names, message, job, now, until)
                 return
             admitted = await self._reservations.admit(
                 job,
@@ -228,7 +226,7 @@ class Scheduler(Service):
             await self._repeats.release(job, key)  # a first job refused gives its key back
             raise
         if isinstance(admitted, Wait):
-            await self._park(message, job, now, admitted)
+            await park_for_quota(self.outcomes, self.names, message, job, now, admitted)
             return
         await self._dispatch(message, job, key, decision, admitted, now, version)
 
@@ -358,25 +356,6 @@ class Scheduler(Service):
             return
         await self._forward(message, routed, now, lane)
 
-    async def _park(
-        self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, wait: Wait
-    ) -> None:
-        """Hold the job in a parking queue until its limit may have freed, then it comes back
-        to the jobs queue. A job that came without ``submitted_at`` (an AMQP
-        producer's) gets it now, so its wait is counted from here and ends (``MAX_WAIT_S``)
-        instead of starting again each time."""
-        delay, parked = parking(message, wait)
-        log.info("job %s waits for quota (%d s)", job.job_id, delay)
-        stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
-        await self.outcomes.pass_on(
-            message,
-            stamped or job,
-            self.names.park(delay),
-            body=None if stamped else message.body,
-            with_key=True,
-            headers={HEADER_PARKED: parked, **_twin_mark(message), **deferral_header(message)},
-        )
-
     async def _forward(
         self, message: AbstractIncomingMessage, job: CompletionJob, now: datetime, lane: int
     ) -> None:
@@ -386,13 +365,5 @@ class Scheduler(Service):
             job,
             self.names.provider(job.route.provider, lane),
             expiration=(job.deadline - now) if job.deadline is not None else None,
-            headers=_twin_mark(message),
+            headers=twin_mark(message),
         )
-
-
-def _twin_mark(message: AbstractIncomingMessage) -> dict[str, int]:
-    """A job that came again (its last holder died before its ack) may have a twin already on
-    its way: the mark tells its worker to look whether the job was answered
-    (``broker.state.answers``)."""
-    headers = message.headers or {}
-    return {HEADER_REDELIVERED: 1} if message.redelivered or HEADER_REDELIVERED in headers else {}

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 JOB_TTL_S = 7 * 86_400
 """How long a queued job's record lasts (a batch backlog may wait days)."""
 ENDED_TTL_S = 3_600
+CANCEL_TTL_S = 8 * 86_400
+"""A cancel recorded before its job was placed is kept this long: the job may wait, deferred or
+parked, until its deadline (a batch's window is at most 168 h) before a scheduler places it."""
 """How long a record lasts once the job ended or was cancelled."""
 RATE_WINDOW_S = 60
 """Calls started are counted per second; the rate is their mean over the last minute, or
@@ -228,7 +231,7 @@ class JobStates:
                 caller or "-",
                 names.job_queue(""),
                 names.job_expiry(""),
-                ENDED_TTL_S,
+                CANCEL_TTL_S,
             ],
         )
         return _text(result)

@@ -184,7 +184,11 @@ class WebhookDispatcher(Service):
     async def _record(self, request: WebhookRequest) -> Due | None:
         assert self._store is not None
         try:
-            due = await self._store.record(request, webhook_body(request), self._lease_until())
+            body = webhook_body(request)
+        except (TypeError, ValueError) as exc:  # data JSON cannot carry (an int past 64 bits)
+            raise Unsettled(f"webhook {request.webhook_id}'s data cannot be sent as JSON") from exc
+        try:
+            due = await self._store.record(request, body, self._lease_until())
         except (IntegrityError, DataError, ProgrammingError) as exc:  # the row, not Postgres
             raise Unsettled(f"Postgres refused webhook {request.webhook_id}") from exc
         except (DBAPIError, OSError):
@@ -227,6 +231,8 @@ class WebhookDispatcher(Service):
                     self._wake.set()  # a full batch: more may be due
             except (DBAPIError, OSError):
                 log.warning("could not claim due webhooks (Postgres away); trying again")
+            except Exception:  # never end the loop: retries would stop for good
+                log.exception("claiming due webhooks failed; trying again")
 
     async def _sleep(self) -> None:
         """Until the next poll, or the soonest retry this process knows of."""

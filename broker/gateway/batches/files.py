@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.clock import utcnow
@@ -25,6 +26,11 @@ files have purpose ``batch_output``, as OpenAI's)."""
 
 def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
+
+
+def batch_file_id(batch_id: str, *, in_error: bool) -> str:
+    """A batch's output or error file: one id each, whichever runner writes it."""
+    return f"file-{batch_id}-{'error' if in_error else 'output'}"
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -130,13 +136,7 @@ class FilesStore:
             async for data in self.chunks(row["file_id"]):
                 yield data
             return
-        async with self.engine.connect() as conn:
-            error_file = (
-                await conn.execute(
-                    select(batches.c.error_file_id).where(batches.c.batch_id == row["batch_id"])
-                )
-            ).scalar()
-        in_error = error_file == row["file_id"]
+        in_error = row["file_id"] == batch_file_id(row["batch_id"], in_error=True)
         after = 0
         while True:
             async with self.engine.connect() as conn:
@@ -172,9 +172,11 @@ class FilesStore:
             ).scalar()
             if not size:
                 return None
-            file_id, now = new_file_id(), utcnow()
+            file_id, now = batch_file_id(batch_id, in_error=in_error), utcnow()
             await conn.execute(
-                insert(files).values(
+                pg_insert(files)
+                .on_conflict_do_nothing()  # written already by a runner that died before the end
+                .values(
                     file_id=file_id,
                     owner=owner,
                     purpose="batch_output",
@@ -216,7 +218,12 @@ class FilesStore:
     async def purge(self) -> int:
         """Drop the files past their retention (with their pieces); returns how many."""
         async with self.engine.begin() as conn:
-            gone = await conn.execute(delete(files).where(files.c.expires_at < utcnow()))
+            in_use = select(batches.c.input_file_id).where(
+                batches.c.status.in_(("validating", "in_progress", "finalizing", "cancelling"))
+            )
+            gone = await conn.execute(
+                delete(files).where(files.c.expires_at < utcnow(), files.c.file_id.not_in(in_use))
+            )
         return int(gone.rowcount)
 
     async def delete(self, file_id: str, owner: str | None) -> bool:

@@ -201,12 +201,14 @@ class BatchWork:
         """Lines not sent are answered cancelled at once; those queued are cancelled (their
         jobs answer ``cancelled``); those already called run to their end."""
         batch_id, sent = row["batch_id"], row["enqueued"]
+        # The group past ``enqueued`` may have been published by a runner that died before
+        # recording it: cancelled as well, then the lines never sent are answered at once.
+        for line in await self.store.unanswered(batch_id, sent + self.group):
+            for send_round in range(1, row["send_round"] + 1):
+                await self.job_states.cancel(f"{batch_id}-{line}-{send_round}", row["owner"])
         await self.store.close_unanswered(
             batch_id, "batch_cancelled", "the batch was cancelled before this line ran", sent
         )
-        for line in await self.store.unanswered(batch_id, sent):
-            for send_round in range(1, row["send_round"] + 1):
-                await self.job_states.cancel(f"{batch_id}-{line}-{send_round}", row["owner"])
         waited, pending = 0.0, await self.store.pending(batch_id)
         while pending and waited < CANCEL_PATIENCE_S and row["expires_at"] > utcnow():
             await asyncio.sleep(POLL_S)

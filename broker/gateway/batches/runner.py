@@ -17,7 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from redis.asyncio import Redis
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.config import Config
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=30)
 """How long a batch stays with a runner that stopped renewing it (it died)."""
 CLAIM_EVERY_S = 1.0
-MAX_HELD = 8
-"""Batches one runner drives at once; more wait for it or another runner."""
+MAX_HELD = 32
+"""Batches one runner drives at once (most of the time each only waits for answers); more wait
+for it or another runner."""
 IN_FLIGHT = 2_000
 """Lines of one batch sent and not yet answered, at most."""
 RESULTS_PREFETCH = 512
@@ -174,10 +175,18 @@ class BatchRunner:
                 await self.store.release(self.runner_id, batch_id)
 
     async def _claim(self) -> None:
-        """Take batches that need a runner, renew the leases of those held; for ever."""
+        """Take batches that need a runner, renew the leases of those held; for ever. Leases not
+        renewed for half their time are let go: another runner may take the batches by then,
+        and two would drive one batch."""
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while True:
+            if loop.time() - renewed > self._lease.total_seconds() / 2:
+                for batch_id in list(self._held):
+                    self._held.pop(batch_id).cancel()
             try:
                 held = await self.store.renew(self.runner_id, list(self._held), self._lease)
+                renewed = loop.time()
                 for batch_id in set(self._held) - held:  # lost (this runner stalled): stop
                     self._held.pop(batch_id).cancel()
                 room = MAX_HELD - len(self._held)
@@ -213,11 +222,9 @@ class BatchRunner:
             raise Unsettled(f"job {result.job_id[:128]!r} is not a batch line")
         try:
             await self._writer.add(*where, result)
-        except DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(exc.orig, OSError):
-                await asyncio.sleep(STORE_RETRY_S)
-                raise
+        except (IntegrityError, DataError) as exc:  # the answer itself: it can never be stored
             raise Unsettled(f"Postgres refused batch line {result.job_id}'s answer") from exc
-        except OSError:
+        except (DBAPIError, OSError):
+            # Away, restarting, a deadlock or a timeout: the group's answers all come again.
             await asyncio.sleep(STORE_RETRY_S)
             raise
