@@ -102,6 +102,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("batch_id", "line"),
         sa.UniqueConstraint("batch_id", "custom_id", name="batch_lines_custom_id_key"),
     )
+    op.create_index(
+        "ix_batch_lines_pending",
+        "batch_lines",
+        ["batch_id", "line"],
+        postgresql_where=sa.text("status IS NULL"),
+    )
 
 
 def downgrade() -> None:
