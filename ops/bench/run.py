@@ -28,7 +28,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import batches as batches_bench
 import gateway as gateway_bench
+import webhooks as webhooks_bench
 from bare import JSON_HEADERS, BareClient
 from load import Run, drive
 from procs import (
@@ -71,6 +73,9 @@ class Sizes:
     gateway_latency_jobs: int = 300
     gateway_jobs: int = 5_000
     gateway_clients: int = 50
+    batch_lines: int = 20_000  # a batch's lines, and the AMQP side's jobs (batches.py)
+    batch_rounds: int = 2  # each a batch and an AMQP run of batch_lines
+    batch_window: int = 2_000  # SWITCHYARD_BATCH_IN_FLIGHT (its default)
     rounds: int = 4
     warmup_jobs: int = 300
     max_seconds: float = 150.0
@@ -87,6 +92,8 @@ SMOKE = Sizes(
     gateway_latency_jobs=20,
     gateway_jobs=200,
     gateway_clients=10,
+    batch_lines=300,
+    batch_window=100,  # below the lines, so the runner waits for room in its window
     rounds=2,
     warmup_jobs=20,
     max_seconds=30.0,
@@ -463,6 +470,15 @@ class Bench:
         """The HTTP gateway against a direct call to the mock and ``SwitchyardClient``."""
         return await gateway_bench.scenario(self, _others_cpu)
 
+    async def batches(self) -> list[Run]:
+        """A stored batch through the gateway's /v1/files and /v1/batches against the same jobs
+        through ``SwitchyardClient.submit`` (``batches.py``: a world of its own)."""
+        return await batches_bench.scenario(self, _others_cpu)
+
+    async def webhooks(self) -> list[Run]:
+        """Webhook deliveries through the dispatcher against the same POSTs made directly."""
+        return await webhooks_bench.scenario(self, _others_cpu)
+
 
 def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
     """CPU seconds of what else the pipeline drives: RabbitMQ, Postgres, and this producer."""
@@ -474,6 +490,26 @@ def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
     if since is None:
         return now
     return {k: round(v - since.get(k, 0.0), 2) for k, v in now.items()}
+
+
+def append_webhooks(results: dict[str, Any], out: Path) -> None:
+    """bench.md's lines of the webhooks scenario: what its table's notes leave out."""
+    rows = [r for r in results["runs"] if r["name"].startswith("webhooks")]
+    if not rows:
+        return
+    lines = ["", "### webhooks: deliveries per second", ""]
+    for row in rows:
+        extra = row["extra"]
+        cpu = ", ".join(f"{k} {v:.3f}" for k, v in extra.get("cpu_ms_per_delivery", {}).items())
+        rounds = extra.get("round_per_second")
+        lines.append(
+            f"- {row['name']}: {row['per_second']}/s"
+            + (f" (rounds {rounds}, {extra['vs_baseline']} of the direct POSTs)" if rounds else "")
+            + f"; sent to received p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms;"
+            f" CPU ms per delivery: {cpu}"
+        )
+    with (out / "bench.md").open("a") as md:
+        md.write("\n".join(lines) + "\n")
 
 
 async def main(
@@ -517,7 +553,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=REPO / "ops" / "bench" / "results")
     parser.add_argument(
         "--scenarios",
-        default="throughput,added_latency,many_in_flight,scale_out,gateway",
+        default="throughput,added_latency,many_in_flight,scale_out,gateway,batches,webhooks",
         help="comma-separated subset",
     )
     parser.add_argument(
@@ -541,6 +577,7 @@ if __name__ == "__main__":
                     "scale_jobs",
                     "gateway_latency_jobs",
                     "gateway_jobs",
+                    "batch_lines",
                 )
             },
         )
@@ -555,6 +592,8 @@ if __name__ == "__main__":
     )
     write_reports(results, args.out)
     gateway_bench.append_targets(results, args.out)
+    batches_bench.append_table(results, args.out)
+    append_webhooks(results, args.out)
     print((args.out / "bench.md").read_text())
     broken = [r["name"] for r in results["runs"] if r["errors"] or not r["jobs"]]
     if args.smoke and broken:
