@@ -97,8 +97,8 @@ class ReplyTo(BaseModel):
 
 
 class BatchLine(BaseModel):
-    """The line of a stored batch (``broker.gateway.batches``) a job answers: it runs at batch priority,
-    below every other job, in a fairness lane of its batch's own."""
+    """The line of a stored batch (``broker.gateway.batches``) a job answers: it runs at batch
+    priority, below every other job, in a fairness lane of its batch's own."""
 
     model_config = ConfigDict(extra="forbid")
     batch_id: str = Field(min_length=1, max_length=64)

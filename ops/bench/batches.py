@@ -303,15 +303,17 @@ class Memory:
         self.timeline: list[tuple[float, int]] = []
         self._began = time.perf_counter()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._sample())
 
     async def stop(self) -> dict[str, dict[str, float]]:
+        """The samples' summary in MiB; the sampler ends between samples (not mid-query, so
+        the connection ``progress`` uses stays usable)."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         self._take()
         return {
             name: {
@@ -331,13 +333,14 @@ class Memory:
                 self.samples[name].append(memory_kib(proc.pid)[0])
 
     async def _sample(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self._take()
             if self.progress is not None:
                 with contextlib.suppress(Exception):
                     answered = await self.progress()
                     self.timeline.append((round(time.perf_counter() - self._began, 1), answered))
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
 
 
 class _Cpu:

@@ -122,6 +122,7 @@ class BatchWork:
                 await self.on_end({**row, **ending})
                 await self.store.update(batch_id, only_if="validating", **ending)
             return
+        await self.store.analyze()
         await self.store.update(batch_id, only_if="validating", status="in_progress", total=count)
 
     async def _check_hook(self, url: str, hooks: dict[str, str | None], number: int) -> None:

@@ -221,6 +221,13 @@ class BatchStore:
             )
             return int(done.scalar_one())
 
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics of ``batch_lines`` after a batch's lines are in: the
+        answers' statements were planned as scans of every unanswered line of every batch
+        (11 ms a group instead of 0.15 ms, measured) while the statistics lagged them."""
+        async with self.engine.begin() as conn:
+            await conn.execute(text("ANALYZE batch_lines"))
+
     async def restart_lines(self, batch_id: str) -> None:
         """Drop the lines a validation that did not finish wrote (its runner died)."""
         async with self.engine.begin() as conn:
