@@ -21,13 +21,13 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from redis.asyncio import Redis
 
+import broker.scheduler.service as scheduler_module
 from broker.client import SwitchyardClient, make_job
 from broker.core.config import ProviderType, load_config
 from broker.core.names import HEADER_KEY, Names
 from broker.core.tokens import estimate_prompt_tokens
 from broker.core.windows import Period, window
 from broker.scheduler.admission import MIN_OUTPUT_TOKENS
-from broker.scheduler.service import Scheduler
 from mock_provider.answers import count_tokens, expected_completion, prompt_tokens
 from schemas import ChatMessage, JobResult
 from tests.conftest import (
@@ -253,15 +253,14 @@ async def test_a_job_waiting_for_a_request_limit_sleeps_until_its_window_frees(
         )
     )
     parks: list[float] = []
-    async with pipeline(config, hold_margin_s=0.5) as services:
-        [scheduler] = [s for s in services if isinstance(s, Scheduler)]
-        park = scheduler._park
+    park = scheduler_module.park_for_quota
 
-        async def counted(*args: Any) -> None:
-            parks.append(time.monotonic())
-            await park(*args)
+    async def counted(*args: Any) -> None:
+        parks.append(time.monotonic())
+        await park(*args)
 
-        monkeypatch.setattr(scheduler, "_park", counted)
+    monkeypatch.setattr(scheduler_module, "park_for_quota", counted)
+    async with pipeline(config, hold_margin_s=0.5):
         client = await SwitchyardClient.connect(AMQP_URL, namespace=names.namespace)
         async with client:
             now = datetime.now(UTC)
