@@ -3,6 +3,8 @@ these definitions must match the latest revision."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -18,17 +20,22 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     PrimaryKeyConstraint,
+    Select,
     SmallInteger,
     String,
     Table,
     Text,
     UniqueConstraint,
+    and_,
     false,
     func,
+    or_,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = [
     "api_jobs",
@@ -39,6 +46,7 @@ __all__ = [
     "file_chunks",
     "files",
     "jobs",
+    "keyset_page",
     "make_engine",
     "metadata",
     "usage",
@@ -332,6 +340,27 @@ webhook_attempts = Table(
     Column("error", Text),
 )
 """Every POST a dispatcher made, answered or not."""
+
+
+def keyset_page(
+    query: Select[Any],
+    created: ColumnElement[Any],
+    key: ColumnElement[Any],
+    after: str | None,
+    limit: int,
+    *,
+    newest_first: bool = True,
+) -> Select[Any]:
+    """``query`` in (``created``, ``key``) order, from just past the row whose key is ``after``
+    (the last of the previous page): a page that stays right while rows are added."""
+    if after is not None:
+        anchor = select(created).where(key == after).scalar_subquery()
+        if newest_first:
+            query = query.where(or_(created < anchor, and_(created == anchor, key < after)))
+        else:
+            query = query.where(or_(created > anchor, and_(created == anchor, key > after)))
+    keys = (created.desc(), key.desc()) if newest_first else (created, key)
+    return query.order_by(*keys).limit(limit)
 
 
 def make_engine(database_url: str) -> AsyncEngine:

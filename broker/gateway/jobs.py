@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import Field, HttpUrl
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
 from broker.core.clock import utcnow
 from broker.core.codec import encode
-from broker.core.db import api_jobs
+from broker.core.db import api_jobs, keyset_page
 from broker.core.errors import Unavailable
 from broker.core.names import HEADER_KEY
 from broker.core.priority import queue_priority
@@ -132,17 +132,7 @@ class JobsStore:
         query = select(api_jobs).where(api_jobs.c.owner.is_not_distinct_from(owner))
         if status is not None:
             query = query.where(api_jobs.c.status == status)
-        if after is not None:
-            anchor = (
-                select(api_jobs.c.created_at).where(api_jobs.c.job_id == after).scalar_subquery()
-            )
-            query = query.where(
-                or_(
-                    api_jobs.c.created_at < anchor,
-                    and_(api_jobs.c.created_at == anchor, api_jobs.c.job_id < after),
-                )
-            )
-        query = query.order_by(api_jobs.c.created_at.desc(), api_jobs.c.job_id.desc()).limit(limit)
+        query = keyset_page(query, api_jobs.c.created_at, api_jobs.c.job_id, after, limit)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.clock import utcnow
-from broker.core.db import batch_lines, batches, file_chunks, files
+from broker.core.db import batch_lines, batches, file_chunks, files, keyset_page
 
 __all__ = ["CHUNK_BYTES", "UPLOAD_PURPOSES", "FilesStore", "file_object", "split_lines"]
 
@@ -202,16 +202,9 @@ class FilesStore:
         query = select(files).where(files.c.owner.is_not_distinct_from(owner))
         if purpose is not None:
             query = query.where(files.c.purpose == purpose)
-        created, file_id = files.c.created_at, files.c.file_id
-        if after is not None:
-            anchor = select(created).where(file_id == after).scalar_subquery()
-            if newest_first:
-                past = or_(created < anchor, and_(created == anchor, file_id < after))
-            else:
-                past = or_(created > anchor, and_(created == anchor, file_id > after))
-            query = query.where(past)
-        keys = (created.desc(), file_id.desc()) if newest_first else (created, file_id)
-        query = query.order_by(*keys).limit(limit)
+        query = keyset_page(
+            query, files.c.created_at, files.c.file_id, after, limit, newest_first=newest_first
+        )
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 

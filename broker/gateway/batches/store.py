@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.core.clock import utcnow
-from broker.core.db import batch_lines, batches
+from broker.core.db import batch_lines, batches, keyset_page
 from broker.gateway.batches.lines import Answer
 
 __all__ = ["ACTIVE", "ENDED", "BatchStore", "new_batch_id"]
@@ -88,17 +88,7 @@ class BatchStore:
     async def page(self, owner: str | None, limit: int, after: str | None) -> list[dict[str, Any]]:
         """The owner's batches, newest first; ``after``: the last id of the previous page."""
         query = select(batches).where(_owned(owner))
-        if after is not None:
-            anchor = (
-                select(batches.c.created_at).where(batches.c.batch_id == after).scalar_subquery()
-            )
-            query = query.where(
-                or_(
-                    batches.c.created_at < anchor,
-                    and_(batches.c.created_at == anchor, batches.c.batch_id < after),
-                )
-            )
-        query = query.order_by(batches.c.created_at.desc(), batches.c.batch_id.desc()).limit(limit)
+        query = keyset_page(query, batches.c.created_at, batches.c.batch_id, after, limit)
         async with self.engine.connect() as conn:
             return [dict(r._mapping) for r in (await conn.execute(query)).all()]
 
