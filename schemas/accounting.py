@@ -42,6 +42,10 @@ class UsageEvent(_Message):
         default=None, description="The digest of the config version that priced the call."
     )
     key_id: str | None = None
+    task_type: str | None = Field(default=None, max_length=100)
+    consumer: str | None = Field(
+        default=None, max_length=256, description="OpenAI's ``user`` of the job, if any."
+    )
     occurred_at: AwareDatetime
 
 
@@ -66,6 +70,8 @@ class JobEvent(_Message):
     timings: Timings = Field(default_factory=Timings)
     batch_id: str | None = None
     key_id: str | None = None
+    task_type: str | None = Field(default=None, max_length=100)
+    trace_id: str | None = Field(default=None, max_length=32)
     submitted_at: AwareDatetime | None = None
     finished_at: AwareDatetime
     reservation_id: str | None = None
@@ -107,6 +113,8 @@ class CallStarted(_Message):
     )
     free: bool = Field(default=False, description="Made on the provider's free tier.")
     price_version: str | None = None
+    task_type: str | None = Field(default=None, max_length=100)
+    consumer: str | None = Field(default=None, max_length=256)
     started_at: AwareDatetime
     settle_by: AwareDatetime = Field(
         description="When the call, unsettled, is taken for lost with its worker."

@@ -81,6 +81,13 @@ class CompletionParams(_Open):
             return extra
         return None
 
+    @property
+    def consumer(self) -> str | None:
+        """The end user the caller named (OpenAI's ``user``, passed through; at most 256
+        characters kept): cost reports group by it."""
+        user = (self.model_extra or {}).get("user")
+        return user[:256] if isinstance(user, str) and user else None
+
 
 class Usage(_Open):
     prompt_tokens: int = Field(ge=0)

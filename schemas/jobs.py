@@ -121,6 +121,9 @@ class Attempt(BaseModel):
     status: Literal["succeeded", "failed"]
     error_code: ErrorCode | None = None
     duration_ms: float = Field(ge=0)
+    ttft_ms: float | None = Field(
+        default=None, ge=0, description="A streamed call's time to its first chunk."
+    )
     call_id: str | None = Field(
         default=None,
         description="The call's id in the ledger (usage.call_id); none for a call not made.",
@@ -133,7 +136,7 @@ class CompletionJob(_Message):
     job_id: str = Field(min_length=1, max_length=128)
     idempotency_key: str | None = Field(default=None, max_length=256)
     model: str | None = None
-    task_type: str | None = None
+    task_type: str | None = Field(default=None, max_length=100)
     messages: list[ChatMessage] = Field(min_length=1)
     params: CompletionParams = Field(default_factory=CompletionParams)
     priority: int = Field(default=0, ge=0, le=9)
@@ -260,6 +263,11 @@ class JobResult(_Message):
         default=None,
         description="A deferred job's saving: its answer priced when it was deferred, less "
         "``cost_usd`` (what waiting for a cheaper hour saved).",
+    )
+    trace_id: str | None = Field(
+        default=None,
+        description="The job's W3C trace id (the caller's, continued, or one made at entry): "
+        "the same in every process's log lines about it.",
     )
 
     @model_validator(mode="after")

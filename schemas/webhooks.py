@@ -33,3 +33,8 @@ class WebhookRequest(BaseModel):
         default=None, description="The virtual key's id whose job or batch this is."
     )
     occurred_at: AwareDatetime
+    traceparent: str | None = Field(
+        default=None,
+        max_length=55,
+        description="The W3C trace context of the job or batch: sent as the POST's header.",
+    )

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,15 @@ async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:
+    async with fresh_database(SESSION_NS.replace("-", "_")) as url:
+        yield url
+
+
+@asynccontextmanager
+async def fresh_database(name: str) -> AsyncIterator[str]:
+    """A new database ``name``, migrated, dropped on exit: a test whose figures must be the
+    whole ledger's uses one of its own."""
     _need("PostgreSQL", "127.0.0.1", 5432)
-    name = SESSION_NS.replace("-", "_")
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
@@ -313,6 +320,13 @@ class MockProvider:
 
 @pytest.fixture(scope="session")
 def mock_server() -> Iterator[MockProvider]:
+    with run_mock_provider() as mock:
+        yield mock
+
+
+@contextmanager
+def run_mock_provider() -> Iterator[MockProvider]:
+    """A mock provider process of its own on a free port, stopped by PID on exit."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "mock-provider", "--port", str(port)],

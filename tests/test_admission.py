@@ -255,9 +255,9 @@ async def test_a_job_waiting_for_a_request_limit_sleeps_until_its_window_frees(
     parks: list[float] = []
     park = scheduler_module.park_for_quota
 
-    async def counted(*args: Any) -> None:
+    async def counted(*args: Any, **kwargs: Any) -> None:
         parks.append(time.monotonic())
-        await park(*args)
+        await park(*args, **kwargs)
 
     monkeypatch.setattr(scheduler_module, "park_for_quota", counted)
     async with pipeline(config, hold_margin_s=0.5):

@@ -108,6 +108,7 @@ FIELDS: dict[str, Acted | Refused | Ignored] = {
     "attempts.status": Acted("test_failover"),
     "attempts.error_code": Acted("test_failover"),
     "attempts.duration_ms": Acted("test_failover"),
+    "attempts.ttft_ms": Acted("test_metrics"),  # switchyard_provider_ttft_seconds
     "attempts.call_id": Acted("test_processes"),
     "on_quota": Acted("test_admission"),
     "submitted_at": Acted("test_admission"),

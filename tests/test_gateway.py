@@ -394,7 +394,12 @@ async def test_models_list_every_model_with_providers_prices_limits_and_circuits
 
 
 async def test_no_provider_available_is_503_naming_each_candidate_with_retry_after(
-    gateway: str, gateway_config: Config, names: Names, redis: Any, mock: MockProvider
+    fresh_views: None,
+    gateway: str,
+    gateway_config: Config,
+    names: Names,
+    redis: Any,
+    mock: MockProvider,
 ) -> None:
     from broker.state.circuits import Circuits
 

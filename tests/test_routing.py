@@ -119,11 +119,15 @@ def test_cheapest_orders_by_estimated_cost() -> None:
     assert chosen.est_cost_usd == expected and chosen.multiplier == 1
 
 
-def test_fastest_orders_by_p50_latency_with_unknown_last() -> None:
+def test_fastest_orders_by_p50_latency_with_the_unmeasured_first() -> None:
     states = {
         "mid": ProviderState(p50_latency_ms=300.0),
         "dear": ProviderState(p50_latency_ms=120.0),
     }
+    decision = route(config(*THREE, default_policy="fastest"), states=states)
+    assert order(decision) == ["cheap", "dear", "mid"]  # cheap has no calls measured yet
+    assert decision.reason == "fastest of 3 (not measured yet)"
+    states["cheap"] = ProviderState(p50_latency_ms=500.0)
     decision = route(config(*THREE, default_policy="fastest"), states=states)
     assert order(decision) == ["dear", "mid", "cheap"]
     assert decision.reason == "fastest of 3 (p50 120 ms)"

@@ -655,8 +655,9 @@ async def gateway_client(config: Config, names: Names, database_url: str) -> Asy
 
     gateway = Gateway(AMQP_URL, config, names, redis_url=REDIS_URL, database_url=database_url)
     asgi = make_app(gateway)
-    app = asgi.app  # type: ignore[attr-defined]
-    assert isinstance(app, FastAPI)
+    app = asgi
+    while not isinstance(app, FastAPI):  # below the outer ASGI layers (metrics, the fast path)
+        app = app.app  # type: ignore[attr-defined]
     if not any(getattr(r, "path", "") == "/v1/webhooks/deliveries" for r in app.routes):
         app.include_router(router)  # until app.py includes it
     transport = httpx.ASGITransport(app=asgi)

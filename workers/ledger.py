@@ -90,6 +90,8 @@ class CallLedger:
                 reserved_cost_usd=cost,
                 free=route.free,
                 price_version=version,
+                task_type=job.task_type,
+                consumer=job.params.consumer,
                 started_at=now,
                 settle_by=now + timedelta(seconds=settle_within_s(provider) + self.margin_s),
             )

@@ -30,6 +30,7 @@ from aio_pika.abc import (
 from broker.core.clock import utcnow
 from broker.core.config import Config, ProviderConfig
 from broker.core.errors import ConfigError, InvalidMessage
+from broker.core.metrics import FAILOVERS
 from broker.core.names import HEADER_REDELIVERED, Names
 from broker.core.records import cancelled_result
 from broker.core.settings import CALL_SETTLE_MARGIN_S
@@ -39,6 +40,7 @@ from broker.state.client import connect_redis
 from broker.state.fairness import PrioritySlots
 from broker.state.idempotency import Idempotency
 from broker.state.job_states import JobStates
+from broker.state.provider_stats import StatsRecorder
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 from broker.state.quota_epoch import QuotaEpoch
 from broker.transport.amqp import Publisher, came_persistent, declare_topology, ready_messages
@@ -59,6 +61,7 @@ from workers.layers import (
     deadline,
 )
 from workers.ledger import CallClaim, CallLedger
+from workers.observe import CallMeter
 from workers.results import fails_over, result_of
 from workers.retry import CallOutcome
 
@@ -114,6 +117,7 @@ class WorkerPool(Service):
         self._jobs = JobStates(self._redis, names) if self._redis is not None else None
         self._heard = HeardCancels()
         self._idempotency = Idempotency(self._redis, names) if self._redis is not None else None
+        self._stats = StatsRecorder(self._redis, names) if self._redis is not None else None
         holder = f"{provider_id}-{secrets.token_hex(4)}"
         # The concerns around each call, outermost first (``workers.layers``).
         self._call = chain(
@@ -126,6 +130,7 @@ class WorkerPool(Service):
                 GlobalLease(holder, self.name),
                 CallClaim(self._jobs, provider_id, self._heard),
                 CallLedger(self._record_call, self._pricing, settle_margin_s),
+                CallMeter(self._stats),
             ],
             call_provider,
         )
@@ -175,13 +180,15 @@ class WorkerPool(Service):
             await self._redis.aclose()
 
     async def _count_served(self) -> None:
-        """Write the calls started to the provider's rate, once a second (ETAs read it)."""
-        assert self._jobs is not None
+        """Write the calls started to the provider's rate (ETAs read it) and the calls' latency
+        and health (routing reads them), once a second."""
+        assert self._jobs is not None and self._stats is not None
         while True:
             await asyncio.sleep(SERVED_FLUSH_S)
             # Redis away: the count is lost, and the rate reads low for a minute.
             with contextlib.suppress(*REDIS_FAILURES):
                 await self._jobs.flush_served()
+            await self._stats.flush()
 
     async def _consume(self) -> None:
         """Start consuming with the current prefetch. RabbitMQ fixes a consumer's prefetch when
@@ -294,10 +301,14 @@ class WorkerPool(Service):
             return
         call = Call(job, message.priority or 0, on_chunk, persistent=came_persistent(message))
         outcome = await self._call(call)
+        if log.isEnabledFor(logging.DEBUG):
+            ended = "answered" if outcome.completion is not None else outcome.error
+            log.debug("job %s called %s: %s", job.job_id, self.provider_id, ended)
         if outcome.cancelled:
             await self.outcomes.finish(message, job, cancelled_result(job, utcnow()), [])
             return
         if fails_over(job, outcome):
+            FAILOVERS.labels(self.provider_id).inc()
             await self.outcomes.reroute(message, job, outcome.attempts, outcome.usage)
             return
         assert call.started is not None

@@ -155,7 +155,7 @@ async def call_with_retries(
         try:
             completion = await _attempt_once(adapter, request, number, on_chunk, accumulator)
         except ProviderError as exc:
-            outcome.attempts.append(_attempt(call_id, number, route, started, exc))
+            outcome.attempts.append(_attempt(call_id, number, route, started, exc, accumulator))
             outcome.error = exc
             consumed = _broken_stream_usage(adapter, job, accumulator) if accumulator else None
             if consumed is not None:
@@ -172,7 +172,7 @@ async def call_with_retries(
             log.info("job %s attempt %d: %s; retrying in %.2fs", job.job_id, number, exc.code, wait)
             await asyncio.sleep(wait)
             continue
-        outcome.attempts.append(_attempt(call_id, number, route, started, None))
+        outcome.attempts.append(_attempt(call_id, number, route, started, None, accumulator))
         if completion.usage is None:
             completion = completion.model_copy(
                 update={"usage": _estimated_usage(adapter, job, completion)}
@@ -209,13 +209,21 @@ def _usage_event(
         estimated=estimated,
         free=route.free,
         key_id=route.key_id,
+        task_type=job.task_type,
+        consumer=job.params.consumer,
         occurred_at=utcnow(),
     )
 
 
 def _attempt(
-    call_id: str, number: int, route: Route, started: float, error: ProviderError | None
+    call_id: str,
+    number: int,
+    route: Route,
+    started: float,
+    error: ProviderError | None,
+    stream: ChunkAccumulator | None,
 ) -> Attempt:
+    first_at = stream.first_at if stream is not None else None
     return Attempt(
         call_id=call_id,
         number=number,
@@ -224,6 +232,7 @@ def _attempt(
         status="failed" if error else "succeeded",
         error_code=error.code if error else None,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        ttft_ms=round((first_at - started) * 1000, 3) if first_at is not None else None,
     )
 
 

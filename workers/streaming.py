@@ -3,6 +3,7 @@ back into one ``chat.completion`` (so a streamed job's final result equals a non
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -61,9 +62,12 @@ class ChunkAccumulator:
         self.created = 0
         self.usage: Usage | None = None
         self.chunks = 0
+        self.first_at: float | None = None  # perf_counter() at the first chunk
         self._choices: dict[int, _ChoiceState] = {}
 
     def add(self, chunk: ChatCompletionChunk) -> None:
+        if not self.chunks:
+            self.first_at = time.perf_counter()
         self.chunks += 1
         self.id = self.id or chunk.id
         self.model = self.model or chunk.model

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.accounting.observed import Observed
 from broker.accounting.rows import (
     INSERT_CALL,
     INSERT_USAGE,
@@ -43,6 +44,7 @@ from broker.core.codec import decode_accounting_event
 from broker.core.config import Config
 from broker.core.db import make_engine
 from broker.core.errors import ConfigError, JobRejected
+from broker.core.metrics import ACCOUNTANT_LAG
 from broker.core.names import Names
 from broker.core.pricing import Unit, price_usage, usd_to_nanos
 from broker.state.client import connect_redis
@@ -93,6 +95,7 @@ class Accountant(Service):
         self._repeats = Idempotency(self._redis, names) if self._redis is not None else None
         self._reconcile_with(config)
         self._version = config.version
+        self._observed = Observed(config)
 
     def _reconcile_with(self, config: Config) -> None:
         """Open Redis when ``config`` sets limits or budgets (their reservations reconcile here)."""
@@ -106,6 +109,7 @@ class Accountant(Service):
     async def apply(self, config: Config) -> None:
         """Take ``config``'s limits, budgets and alert thresholds."""
         self._reconcile_with(config)
+        self._observed.apply(config)
         self.config, self._version = config, config.version
 
     async def start(self) -> None:
@@ -119,7 +123,7 @@ class Accountant(Service):
         self.publisher = Publisher(channel)
         self._flusher = asyncio.create_task(self._flush_loop())
         self._usage_queue = queues[self.names.usage]
-        sweeper = CallSweeper(self._engine, self._quota, self._caught_up)
+        sweeper = CallSweeper(self._engine, self._quota, self._caught_up, self._observed)
         self._sweeper = asyncio.create_task(sweeper.run())
         await self.consumers.consume(queues[self.names.usage], self.handle)
 
@@ -213,6 +217,7 @@ class Accountant(Service):
                 raise
             batch = await self._write_one_by_one(batch)
             events = [event for _, carried in batch for event in carried]
+        ACCOUNTANT_LAG.set(self._observed.count(events))
         await self._reconcile(events)
         await self._release_keys(events)
         del self._pending[: len(batch)]

@@ -1,18 +1,23 @@
-"""Read-backs from Postgres for operators and the demo: usage and cost per provider."""
+"""Read-backs from Postgres for operators and the demo: usage and cost per provider of a batch,
+and the cost reports of ``switchyard usage`` (built by ``broker.core.usage_report``, which the
+gateway shares)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 from sqlalchemy import distinct, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.core.config import Config
 from broker.core.db import jobs, usage
+from broker.core.usage_report import SNAPSHOT, ReportQuery, UsageReport, build_report, daily_costs
 
-__all__ = ["ProviderUsage", "usage_by_provider", "wait_for_jobs"]
+__all__ = ["ProviderUsage", "ReportWithDays", "fetch_report", "usage_by_provider", "wait_for_jobs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +69,28 @@ async def usage_by_provider(
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportWithDays:
+    """A report, and for its charts the cost per day of both periods (empty unless asked)."""
+
+    report: UsageReport
+    daily: list[tuple[date, Decimal]]
+    previous_daily: list[tuple[date, Decimal]]
+
+
+async def fetch_report(
+    engine: AsyncEngine, query: ReportQuery, config: Config, *, daily: bool = False
+) -> ReportWithDays:
+    """Every key's report (an operator's view), in one snapshot of the ledger."""
+    async with engine.connect() as conn:
+        await conn.execution_options(**SNAPSHOT)
+        report = await build_report(conn, query, config)
+        if not daily:
+            return ReportWithDays(report, [], [])
+        return ReportWithDays(
+            report,
+            await daily_costs(conn, query.current),
+            await daily_costs(conn, query.previous),
+        )

@@ -55,6 +55,8 @@ def usage_row(event: UsageEvent) -> dict[str, Any]:
         "cost_usd": event.cost_usd,
         "price_version": event.price_version,
         "key_id": event.key_id,
+        "task_type": event.task_type,
+        "consumer": event.consumer,
         "occurred_at": event.occurred_at,
     }
 
@@ -74,6 +76,8 @@ def call_row(event: CallStarted) -> dict[str, Any]:
         "reserved_cost_usd": event.reserved_cost_usd,
         "free": event.free,
         "price_version": event.price_version,
+        "task_type": event.task_type,
+        "consumer": event.consumer,
         "started_at": event.started_at,
         "settle_by": event.settle_by,
     }

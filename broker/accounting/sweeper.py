@@ -14,6 +14,7 @@ from decimal import Decimal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from broker.accounting.observed import Observed
 from broker.core.pricing import usd_to_nanos
 from broker.state.quota import REDIS_FAILURES, QuotaStore
 
@@ -39,13 +40,14 @@ WITH due AS (
 )
 INSERT INTO usage (call_id, job_id, attempt, provider, model, public_model, prompt_tokens,
   completion_tokens, total_tokens, estimated, swept, free, cost_usd, price_version, key_id,
-  occurred_at)
+  task_type, consumer, occurred_at)
 SELECT call_id, job_id, attempt, provider, model, public_model, reserved_prompt_tokens,
   reserved_completion_tokens, reserved_prompt_tokens + reserved_completion_tokens, true, true,
-  free, reserved_cost_usd, price_version, key_id, started_at
+  free, reserved_cost_usd, price_version, key_id, task_type, consumer, started_at
 FROM due
 ON CONFLICT (call_id) DO NOTHING
-RETURNING call_id, total_tokens, cost_usd,
+RETURNING call_id, total_tokens, cost_usd, provider, model, key_id, task_type, prompt_tokens,
+  completion_tokens,
   (SELECT reservation_id FROM due WHERE due.call_id = usage.call_id) AS reservation_id
 """
 )
@@ -72,10 +74,12 @@ class CallSweeper:
         engine: AsyncEngine,
         quota: QuotaStore | None,
         caught_up: Callable[[], Awaitable[bool]],
+        observed: Observed | None = None,
     ) -> None:
         self.engine = engine
         self.quota = quota
         self.caught_up = caught_up
+        self.observed = observed
         self._uncharged: list[Swept] = []
 
     async def run(self) -> None:
@@ -99,6 +103,10 @@ class CallSweeper:
                 for r in rows
                 if r.reservation_id is not None
             ]
+            if self.observed is not None:
+                for r in rows:
+                    call = (r.provider, r.model, r.key_id, r.task_type)
+                    self.observed.usage(call, r.prompt_tokens, r.completion_tokens, r.cost_usd)
             if rows:
                 log.warning(
                     "%d calls were never settled by their workers: counted at their reservations",

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.cli.apps import app, build, config_app, console, fail, load
-from broker.cli.batch import submit, usage
+from broker.cli.apps import MetricsPort, app, build, config_app, console, fail, load
+from broker.cli.batch import submit
 from broker.cli.batches import batches_app
 from broker.cli.circuits import circuits
 from broker.cli.jobs import jobs_app
 from broker.cli.models import models
 from broker.cli.quota import quota_app
+from broker.cli.usage import usage
 from broker.cli.versions import config_check, config_history, config_rollback
 from broker.cli.webhooks import dispatcher as _webhooks
 from broker.cli.webhooks import webhooks_app
@@ -37,11 +38,27 @@ __all__ = ["app"]
 
 
 def _serve(
-    settings: Settings, config: Config, services: list[Reloadable], *, records: bool = False
+    settings: Settings,
+    config: Config,
+    services: list[Reloadable],
+    *,
+    records: bool = False,
+    metrics_port: int | None = None,
 ) -> None:
     """Run the services with a config reloader (started last, stopped first), so every new config
-    version reaches them; only processes on Postgres anyway (``records``) record the versions."""
+    version reaches them; only processes on Postgres anyway (``records``) record the versions.
+    One ``/metrics`` serves every service of the process."""
+    from broker.core.metrics import serve_metrics
+    from broker.core.tracing import configure_tracing
     from broker.transport.reload import ConfigReloader
+
+    port = metrics_port or settings.metrics_port
+    if port is not None:
+        serve_metrics(port, settings.metrics_host)
+    named = [str(getattr(service, "name", "")) for service in services]
+    configure_tracing(
+        f"switchyard-{named[0]}" if len(named) == 1 else "switchyard", settings.otlp_endpoint
+    )
 
     reloader = ConfigReloader(
         settings.config,
@@ -64,7 +81,9 @@ def _serve(
 
 def _scheduler(settings: Settings, config: Config) -> Reloadable:
     from broker.scheduler.service import Scheduler
+    from broker.transport.queue_levels import management_url, vhost_of
 
+    api = settings.rabbitmq_api_url or management_url(settings.amqp_url)
     return build(
         lambda: Scheduler(
             settings.amqp_url,
@@ -72,6 +91,7 @@ def _scheduler(settings: Settings, config: Config) -> Reloadable:
             Names(settings.namespace),
             redis_url=settings.redis_url,
             database_url=settings.database_url,
+            queues_at=(api, vhost_of(settings.amqp_url)),
         )
     )
 
@@ -96,6 +116,7 @@ def up(
     gateway_port: Annotated[
         int | None, typer.Option(help="The gateway's port; default SWITCHYARD_GATEWAY_PORT.")
     ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run the gateway (with its batch runner), the scheduler, one worker pool per provider,
     the accountant and the webhook dispatcher in one process."""
@@ -118,7 +139,7 @@ def up(
         _gateway(settings, config, gateway_host, gateway_port or settings.gateway_port),
         _webhooks(settings, config),
     ]
-    _serve(settings, config, services, records=True)
+    _serve(settings, config, services, records=True, metrics_port=metrics_port)
 
 
 def _gateway(settings: Settings, config: Config, host: str, port: int) -> Reloadable:
@@ -147,21 +168,26 @@ def gateway(
     port: Annotated[
         int | None, typer.Option(help="TCP port; default SWITCHYARD_GATEWAY_PORT, else 8080.")
     ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API in front of the queue pipeline."""
     settings, config = load()
-    _serve(settings, config, [_gateway(settings, config, host, port or settings.gateway_port)])
+    service = _gateway(settings, config, host, port or settings.gateway_port)
+    _serve(settings, config, [service], metrics_port=metrics_port)
 
 
 @app.command()
-def scheduler() -> None:
+def scheduler(metrics_port: MetricsPort = None) -> None:
     """Consume jobs, route them, hand them to provider queues."""
     settings, config = load()
-    _serve(settings, config, [_scheduler(settings, config)])
+    _serve(settings, config, [_scheduler(settings, config)], metrics_port=metrics_port)
 
 
 @app.command()
-def worker(provider: Annotated[str, typer.Option(help="Provider id from the config.")]) -> None:
+def worker(
+    provider: Annotated[str, typer.Option(help="Provider id from the config.")],
+    metrics_port: MetricsPort = None,
+) -> None:
     """Serve one provider's queue."""
     from workers.pool import WorkerPool
 
@@ -176,14 +202,15 @@ def worker(provider: Annotated[str, typer.Option(help="Provider id from the conf
             settle_margin_s=settings.call_settle_margin_s,
         )
     )
-    _serve(settings, config, [pool])
+    _serve(settings, config, [pool], metrics_port=metrics_port)
 
 
 @app.command()
-def accountant() -> None:
+def accountant(metrics_port: MetricsPort = None) -> None:
     """Record usage and job outcomes in Postgres."""
     settings, config = load()
-    _serve(settings, config, [_accountant(settings, config)], records=True)
+    service = _accountant(settings, config)
+    _serve(settings, config, [service], records=True, metrics_port=metrics_port)
 
 
 @app.command("mock-provider")
@@ -239,7 +266,7 @@ def migrate(revision: str = "head") -> None:
     from broker.core.migrate import upgrade
 
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     upgrade(settings.database_url, revision)
     console.print(f"database migrated to {revision}")
 

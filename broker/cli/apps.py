@@ -4,7 +4,7 @@ one way a command fails: a message in red and an exit code, never a traceback.""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,7 +15,17 @@ from broker.core.errors import SwitchyardError
 from broker.core.settings import Settings, get_settings
 from broker.transport.runtime import configure_logging
 
-__all__ = ["app", "build", "config_app", "console", "fail", "load", "new_table", "output"]
+__all__ = [
+    "MetricsPort",
+    "app",
+    "build",
+    "config_app",
+    "console",
+    "fail",
+    "load",
+    "new_table",
+    "output",
+]
 
 app = typer.Typer(help="Switchyard: a queue-based broker for LLM calls.", no_args_is_help=True)
 config_app = typer.Typer(
@@ -28,6 +38,16 @@ output = Console(width=None if Console().is_terminal else 120)  # tables: no wra
 
 S = TypeVar("S")
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=1,
+        max=65535,
+        help="Serve /metrics for Prometheus here; default SWITCHYARD_METRICS_PORT, else none.",
+    ),
+]
+
 
 def fail(message: str, code: int = 2, *, hint: str = "") -> typer.Exit:
     """Print ``message`` in red (then ``hint`` plain); the exit for the caller to raise."""
@@ -38,7 +58,7 @@ def fail(message: str, code: int = 2, *, hint: str = "") -> typer.Exit:
 def load() -> tuple[Settings, Config]:
     """The settings, with logging set up, and the config file they name."""
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return settings, load_config(settings.config)
     except SwitchyardError as exc:

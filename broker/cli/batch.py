@@ -1,5 +1,5 @@
-"""``switchyard submit`` and ``switchyard usage``: a JSONL batch through the broker, and the
-usage and cost Postgres recorded for it."""
+"""``switchyard submit``: a JSONL batch through the broker, and the usage and cost Postgres
+recorded for it (``switchyard usage --batch`` prints that too)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from broker.cli.apps import console, fail, load, new_table, output
 from broker.cli.batches import is_openai_batch, submit_stored
 from broker.core.errors import SwitchyardError
-from broker.core.settings import Settings, get_settings
+from broker.core.settings import Settings
 
 if TYPE_CHECKING:
     from broker.client.batch import BatchSummary
 
-__all__ = ["submit", "usage"]
+__all__ = ["print_batch_report", "submit"]
 
 
 def submit(
@@ -45,12 +45,6 @@ def submit(
     settings, _ = load()
     batch_id = str(uuid.uuid4())
     sys.exit(asyncio.run(_submit(settings, file, out, batch_id, timeout, report, key)))
-
-
-def usage(batch: Annotated[str | None, typer.Option(help="Only this batch id.")] = None) -> None:
-    """Print usage and cost per provider and model, read from Postgres."""
-    settings = get_settings()
-    asyncio.run(_print_report(settings, batch, 0))
 
 
 async def _submit(
@@ -93,7 +87,7 @@ async def _submit(
     _print_summary(batch_id, summary)
     console.print(f"results written to {out}")
     if report:
-        await _print_report(settings, batch_id, summary.received)
+        await print_batch_report(settings, batch_id, summary.received)
     return 0 if summary.received == summary.submitted else 1
 
 
@@ -110,7 +104,9 @@ def _print_summary(batch_id: str, summary: BatchSummary) -> None:
     output.print(table)
 
 
-async def _print_report(settings: Settings, batch_id: str | None, expected: int) -> None:
+async def print_batch_report(settings: Settings, batch_id: str | None, expected: int) -> None:
+    """A batch's usage and cost per provider and model, once ``expected`` of its jobs are
+    recorded (or 30 s passed)."""
     from broker.accounting.reports import usage_by_provider, wait_for_jobs
     from broker.core.db import make_engine
 

@@ -54,7 +54,7 @@ def config_rollback(
 ) -> None:
     """Make an earlier version current: write it to the config file, record it, publish it."""
     settings = get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         row_id, digest = asyncio.run(_rollback(settings, version))
     except SwitchyardError as exc:

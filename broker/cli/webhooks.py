@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from broker.cli.apps import build, fail, load, new_table, output
+from broker.cli.apps import MetricsPort, build, fail, load, new_table, output
 from broker.core.names import Names
 from broker.core.settings import Settings, get_settings
 
@@ -45,14 +45,15 @@ def dispatcher(settings: Settings, config: Config) -> Reloadable:
 
 
 @webhooks_app.callback()
-def serve(context: typer.Context) -> None:
+def serve(context: typer.Context, metrics_port: MetricsPort = None) -> None:
     """Consume webhook events and POST them, signed, retried, every attempt recorded."""
     if context.invoked_subcommand is not None:
         return
     from broker.cli import _serve  # the package's, once it has loaded (it imports this module)
 
     settings, config = load()
-    _serve(settings, config, [dispatcher(settings, config)], records=True)
+    service = dispatcher(settings, config)
+    _serve(settings, config, [service], records=True, metrics_port=metrics_port)
 
 
 def _shown(url: str) -> str:

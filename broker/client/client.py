@@ -29,8 +29,9 @@ from aio_pika.abc import (
 
 from broker.core.clock import utcnow
 from broker.core.codec import encode
-from broker.core.names import HEADER_KEY, Names
+from broker.core.names import HEADER_KEY, HEADER_TRACEPARENT, Names
 from broker.core.priority import queue_priority
+from broker.core.tracing import continued
 from broker.transport.amqp import Publisher, connect, declare_results_queue, declare_topology
 from broker.transport.rpc import DirectReplies
 from schemas import (
@@ -140,14 +141,16 @@ class SwitchyardClient:
         job: CompletionJob | None = None,
         timeout_s: float = 60.0,
         api_key: str | None = None,
+        traceparent: str | None = None,
         **fields: Any,
     ) -> AsyncIterator[JobChunk | JobResult]:
         """Publish one streaming job; yield its ``JobChunk``s as they come, then its
         ``JobResult``. A chunk with a higher ``attempt`` than the last means the provider call was
-        retried: drop what the earlier attempt produced. Raises ``TimeoutError``."""
+        retried: drop what the earlier attempt produced. Raises ``TimeoutError``. ``traceparent``:
+        the caller's W3C trace, continued (else the job starts one)."""
         job = self._job(messages, job, fields)
         job = job.model_copy(update={"params": job.params.model_copy(update={"stream": True})})
-        call = await self._rpc.call(job, api_key)
+        call = await self._rpc.call(job, api_key, headers=_traced(traceparent))
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             while True:
@@ -166,12 +169,15 @@ class SwitchyardClient:
         job: CompletionJob | None = None,
         timeout_s: float = 60.0,
         api_key: str | None = None,
+        traceparent: str | None = None,
         **fields: Any,
     ) -> JobResult:
         """Publish one job and wait for its result. Pass ``messages`` and ``make_job`` fields
-        (model, params, priority, ...), or a ready ``job``. Raises ``TimeoutError``."""
+        (model, params, priority, ...), or a ready ``job``. Raises ``TimeoutError``.
+        ``traceparent``: the caller's W3C trace, continued (else the job starts one); the
+        result's ``trace_id`` is its trace's."""
         job = self._job(messages, job, fields)
-        call = await self._rpc.call(job, api_key)
+        call = await self._rpc.call(job, api_key, headers=_traced(traceparent))
         try:
             async with asyncio.timeout(timeout_s):
                 return await call.result()
@@ -209,11 +215,19 @@ class SwitchyardClient:
         )
 
     async def submit(
-        self, job: CompletionJob, *, results_queue: str, api_key: str | None = None
+        self,
+        job: CompletionJob,
+        *,
+        results_queue: str,
+        api_key: str | None = None,
+        traceparent: str | None = None,
     ) -> str:
         """Publish a job whose result goes to the durable queue ``results_queue`` (a name made
         by ``open_results``). Returns the job id once the broker has confirmed the job."""
         publisher = await self._batch_publisher()
+        headers = _traced(traceparent)
+        if api_key:
+            headers[HEADER_KEY] = api_key
         await publisher.publish(
             self.names.jobs,
             encode(job),
@@ -221,7 +235,7 @@ class SwitchyardClient:
             correlation_id=job.job_id,
             reply_to=results_queue,
             priority=queue_priority(job),
-            headers={HEADER_KEY: api_key} if api_key else None,
+            headers=headers,
         )
         return job.job_id
 
@@ -232,11 +246,14 @@ class SwitchyardClient:
         results_queue: str,
         api_key: str | None = None,
         wait_s: float = LOCATE_WAIT_S,
+        traceparent: str | None = None,
     ) -> JobStandingReply:
         """``submit``, then where the job stands once a scheduler has placed it (its provider,
         position, ETA, estimated cost), or as it stands after ``wait_s`` (``scheduling``). A
         round trip to a scheduler per job: a large batch uses ``submit`` and asks later."""
-        await self.submit(job, results_queue=results_queue, api_key=api_key)
+        await self.submit(
+            job, results_queue=results_queue, api_key=api_key, traceparent=traceparent
+        )
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_s
         while True:
@@ -280,3 +297,8 @@ class SwitchyardClient:
         channel = await self._connection.channel()
         await channel.queue_delete(results_queue)
         await channel.close()
+
+
+def _traced(traceparent: str | None) -> dict[str, Any]:
+    """A job's first hop's headers: the caller's trace, continued, else a new one."""
+    return {HEADER_TRACEPARENT: continued(traceparent)}

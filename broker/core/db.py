@@ -120,6 +120,12 @@ usage = Table(
         server_default=false(),
         comment="Served by the provider's free tier (counted against it).",
     ),
+    Column("task_type", String(100), comment="The job's task type, if it named one."),
+    Column(
+        "consumer",
+        String(256),
+        comment="The end user the caller named (OpenAI's ``user`` parameter), if any.",
+    ),
     UniqueConstraint("call_id", name="usage_call_id_key"),
 )
 
@@ -139,6 +145,12 @@ calls = Table(
     Column("reserved_cost_usd", Numeric(18, 9)),
     Column("free", Boolean, nullable=False, server_default=false()),
     Column("price_version", String(32)),
+    Column("task_type", String(100), comment="The job's task type, if it named one."),
+    Column(
+        "consumer",
+        String(256),
+        comment="The end user the caller named (OpenAI's ``user`` parameter), if any.",
+    ),
     Column("started_at", DateTime(timezone=True), nullable=False, index=True),
     Column(
         "settle_by",
@@ -309,6 +321,7 @@ webhook_deliveries = Table(
     Column("delivered_at", DateTime(timezone=True)),
     Column("last_status", Integer),
     Column("last_error", Text),
+    Column("traceparent", String(55)),  # W3C trace context, sent with every attempt
     CheckConstraint(
         "state IN ('pending', 'delivered', 'dead')", name="webhook_deliveries_state_check"
     ),
@@ -368,3 +381,8 @@ def make_engine(database_url: str) -> AsyncEngine:
     return create_async_engine(
         database_url, pool_size=5, max_overflow=5, pool_pre_ping=True, hide_parameters=True
     )
+
+
+# The daily rollups of usage are defined beside their reports; imported here so that this
+# metadata (Alembic's, the migration test's) holds them whichever module is imported first.
+import broker.core.db_reports  # noqa: E402, F401

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, HttpUrl, field_validator, model_validator
 
 from broker.core.strict import StrictModel
 
@@ -220,6 +220,10 @@ class Alerts(StrictModel):
 
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [0.8, 0.95]
+    )
+    webhook: HttpUrl | None = Field(
+        default=None,
+        description="Each alert is also POSTed here, signed (``webhooks``), as ``quota.alert``.",
     )
 
     @property

@@ -15,10 +15,62 @@ __all__ = [
     "HEADER_PARKED",
     "HEADER_REDELIVERED",
     "HEADER_TRACEPARENT",
+    "METRIC_ACCOUNTANT_LAG",
+    "METRIC_ACCOUNTANT_LAG_LABELS",
     "METRIC_CIRCUIT_OPENED",
     "METRIC_CIRCUIT_OPENED_LABELS",
+    "METRIC_CIRCUIT_STATE",
+    "METRIC_CIRCUIT_STATE_LABELS",
+    "METRIC_COST",
+    "METRIC_COST_LABELS",
+    "METRIC_FAILOVERS",
+    "METRIC_FAILOVERS_LABELS",
+    "METRIC_HTTP_DURATION",
+    "METRIC_HTTP_DURATION_LABELS",
+    "METRIC_HTTP_REQUESTS",
+    "METRIC_HTTP_REQUESTS_LABELS",
+    "METRIC_JOBS_FINISHED",
+    "METRIC_JOBS_FINISHED_LABELS",
+    "METRIC_JOBS_SUBMITTED",
+    "METRIC_JOBS_SUBMITTED_LABELS",
+    "METRIC_JOB_DURATION",
+    "METRIC_JOB_DURATION_LABELS",
+    "METRIC_JOB_WAIT",
+    "METRIC_JOB_WAIT_LABELS",
+    "METRIC_PARKED",
+    "METRIC_PARKED_LABELS",
+    "METRIC_PROVIDER_ERRORS",
+    "METRIC_PROVIDER_ERRORS_LABELS",
+    "METRIC_PROVIDER_ERROR_RATE",
+    "METRIC_PROVIDER_ERROR_RATE_LABELS",
+    "METRIC_PROVIDER_LATENCY",
+    "METRIC_PROVIDER_LATENCY_LABELS",
+    "METRIC_PROVIDER_P50",
+    "METRIC_PROVIDER_P50_LABELS",
+    "METRIC_PROVIDER_TTFT",
+    "METRIC_PROVIDER_TTFT_LABELS",
+    "METRIC_PROVIDER_UP",
+    "METRIC_PROVIDER_UP_LABELS",
+    "METRIC_QUEUE_AGE",
+    "METRIC_QUEUE_AGE_LABELS",
+    "METRIC_QUEUE_CONSUMERS",
+    "METRIC_QUEUE_CONSUMERS_LABELS",
+    "METRIC_QUEUE_MESSAGES",
+    "METRIC_QUEUE_MESSAGES_LABELS",
     "METRIC_QUOTA_ALERTS",
     "METRIC_QUOTA_ALERTS_LABELS",
+    "METRIC_QUOTA_LIMIT",
+    "METRIC_QUOTA_LIMIT_LABELS",
+    "METRIC_QUOTA_USED",
+    "METRIC_QUOTA_USED_LABELS",
+    "METRIC_RETRIES",
+    "METRIC_RETRIES_LABELS",
+    "METRIC_TOKENS",
+    "METRIC_TOKENS_LABELS",
+    "METRIC_WEBHOOK_ATTEMPTS",
+    "METRIC_WEBHOOK_ATTEMPTS_LABELS",
+    "METRIC_WEBHOOK_DELIVERIES",
+    "METRIC_WEBHOOK_DELIVERIES_LABELS",
     "QUOTA_ALERT_INFIX",
     "TYPE_CHUNK",
     "TYPE_RESULT",
@@ -44,10 +96,64 @@ HEADER_REDELIVERED = "x-switchyard-redelivered"  # came again: a twin may have b
 HEADER_DEFERRED = "x-switchyard-deferred"  # a job waiting for a cheaper hour: since (ISO 8601)
 
 # Prometheus metrics (``broker.core.metrics`` builds them): each name with its label names.
-METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"
-METRIC_QUOTA_ALERTS_LABELS = ("label", "threshold_percent")
+# Labels are bounded: providers, models and task types from the config ("other" for a name the
+# config does not know), keys by their public id, error codes from ``ErrorCode``; never a job id.
+METRIC_JOBS_SUBMITTED = "switchyard_jobs_submitted_total"
+METRIC_JOBS_SUBMITTED_LABELS = ("priority", "model", "task_type")
+METRIC_JOBS_FINISHED = "switchyard_jobs_finished_total"
+METRIC_JOBS_FINISHED_LABELS = ("status", "priority", "provider", "model", "task_type")
+METRIC_JOB_WAIT = "switchyard_job_wait_seconds"  # submitted -> handed to a worker's call
+METRIC_JOB_WAIT_LABELS = ("priority",)
+METRIC_JOB_DURATION = "switchyard_job_duration_seconds"  # submitted -> result
+METRIC_JOB_DURATION_LABELS = ("priority",)
+METRIC_TOKENS = "switchyard_tokens_total"
+METRIC_TOKENS_LABELS = ("provider", "model", "key", "task_type", "kind")  # kind: prompt|completion
+METRIC_COST = "switchyard_cost_usd_total"
+METRIC_COST_LABELS = ("provider", "model", "key", "task_type")
+METRIC_PROVIDER_LATENCY = "switchyard_provider_latency_seconds"  # each call that answered
+METRIC_PROVIDER_LATENCY_LABELS = ("provider", "model")
+METRIC_PROVIDER_TTFT = "switchyard_provider_ttft_seconds"  # streamed calls: first chunk
+METRIC_PROVIDER_TTFT_LABELS = ("provider", "model")
+METRIC_PROVIDER_ERRORS = "switchyard_provider_errors_total"  # each failed call, by error code
+METRIC_PROVIDER_ERRORS_LABELS = ("provider", "model", "error")
+METRIC_RETRIES = "switchyard_provider_retries_total"  # calls after a job's first on one provider
+METRIC_RETRIES_LABELS = ("provider", "model")
+METRIC_FAILOVERS = "switchyard_failovers_total"  # jobs handed from a provider to the next one
+METRIC_FAILOVERS_LABELS = ("provider",)
+METRIC_CIRCUIT_STATE = "switchyard_circuit_state"  # 0 closed, 1 half-open, 2 open
+METRIC_CIRCUIT_STATE_LABELS = ("provider",)
 METRIC_CIRCUIT_OPENED = "switchyard_circuit_opened_total"
 METRIC_CIRCUIT_OPENED_LABELS = ("provider",)
+METRIC_PROVIDER_UP = "switchyard_provider_status"  # 1 for the provider's measured status
+METRIC_PROVIDER_UP_LABELS = ("provider", "status")  # status: up|degraded|down
+METRIC_PROVIDER_ERROR_RATE = "switchyard_provider_error_rate"  # measured, rolling window
+METRIC_PROVIDER_ERROR_RATE_LABELS = ("provider", "model")
+METRIC_PROVIDER_P50 = "switchyard_provider_p50_latency_seconds"  # measured, rolling window
+METRIC_PROVIDER_P50_LABELS = ("provider", "model")
+METRIC_QUOTA_USED = "switchyard_quota_used"  # current window; metric as configured: usd_per_day
+METRIC_QUOTA_USED_LABELS = ("scope", "scope_id", "metric")
+METRIC_QUOTA_LIMIT = "switchyard_quota_limit"
+METRIC_QUOTA_LIMIT_LABELS = ("scope", "scope_id", "metric")
+METRIC_QUOTA_ALERTS = "switchyard_quota_alerts_total"  # budget and limit alerts raised
+METRIC_QUOTA_ALERTS_LABELS = ("label", "threshold_percent")
+METRIC_PARKED = "switchyard_jobs_parked_total"
+METRIC_PARKED_LABELS = ("reason",)  # quota | repeat | redis (away) | deferral
+METRIC_QUEUE_MESSAGES = "switchyard_queue_messages"  # ready, per queue (RabbitMQ's count)
+METRIC_QUEUE_MESSAGES_LABELS = ("queue",)  # the name without "<ns>.": jobs, provider.openai.2
+METRIC_QUEUE_AGE = "switchyard_queue_oldest_message_age_seconds"
+METRIC_QUEUE_AGE_LABELS = ("queue",)
+METRIC_QUEUE_CONSUMERS = "switchyard_queue_consumers"
+METRIC_QUEUE_CONSUMERS_LABELS = ("queue",)
+METRIC_WEBHOOK_DELIVERIES = "switchyard_webhook_deliveries_total"  # deliveries that ended
+METRIC_WEBHOOK_DELIVERIES_LABELS = ("outcome",)  # delivered | dead
+METRIC_WEBHOOK_ATTEMPTS = "switchyard_webhook_attempts_total"  # each POST
+METRIC_WEBHOOK_ATTEMPTS_LABELS = ("outcome",)  # 2xx | 3xx | 4xx | 5xx | error
+METRIC_HTTP_REQUESTS = "switchyard_http_requests_total"  # the gateway's
+METRIC_HTTP_REQUESTS_LABELS = ("route", "method", "status")
+METRIC_HTTP_DURATION = "switchyard_http_request_duration_seconds"
+METRIC_HTTP_DURATION_LABELS = ("route",)
+METRIC_ACCOUNTANT_LAG = "switchyard_accountant_lag_seconds"  # oldest event in the last write
+METRIC_ACCOUNTANT_LAG_LABELS: tuple[str, ...] = ()
 
 QUOTA_ALERT_INFIX = ":alert:"
 """A quota bucket's threshold marker is ``<bucket key>:alert:<percent>``; the quota scripts build
@@ -185,6 +291,11 @@ class Names:
     def circuit(self, provider_id: str) -> str:
         """A provider's circuit breaker (a hash: ``failures``, ``open_until``)."""
         return self.redis_key("circuit", provider_id)
+
+    def provider_stats(self, provider_id: str, model: str) -> str:
+        """A provider model's last calls, newest first: ``"<unix s> <latency ms> <unwell>"``
+        (a list; ``broker.state.provider_stats``)."""
+        return self.redis_key("pstats", provider_id, model)
 
     def lease(self, provider_id: str) -> str:
         """A sorted set of one provider's concurrency leases (lease id -> expiry)."""

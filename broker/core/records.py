@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from broker.core.clock import elapsed_ms
 from broker.core.errors import Cancelled, JobRejected
+from broker.core.tracing import current_trace_id
 from schemas import (
     Attempt,
     ChatCompletion,
@@ -64,6 +65,7 @@ def job_result(
         attempts=attempts,
         timings=timings or Timings(total_ms=elapsed_ms(submitted, now)),
         metadata=job.metadata if job is not None else {},
+        trace_id=current_trace_id(),
     )
 
 
@@ -108,6 +110,8 @@ def job_event(
         finished_at=finished_at,
         reservation_id=route.reservation_id if route else None,
         key_id=route.key_id if route else None,
+        task_type=job.task_type if job is not None else None,
+        trace_id=current_trace_id(),
         usage=list(usage),
         call_ids=[a.call_id for a in attempts if a.call_id is not None],
         idempotency_key=job.idempotency_key if job is not None else None,

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     config: Path = Path("ops/config.example.yaml")
     namespace: str = Field(default="switchyard", pattern=r"^[A-Za-z0-9_.-]+$")
     log_level: str = "INFO"
+    # Server processes' log lines: JSON objects (with the trace id), or plain text.
+    log_format: Literal["json", "text"] = "json"
+    # OTLP over HTTP (e.g. http://collector:4318): a span per hop of every job; unset: none.
+    otlp_endpoint: str | None = None
     # The faster pair by ops/bench's measure (docs/architecture.md).
     http_transport: Literal["httpx", "aiohttp"] = "aiohttp"
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
@@ -47,6 +51,12 @@ class Settings(BaseSettings):
     batch_in_flight: int = Field(default=2000, ge=1)
     # How long a batch stays with a batch runner that stopped renewing its lease (it died).
     batch_lease_s: float = Field(default=30.0, gt=0)
+    # /metrics for Prometheus (``--metrics-port`` overrides): off unless a port is given.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # RabbitMQ's management API, for the queue gauges; default: the AMQP URL's host and
+    # credentials on port 15672.
+    rabbitmq_api_url: str | None = None
 
 
 @lru_cache(maxsize=1)

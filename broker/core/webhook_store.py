@@ -54,6 +54,7 @@ class Due:
     lease_id: str
     disabled: str | None
     """Why its endpoint is disabled (it answered 410), if it is."""
+    traceparent: str | None = None
 
     @property
     def tries(self) -> int:
@@ -93,6 +94,7 @@ def _due(row: Any) -> Due:
         series_start=row.series_start,
         lease_id=row.lease_id,
         disabled=row.disabled,
+        traceparent=row.traceparent,
     )
 
 
@@ -180,6 +182,7 @@ class WebhookStore:
             "lease_id": lease_id,
             "created_at": utcnow(),
             "endpoint": url,
+            "traceparent": request.traceparent,
         }
         async with self._single.connect() as conn:
             added = (await conn.execute(_RECORD, row)).first()
@@ -195,6 +198,7 @@ class WebhookStore:
             series_start=0,
             lease_id=lease_id,
             disabled=added.disabled,
+            traceparent=request.traceparent,
         )
 
     async def claim(self, limit: int, lease_until: datetime) -> list[Due]:

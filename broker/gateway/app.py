@@ -18,14 +18,18 @@ from starlette.types import ASGIApp
 
 from broker.core.asyncapi import asyncapi_document
 from broker.core.errors import SwitchyardError, Unavailable
+from broker.core.names import HEADER_TRACEPARENT
+from broker.core.tracing import continued, hop
 from broker.core.webhook_urls import WebhookRefused
-from broker.gateway.asgi import BodyLimit, ChatFastPath
+from broker.gateway.asgi import CHAT_PATH, BodyLimit, ChatFastPath
 from broker.gateway.batches.api import router as batches_router
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers, sse_events
 from broker.gateway.context import gateway_of
 from broker.gateway.errors import GatewayError, error_response, job_error_response
 from broker.gateway.jobs import router as jobs_router
+from broker.gateway.metered import Metered
 from broker.gateway.models import model_entry, models_list
+from broker.gateway.usage import router as usage_router
 from broker.gateway.webhooks import router as webhooks_router
 from broker.state.quota import REDIS_FAILURES
 from broker.transport.rpc import RpcCall
@@ -57,7 +61,8 @@ def make_app(gateway: Gateway) -> ASGIApp:
     app.include_router(jobs_router)
     app.include_router(batches_router)
     app.include_router(webhooks_router)
-    return ChatFastPath(app, chat_completions, error_for)
+    app.include_router(usage_router)
+    return Metered(ChatFastPath(app, chat_completions, error_for), frozenset({CHAT_PATH}))
 
 
 @router.get("/healthz", tags=["health"])
@@ -106,12 +111,20 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions", tags=["openai"], response_model=None)
 async def chat_completions(body: ChatRequest, request: Request) -> Response:
-    """OpenAI's Chat Completions, served through the queue pipeline."""
+    """OpenAI's Chat Completions, served through the queue pipeline; the caller's
+    ``traceparent`` is continued (else one is made), and sent back with the answer."""
+    with hop(CHAT_PATH, continued(request.headers.get(HEADER_TRACEPARENT))) as trace:
+        assert trace is not None
+        return await _chat(body, request, trace)
+
+
+async def _chat(body: ChatRequest, request: Request, trace: str) -> Response:
     gateway = gateway_of(request)
     secret, _ = gateway.caller(request)
     job = job_from_request(body, routing_from_headers(request.headers), gateway.public_models)
-    headers = {"x-switchyard-job-id": job.job_id}
-    call = await gateway.rpc.call(job, secret)
+    headers = {"x-switchyard-job-id": job.job_id, HEADER_TRACEPARENT: trace}
+    call = await gateway.rpc.call(job, secret, headers={HEADER_TRACEPARENT: trace})
+    log.debug("job %s sent", job.job_id)
     wait_s = gateway.wait_s(job)
     try:
         first = await _answer_or_gone(request, call, body.stream, wait_s)

@@ -17,7 +17,14 @@ from broker.gateway.chat import ChatRequest
 from broker.gateway.errors import GatewayError, error_response
 from schemas import ErrorCode
 
-__all__ = ["DRAIN_BYTES", "MAX_BODY_BYTES", "MAX_FILE_BYTES", "BodyLimit", "ChatFastPath"]
+__all__ = [
+    "CHAT_PATH",
+    "DRAIN_BYTES",
+    "MAX_BODY_BYTES",
+    "MAX_FILE_BYTES",
+    "BodyLimit",
+    "ChatFastPath",
+]
 
 CHAT_PATH = "/v1/chat/completions"
 MAX_BODY_BYTES = 8 * 1024 * 1024

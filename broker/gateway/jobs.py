@@ -27,8 +27,9 @@ from broker.core.clock import utcnow
 from broker.core.codec import encode
 from broker.core.db import api_jobs, keyset_page
 from broker.core.errors import Unavailable
-from broker.core.names import HEADER_KEY
+from broker.core.names import HEADER_KEY, HEADER_TRACEPARENT
 from broker.core.priority import queue_priority
+from broker.core.tracing import continued, trace_id_of
 from broker.core.webhook_urls import check_webhook
 from broker.gateway.chat import ChatRequest, job_from_request, routing_from_headers
 from broker.gateway.context import gateway_of
@@ -194,6 +195,7 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     )
     store = gateway.jobs_store
     await store.add(job, owner, body.model)
+    headers = _first_hop(request, secret)
     try:
         await gateway.publisher.publish(
             gateway.names.jobs,
@@ -202,7 +204,7 @@ async def create_job(body: JobRequest, request: Request) -> Response:
             correlation_id=job.job_id,
             reply_to=gateway.results_queue,
             priority=queue_priority(job),
-            headers={HEADER_KEY: secret} if secret else None,
+            headers=headers,
         )
     except BROKER_FAILURES as exc:
         await store.forget(job.job_id)
@@ -210,6 +212,8 @@ async def create_job(body: JobRequest, request: Request) -> Response:
             f"RabbitMQ did not take the job ({type(exc).__name__}); it was not queued",
             retry_after=5.0,
         ) from exc
+    trace = {"trace_id": trace_id_of(headers[HEADER_TRACEPARENT])}
+    log.debug("job %s queued", job.job_id, extra=trace)
     # Queued now: whatever fails from here, the answer is 202 (a 5xx would be retried, and the
     # job run twice), without its position if Redis or Postgres could not say it.
     try:
@@ -306,3 +310,11 @@ async def _located(gateway: Gateway, job_id: str) -> JobStanding | None:
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=JSON)
+
+
+def _first_hop(request: Request, secret: str | None) -> dict[str, str]:
+    """The job's headers: the caller's trace continued (else a new one), its key if any."""
+    headers = {HEADER_TRACEPARENT: continued(request.headers.get(HEADER_TRACEPARENT))}
+    if secret:
+        headers[HEADER_KEY] = secret
+    return headers

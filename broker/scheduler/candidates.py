@@ -10,7 +10,8 @@ admission may lower its output tokens to what its token and USD limits leave (``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -18,6 +19,7 @@ from zoneinfo import ZoneInfo
 from broker.core.config import Discount, ProviderConfig, ProviderType, Serving
 from broker.core.pricing import cost_usd
 from broker.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens, expected_output_tokens
+from broker.state.provider_stats import ModelStats
 from schemas import CompletionJob
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "ProviderState",
     "lacks",
     "make_candidate",
+    "measured_error_rate",
+    "measured_p50",
     "unusable",
 ]
 
@@ -45,8 +49,9 @@ class ProviderState:
     open_s: float = 0.0  # while the circuit is open: seconds until a call may try again
     day_tokens_used: int = 0
     day_requests: int = 0
-    error_rate: float = 0.0
+    error_rate: float = 0.0  # measured over all its models (``broker.state.provider_stats``)
     p50_latency_ms: float | None = None
+    model_stats: Mapping[str, ModelStats] = field(default_factory=dict)  # measured, per model
     free_remaining: bool = True  # the free tier (if any) still has quota for this job
     free_resets_at: float | None = None  # when not: Unix time its full limits have all reset
 
@@ -178,6 +183,18 @@ def make_candidate(
         est_output_tokens=output,
         multiplier=multiplier,
         discount=discount,
-        p50_latency_ms=state.p50_latency_ms,
+        p50_latency_ms=measured_p50(state, serving.model),
         sizable=own is None,
     )
+
+
+def measured_p50(state: ProviderState, model: str) -> float | None:
+    """The model's measured median latency, else its provider's over all its models."""
+    stats = state.model_stats.get(model)
+    return stats.p50_latency_ms if stats is not None else state.p50_latency_ms
+
+
+def measured_error_rate(state: ProviderState, model: str) -> float:
+    """The model's measured error rate, else its provider's over all its models."""
+    stats = state.model_stats.get(model)
+    return stats.error_rate if stats is not None else state.error_rate

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from broker.core.metrics import PARKED
 from broker.core.names import HEADER_DEFERRED, HEADER_PARKED, HEADER_REDELIVERED, Names
 from broker.scheduler.reservations import Wait, parking
 from broker.transport.amqp import park_delay
@@ -49,11 +50,14 @@ async def park_for_quota(
     job: CompletionJob,
     now: datetime,
     wait: Wait,
+    *,
+    reason: str = "quota",
 ) -> None:
-    """Hold the job in a parking queue until its limit may have freed (or Redis is back), then
-    it comes back to the jobs queue. A job that came without ``submitted_at`` (an AMQP
-    producer's) gets it now, so its wait is counted from here and ends (``MAX_WAIT_S``)
-    instead of starting again each time."""
+    """Hold the job in a parking queue until its limit may have freed (or Redis is back, or a
+    repeat's first job ended: ``reason``), then it comes back to the jobs queue. A job that
+    came without ``submitted_at`` (an AMQP producer's) gets it now, so its wait is counted from
+    here and ends (``MAX_WAIT_S``) instead of starting again each time."""
+    PARKED.labels(reason).inc()
     delay, parked = parking(message, wait)
     log.info("job %s waits for quota (%d s)", job.job_id, delay)
     stamped = job.model_copy(update={"submitted_at": now}) if job.submitted_at is None else None
@@ -94,6 +98,7 @@ async def defer(
     until: datetime,
 ) -> None:
     """Park the job toward ``until``; it comes back to the jobs queue and is routed again."""
+    PARKED.labels("deferral").inc()
     since = deferred_since(message) or now
     delay = park_delay((until - now).total_seconds(), late=False)
     log.info("job %s waits for a cheaper hour at %s (a %d s hop)", job.job_id, until, delay)

@@ -3,7 +3,9 @@ health and rules. Each breaks ties by the next criterion shown, then by config o
 
     free_first   free quota left first, then estimated cost, then p50 latency
     cheapest     estimated cost (list price x the discount in force at ``now``), free first
-    fastest      p50 latency (unknown last), then cost
+    fastest      measured p50 latency, a model not measured in the window first (so that it
+                 is measured: a provider measured slow loses its traffic, one unmeasured or
+                 recovered gets some), then cost
     weighted     a random order drawn with probability proportional to ``weight``, seeded by
                  the job id, so a redelivered job routes the same way
     round_robin  config order rotated by ``rr_counter`` (the scheduler keeps the counter)
@@ -28,7 +30,7 @@ def order(policy: Policy, candidates: list[Candidate], job_id: str, rr: int) -> 
     if policy == "cheapest":
         return sorted(candidates, key=lambda c: (c.est_cost_usd, not c.free, _latency(c)))
     if policy == "fastest":
-        return sorted(candidates, key=lambda c: (_latency(c), c.est_cost_usd))
+        return sorted(candidates, key=lambda c: (_unmeasured_first(c), c.est_cost_usd))
     if policy == "priority":
         return sorted(candidates, key=lambda c: (c.provider.priority, not c.free, c.est_cost_usd))
     if policy == "round_robin":
@@ -53,7 +55,7 @@ def why_first(policy: Policy, chosen: Candidate, ordered: list[Candidate], rr_co
     if policy == "fastest":
         latency = chosen.p50_latency_ms
         return f"fastest of {count} " + (
-            f"(p50 {latency:.0f} ms)" if latency is not None else "(latency unknown)"
+            f"(p50 {latency:.0f} ms)" if latency is not None else "(not measured yet)"
         )
     if policy == "weighted":
         total = sum(c.provider.weight for c in ordered)
@@ -66,6 +68,11 @@ def why_first(policy: Policy, chosen: Candidate, ordered: list[Candidate], rr_co
 def _latency(candidate: Candidate) -> tuple[bool, float]:
     latency = candidate.p50_latency_ms
     return (latency is None, latency if latency is not None else 0.0)
+
+
+def _unmeasured_first(candidate: Candidate) -> tuple[bool, float]:
+    latency = candidate.p50_latency_ms
+    return (latency is not None, latency if latency is not None else 0.0)
 
 
 def _weighted_key(job_id: str, candidate: Candidate) -> float:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from pydantic import HttpUrl
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -38,7 +39,8 @@ from broker.state.quota import (
 )
 from broker.state.quota_rebuild import QuotaRebuilder
 from broker.transport.amqp import Publisher, came_persistent, park_delay
-from schemas import CompletionJob
+from broker.transport.webhooks import alert_webhook_id, publish_webhook
+from schemas import CompletionJob, WebhookRequest
 
 __all__ = [
     "LONGEST_SLEEP_S",
@@ -107,10 +109,12 @@ class Reservations:
         self.hold_margin_s = hold_margin_s
         self.store: QuotaStore | None = None
         self._publisher: Publisher | None = None
+        self._alert_webhook: HttpUrl | None = None  # the config's alerts.webhook
         self._sweeper: asyncio.Task[None] | None = None
 
     def admission_for(self, config: Config) -> Admission | None:
         """What admits jobs under ``config``'s limits and budgets (None: it sets none)."""
+        self._alert_webhook = config.alerts.webhook
         if not config.needs_quota:
             return None
         if self.store is None:
@@ -241,16 +245,24 @@ class Reservations:
                 "%s reached %d%% (%d of %d)", alert.label, alert.threshold, alert.used, alert.limit
             )
             QUOTA_ALERTS.labels(alert.label, str(alert.threshold)).inc()
-            body = orjson.dumps(
-                {
-                    "label": alert.label,
-                    "threshold_percent": alert.threshold,
-                    "used": alert.used,
-                    "limit": alert.limit,
-                    "at": utcnow().isoformat(),
-                }
-            )
-            await self._publisher.publish(self._names.alerts, body)
+            at = utcnow()
+            data = {
+                "label": alert.label,
+                "threshold_percent": alert.threshold,
+                "used": alert.used,
+                "limit": alert.limit,
+                "at": at.isoformat(),
+            }
+            await self._publisher.publish(self._names.alerts, orjson.dumps(data))
+            if self._alert_webhook is not None:
+                request = WebhookRequest(
+                    webhook_id=alert_webhook_id(alert.label, alert.threshold, at.isoformat()),
+                    url=self._alert_webhook,
+                    type="quota.alert",
+                    data=data,
+                    occurred_at=at,
+                )
+                await publish_webhook(self._publisher, self._names, request)
 
     async def _sweep(self) -> None:
         """Return reservations whose holder died (the job never reached the accountant)."""

@@ -12,7 +12,14 @@ from zoneinfo import ZoneInfo
 
 from broker.core.config import KeyConfig
 from broker.core.rules import CompiledRules, Decision, RuleContext, now_fields
-from broker.scheduler.candidates import UNKNOWN_STATE, Candidate, Dropped, ProviderState
+from broker.scheduler.candidates import (
+    UNKNOWN_STATE,
+    Candidate,
+    Dropped,
+    ProviderState,
+    measured_error_rate,
+    measured_p50,
+)
 from schemas import CompletionJob
 
 __all__ = ["Ruled", "apply_rules", "preferred_by"]
@@ -107,12 +114,13 @@ def _provider_fields(candidate: Candidate, state: ProviderState) -> dict[str, An
         "circuit": state.circuit,
         "day_tokens_used": state.day_tokens_used,
         "day_requests": state.day_requests,
-        "error_rate": float(state.error_rate),
+        "error_rate": measured_error_rate(state, candidate.model),
         "tags": list(candidate.provider.tags),
         "free": candidate.free,
     }
-    if state.p50_latency_ms is not None:  # unknown: a rule reading it errors and does not match
-        fields["p50_latency_ms"] = float(state.p50_latency_ms)
+    latency = measured_p50(state, candidate.model)
+    if latency is not None:  # unknown: a rule reading it errors and does not match
+        fields["p50_latency_ms"] = float(latency)
     return fields
 
 

@@ -41,6 +41,7 @@ from broker.core.errors import (
     Unavailable,
 )
 from broker.core.limits import KeyConfig
+from broker.core.metrics import JOBS_SUBMITTED, bounded
 from broker.core.names import Names
 from broker.core.records import cancelled_result, failover_error, job_result
 from broker.core.tokens import load_encoding
@@ -50,6 +51,7 @@ from broker.scheduler.candidates import ProviderState
 from broker.scheduler.control import JobControl
 from broker.scheduler.deferral import defer_until
 from broker.scheduler.parking import defer, deferred_since, first_pass, park_for_quota, twin_mark
+from broker.scheduler.readings import Readings
 from broker.scheduler.repeats import Repeats
 from broker.scheduler.reservations import (
     REDIS_RETRY_S,
@@ -90,6 +92,7 @@ class _Version:
     config: Config
     router: Router
     admission: Admission | None
+    models: frozenset[str]  # the public models: a job naming another is counted as "other"
 
 
 class Scheduler(Service):
@@ -105,7 +108,9 @@ class Scheduler(Service):
         database_url: str | None = None,
         prefetch: int = 256,
         hold_margin_s: float = 60.0,
+        queues_at: tuple[str, str] | None = None,
     ) -> None:
+        """``queues_at``: RabbitMQ's management API and vhost, for the queue gauges."""
         self.amqp_url = amqp_url
         self.names = names
         self.redis_url = redis_url
@@ -114,6 +119,8 @@ class Scheduler(Service):
         # Redis (when configured) holds the providers' circuits and the quota buckets.
         self._redis = connect_redis(redis_url) if redis_url is not None else None
         self._circuits = Circuits(self._redis, names) if self._redis is not None else None
+        self._readings = Readings(self._redis, names, self._circuits, queues_at)
+        self._reading: asyncio.Task[None] | None = None
         self._reservations = Reservations(self._redis, names, hold_margin_s, database_url)
         jobs = JobStates(self._redis, names) if self._redis else None
         self._repeats = Repeats(Idempotency(self._redis, names) if self._redis else None)
@@ -140,7 +147,8 @@ class Scheduler(Service):
         return self._version.admission
 
     def _build(self, config: Config) -> _Version:
-        return _Version(config, Router(config), self._reservations.admission_for(config))
+        admission = self._reservations.admission_for(config)
+        return _Version(config, Router(config), admission, frozenset(config.public_models()))
 
     async def apply(self, config: Config) -> None:
         """Schedule the next jobs by ``config`` (queues for new providers declared first); the
@@ -169,8 +177,12 @@ class Scheduler(Service):
         await self.consumers.consume(queues[self.names.reroute], self.reroute, ack=True)
         await self.consumers.consume(queues[self.names.control], self._control.handle, ack=True)
         await listen_for_cancels(self._connection, self.names, self._heard)
+        self._reading = asyncio.create_task(self._readings.run(lambda: self.config))
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+        await self._readings.close()
         await self.consumers.stop(grace_s)
         await self._reservations.stop()
         if self._connection is not None:
@@ -194,18 +206,24 @@ class Scheduler(Service):
             raise InvalidMessage(
                 "route and attempts are Switchyard's (failover): a job sets neither"
             )
+        first = first_pass(message)
+        if first:
+            model, task = bounded(job.model, version.models), job.task_type
+            JOBS_SUBMITTED.labels(job.priority, model, bounded(task, version.config.routes)).inc()
         key = authenticate(message.headers, version.config)
-        if job.reply.webhook is not None and first_pass(message):  # its DNS, once
+        if job.reply.webhook is not None and first:  # its DNS, once
             hook = str(job.reply.webhook)
             await check_webhook(hook, version.config.webhooks, field="reply.webhook")
         park = partial(park_for_quota, self.outcomes, self.names, message, job, now)
         try:
             answer = partial(self.outcomes.finish, message, job, usage=[])
-            if await self._repeats.handled(job, key, now, answer=answer, park=park):
+            repeat = partial(park, reason="repeat")
+            if await self._repeats.handled(job, key, now, answer=answer, park=repeat):
                 return
         except REDIS_FAILURES as exc:  # a persistent job waits for Redis, as admission's do
-            await park(while_redis_is_away(message, job, now, exc))
+            await park(while_redis_is_away(message, job, now, exc), reason="redis")
             return
+        reason = "quota"
         try:
             decision, states = await self._route(job, key, version, now)
             if until := defer_until(job, decision, states, version.config, now):
@@ -222,11 +240,12 @@ class Scheduler(Service):
             )
         except REDIS_FAILURES as exc:
             admitted = while_redis_is_away(message, job, now, exc)
+            reason = "redis"
         except JobRejected:
             await self._repeats.release(job, key)  # a first job refused gives its key back
             raise
         if isinstance(admitted, Wait):
-            await park_for_quota(self.outcomes, self.names, message, job, now, admitted)
+            await park(admitted, reason=reason)
             return
         await self._dispatch(message, job, key, decision, admitted, now, version)
 
@@ -288,7 +307,9 @@ class Scheduler(Service):
         exclude: set[str] | None = None,
     ) -> tuple[RouteDecision, dict[str, ProviderState]]:
         """The router's decision, and the provider states it was made on."""
-        states = await provider_states(job, version.config, version.admission, self._circuits)
+        states = await provider_states(
+            job, version.config, version.admission, self._circuits, self._readings.health
+        )
         decision = version.router.route(
             job,
             key=key,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aio_pika
@@ -26,6 +26,7 @@ from aiormq.abc import DeliveredMessage
 
 from broker.core import names as n
 from broker.core.names import Names
+from broker.core.tracing import current
 
 __all__ = [
     "BROKER_FAILURES",
@@ -171,14 +172,18 @@ async def declare_results_queue(channel: AbstractChannel, names: Names, name: st
 def passthrough_headers(
     message: AbstractIncomingMessage, *, with_key: bool = False
 ) -> dict[str, Any]:
-    """Headers a hop forwards unchanged: the trace context, and the virtual key only
+    """Headers a hop forwards: the trace context, and the virtual key only
     ``with_key``, for a job that comes back to be authenticated again (a parked one). Past the
     scheduler the key is not needed (the route carries its id), and a message there can end in
     the dead-letter queue by RabbitMQ's own dead-lettering (a deadline passed), headers and all,
     where a secret must not rest."""
     headers = message.headers or {}
-    names = (n.HEADER_KEY, n.HEADER_TRACEPARENT) if with_key else (n.HEADER_TRACEPARENT,)
-    return {k: headers[k] for k in names if k in headers}
+    passed = {n.HEADER_KEY: headers[n.HEADER_KEY]} if with_key and n.HEADER_KEY in headers else {}
+    # This hop's own (its span, with OpenTelemetry on), else the one the message came with.
+    trace = current() or headers.get(n.HEADER_TRACEPARENT)
+    if trace is not None:
+        passed[n.HEADER_TRACEPARENT] = trace
+    return passed
 
 
 def came_persistent(message: AbstractIncomingMessage) -> bool:
@@ -228,6 +233,8 @@ class Publisher:
         properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
             delivery_mode=2 if persistent else 1,
+            # RabbitMQ reports the head message's timestamp: the queue gauges' oldest age.
+            timestamp=datetime.now(UTC),
             message_type=message_type,
             message_id=message_id,
             correlation_id=correlation_id,

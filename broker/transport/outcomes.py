@@ -27,9 +27,10 @@ from broker.core.errors import (
     Unavailable,
     internal_error,
 )
-from broker.core.names import TYPE_CHUNK, Names
+from broker.core.names import HEADER_TRACEPARENT, TYPE_CHUNK, Names
 from broker.core.priority import queue_priority
 from broker.core.records import calls, job_event, job_result
+from broker.core.tracing import current, hop
 from broker.core.webhook_urls import WebhookRefused
 from broker.transport.accounting_events import AccountingEvents
 from broker.transport.amqp import BROKER_FAILURES, Publisher, came_persistent, passthrough_headers
@@ -134,6 +135,7 @@ class Outcomes:
             data=result.model_dump(mode="json", exclude_none=True),
             owner=job.route.key_id if job.route is not None else None,
             occurred_at=utcnow(),
+            traceparent=current(),
         )
         await publish_webhook(self.publisher, self.names, request)
 
@@ -223,6 +225,15 @@ class Outcomes:
         failed (never kills the consumer, never loops the message), and one in rejecting gives
         the message up to the dead-letter queue as it is; a broker failure propagates and the
         message goes back for redelivery."""
+        with hop(source_queue, (message.headers or {}).get(HEADER_TRACEPARENT)):
+            await self._settle(message, source_queue, serve)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        source_queue: str,
+        serve: Callable[[AbstractIncomingMessage, CompletionJob], Awaitable[None]],
+    ) -> None:
         job: CompletionJob | None = None
         try:
             job = decode_job(message.body)

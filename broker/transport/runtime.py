@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pythonjsonlogger.json import JsonFormatter
 
 from broker.core.settings import get_settings
+from broker.core.tracing import TraceFilter
 from broker.transport.amqp import BROKER_FAILURES, connect
 
 __all__ = [
@@ -76,11 +78,25 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(level: str, form: str = "json") -> None:
+    """Log lines to stderr, each with the trace id of the job being handled (``TraceFilter``):
+    JSON objects (``form`` "json", one per line, for a log pipeline) or plain text."""
+    handler = logging.StreamHandler()
+    handler.addFilter(TraceFilter())
+    if form == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}{trace_id}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                json_ensure_ascii=False,
+            )
+        )
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(trace_id)s]: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # aio-pika logs every reconnect attempt with a traceback at ERROR; one line is enough.
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)

@@ -18,7 +18,13 @@ from broker.core.names import Names
 from broker.transport.amqp import Publisher
 from schemas import WebhookRequest
 
-__all__ = ["batch_webhook_id", "decode_webhook", "job_webhook_id", "publish_webhook"]
+__all__ = [
+    "alert_webhook_id",
+    "batch_webhook_id",
+    "decode_webhook",
+    "job_webhook_id",
+    "publish_webhook",
+]
 
 
 def _webhook_id(*parts: str) -> str:
@@ -34,6 +40,11 @@ def job_webhook_id(job_id: str) -> str:
 def batch_webhook_id(batch_id: str, status: str) -> str:
     """The ``webhook-id`` of a batch reaching ``status`` (completed, failed, ...)."""
     return _webhook_id("batch", batch_id, status)
+
+
+def alert_webhook_id(label: str, threshold: int, at: str) -> str:
+    """The ``webhook-id`` of a limit or budget crossing ``threshold`` percent at ``at``."""
+    return _webhook_id("alert", label, str(threshold), at)
 
 
 async def publish_webhook(publisher: Publisher, names: Names, request: WebhookRequest) -> None:

@@ -23,7 +23,9 @@ from sqlalchemy.exc import DBAPIError
 from broker.core import names as n
 from broker.core.clock import utcnow
 from broker.core.errors import InvalidMessage
-from broker.core.names import Names
+from broker.core.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES
+from broker.core.names import HEADER_TRACEPARENT, Names
+from broker.core.tracing import trace_id_of
 from broker.core.webhook_store import Attempt, Due, Next, WebhookStore
 from broker.core.webhook_urls import UnresolvableHost, check_webhook_url
 from broker.core.webhooks import WebhooksConfig, signed_headers
@@ -80,8 +82,12 @@ class Attempts:
         else:
             headers = signed_headers(secrets, due.webhook_id, int(time.time()), due.body)
             headers["content-type"] = "application/json"
+            if due.traceparent is not None:
+                headers[HEADER_TRACEPARENT] = due.traceparent
             answer = await self._sender.post(due.url, headers, due.body)
         attempt = Attempt(attempted_at, answer.latency_ms, answer.status_code, answer.error)
+        status = answer.status_code
+        WEBHOOK_ATTEMPTS.labels(f"{status // 100}xx" if status is not None else "error").inc()
         await self._outcome(due, attempt, answer, config)
 
     async def _outcome(
@@ -91,7 +97,10 @@ class Attempts:
         if answer.refused is not None:
             await self._end(due, attempt, CODE_REFUSED, answer.refused)
         elif status is not None and 200 <= status < 300:
-            await self._settle(due, attempt, Next("delivered"))
+            if await self._settle(due, attempt, Next("delivered")):
+                WEBHOOK_DELIVERIES.labels("delivered").inc()
+                trace = {"trace_id": trace_id_of(due.traceparent)}
+                log.debug("webhook %s delivered (%s)", due.webhook_id, status, extra=trace)
         elif status == 410:
             reason = "the receiver answered 410 Gone: its endpoint is disabled until a replay"
             try:
@@ -117,6 +126,7 @@ class Attempts:
         """Dead: recorded, then dead-lettered with every attempt (if the lease still held)."""
         if not await self._settle(due, attempt, Next("dead", error=reason)):
             return
+        WEBHOOK_DELIVERIES.labels("dead").inc()
         log.warning("webhook %s is dead (%s)", due.webhook_id, code)
         try:
             history = await self._store.attempts(due.webhook_id)

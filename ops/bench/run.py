@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import batches as batches_bench
 import gateway as gateway_bench
+import usage_report as usage_report_bench
 import webhooks as webhooks_bench
 from bare import JSON_HEADERS, BareClient
 from load import Run, drive
@@ -76,6 +77,9 @@ class Sizes:
     batch_lines: int = 20_000  # a batch's lines, and the AMQP side's jobs (batches.py)
     batch_rounds: int = 2  # each a batch and an AMQP run of batch_lines
     batch_window: int = 2_000  # SWITCHYARD_BATCH_IN_FLIGHT (its default)
+    usage_rows: int = 2_000_000  # generated usage rows a cost report reads (usage_report.py)
+    usage_runs: int = 5  # timed reports of each kind
+    usage_trigger_rounds: int = 20  # 500-row inserts with the rollup trigger and without
     rounds: int = 4
     warmup_jobs: int = 300
     max_seconds: float = 150.0
@@ -94,6 +98,9 @@ SMOKE = Sizes(
     gateway_clients=10,
     batch_lines=300,
     batch_window=100,  # below the lines, so the runner waits for room in its window
+    usage_rows=20_000,
+    usage_runs=2,
+    usage_trigger_rounds=3,
     rounds=2,
     warmup_jobs=20,
     max_seconds=30.0,
@@ -479,6 +486,12 @@ class Bench:
         """Webhook deliveries through the dispatcher against the same POSTs made directly."""
         return await webhooks_bench.scenario(self, _others_cpu)
 
+    async def usage_report(self) -> list[Run]:
+        """A month's cost report by key over generated usage rows through the daily rollup,
+        against the same report over ``usage`` alone (``usage_report.py``: a database of its
+        own)."""
+        return await usage_report_bench.scenario(self)
+
 
 def _others_cpu(since: dict[str, float] | None = None) -> dict[str, float]:
     """CPU seconds of what else the pipeline drives: RabbitMQ, Postgres, and this producer."""
@@ -553,7 +566,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=REPO / "ops" / "bench" / "results")
     parser.add_argument(
         "--scenarios",
-        default="throughput,added_latency,many_in_flight,scale_out,gateway,batches,webhooks",
+        default="throughput,added_latency,many_in_flight,scale_out,gateway,batches,webhooks,"
+        "usage_report",
         help="comma-separated subset",
     )
     parser.add_argument(
@@ -578,6 +592,7 @@ if __name__ == "__main__":
                     "gateway_latency_jobs",
                     "gateway_jobs",
                     "batch_lines",
+                    "usage_rows",
                 )
             },
         )
@@ -594,6 +609,7 @@ if __name__ == "__main__":
     gateway_bench.append_targets(results, args.out)
     batches_bench.append_table(results, args.out)
     append_webhooks(results, args.out)
+    usage_report_bench.append_lines(results, args.out)
     print((args.out / "bench.md").read_text())
     broken = [r["name"] for r in results["runs"] if r["errors"] or not r["jobs"]]
     if args.smoke and broken:

@@ -80,3 +80,28 @@ MSG
     exit 2
   fi
 }
+
+# Debian packages the tests use: Prometheus and promtool (the metrics, dashboards and alert
+# rules are checked against a real one), pdftoppm (the usage report's PDF is rendered to PNG).
+TEST_DEBS="prometheus poppler-utils"
+
+ensure_debs() {  # package...
+  local p missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || { echo "install these Debian packages: ${missing[*]}" >&2; exit 2; }
+  mkdir -p out
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}"; } >out/apt.log 2>&1 \
+    || { cat out/apt.log >&2; echo "apt-get install ${missing[*]} failed (log above)" >&2; exit 2; }
+}
+
+# RabbitMQ's management API (queue depth and the oldest message's age, read by the scheduler's
+# queue gauges) and its own Prometheus endpoint, on a local RabbitMQ; enabling is idempotent.
+ensure_rabbitmq_plugins() {
+  command -v rabbitmq-plugins >/dev/null || return 0
+  rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_management \
+    && rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_prometheus && return 0
+  rabbitmq-plugins enable --quiet rabbitmq_management rabbitmq_prometheus >out/rabbitmq-plugins.log 2>&1 \
+    || { cat out/rabbitmq-plugins.log >&2; echo "could not enable RabbitMQ's management plugin" >&2; exit 2; }
+}

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/../.."
 . ops/scripts/common.sh
 ensure_venv "[dev]"
 ensure_services
+ensure_rabbitmq_plugins
+ensure_debs $TEST_DEBS
 exec "$VENV/bin/pytest" "$@"

@@ -14,8 +14,9 @@ from typing import Any
 from broker.core.clock import utcnow
 from broker.core.codec import encode
 from broker.core.config import Config
-from broker.core.names import HEADER_KEY, Names
+from broker.core.names import HEADER_KEY, HEADER_TRACEPARENT, Names
 from broker.core.priority import queue_priority
+from broker.core.tracing import new_traceparent
 from broker.core.webhook_urls import WebhookRefused, check_webhook
 from broker.gateway.batches.files import FilesStore, split_lines
 from broker.gateway.batches.lines import LineError, job_for_line, parse_line
@@ -166,7 +167,7 @@ class BatchWork:
                     correlation_id=job.job_id,
                     reply_to=self.results_queue,
                     priority=queue_priority(job),
-                    headers={HEADER_KEY: row["key_secret"]} if row["key_secret"] else None,
+                    headers=_line_headers(row["key_secret"]),
                 )
             )
             last = number
@@ -240,3 +241,11 @@ class BatchWork:
         await self.on_end({**row, **ending})
         if await self.store.update(batch_id, only_if=row["status"], **ending):
             log.info("batch %s %s", batch_id, status)
+
+
+def _line_headers(secret: str | None) -> dict[str, str]:
+    """A line's job starts a trace of its own (and carries the batch's key, if any)."""
+    headers = {HEADER_TRACEPARENT: new_traceparent()}
+    if secret:
+        headers[HEADER_KEY] = secret
+    return headers

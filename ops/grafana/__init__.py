@@ -1,0 +1,2 @@
+"""Switchyard's Grafana dashboards as code (``build.py``) and their check against a real
+Prometheus (``check.py``)."""
