@@ -383,6 +383,6 @@ def make_engine(database_url: str) -> AsyncEngine:
     )
 
 
-# The daily rollups of usage are defined beside their reports; imported here so that this
-# metadata (Alembic's, the migration test's) holds them whichever module is imported first.
+# The daily rollup of usage is defined beside its reports; imported here so that this
+# metadata (Alembic's, the migration test's) holds it whichever module is imported first.
 import broker.core.db_reports  # noqa: E402, F401
