@@ -89,6 +89,16 @@ def test_an_invalid_file_is_refused_with_the_path_and_reason(text: str, expected
     assert expected in caught.value.message
 
 
+def test_an_alerts_webhook_needs_a_secret_to_sign_with() -> None:
+    alerts = {"alerts": {"webhook": "https://hooks.example/alerts"}}
+    text = json.dumps({**json.loads(_one_provider()), **alerts})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "bad.yaml")
+    assert "alerts.webhook: no webhooks.secret" in caught.value.message
+    signed = {**json.loads(text), "webhooks": {"secret": "whsec_" + "A" * 32}}
+    assert str(parse_config(json.dumps(signed), "ok.yaml").alerts.webhook).endswith("/alerts")
+
+
 def test_json_is_accepted_too() -> None:
     text = (
         '{"providers": [{"id": "a", "type": "mock", "base_url": "http://x/v1",'

@@ -16,7 +16,13 @@ from redis.asyncio import Redis
 from broker.client import SwitchyardClient
 from broker.core.config import load_config
 from broker.core.names import Names
-from broker.state.provider_stats import MIN_CALLS, read_stats
+from broker.state.provider_stats import (
+    MIN_CALLS,
+    NEVER_ANSWERED_MS,
+    Outcome,
+    read_stats,
+    summarize,
+)
 from schemas import JobResult, JobStatus
 from tests.conftest import AMQP_URL, MockProvider, eventually, run_mock_provider
 
@@ -44,6 +50,18 @@ def _provider(provider_id: str, mock: MockProvider, **fields: Any) -> dict[str, 
         "concurrency": 4,
         **fields,
     }
+
+
+def test_only_answers_time_the_median_and_only_the_providers_failures_count_as_errors() -> None:
+    fast_refusals = [(5.0, Outcome.OTHER)] * 40  # 429s answered in 5 ms
+    answers = [(300.0, Outcome.ANSWERED)] * 10
+    stats = summarize(fast_refusals + answers)
+    assert stats is not None
+    assert (stats.p50_latency_ms, stats.error_rate, stats.calls) == (300.0, 0.0, 10)
+    failing = summarize([(2.0, Outcome.UNWELL)] * 8)
+    assert failing is not None and failing.p50_latency_ms == NEVER_ANSWERED_MS
+    assert (failing.error_rate, failing.status) == (1.0, "degraded")
+    assert summarize(fast_refusals) is None  # says nothing of its health
 
 
 async def _ask(client: SwitchyardClient, i: int) -> JobResult:

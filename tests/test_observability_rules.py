@@ -259,13 +259,13 @@ def test_the_circuit_alert_fires_for_the_open_circuit_only(prom: PrometheusServe
     assert [a["labels"]["provider"] for a in firing] == ["p"]
     assert firing[0]["labels"]["severity"] == "warning"
     assert firing[0]["annotations"]["summary"] == "Circuit breaker of p is open"
-    # Its `for` of 2 minutes holds the provider-down alert pending.
-    assert prom.wait_for_alert("SwitchyardProviderDown", state="pending", timeout_s=30)
+    # Its `for` of 2 minutes holds the unhealthy-provider alert pending.
+    assert prom.wait_for_alert("SwitchyardProviderUnhealthy", state="pending", timeout_s=30)
 
 
 def test_with_for_overridden_a_minutes_long_alert_fires_in_seconds(exporter: str) -> None:
     with prometheus_server([exporter], [ALERTS], for_override="1s") as server:
-        firing = server.wait_for_alert("SwitchyardProviderDown", timeout_s=30)
+        firing = server.wait_for_alert("SwitchyardProviderUnhealthy", timeout_s=30)
         budget = server.wait_for_alert("SwitchyardBudget80", timeout_s=30)
     assert [a["labels"]["provider"] for a in firing] == ["p"]
     assert [a["labels"]["scope_id"] for a in budget] == ["key-a"]

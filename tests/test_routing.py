@@ -23,6 +23,7 @@ from broker.scheduler.routing import (
     RouteDecision,
     Router,
 )
+from broker.state.provider_stats import NEVER_ANSWERED_MS
 from schemas import CompletionJob
 
 NOON = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
@@ -131,6 +132,10 @@ def test_fastest_orders_by_p50_latency_with_the_unmeasured_first() -> None:
     decision = route(config(*THREE, default_policy="fastest"), states=states)
     assert order(decision) == ["dear", "mid", "cheap"]
     assert decision.reason == "fastest of 3 (p50 120 ms)"
+    # Every recent call of dear failed (no answer to time): last, not first as unmeasured.
+    states["dear"] = ProviderState(p50_latency_ms=NEVER_ANSWERED_MS, error_rate=1.0)
+    decision = route(config(*THREE, default_policy="fastest"), states=states)
+    assert order(decision) == ["mid", "cheap", "dear"]
 
 
 def test_weighted_is_proportional_to_weight_and_stable_per_job() -> None:

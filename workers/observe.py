@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from broker.core.metrics import PROVIDER_ERRORS, PROVIDER_LATENCY, PROVIDER_TTFT, RETRIES
 from broker.state.circuits import UNWELL
-from broker.state.provider_stats import StatsRecorder
+from broker.state.provider_stats import Outcome, StatsRecorder
+from schemas import Attempt
 from workers.layers import Call, Proceed
 from workers.retry import CallOutcome
 
@@ -35,10 +36,15 @@ class CallMeter:
             if attempt.ttft_ms is not None:
                 PROVIDER_TTFT.labels(provider, model).observe(attempt.ttft_ms / 1000)
             if self.stats is not None:
-                unwell = attempt.error_code in UNWELL
-                self.stats.record(provider, model, attempt.duration_ms, unwell)
+                self.stats.record(provider, model, attempt.duration_ms, _outcome(attempt))
         if made > 1:
             route = call.job.route
             assert route is not None
             RETRIES.labels(route.provider, route.model).inc(made - 1)
         return outcome
+
+
+def _outcome(attempt: Attempt) -> Outcome:
+    if attempt.error_code is None:
+        return Outcome.ANSWERED
+    return Outcome.UNWELL if attempt.error_code in UNWELL else Outcome.OTHER

@@ -176,6 +176,8 @@ class WorkerPool(Service):
         if self._connection is not None:
             await self._connection.close()
         await self._clients.close()
+        if self._stats is not None:  # the calls that ended during the grace
+            await self._stats.flush()
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -19,6 +19,7 @@ def check_references(config: Config) -> None:
     _check_routes(config)
     _check_keys(config)
     _check_rules(config)
+    _check_alerts(config)
 
 
 def _check_models(config: Config) -> None:
@@ -88,3 +89,12 @@ def _check_rules(config: Config) -> None:
         _ = config.compiled_rules  # compiled here, once, and cached: a broken rule refuses
     except ConfigError as exc:
         raise ValueError(exc.message) from None
+
+
+def _check_alerts(config: Config) -> None:
+    """An alerts webhook nothing could sign would end every alert dead, unseen."""
+    hook = config.alerts.webhook
+    if hook is not None and not config.webhooks.secrets_for(str(hook)):
+        raise ValueError(
+            "alerts.webhook: no webhooks.secret (or endpoint secret) to sign its alerts with"
+        )

@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 from typing import Any
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "hop",
     "new_traceparent",
     "trace_id_of",
+    "untraced",
     "valid",
 ]
 
@@ -73,6 +74,14 @@ def current() -> str | None:
 
 def current_trace_id() -> str | None:
     return trace_id_of(_current.get())
+
+
+def untraced() -> Context:
+    """The context for a task that works for many jobs (a batcher, a flusher, a shared read),
+    though a job's hop started it: its log lines carry no one job's trace."""
+    context = copy_context()
+    context.run(_current.set, None)
+    return context
 
 
 @contextlib.contextmanager

@@ -266,7 +266,12 @@ def _cell(value: object) -> str:
         return ""
     if isinstance(value, Decimal):
         return f"{value:f}"
-    return str(value)
+    text = str(value)
+    # A consumer or task type is the caller's text: a spreadsheet must not run it as a formula.
+    return f"'{text}" if isinstance(value, str) and text[:1] in _FORMULA else text
+
+
+_FORMULA = frozenset("=+-@\t\r")
 
 
 def report_csv(report: UsageReport) -> str:

@@ -212,6 +212,7 @@ class Gateway(Service):
             lifespan="off",
             access_log=False,
             log_level="warning",
+            log_config=None,  # its lines go through the process's handler: JSON, trace ids
             loop="none",
             http="httptools",
             proxy_headers=False,  # nothing here reads the client address

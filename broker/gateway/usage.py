@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from starlette.responses import Response
 
 from broker.core.clock import utcnow
@@ -31,6 +33,9 @@ __all__ = ["report_body", "router"]
 
 PARAMETERS = frozenset({"by", "period", "since", "until", "format"})
 """Every query parameter the route reads: any other is refused, never ignored."""
+
+REPORT_TIMEOUT_S = 10
+"""The longest a report's statement may run for an HTTP caller."""
 
 router = APIRouter(tags=["usage"])
 
@@ -74,9 +79,20 @@ async def usage_report(
     except ValueError as exc:
         field = str(exc).split(":", 1)[0]
         raise GatewayError(400, str(exc), param=field if field in PARAMETERS else "by") from None
-    async with gateway.engine.connect() as conn:
-        await conn.execution_options(**SNAPSHOT)
-        report = await build_report(conn, query, gateway.config, OneKey(key_id))
+    try:
+        async with gateway.engine.connect() as conn:
+            await conn.execution_options(**SNAPSHOT)
+            # Bounded: a key may ask for years by consumer, which reads the ledger itself.
+            await conn.execute(text(f"SET LOCAL statement_timeout = {REPORT_TIMEOUT_S * 1000}"))
+            report = await build_report(conn, query, gateway.config, OneKey(key_id))
+    except DBAPIError as exc:
+        if "statement timeout" not in str(exc.orig):
+            raise
+        raise GatewayError(
+            503,
+            f"the report took longer than {REPORT_TIMEOUT_S} s; ask for a shorter span or"
+            " fewer groups (by consumer reads every call of the span)",
+        ) from None
     if output == "csv":
         return Response(report_csv(report), media_type="text/csv; charset=utf-8")
     return Response(orjson.dumps(report_body(report)), media_type="application/json")

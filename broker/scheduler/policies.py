@@ -3,9 +3,10 @@ health and rules. Each breaks ties by the next criterion shown, then by config o
 
     free_first   free quota left first, then estimated cost, then p50 latency
     cheapest     estimated cost (list price x the discount in force at ``now``), free first
-    fastest      measured p50 latency, a model not measured in the window first (so that it
-                 is measured: a provider measured slow loses its traffic, one unmeasured or
-                 recovered gets some), then cost
+    fastest      measured p50 latency (the model's, else its provider's); a provider with
+                 nothing measured in the window first, so that it gets measured (one measured
+                 slow loses its traffic; one idle for the window is tried again); one whose
+                 recent calls all failed last; then cost
     weighted     a random order drawn with probability proportional to ``weight``, seeded by
                  the job id, so a redelivered job routes the same way
     round_robin  config order rotated by ``rr_counter`` (the scheduler keeps the counter)
@@ -54,9 +55,11 @@ def why_first(policy: Policy, chosen: Candidate, ordered: list[Candidate], rr_co
         return f"cheapest of {count}"
     if policy == "fastest":
         latency = chosen.p50_latency_ms
-        return f"fastest of {count} " + (
-            f"(p50 {latency:.0f} ms)" if latency is not None else "(not measured yet)"
-        )
+        if latency is None:
+            return f"fastest of {count} (not measured yet)"
+        if math.isinf(latency):
+            return f"fastest of {count} (every one's recent calls failed)"
+        return f"fastest of {count} (p50 {latency:.0f} ms)"
     if policy == "weighted":
         total = sum(c.provider.weight for c in ordered)
         return f"weighted choice of {count} (weight {chosen.provider.weight:g} of {total:g})"

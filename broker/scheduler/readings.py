@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import httpx
+from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 from broker.core.clock import utcnow
@@ -40,8 +42,31 @@ SLOW_EVERY = 5
 """Quota counters and queues are read every this many rounds (5 s)."""
 STATUSES = ("up", "degraded", "down")
 _CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
-# Each process's own queues (a reloader's, a cancels listener's): not worth a series each.
-_PRIVATE = (".config.", ".cancels.")
+_QUEUES = re.compile(
+    r"(jobs|reroute|usage|dead|alerts|webhooks|control|results\.(gateway|batches)"
+    r"|provider\.[^.]+(\.\d+)?|park\.\d+s)"
+)
+"""The queues exported (by their name past ``<ns>.``): the pipeline's own, never one a process
+or a batch producer made for itself (a series per batch would grow without end)."""
+
+
+class _Series:
+    """A gauge's series set in one round of reads; those not set again are removed (a key
+    taken out of the config, a model gone quiet), so none keeps a stale value."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self._last: set[tuple[str, ...]] = set()
+        self._now: set[tuple[str, ...]] = set()
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        self.gauge.labels(*labels).set(value)
+        self._now.add(labels)
+
+    def end_round(self) -> None:
+        for gone in self._last - self._now:
+            self.gauge.remove(*gone)
+        self._last, self._now = self._now, set()
 
 
 class Readings:
@@ -61,6 +86,11 @@ class Readings:
         self._circuits = circuits
         self._queues_at = queues_at
         self._http = httpx.AsyncClient() if queues_at is not None else None
+        self._status, self._circuit = _Series(PROVIDER_STATUS), _Series(CIRCUIT_STATE)
+        self._error_rate, self._p50 = _Series(PROVIDER_ERROR_RATE), _Series(PROVIDER_P50)
+        self._used, self._limit = _Series(QUOTA_USED), _Series(QUOTA_LIMIT)
+        self._ready, self._age = _Series(QUEUE_MESSAGES), _Series(QUEUE_AGE)
+        self._consumers = _Series(QUEUE_CONSUMERS)
 
     async def run(self, config: Callable[[], Config]) -> None:
         rounds = 0
@@ -95,11 +125,13 @@ class Readings:
             stats = self.health.get(provider.id)
             status = stats.overall.status if stats is not None else "up"
             for name in STATUSES:
-                PROVIDER_STATUS.labels(provider.id, name).set(1 if name == status else 0)
+                self._status.set((provider.id, name), 1 if name == status else 0)
             for model, measured in (stats.models if stats is not None else {}).items():
-                PROVIDER_ERROR_RATE.labels(provider.id, model).set(measured.error_rate)
+                self._error_rate.set((provider.id, model), measured.error_rate)
                 if measured.p50_latency_ms is not None:
-                    PROVIDER_P50.labels(provider.id, model).set(measured.p50_latency_ms / 1000)
+                    self._p50.set((provider.id, model), measured.p50_latency_ms / 1000)
+        for series in (self._status, self._error_rate, self._p50):
+            series.end_round()
 
     async def _circuit_states(self, config: Config) -> None:
         if self._circuits is None:
@@ -107,22 +139,23 @@ class Readings:
         for provider in config.providers:
             view = await self._circuits.view(provider.id)
             state = view.state(provider.circuit.failures)
-            CIRCUIT_STATE.labels(provider.id).set(_CIRCUIT_VALUE[state])
+            self._circuit.set((provider.id,), _CIRCUIT_VALUE[state])
+        self._circuit.end_round()
 
     async def _quota(self, config: Config) -> None:
         if self._redis is None:
             return
         now = utcnow()
         limits = [limit for limit in all_limits(config) if limit.limit < UNCAPPED]
-        if not limits:
-            return
         keys = [limit.key(self._names, limit.window(now, config.zone)) for limit in limits]
-        values = await self._redis.mget(keys)
+        values = await self._redis.mget(keys) if keys else []
         for limit, value in zip(limits, values, strict=True):
             scale = 1e9 if limit.unit == "usd_nanos" else 1.0
             labels = (limit.scope, limit.scope_id, _as_configured(limit))
-            QUOTA_USED.labels(*labels).set(int(value or 0) / scale)
-            QUOTA_LIMIT.labels(*labels).set(limit.limit / scale)
+            self._used.set(labels, int(value or 0) / scale)
+            self._limit.set(labels, limit.limit / scale)
+        self._used.end_round()
+        self._limit.end_round()
 
     async def _queues(self) -> None:
         if self._queues_at is None or self._http is None:
@@ -130,12 +163,14 @@ class Readings:
         api_url, vhost = self._queues_at
         prefix = f"{self._names.namespace}."
         for level in await queue_levels(self._http, api_url, vhost, prefix):
-            if any(private in level.name for private in _PRIVATE):
-                continue
             label = level.name.removeprefix(prefix)
-            QUEUE_MESSAGES.labels(label).set(level.ready)
-            QUEUE_CONSUMERS.labels(label).set(level.consumers)
-            QUEUE_AGE.labels(label).set(level.oldest_age_s)
+            if not _QUEUES.fullmatch(label):
+                continue
+            self._ready.set((label,), level.ready)
+            self._consumers.set((label,), level.consumers)
+            self._age.set((label,), level.oldest_age_s)
+        for series in (self._ready, self._consumers, self._age):
+            series.end_round()
 
 
 def _as_configured(limit: Limit) -> str:

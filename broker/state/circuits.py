@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from broker.core.config import CircuitConfig
 from broker.core.metrics import CIRCUIT_OPENED
 from broker.core.names import Names
+from broker.core.tracing import untraced
 from broker.state.lua import NOW_MS
 from schemas import Attempt, ErrorCode
 
@@ -149,7 +150,7 @@ class Circuits:
         # it in the background, and until then the last view stands.
         reading = self._reading.get(provider_id)
         if reading is None:
-            reading = asyncio.create_task(self._read_into_view(provider_id))
+            reading = asyncio.create_task(self._read_into_view(provider_id), context=untraced())
             self._reading[provider_id] = reading
             reading.add_done_callback(lambda _: self._reading.pop(provider_id, None))
         with contextlib.suppress(TimeoutError):

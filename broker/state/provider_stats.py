@@ -5,17 +5,20 @@ latency; the CEL variables ``provider.p50_latency_ms``, ``error_rate`` and ``sta
 Workers buffer their calls' outcomes and push them once a second (``StatsRecorder``), one list
 per (provider, model) of the last ``SAMPLES`` calls (``Names.provider_stats``), so a call costs
 no Redis round trip. Schedulers read every list once a second (``read_stats``) and route from
-that snapshot. Only the failures that say the provider is unwell (timeouts, 5xx, broken answers:
-``UNWELL``, as the circuit breaker counts) are errors; a rate limit or a refused request is not.
+that snapshot. Only answers time the median; only the failures that say the provider is unwell
+(timeouts, 5xx, broken answers: ``UNWELL``, as the circuit breaker counts) are errors; a rate
+limit or a refused request is neither (``Outcome``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 
 from redis.asyncio import Redis
 
@@ -24,9 +27,11 @@ from broker.core.names import Names
 __all__ = [
     "DEGRADED_ERROR_RATE",
     "MIN_CALLS",
+    "NEVER_ANSWERED_MS",
     "SAMPLES",
     "WINDOW_S",
     "ModelStats",
+    "Outcome",
     "ProviderStats",
     "StatsRecorder",
     "read_stats",
@@ -44,6 +49,20 @@ MIN_CALLS = 5
 DEGRADED_ERROR_RATE = 0.25
 """A provider whose calls fail at least this often is ``degraded`` (``down`` is the health
 probes' word: a provider nobody calls cannot be measured back up)."""
+
+
+class Outcome(IntEnum):
+    """A call as the stats count it: only answers time the median, only the provider's own
+    failures (``UNWELL``) make the error rate; a rate limit or a refused request is neither
+    (a provider answering 429 fast must not look fast)."""
+
+    ANSWERED = 0
+    UNWELL = 1
+    OTHER = 2
+
+
+NEVER_ANSWERED_MS = math.inf
+"""The median of a model whose recent calls all failed: it ranks last under ``fastest``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +90,8 @@ class StatsRecorder:
         self._names = names
         self._pending: dict[tuple[str, str], list[str]] = {}
 
-    def record(self, provider: str, model: str, latency_ms: float, unwell: bool) -> None:
-        sample = f"{time.time():.3f} {latency_ms:.1f} {int(unwell)}"
+    def record(self, provider: str, model: str, latency_ms: float, outcome: Outcome) -> None:
+        sample = f"{time.time():.3f} {latency_ms:.1f} {outcome.value}"
         self._pending.setdefault((provider, model), []).append(sample)
 
     async def flush(self) -> None:
@@ -110,29 +129,36 @@ async def read_stats(
         pipe.lrange(names.provider_stats(provider, model), 0, SAMPLES - 1)
     lists = await pipe.execute()
     since = time.time() - WINDOW_S
-    per_provider: dict[str, list[tuple[float, bool]]] = {}
+    per_provider: dict[str, list[tuple[float, Outcome]]] = {}
     per_model: dict[str, dict[str, ModelStats]] = {}
     for (provider, model), raw in zip(wanted, lists, strict=True):
         samples = [_parse(s) for s in raw]
-        recent = [(latency, unwell) for at, latency, unwell in samples if at >= since]
-        if recent:
+        recent = [(latency, outcome) for at, latency, outcome in samples if at >= since]
+        stats = summarize(recent)
+        if stats is not None:
             per_provider.setdefault(provider, []).extend(recent)
-            per_model.setdefault(provider, {})[model] = summarize(recent)
-    return {
-        provider: ProviderStats(summarize(samples), per_model[provider])
-        for provider, samples in per_provider.items()
-    }
+            per_model.setdefault(provider, {})[model] = stats
+    found = {}
+    for provider, merged in per_provider.items():
+        overall = summarize(merged)
+        assert overall is not None  # one of its models said something
+        found[provider] = ProviderStats(overall, per_model[provider])
+    return found
 
 
-def summarize(samples: list[tuple[float, bool]]) -> ModelStats:
-    """``(latency_ms, unwell)`` samples as stats: the median is over the calls that answered."""
-    answered = [latency for latency, unwell in samples if not unwell]
-    errors = len(samples) - len(answered)
-    p50 = statistics.median(answered) if answered else None
-    return ModelStats(calls=len(samples), errors=errors, p50_latency_ms=p50)
+def summarize(samples: list[tuple[float, Outcome]]) -> ModelStats | None:
+    """``(latency_ms, outcome)`` samples as stats (None if none says anything of health): the
+    median is over the answers (``NEVER_ANSWERED_MS`` if the provider failed every call), the
+    error rate over answers and the provider's own failures."""
+    answered = [latency for latency, outcome in samples if outcome is Outcome.ANSWERED]
+    errors = sum(1 for _, outcome in samples if outcome is Outcome.UNWELL)
+    if not answered and not errors:
+        return None
+    p50 = statistics.median(answered) if answered else NEVER_ANSWERED_MS
+    return ModelStats(calls=len(answered) + errors, errors=errors, p50_latency_ms=p50)
 
 
-def _parse(raw: bytes | str) -> tuple[float, float, bool]:
+def _parse(raw: bytes | str) -> tuple[float, float, Outcome]:
     text = raw.decode() if isinstance(raw, bytes) else raw
-    at, latency, unwell = text.split(" ")
-    return float(at), float(latency), unwell == "1"
+    at, latency, outcome = text.split(" ")
+    return float(at), float(latency), Outcome(int(outcome))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from broker.core.codec import encode
+from broker.core.tracing import untraced
 from broker.transport.amqp import Publisher
 from schemas import AccountingBatch, CallStarted, JobEvent
 
@@ -35,7 +36,7 @@ class AccountingEvents:
         future.add_done_callback(_read_error)
         self._waiting.append((event, future))
         if self._sender is None:
-            self._sender = asyncio.create_task(self._send_waiting())
+            self._sender = asyncio.create_task(self._send_waiting(), context=untraced())
         return future
 
     async def _send_waiting(self) -> None:

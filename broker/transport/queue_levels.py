@@ -25,12 +25,14 @@ class QueueLevel:
 
 
 def management_url(amqp_url: str) -> str:
-    """The management API beside an AMQP URL: its host and credentials, port 15672."""
+    """The management API beside an AMQP URL: its host and credentials, port 15672 (15671 and
+    HTTPS beside ``amqps``, so the credentials never go in the clear where AMQP's do not)."""
     parts = urlsplit(amqp_url)
     user = parts.username or "guest"
     password = parts.password or "guest"
     host = parts.hostname or "127.0.0.1"
-    return f"http://{quote(user, safe='')}:{quote(password, safe='')}@{host}:15672"
+    scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}"
 
 
 def vhost_of(amqp_url: str) -> str:
@@ -45,7 +47,8 @@ async def queue_levels(
     """The queues of ``vhost`` whose names start with ``prefix``."""
     parts = urlsplit(api_url)
     auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-    base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
+    default_port = 15671 if parts.scheme == "https" else 15672
+    base = f"{parts.scheme}://{parts.hostname}:{parts.port or default_port}"
     response = await client.get(
         f"{base}/api/queues/{quote(vhost, safe='')}",
         params={"columns": "name,messages_ready,consumers,head_message_timestamp"},

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from pythonjsonlogger.json import JsonFormatter
 
 from broker.core.settings import get_settings
-from broker.core.tracing import TraceFilter
+from broker.core.tracing import TraceFilter, untraced
 from broker.transport.amqp import BROKER_FAILURES, connect
 
 __all__ = [
@@ -128,7 +128,7 @@ class _ChannelAcks:
         self.in_hand.discard(tag)
         self.settled.append(tag)
         if self._flush is None:
-            self._flush = asyncio.create_task(self._send())
+            self._flush = asyncio.create_task(self._send(), context=untraced())
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
         """Return a delivery (or, ``requeue=False``, hand it to its queue's dead-letter target).
@@ -168,7 +168,7 @@ class _ChannelAcks:
         finally:
             self._flush = None
             if self.settled:
-                self._flush = asyncio.create_task(self._send())
+                self._flush = asyncio.create_task(self._send(), context=untraced())
 
 
 class Unsettled(Exception):

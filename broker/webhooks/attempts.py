@@ -25,7 +25,7 @@ from broker.core.clock import utcnow
 from broker.core.errors import InvalidMessage
 from broker.core.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES
 from broker.core.names import HEADER_TRACEPARENT, Names
-from broker.core.tracing import trace_id_of
+from broker.core.tracing import current, hop
 from broker.core.webhook_store import Attempt, Due, Next, WebhookStore
 from broker.core.webhook_urls import UnresolvableHost, check_webhook_url
 from broker.core.webhooks import WebhooksConfig, signed_headers
@@ -65,7 +65,12 @@ class Attempts:
         self._on_retry = on_retry
 
     async def run(self, due: Due) -> None:
-        """Attempt ``due`` (unless it must end without one) and record what came of it."""
+        """Attempt ``due`` (unless it must end without one) and record what came of it, as a hop
+        of its job's trace (its log lines carry the trace id; a span with OpenTelemetry on)."""
+        with hop("webhook", due.traceparent):
+            await self._run(due)
+
+    async def _run(self, due: Due) -> None:
         config = self._config()
         secrets = config.secrets_for(due.url)
         if due.disabled is not None:
@@ -82,8 +87,8 @@ class Attempts:
         else:
             headers = signed_headers(secrets, due.webhook_id, int(time.time()), due.body)
             headers["content-type"] = "application/json"
-            if due.traceparent is not None:
-                headers[HEADER_TRACEPARENT] = due.traceparent
+            if (trace := current()) is not None:  # this attempt's span, with OpenTelemetry
+                headers[HEADER_TRACEPARENT] = trace
             answer = await self._sender.post(due.url, headers, due.body)
         attempt = Attempt(attempted_at, answer.latency_ms, answer.status_code, answer.error)
         status = answer.status_code
@@ -99,8 +104,7 @@ class Attempts:
         elif status is not None and 200 <= status < 300:
             if await self._settle(due, attempt, Next("delivered")):
                 WEBHOOK_DELIVERIES.labels("delivered").inc()
-                trace = {"trace_id": trace_id_of(due.traceparent)}
-                log.debug("webhook %s delivered (%s)", due.webhook_id, status, extra=trace)
+                log.debug("webhook %s delivered (%s)", due.webhook_id, status)
         elif status == 410:
             reason = "the receiver answered 410 Gone: its endpoint is disabled until a replay"
             try:

@@ -51,8 +51,8 @@ def _headline() -> list[Panel]:
     ]
 
 
-def overview() -> Dashboard:
-    jobs = [
+def _jobs() -> list[Panel]:
+    return [
         timeseries(
             "Jobs submitted by priority",
             "Jobs per second entering the scheduler, by the job's priority (0-9).",
@@ -80,7 +80,10 @@ def overview() -> Dashboard:
             "percentunit",
         ),
     ]
-    waiting = [
+
+
+def _waiting() -> list[Panel]:
+    return [
         timeseries(
             "Queue depth",
             "Messages ready in the queues jobs wait in for a provider.",
@@ -94,7 +97,10 @@ def overview() -> Dashboard:
             "s",
         ),
     ]
-    edges = [
+
+
+def _edges() -> list[Panel]:
+    return [
         timeseries(
             "Gateway requests by route and status",
             "HTTP requests per second at the gateways, by route template and status.",
@@ -123,10 +129,13 @@ def overview() -> Dashboard:
             "reqps",
         ),
     ]
+
+
+def overview() -> Dashboard:
     return board(
         "switchyard-overview",
         "Switchyard / Overview",
         "Jobs in and out, failures, latency, how long jobs wait by priority, and the edges:"
         " HTTP in, webhooks out.",
-        [("Now", _headline()), ("Jobs", jobs), ("Waiting", waiting), ("Edges", edges)],
+        [("Now", _headline()), ("Jobs", _jobs()), ("Waiting", _waiting()), ("Edges", _edges())],
     )
