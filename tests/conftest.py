@@ -87,8 +87,11 @@ async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     only the event loop waiting in ``select``."""
     loop = asyncio.get_running_loop()
     test_name = getattr(request.node, "originalname", request.node.name)
+    expired = False
 
     def expire() -> None:
+        nonlocal expired
+        expired = True
         print(f"\n{test_name} ran past {TEST_TIMEOUT_S:.0f}s; its tasks:", file=sys.stderr)
         for task in asyncio.all_tasks(loop):
             task.print_stack(limit=12, file=sys.stderr)
@@ -100,6 +103,8 @@ async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         yield
     finally:
         timer.cancel()
+    if expired:  # the cancel may have been swallowed on its way out: the test still fails
+        pytest.fail(f"{test_name} ran past {TEST_TIMEOUT_S:.0f}s (its tasks' stacks above)")
 
 
 # ---------------------------------------------------------------------------------------------
