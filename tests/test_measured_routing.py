@@ -20,7 +20,8 @@ from broker.state.provider_stats import (
     MIN_CALLS,
     NEVER_ANSWERED_MS,
     Outcome,
-    read_stats,
+    StatsReader,
+    StatsRecorder,
     summarize,
 )
 from schemas import JobResult, JobStatus
@@ -62,6 +63,28 @@ def test_only_answers_time_the_median_and_only_the_providers_failures_count_as_e
     assert failing is not None and failing.p50_latency_ms == NEVER_ANSWERED_MS
     assert (failing.error_rate, failing.status) == (1.0, "degraded")
     assert summarize(fast_refusals) is None  # says nothing of its health
+
+
+async def test_a_reader_adds_only_what_was_pushed_since_its_last_read(
+    redis: Redis, names: Names
+) -> None:
+    recorder, reader = StatsRecorder(redis, names), StatsReader(redis, names)
+    pair = [("p", "m")]
+    assert await reader.read(pair) == {}
+    for latency in (100.0, 100.0, 100.0):
+        recorder.record("p", "m", latency, Outcome.ANSWERED)
+    await recorder.flush()
+    first = (await reader.read(pair))["p"].models["m"]
+    assert (first.calls, first.p50_latency_ms) == (3, 100.0)
+    for _ in range(4):
+        recorder.record("p", "m", 300.0, Outcome.ANSWERED)
+    recorder.record("p", "m", 5.0, Outcome.UNWELL)
+    await recorder.flush()
+    again = (await reader.read(pair))["p"].models["m"]
+    assert (again.calls, again.errors, again.p50_latency_ms) == (8, 1, 300.0)
+    assert (await reader.read(pair))["p"].models["m"] == again  # nothing new: the same
+    fresh = (await StatsReader(redis, names).read(pair))["p"].models["m"]
+    assert fresh == again  # a new reader reads the whole list: the same figures
 
 
 async def _ask(client: SwitchyardClient, i: int) -> JobResult:
@@ -135,7 +158,7 @@ async def test_a_cel_rule_on_error_rate_turns_jobs_away_from_a_failing_provider(
                 assert [a.provider for a in result.attempts] == ["flaky", "steady"]
 
             async def measured_failing() -> bool:
-                stats = await read_stats(redis, names, [("flaky", "m")])
+                stats = await StatsReader(redis, names).read([("flaky", "m")])
                 return "flaky" in stats and stats["flaky"].overall.error_rate > 0.5
 
             await eventually(measured_failing, 10, "flaky's failures to reach Redis")

@@ -187,8 +187,11 @@ class Accountant(Service):
 
     async def _flush_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the stop's cancel
+            # when its timeout fires at the same moment, and the loop then never ends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.max_delay_s)
+                async with asyncio.timeout(self.max_delay_s):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._pending:
                 continue

@@ -297,6 +297,11 @@ class Names:
         (a list; ``broker.state.provider_stats``)."""
         return self.redis_key("pstats", provider_id, model)
 
+    def provider_stats_pushed(self, provider_id: str, model: str) -> str:
+        """How many samples were ever pushed to ``provider_stats`` (a reader fetches only the
+        ones since its last read)."""
+        return self.redis_key("pstats-pushed", provider_id, model)
+
     def lease(self, provider_id: str) -> str:
         """A sorted set of one provider's concurrency leases (lease id -> expiry)."""
         return self.redis_key("lease", provider_id)

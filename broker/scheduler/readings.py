@@ -30,7 +30,7 @@ from broker.core.metrics import (
 from broker.core.names import Names
 from broker.core.quota_plan import UNCAPPED, Limit, all_limits
 from broker.state.circuits import Circuits, CircuitState
-from broker.state.provider_stats import ProviderStats, read_stats
+from broker.state.provider_stats import ProviderStats, StatsReader
 from broker.transport.queue_levels import queue_levels
 
 __all__ = ["Readings"]
@@ -83,6 +83,7 @@ class Readings:
         self.health: dict[str, ProviderStats] = {}
         self._redis = redis
         self._names = names
+        self._stats_reader = StatsReader(redis, names) if redis is not None else None
         self._circuits = circuits
         self._queues_at = queues_at
         self._http = httpx.AsyncClient() if queues_at is not None else None
@@ -117,10 +118,10 @@ class Readings:
             log.info("could not read %s: %s", what, type(exc).__name__)
 
     async def _stats(self, config: Config) -> None:
-        if self._redis is None:
+        if self._stats_reader is None:
             return
         pairs = [(p.id, model) for p in config.providers for model in p.models]
-        self.health = await read_stats(self._redis, self._names, pairs)
+        self.health = await self._stats_reader.read(pairs)
         for provider in config.providers:
             stats = self.health.get(provider.id)
             status = stats.overall.status if stats is not None else "up"

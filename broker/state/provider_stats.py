@@ -4,10 +4,10 @@ latency; the CEL variables ``provider.p50_latency_ms``, ``error_rate`` and ``sta
 
 Workers buffer their calls' outcomes and push them once a second (``StatsRecorder``), one list
 per (provider, model) of the last ``SAMPLES`` calls (``Names.provider_stats``), so a call costs
-no Redis round trip. Schedulers read every list once a second (``read_stats``) and route from
-that snapshot. Only answers time the median; only the failures that say the provider is unwell
-(timeouts, 5xx, broken answers: ``UNWELL``, as the circuit breaker counts) are errors; a rate
-limit or a refused request is neither (``Outcome``).
+no Redis round trip. Schedulers read what was pushed since their last read once a second
+(``StatsReader``) and route from that snapshot. Only answers time the median; only the failures
+that say the provider is unwell (timeouts, 5xx, broken answers: ``UNWELL``, as the circuit
+breaker counts) are errors; a rate limit or a refused request is neither (``Outcome``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -33,8 +34,8 @@ __all__ = [
     "ModelStats",
     "Outcome",
     "ProviderStats",
+    "StatsReader",
     "StatsRecorder",
-    "read_stats",
     "summarize",
 ]
 
@@ -44,6 +45,8 @@ SAMPLES = 200
 """Calls kept per (provider, model): the median and the rate are over at most these."""
 WINDOW_S = 300.0
 """Calls older than this are left out: a provider that recovered is not judged by last hour."""
+KEEP_S = int(WINDOW_S * 2)
+"""How long a quiet provider model's samples and count stay in Redis."""
 MIN_CALLS = 5
 """Below this many calls in the window the error rate is 0 and the status up: too few to tell."""
 DEGRADED_ERROR_RATE = 0.25
@@ -99,12 +102,15 @@ class StatsRecorder:
         pending, self._pending = self._pending, {}
         if not pending:
             return
-        pipe = self._redis.pipeline(transaction=False)
+        # MULTI: a reader sees a list and its count move together (``StatsReader``).
+        pipe = self._redis.pipeline(transaction=True)
         for (provider, model), samples in pending.items():
-            key = self._names.provider_stats(provider, model)
+            key, count = self._names.provider_stats(provider, model), len(samples[-SAMPLES:])
             pipe.lpush(key, *samples[-SAMPLES:])
             pipe.ltrim(key, 0, SAMPLES - 1)
-            pipe.expire(key, int(WINDOW_S * 2))
+            pipe.expire(key, KEEP_S)
+            pipe.incrby(self._names.provider_stats_pushed(provider, model), count)
+            pipe.expire(self._names.provider_stats_pushed(provider, model), KEEP_S)
         try:
             await pipe.execute()
         except Exception:
@@ -119,21 +125,59 @@ class ProviderStats:
     models: dict[str, ModelStats]
 
 
-async def read_stats(
-    redis: Redis, names: Names, models: Iterable[tuple[str, str]]
+# KEYS: the list, its count of samples ever pushed.  ARGV: the count at the reader's last read.
+# -> {count now, the samples pushed since (newest first; all kept if the count went back)}
+_SINCE = f"""
+local count = tonumber(redis.call('GET', KEYS[2]) or '0')
+local new = count - tonumber(ARGV[1])
+if new < 0 or tonumber(ARGV[1]) < 0 or new > {SAMPLES} then new = {SAMPLES} end
+if new == 0 then return {{count, {{}}}} end
+return {{count, redis.call('LRANGE', KEYS[1], 0, new - 1)}}
+"""
+
+
+class StatsReader:
+    """A scheduler's reads of the stats: each reads only the samples pushed since its last one
+    (a count beside each list), so the work follows the call rate, not the number of provider
+    models times ``SAMPLES``."""
+
+    def __init__(self, redis: Redis, names: Names) -> None:
+        self._redis = redis
+        self._names = names
+        self._since = redis.register_script(_SINCE)
+        self._seen: dict[tuple[str, str], int] = {}
+        self._samples: dict[tuple[str, str], deque[tuple[float, float, Outcome]]] = {}
+
+    async def read(self, models: Iterable[tuple[str, str]]) -> dict[str, ProviderStats]:
+        """The stats of each provider (of these (provider, model) pairs) with calls in the
+        window."""
+        wanted = list(models)
+        pipe = self._redis.pipeline(transaction=False)
+        for provider, model in wanted:
+            keys = [
+                self._names.provider_stats(provider, model),
+                self._names.provider_stats_pushed(provider, model),
+            ]
+            await self._since(keys=keys, args=[self._seen.get((provider, model), -1)], client=pipe)
+        for pair, (count, raw) in zip(wanted, await pipe.execute(), strict=True):
+            seen = self._seen.get(pair, -1)
+            if seen < 0 or count < seen or count - seen > SAMPLES:  # first, lost, or lapped
+                self._samples[pair] = deque(maxlen=SAMPLES)
+            self._seen[pair] = int(count)
+            self._samples[pair].extend(_parse(s) for s in reversed(raw))  # oldest first
+        return _summaries(wanted, self._samples, time.time() - WINDOW_S)
+
+
+def _summaries(
+    wanted: list[tuple[str, str]],
+    samples: dict[tuple[str, str], deque[tuple[float, float, Outcome]]],
+    since: float,
 ) -> dict[str, ProviderStats]:
-    """The stats of each provider (of these (provider, model) pairs) with calls in the window."""
-    wanted = list(models)
-    pipe = redis.pipeline(transaction=False)
-    for provider, model in wanted:
-        pipe.lrange(names.provider_stats(provider, model), 0, SAMPLES - 1)
-    lists = await pipe.execute()
-    since = time.time() - WINDOW_S
     per_provider: dict[str, list[tuple[float, Outcome]]] = {}
     per_model: dict[str, dict[str, ModelStats]] = {}
-    for (provider, model), raw in zip(wanted, lists, strict=True):
-        samples = [_parse(s) for s in raw]
-        recent = [(latency, outcome) for at, latency, outcome in samples if at >= since]
+    for provider, model in wanted:
+        kept = samples.get((provider, model), ())
+        recent = [(latency, outcome) for at, latency, outcome in kept if at >= since]
         stats = summarize(recent)
         if stats is not None:
             per_provider.setdefault(provider, []).extend(recent)

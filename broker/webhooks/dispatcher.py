@@ -240,8 +240,9 @@ class WebhookDispatcher(Service):
         if self._soonest is not None:
             until_s = (self._soonest - utcnow()).total_seconds() + 0.01
             timeout_s = min(POLL_S, max(until_s, 0.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        with contextlib.suppress(TimeoutError):  # not wait_for: see the accountant's flush loop
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _claim(self) -> bool:
