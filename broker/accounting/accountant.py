@@ -86,6 +86,7 @@ class Accountant(Service):
         self._pending: list[tuple[AbstractIncomingMessage, list[Event]]] = []
         self._pending_events = 0
         self._wake = asyncio.Event()
+        self._stopping = False
         self._flusher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -131,12 +132,15 @@ class Accountant(Service):
         await self.consumers.stop(grace_s)
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait([self._sweeper])  # its end; the caller's own cancel still raises
         if self._flusher is not None:
+            # Not cancelled: told to stop, it ends at its next turn (a write in hand finishes).
+            # A cancel could be lost in its timed wait (seen: Python 3.11's wait_for swallowed
+            # one, and the stop waited for ever).
+            self._stopping = True
+            self._wake.set()
+            await asyncio.wait([self._flusher], timeout=grace_s)
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
         while self._pending:
             await self._flush()
         if self._connection is not None:
@@ -186,9 +190,7 @@ class Accountant(Service):
                 price_usage(u, price, self.config.zone, self._version)
 
     async def _flush_loop(self) -> None:
-        while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the stop's cancel
-            # when its timeout fires at the same moment, and the loop then never ends.
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.max_delay_s):
                     await self._wake.wait()

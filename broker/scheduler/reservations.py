@@ -5,7 +5,6 @@ holders that died."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import zlib
@@ -143,8 +142,7 @@ class Reservations:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait([self._sweeper])  # its end; the caller's own cancel still raises
         if self._engine is not None:
             await self._engine.dispose()
 

@@ -203,8 +203,7 @@ class ConfigReloader(Service):
                 await asyncio.wait_for(self._lock.acquire(), grace_s)
                 held = True
             self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await asyncio.wait([self._poller])  # its end; the caller's own cancel still raises
             if held:
                 self._lock.release()
         await self.consumers.stop(grace_s)

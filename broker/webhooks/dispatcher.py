@@ -138,8 +138,7 @@ class WebhookDispatcher(Service):
         await self.consumers.stop(grace_s)
         if self._claiming is not None:
             self._claiming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._claiming
+            await asyncio.wait([self._claiming])  # its end; the caller's own cancel still raises
         if self._in_flight:  # the rest are cancelled: their leases lapse, others retry them
             _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_s)
             for task in pending:

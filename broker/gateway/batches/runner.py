@@ -71,8 +71,7 @@ class _AnswerWriter:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # its end; the caller's own cancel still raises
 
     async def add(self, batch_id: str, line: int, result: JobResult) -> None:
         done = asyncio.get_running_loop().create_future()
