@@ -35,7 +35,7 @@ from tests.conftest import (
 )
 from tests.prometheus_server import PrometheusServer
 from tests.test_processes import Processes
-from tests.webhook_receiver import Receiver, new_secret
+from tests.webhook_receiver import Receiver, new_secret, receiving
 
 KEY = "sk-metrics-test"
 SECRET = new_secret()
@@ -48,11 +48,8 @@ FAMILIES = sorted(
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver([SECRET]).start()
-    try:
+    async with receiving(SECRET) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.test_processes import Processes
-from tests.webhook_receiver import Receiver, new_secret
+from tests.webhook_receiver import Receiver, new_secret, receiving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -65,11 +65,8 @@ async def test_the_client_library_continues_a_callers_trace_into_the_result(
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver([SECRET]).start()
-    try:
+    async with receiving(SECRET) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

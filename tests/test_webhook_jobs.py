@@ -25,7 +25,7 @@ from broker.webhooks.dispatcher import WebhookDispatcher
 from mock_provider import expected_completion
 from schemas import ReplyTo
 from tests.conftest import AMQP_URL, MockProvider, eventually, write_config
-from tests.webhook_receiver import Receiver, new_secret
+from tests.webhook_receiver import Receiver, new_secret, receiving
 
 SECRET = new_secret()
 KEY = "sk-webhook-jobs"
@@ -41,11 +41,8 @@ def hooks_config(tmp_path: Path, mock: MockProvider, names: Names, allow: list[s
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver([SECRET]).start()
-    try:
+    async with receiving(SECRET) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ from tests.conftest import (
     process_env,
     queue_depth,
 )
-from tests.webhook_receiver import SLOW, Receiver, new_secret
+from tests.webhook_receiver import SLOW, Receiver, new_secret, receiving
 
 SECRET = new_secret()
 WAIT_S = 15.0
@@ -102,11 +102,8 @@ def event(url: str, *, owner: str | None = None, webhook_id: str | None = None) 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = await Receiver([SECRET]).start()
-    try:
+    async with receiving(SECRET) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import asyncio
 import base64
 import os
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,3 +97,13 @@ class Receiver:
             answer = 200
         assert isinstance(answer, int)
         return web.Response(status=answer, text="ok")
+
+
+@asynccontextmanager
+async def receiving(*secrets: str) -> AsyncIterator[Receiver]:
+    """A receiver knowing ``secrets``, listening for the block's length."""
+    server = await Receiver(list(secrets)).start()
+    try:
+        yield server
+    finally:
+        await server.stop()
